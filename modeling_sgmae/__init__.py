@@ -1,0 +1,36 @@
+"""SG-MAE: Self-Guided Masked Autoencoder (Shin et al., NeurIPS 2024) for Hugging Face Transformers."""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+)
+
+from .configuration_sgmae import SGMAEConfig
+from .masking_sgmae import MaskType, SelfGuidedMasking
+from .modeling_sgmae import (
+    SGMAEForImageClassification,
+    SGMAEForPreTraining,
+    SGMAEForPreTrainingOutput,
+    SGMAEModel,
+    SGMAEPreTrainedModel,
+    convert_vit_mae_state_dict,
+)
+
+AutoConfig.register("sgmae", SGMAEConfig, exist_ok=True)
+AutoModel.register(SGMAEConfig, SGMAEModel, exist_ok=True)
+AutoModelForPreTraining.register(SGMAEConfig, SGMAEForPreTraining, exist_ok=True)
+AutoModelForImageClassification.register(SGMAEConfig, SGMAEForImageClassification, exist_ok=True)
+
+__all__ = [
+    "MaskType",
+    "SGMAEConfig",
+    "SGMAEForImageClassification",
+    "SGMAEForPreTraining",
+    "SGMAEForPreTrainingOutput",
+    "SGMAEModel",
+    "SGMAEPreTrainedModel",
+    "SelfGuidedMasking",
+    "convert_vit_mae_state_dict",
+]

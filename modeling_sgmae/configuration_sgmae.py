@@ -1,0 +1,251 @@
+"""SG-MAE configuration: ViTMAE's architecture fields plus the self-guided masking choices of METHOD.md."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+MASK_STRATEGIES = ("random", "self_guided")
+GRAPH_EDGES = ("similarity", "binary_fixed", "binary_mean")
+FOREGROUND_RULES = ("max_abs", "smaller")
+HINT_SAMPLINGS = ("similarity", "uniform")
+FIEDLER_SOLVERS = ("power", "eigh")
+CLASSIFIER_POOLINGS = ("mean", "cls")
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_sgmae.SGMAEConfig",
+    "AutoModel": "modeling_sgmae.SGMAEModel",
+    "AutoModelForPreTraining": "modeling_sgmae.SGMAEForPreTraining",
+    "AutoModelForImageClassification": "modeling_sgmae.SGMAEForImageClassification",
+}
+
+
+class SGMAEConfig(PreTrainedConfig):
+    r"""Configuration of an SG-MAE model (a ViT-MAE whose masks become self-guided after a warm-up).
+
+    Architecture fields have the names, meaning and defaults of `transformers.ViTMAEConfig`, so a ViTMAE config
+    loads as an SGMAEConfig unchanged. The masking fields implement `METHOD.md` §3-4; their defaults are the
+    project's decisions where the paper is silent.
+
+    Args:
+        hidden_size: Width of the encoder.
+        num_hidden_layers: Number of encoder blocks.
+        num_attention_heads: Attention heads per encoder block.
+        intermediate_size: Hidden width of the encoder MLPs.
+        hidden_act: MLP activation (`"gelu"` as in MAE).
+        hidden_dropout_prob: Dropout after attention projections and MLPs.
+        attention_probs_dropout_prob: Dropout on attention weights.
+        initializer_range: Std of the normal init of [CLS], mask token and classifier head.
+        layer_norm_eps: Epsilon of every LayerNorm (MAE uses 1e-6; ViTMAE's default is 1e-12).
+        image_size: Input height and width in pixels (an int, or `[height, width]`).
+        patch_size: Patch side in pixels.
+        num_channels: Input channels.
+        qkv_bias: Whether the query/key/value projections have a bias.
+        decoder_num_attention_heads: Attention heads per decoder block.
+        decoder_hidden_size: Width of the decoder.
+        decoder_num_hidden_layers: Number of decoder blocks.
+        decoder_intermediate_size: Hidden width of the decoder MLPs.
+        mask_ratio: Share of patches hidden from the encoder; `int(N * (1 - mask_ratio))` patches stay visible.
+        norm_pix_loss: Standardise each target patch by its own mean and variance before the MSE.
+        drop_path_rate: Stochastic-depth rate of the last encoder block (linearly increasing from 0).
+        classifier_pooling: Feature fed to the classifier and returned as `pooler_output`: `"mean"` of the patch
+            tokens (MAE fine-tuning, followed by a LayerNorm in the classifier) or the `"cls"` token.
+        mask_strategy: `"random"` (plain MAE) or `"self_guided"` (random until the informed-masking start, then
+            informed masks built from the model's own features).
+        informed_masking_start: Fraction of the training schedule after which informed masking starts.
+        informed_masking_start_step: Absolute optimiser step at which informed masking starts; overrides the
+            fraction when set.
+        informed_masking_auto_start: Start informed masking at the first exploitation-rate check at which the
+            decoder's attention share on mask tokens overtakes the share on visible tokens (METHOD.md §4),
+            instead of at a fixed point of the schedule.
+        mask_feature_layer: Number of encoder blocks run on the full image to get the features that are
+            clustered; `None` means all of them (the last block).
+        graph_edges: Affinity graph: `"similarity"` (W = max(S, 0) + eps), `"binary_fixed"` (1 where
+            S > graph_threshold, else eps) or `"binary_mean"` (1 where S exceeds the image's mean similarity).
+        graph_threshold: Threshold tau of the `"binary_fixed"` graph.
+        graph_eps: Weight given to absent edges, which keeps the graph connected.
+        foreground_rule: Which NCut part is the object: the one holding argmax |y| (`"max_abs"`, TokenCut's rule)
+            or the `"smaller"` one.
+        hint_ratio: Share of the masked patches revealed again as hints (`round(hint_ratio * K)` of them).
+        hint_sampling: Hints drawn with probability increasing with object similarity (`"similarity"`) or
+            `"uniform"`ly among the masked patches.
+        fiedler_solver: `"power"` (batched power iteration by repeated squaring, fast on CPU and GPU) or
+            `"eigh"` (`torch.linalg.eigh`, the reference).
+        fiedler_power_steps: Squarings of the power solver (the operator is raised to the power 2**steps).
+    """
+
+    model_type = "sgmae"
+
+    def __init__(
+        self,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        intermediate_size: int = 3072,
+        hidden_act: str = "gelu",
+        hidden_dropout_prob: float = 0.0,
+        attention_probs_dropout_prob: float = 0.0,
+        initializer_range: float = 0.02,
+        layer_norm_eps: float = 1e-12,
+        image_size: int | list[int] = 224,
+        patch_size: int = 16,
+        num_channels: int = 3,
+        qkv_bias: bool = True,
+        decoder_num_attention_heads: int = 16,
+        decoder_hidden_size: int = 512,
+        decoder_num_hidden_layers: int = 8,
+        decoder_intermediate_size: int = 2048,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = False,
+        drop_path_rate: float = 0.0,
+        classifier_pooling: str = "mean",
+        mask_strategy: str = "self_guided",
+        informed_masking_start: float = 0.125,
+        informed_masking_start_step: int | None = None,
+        informed_masking_auto_start: bool = False,
+        mask_feature_layer: int | None = None,
+        graph_edges: str = "similarity",
+        graph_threshold: float = 0.2,
+        graph_eps: float = 1e-5,
+        foreground_rule: str = "max_abs",
+        hint_ratio: float = 0.06,
+        hint_sampling: str = "similarity",
+        fiedler_solver: str = "power",
+        fiedler_power_steps: int = 12,
+        **kwargs,
+    ):
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        super().__init__(**kwargs)
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.initializer_range = initializer_range
+        self.layer_norm_eps = layer_norm_eps
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.qkv_bias = qkv_bias
+        self.decoder_num_attention_heads = decoder_num_attention_heads
+        self.decoder_hidden_size = decoder_hidden_size
+        self.decoder_num_hidden_layers = decoder_num_hidden_layers
+        self.decoder_intermediate_size = decoder_intermediate_size
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.drop_path_rate = drop_path_rate
+        self.classifier_pooling = classifier_pooling
+        self.mask_strategy = mask_strategy
+        self.informed_masking_start = informed_masking_start
+        self.informed_masking_start_step = informed_masking_start_step
+        self.informed_masking_auto_start = informed_masking_auto_start
+        self.mask_feature_layer = mask_feature_layer
+        self.graph_edges = graph_edges
+        self.graph_threshold = graph_threshold
+        self.graph_eps = graph_eps
+        self.foreground_rule = foreground_rule
+        self.hint_ratio = hint_ratio
+        self.hint_sampling = hint_sampling
+        self.fiedler_solver = fiedler_solver
+        self.fiedler_power_steps = fiedler_power_steps
+        self.validate_fields()
+
+    @property
+    def image_height_width(self) -> tuple[int, int]:
+        size = self.image_size
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        height, width = self.image_height_width
+        return height // self.patch_size, width // self.patch_size
+
+    def validate_fields(self) -> None:
+        """Raise a ValueError naming the first field whose value is out of its allowed range."""
+
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SGMAEConfig.{name} must be a positive integer, got {value!r}")
+
+        def in_range(name: str, low: float, high: float, high_inclusive: bool = False) -> None:
+            value = getattr(self, name)
+            ok = (
+                isinstance(value, (int, float))
+                and low <= value
+                and (value <= high if high_inclusive else value < high)
+            )
+            if not ok:
+                bracket = "]" if high_inclusive else ")"
+                raise ValueError(f"SGMAEConfig.{name} must be in [{low}, {high}{bracket}, got {value!r}")
+
+        def one_of(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"SGMAEConfig.{name} must be one of {allowed}, got {value!r}")
+
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "patch_size",
+            "num_channels",
+            "decoder_hidden_size",
+            "decoder_num_hidden_layers",
+            "decoder_num_attention_heads",
+            "decoder_intermediate_size",
+            "fiedler_power_steps",
+        ):
+            positive_int(name)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"SGMAEConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.decoder_hidden_size % self.decoder_num_attention_heads:
+            raise ValueError(
+                f"SGMAEConfig.decoder_hidden_size ({self.decoder_hidden_size}) must be divisible by "
+                f"decoder_num_attention_heads ({self.decoder_num_attention_heads})"
+            )
+        size = self.image_size
+        if isinstance(size, (list, tuple)) and len(size) != 2:
+            raise ValueError(f"SGMAEConfig.image_size must be an int or [height, width], got {size!r}")
+        height, width = self.image_height_width
+        if min(height, width) < self.patch_size or height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"SGMAEConfig.image_size {size!r} must be a positive multiple of patch_size ({self.patch_size})"
+            )
+        in_range("mask_ratio", 0.0, 1.0)
+        in_range("hidden_dropout_prob", 0.0, 1.0)
+        in_range("attention_probs_dropout_prob", 0.0, 1.0)
+        in_range("drop_path_rate", 0.0, 1.0)
+        in_range("informed_masking_start", 0.0, 1.0, high_inclusive=True)
+        in_range("hint_ratio", 0.0, 0.5, high_inclusive=True)
+        in_range("graph_threshold", -1.0, 1.0, high_inclusive=True)
+        in_range("graph_eps", 1e-12, 1.0, high_inclusive=True)
+        in_range("layer_norm_eps", 0.0, 1.0)
+        one_of("mask_strategy", MASK_STRATEGIES)
+        one_of("graph_edges", GRAPH_EDGES)
+        one_of("foreground_rule", FOREGROUND_RULES)
+        one_of("hint_sampling", HINT_SAMPLINGS)
+        one_of("fiedler_solver", FIEDLER_SOLVERS)
+        one_of("classifier_pooling", CLASSIFIER_POOLINGS)
+        if self.informed_masking_start_step is not None and (
+            not isinstance(self.informed_masking_start_step, int) or self.informed_masking_start_step < 0
+        ):
+            raise ValueError(
+                "SGMAEConfig.informed_masking_start_step must be None or a non-negative integer, "
+                f"got {self.informed_masking_start_step!r}"
+            )
+        layer = self.mask_feature_layer
+        if layer is not None and (not isinstance(layer, int) or not 1 <= layer <= self.num_hidden_layers):
+            raise ValueError(
+                f"SGMAEConfig.mask_feature_layer must be None or in [1, {self.num_hidden_layers}], got {layer!r}"
+            )
+
+    @property
+    def feature_layer(self) -> int:
+        """Number of encoder blocks whose output is clustered by the self-guided masking."""
+        return self.mask_feature_layer or self.num_hidden_layers

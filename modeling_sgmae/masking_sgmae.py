@@ -1,0 +1,235 @@
+"""Random and self-guided informed masking (METHOD.md §3).
+
+Conventions: `features` is `[B, N, D]` (patch tokens, no [CLS]); a mask is a bool `[B, N]` tensor where
+True means *masked* (hidden from the encoder, reconstructed by the decoder); every mask hides exactly
+`num_masked` patches per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+from torch import nn
+
+from .configuration_sgmae import SGMAEConfig
+
+
+class MaskType(IntEnum):
+    """Which kind of mask a sample got, as reported in `SGMAEForPreTrainingOutput.mask_type`."""
+
+    RANDOM = 0
+    INFORMED = 1
+    FALLBACK = 2  # informed masking was due, but the image had no usable bi-partition: random mask instead
+    GIVEN = 3  # an explicit `mask` or `noise` was passed to forward
+
+
+def num_masked_patches(num_patches: int, mask_ratio: float) -> int:
+    """K = N - int(N * (1 - r)): MAE's rounding, shared by every strategy."""
+    return num_patches - int(num_patches * (1 - mask_ratio))
+
+
+def mask_from_noise(noise: torch.Tensor, num_masked: int) -> torch.Tensor:
+    """MAE's random masking: the `num_masked` patches with the largest noise are masked. noise: [B, N]."""
+    ids_shuffle = torch.argsort(noise, dim=1)
+    mask = torch.zeros_like(noise, dtype=torch.bool)
+    num_kept = noise.shape[1] - num_masked
+    return mask.scatter_(1, ids_shuffle[:, num_kept:], True)
+
+
+def affinity_graph(
+    features: torch.Tensor, edges: str, threshold: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affinity W [B, N, N] of L2-normalised features, and each graph's edge density [B].
+
+    Edge density is the share of off-diagonal pairs joined by a real edge (weight above eps): near 1 means
+    the graph is almost complete and the cut is decided by very few edges.
+    """
+    similarity = features @ features.transpose(1, 2)
+    if edges == "similarity":
+        weights = similarity.clamp(min=0)
+    else:
+        if edges == "binary_fixed":
+            tau = torch.full_like(similarity[:, :1, :1], threshold)
+        else:  # binary_mean: the image's own mean similarity, so the graph is never near complete
+            tau = similarity.mean(dim=(1, 2), keepdim=True)
+        weights = (similarity > tau).to(similarity.dtype)
+    num_nodes = features.shape[1]
+    off_diagonal = ~torch.eye(num_nodes, dtype=torch.bool, device=features.device)
+    density = ((weights > 0) & off_diagonal).sum(dim=(1, 2)) / max(num_nodes * (num_nodes - 1), 1)
+    return weights + eps, density
+
+
+def _normalized_affinity(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """M = D^-1/2 W D^-1/2 and D^-1/2 (as a vector [B, N])."""
+    inv_sqrt_degree = weights.sum(dim=2).rsqrt()
+    return inv_sqrt_degree[:, :, None] * weights * inv_sqrt_degree[:, None, :], inv_sqrt_degree
+
+
+def fiedler_vector_eigh(weights: torch.Tensor) -> torch.Tensor:
+    """Reference solver: the second eigenvector of I - D^-1/2 W D^-1/2, mapped back by y = D^-1/2 z. [B, N]."""
+    normalized, inv_sqrt_degree = _normalized_affinity(weights.double())
+    eye = torch.eye(weights.shape[1], dtype=normalized.dtype, device=weights.device)
+    _, eigenvectors = torch.linalg.eigh(eye - normalized)
+    return (eigenvectors[:, :, 1] * inv_sqrt_degree).to(weights.dtype)
+
+
+def _project_out(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """P A P with P = I - v vᵀ, for unit v [B, N]: removes the trivial eigenvector from both sides of A."""
+    a_v = matrix @ vector[:, :, None]
+    v_a = vector[:, None, :] @ matrix
+    v_a_v = v_a @ vector[:, :, None]
+    return (
+        matrix - a_v * vector[:, None, :] - vector[:, :, None] * v_a + vector[:, :, None] * v_a_v * vector[:, None, :]
+    )
+
+
+def fiedler_vector_power(weights: torch.Tensor, steps: int = 12) -> torch.Tensor:
+    """Fiedler vector by batched power iteration, as repeated squaring of the deflated operator. [B, N].
+
+    (M + I) / 2 has its spectrum in [0, 1], top eigenvector sqrt(d) (eigenvalue 1); with that vector projected
+    out, its dominant eigenvector is the Fiedler vector z. Squaring `steps` times raises the operator to the
+    power 2**steps in `steps` batched matmuls, which is fast on CPU and GPU alike (batched eigh is slow on CUDA).
+    Returns non-finite values where the operator vanishes, so callers can fall back.
+    """
+    normalized, inv_sqrt_degree = _normalized_affinity(weights)
+    trivial = weights.sum(dim=2).sqrt()
+    trivial = trivial / trivial.norm(dim=1, keepdim=True)
+    eye = torch.eye(weights.shape[1], dtype=weights.dtype, device=weights.device)
+    operator = _project_out((normalized + eye) / 2, trivial)
+    power = operator
+    for _ in range(steps):
+        power = power / power.norm(dim=(1, 2), keepdim=True)
+        power = _project_out(power @ power, trivial)
+    # The power is (close to) rank one, z zᵀ: its largest column is a multiple of z.
+    column = power.norm(dim=1).argmax(dim=1)
+    z = power.gather(2, column[:, None, None].expand(-1, power.shape[1], 1)).squeeze(2)
+    for _ in range(2):  # two plain power steps polish the direction
+        z = (operator @ z[:, :, None]).squeeze(2)
+        z = z - (z * trivial).sum(dim=1, keepdim=True) * trivial
+        z = z / z.norm(dim=1, keepdim=True)
+    return z * inv_sqrt_degree
+
+
+def object_part(fiedler: torch.Tensor, rule: str) -> torch.Tensor:
+    """Bi-partition at the mean of y and pick the object part [B, N] (bool).
+
+    `max_abs` (TokenCut): the part holding the node with the largest |y|; `smaller`: the part with fewer nodes.
+    Both are invariant to the sign of y.
+    """
+    upper = fiedler > fiedler.mean(dim=1, keepdim=True)
+    if rule == "max_abs":
+        extreme = fiedler.abs().argmax(dim=1, keepdim=True)
+        extreme_in_upper = upper.gather(1, extreme)
+        return upper == extreme_in_upper
+    upper_is_smaller = upper.sum(dim=1, keepdim=True) * 2 <= fiedler.shape[1]
+    return upper == upper_is_smaller
+
+
+def object_similarity(features: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """s_i = <f_i, c>, c the normalised mean feature of the object part. features: [B, N, D] unit rows."""
+    weights = part.to(features.dtype)
+    prototype = (weights[:, :, None] * features).sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp(min=1)
+    prototype = nn.functional.normalize(prototype, dim=-1)
+    return (features @ prototype[:, :, None]).squeeze(2)
+
+
+def informed_mask(scores: torch.Tensor, part: torch.Tensor, num_masked: int) -> torch.Tensor:
+    """Mask the object part first, then the most object-like other patches, `num_masked` in all. [B, N] bool.
+
+    Scores lie in [-1, 1], so adding 3 to the object part ranks all of it above the background.
+    """
+    ranking = scores + 3.0 * part.to(scores.dtype)
+    masked_ids = ranking.topk(num_masked, dim=1).indices
+    return torch.zeros_like(part).scatter_(1, masked_ids, True)
+
+
+def add_hints(
+    mask: torch.Tensor,
+    scores: torch.Tensor,
+    num_hints: int,
+    sampling: str,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Reveal `num_hints` masked patches and mask as many visible ones, so the count of masked stays the same.
+
+    Hints are drawn among the masked patches with probability proportional to their rank by object similarity
+    (`similarity`) or uniformly; the patches masked instead are drawn uniformly among the visible non-hints.
+    """
+    if num_hints == 0:
+        return mask
+    if sampling == "similarity":
+        ranks = scores.masked_fill(~mask, float("-inf")).argsort(dim=1).argsort(dim=1)
+        hint_weights = (ranks - (~mask).sum(dim=1, keepdim=True) + 1).clamp(min=0).to(scores.dtype)
+    else:
+        hint_weights = mask.to(scores.dtype)
+    hints = torch.multinomial(hint_weights, num_hints, replacement=False, generator=generator)
+    newly_masked = torch.multinomial((~mask).to(scores.dtype), num_hints, replacement=False, generator=generator)
+    return mask.scatter(1, hints, False).scatter(1, newly_masked, True)
+
+
+@dataclass
+class MaskingResult:
+    """A batch of masks with what the masking saw; per-sample tensors are [B]."""
+
+    mask: torch.Tensor  # [B, N] bool, True = masked
+    mask_type: torch.Tensor  # [B] long, MaskType values
+    object_part_size: torch.Tensor  # [B] long, patches in the object part; -1 where no partition was used
+    edge_density: torch.Tensor  # [B] float, share of real edges in the affinity graph; NaN where not built
+    object_part: torch.Tensor  # [B, N] bool, the NCut object part (all False where not used)
+
+
+class SelfGuidedMasking(nn.Module):
+    """Builds informed masks from the model's own patch features (METHOD.md §3, steps 2-8). No parameters."""
+
+    def __init__(self, config: SGMAEConfig):
+        super().__init__()
+        self.config = config
+
+    def fiedler_vector(self, weights: torch.Tensor) -> torch.Tensor:
+        if self.config.fiedler_solver == "eigh":
+            return fiedler_vector_eigh(weights)
+        return fiedler_vector_power(weights, self.config.fiedler_power_steps)
+
+    @torch.no_grad()
+    def forward(
+        self, features: torch.Tensor, num_masked: int, generator: torch.Generator | None = None
+    ) -> MaskingResult:
+        """features: [B, N, D] patch features of the full image (any dtype; computed in float32)."""
+        config = self.config
+        batch_size, num_patches, _ = features.shape
+        if not 0 < num_masked < num_patches:
+            raise ValueError(f"num_masked must be in [1, {num_patches - 1}], got {num_masked}")
+        features = features.float()
+        finite = torch.isfinite(features).all(dim=(1, 2))
+        features = nn.functional.normalize(torch.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0), dim=-1)
+        weights, density = affinity_graph(features, config.graph_edges, config.graph_threshold, config.graph_eps)
+        fiedler = self.fiedler_vector(weights)
+        part = object_part(fiedler, config.foreground_rule)
+        part_size = part.sum(dim=1)
+        # Patches that are all alike (e.g. identical features) have no cut worth following.
+        similarity_spread = (features @ features.transpose(1, 2)).amin(dim=(1, 2))
+        usable = (
+            finite
+            & torch.isfinite(fiedler).all(dim=1)
+            & (part_size > 0)
+            & (part_size < num_patches)
+            & (similarity_spread < 1 - 1e-4)
+        )
+        scores = object_similarity(features, part)
+        mask = informed_mask(scores, part, num_masked)
+        num_hints = round(config.hint_ratio * num_masked)
+        num_hints = min(num_hints, num_patches - num_masked)
+        mask = add_hints(mask, scores, num_hints, config.hint_sampling, generator)
+
+        noise = torch.rand(batch_size, num_patches, device=features.device, generator=generator)
+        mask = torch.where(usable[:, None], mask, mask_from_noise(noise, num_masked))
+        mask_type = torch.where(usable, int(MaskType.INFORMED), int(MaskType.FALLBACK))
+        return MaskingResult(
+            mask=mask,
+            mask_type=mask_type,
+            object_part_size=torch.where(usable, part_size, -1),
+            edge_density=density,
+            object_part=part & usable[:, None],
+        )

@@ -1,0 +1,752 @@
+"""SG-MAE models: a ViT-MAE encoder/decoder whose masks become self-guided after a warm-up (METHOD.md)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.utils import ModelOutput, cached_file, logging
+
+from .configuration_sgmae import SGMAEConfig
+from .masking_sgmae import MaskType, SelfGuidedMasking, num_masked_patches
+
+logger = logging.get_logger(__name__)
+
+
+def sincos_position_table(dim: int, grid_height: int, grid_width: int) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos table [1, 1 + H*W, dim]; row 0 ([CLS]) is zero, the first half encodes the column."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_height, dtype=torch.float64), torch.arange(grid_width, dtype=torch.float64), indexing="ij"
+    )
+
+    def encode(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([encode(cols), encode(rows)], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float().unsqueeze(0)
+
+
+def resize_position_table(table: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """Bicubic 2-D resize of a [1, 1 + H*W, D] table to a new patch grid; the [CLS] row is kept."""
+    if old_grid == new_grid:
+        return table
+    cls_row, grid = table[:, :1], table[:, 1:]
+    grid = grid.reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
+    grid = nn.functional.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False)
+    grid = grid.to(table.dtype).permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1)
+    return torch.cat([cls_row, grid], dim=1)
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
+
+
+class SGMAEPatchEmbeddings(nn.Module):
+    """Conv2d patchifier (kernel = stride = patch size): [B, C, H, W] -> [B, N, D]."""
+
+    def __init__(self, config: SGMAEConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.num_channels = config.num_channels
+        self.image_size = config.image_height_width
+        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, config.patch_size)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be [batch, channels, height, width], got {tuple(pixel_values.shape)}")
+        _, channels, height, width = pixel_values.shape
+        if channels != self.num_channels:
+            raise ValueError(
+                f"pixel_values have {channels} channels but the model was configured for {self.num_channels}"
+            )
+        if interpolate_pos_encoding:
+            if height % self.patch_size or width % self.patch_size:
+                raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}")
+        elif (height, width) != self.image_size:
+            raise ValueError(
+                f"image size {height}x{width} does not match the model ({self.image_size[0]}x{self.image_size[1]}); "
+                "resize the images or pass interpolate_pos_encoding=True"
+            )
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+class SGMAEEmbeddings(nn.Module):
+    """Patch embeddings plus fixed 2-D sin-cos positions, and the learnable [CLS] token."""
+
+    def __init__(self, config: SGMAEConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embeddings = SGMAEPatchEmbeddings(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        num_patches = config.grid_size[0] * config.grid_size[1]
+        self.position_embeddings = nn.Parameter(
+            torch.zeros(1, num_patches + 1, config.hidden_size), requires_grad=False
+        )
+
+    def forward(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Returns patch tokens with positions [B, N, D], the [CLS] token with its position [1, 1, D], the grid."""
+        patches = self.patch_embeddings(pixel_values, interpolate_pos_encoding)
+        grid = (pixel_values.shape[2] // self.config.patch_size, pixel_values.shape[3] // self.config.patch_size)
+        positions = resize_position_table(self.position_embeddings, self.config.grid_size, grid)
+        cls_token = self.cls_token + positions[:, :1]
+        return patches + positions[:, 1:].to(patches.dtype), cls_token, grid
+
+
+class SGMAEAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection; SDPA unless attention weights are asked for."""
+
+    def __init__(self, hidden_size: int, num_heads: int, qkv_bias: bool, attention_dropout: float, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.attention_dropout = attention_dropout
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, length, width = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch_size, length, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        dropout = self.attention_dropout if self.training else 0.0
+        weights = None
+        if output_attentions:
+            weights = (query @ key.transpose(-2, -1) * self.head_dim**-0.5).softmax(dim=-1)
+            context = nn.functional.dropout(weights, dropout, self.training) @ value
+        else:
+            context = nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=dropout)
+        context = context.transpose(1, 2).reshape(batch_size, length, width)
+        return self.dropout(self.o_proj(context)), weights
+
+
+class SGMAEMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.activation = ACT2FN[activation]
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.activation(self.fc1(hidden_states))))
+
+
+class SGMAELayer(nn.Module):
+    """Pre-LN transformer block (ViTMAE's layer, with stochastic depth)."""
+
+    def __init__(
+        self,
+        config: SGMAEConfig,
+        hidden_size: int,
+        num_heads: int,
+        intermediate_size: int,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.attention = SGMAEAttention(
+            hidden_size,
+            num_heads,
+            config.qkv_bias,
+            config.attention_probs_dropout_prob,
+            config.hidden_dropout_prob,
+        )
+        self.layernorm_after = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.mlp = SGMAEMLP(hidden_size, intermediate_size, config.hidden_act, config.hidden_dropout_prob)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
+        hidden_states = hidden_states + drop_path(attended, self.drop_path_rate, self.training)
+        hidden_states = hidden_states + drop_path(
+            self.mlp(self.layernorm_after(hidden_states)), self.drop_path_rate, self.training
+        )
+        return hidden_states, weights
+
+
+def run_layers(
+    owner: nn.Module,
+    layers: nn.ModuleList,
+    hidden_states: torch.Tensor,
+    output_attentions: bool = False,
+    output_hidden_states: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+    """Run a stack of blocks, with gradient checkpointing when `owner` has it on; collect what was asked for."""
+    all_hidden = (hidden_states,) if output_hidden_states else None
+    all_attentions = () if output_attentions else None
+    for layer in layers:
+        if owner.gradient_checkpointing and owner.training:
+            hidden_states, weights = owner._gradient_checkpointing_func(
+                layer.__call__, hidden_states, output_attentions
+            )
+        else:
+            hidden_states, weights = layer(hidden_states, output_attentions)
+        if output_hidden_states:
+            all_hidden += (hidden_states,)
+        if output_attentions:
+            all_attentions += (weights,)
+    return hidden_states, all_hidden, all_attentions
+
+
+# Hub ViTMAE checkpoints (`encoder.layer.N.attention.attention.query`), the 5.9+ layout (`layers.N.attention.q_proj`)
+# and what transformers 5.2x writes for the decoder (`decoder_encoder.layer.N`) all map to our names.
+_VIT_MAE_RENAMES = [
+    (r"(^|\.)encoder\.layer\.", r"\1layers."),
+    (r"decoder\.decoder_encoder\.layer\.", "decoder.decoder_layers."),
+    (r"attention\.attention\.query\.", "attention.q_proj."),
+    (r"attention\.attention\.key\.", "attention.k_proj."),
+    (r"attention\.attention\.value\.", "attention.v_proj."),
+    (r"attention\.output\.dense\.", "attention.o_proj."),
+    (r"intermediate\.dense\.", "mlp.fc1."),
+    (r"(layers\.\d+)\.output\.dense\.", r"\1.mlp.fc2."),
+]
+
+
+def convert_vit_mae_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a transformers ViTMAE state dict (any of its key layouts) to SG-MAE names, fusing q/k/v into qkv."""
+    renamed = {}
+    for key, tensor in state_dict.items():
+        for pattern, replacement in _VIT_MAE_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = tensor
+    converted = {}
+    for key, tensor in renamed.items():
+        match = re.match(r"(.*attention\.)([qkv])_proj\.(weight|bias)$", key)
+        if match is None:
+            converted[key] = tensor
+        elif match.group(2) == "q":
+            prefix, _, kind = match.groups()
+            parts = [renamed[f"{prefix}{name}_proj.{kind}"] for name in "qkv"]
+            converted[f"{prefix}qkv.{kind}"] = torch.cat(parts, dim=0)
+    return converted
+
+
+def _load_checkpoint_state_dict(path: str, **hub_kwargs) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    weights = cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if weights is not None:
+        return load_file(weights)
+    weights = cached_file(path, "pytorch_model.bin", **hub_kwargs)
+    return torch.load(weights, map_location="cpu", weights_only=True)
+
+
+@dataclass
+class SGMAEForPreTrainingOutput(ModelOutput):
+    """Output of `SGMAEForPreTraining`.
+
+    Args:
+        loss: Mean squared error over the masked patches (normalised pixels with `norm_pix_loss`).
+        logits: Predicted pixels per patch, [B, N, patch_size**2 * num_channels].
+        mask: [B, N] float, 1 for masked patches, 0 for visible ones (ViTMAE's convention).
+        ids_restore: [B, N] order that restores the patch order after the encoder's visible-first shuffle.
+        mask_type: [B] `MaskType` of each sample's mask (random, informed, fallback to random, given).
+        object_part_size: [B] patches in the NCut object part, -1 where no informed mask was built.
+        edge_density: [B] share of real edges in the affinity graph, NaN where none was built.
+        hidden_states: Encoder hidden states (embeddings, then each block), over the visible tokens.
+        attentions: Encoder attention weights per block.
+        decoder_attentions: Decoder attention weights per block, over all tokens.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    mask: torch.FloatTensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    mask_type: torch.LongTensor | None = None
+    object_part_size: torch.LongTensor | None = None
+    edge_density: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class SGMAEPreTrainedModel(PreTrainedModel):
+    config_class = SGMAEConfig
+    base_model_prefix = "vit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["SGMAELayer"]
+    # A pre-training checkpoint loaded as a backbone or classifier: its decoder and schedule state are dropped.
+    _keys_to_ignore_on_load_unexpected = [
+        r"^decoder\.",
+        r"^(training_step|total_training_steps|informed_masking_started_at|exploitation_rates)$",
+    ]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """MAE's init: xavier-uniform linears, sin-cos position tables, small-normal [CLS] and mask token."""
+        config = self.config
+        if isinstance(module, nn.Linear):
+            if module is getattr(self, "classifier", None):
+                init.trunc_normal_(module.weight, std=2e-5)  # MAE fine-tuning head
+            else:
+                init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, SGMAEPatchEmbeddings):
+            weight = module.projection.weight
+            if not getattr(weight, "_is_hf_initialized", False):  # a view would not carry the flag
+                nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+            init.zeros_(module.projection.bias)
+        elif isinstance(module, SGMAEEmbeddings):
+            init.normal_(module.cls_token, std=config.initializer_range)
+            init.copy_(module.position_embeddings, sincos_position_table(config.hidden_size, *config.grid_size))
+        elif isinstance(module, SGMAEDecoder):
+            init.normal_(module.mask_token, std=config.initializer_range)
+            table = sincos_position_table(config.decoder_hidden_size, *config.grid_size)
+            init.copy_(module.decoder_pos_embed, table)
+        elif isinstance(module, SGMAEForPreTraining):
+            init.zeros_(module.training_step)
+            init.zeros_(module.total_training_steps)
+            init.constant_(module.informed_masking_started_at, -1)
+            init.zeros_(module.exploitation_rates)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load an SG-MAE checkpoint, or convert a transformers ViTMAE one (`facebook/vit-mae-*`) on the fly."""
+        hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+        hub_kwargs = {key: kwargs[key] for key in hub_keys if key in kwargs}
+        config = kwargs.get("config")
+        if not isinstance(config, PreTrainedConfig):
+            config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+            if config_dict.get("model_type") == "vit_mae":
+                return cls._from_vit_mae(pretrained_model_name_or_path, config_dict, hub_kwargs, kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model.freeze_position_tables()  # loading recreates parameters as trainable
+        return model
+
+    def freeze_position_tables(self) -> None:
+        """Keep the fixed sin-cos tables out of training (MAE freezes them)."""
+        for name, parameter in self.named_parameters():
+            if name.endswith(("position_embeddings", "decoder_pos_embed")):
+                parameter.requires_grad_(False)
+
+    @classmethod
+    def _from_vit_mae(cls, path: str, config_dict: dict, hub_kwargs: dict, kwargs: dict) -> SGMAEPreTrainedModel:
+        overrides = {key: value for key, value in kwargs.items() if key not in hub_kwargs}
+        dtype = overrides.pop("dtype", overrides.pop("torch_dtype", None))
+        overrides.pop("trust_remote_code", None)
+        config_dict = {key: value for key, value in config_dict.items() if key not in ("model_type", "architectures")}
+        config, unused = SGMAEConfig.from_dict(config_dict, return_unused_kwargs=True, **overrides)
+        if unused:
+            raise TypeError(f"unexpected arguments for from_pretrained: {sorted(unused)}")
+        config.validate_fields()
+        state_dict = convert_vit_mae_state_dict(_load_checkpoint_state_dict(path, **hub_kwargs))
+        model = cls(config)
+        own_keys = set(model.state_dict())
+        prefix = f"{cls.base_model_prefix}."
+        if not any(key.startswith(prefix) for key in own_keys):  # the bare encoder: drop the prefix
+            state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items()}
+        elif not any(key.startswith(prefix) for key in state_dict):  # a bare ViTMAEModel checkpoint
+            state_dict = {prefix + key: value for key, value in state_dict.items()}
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        missing = [key for key in missing if not key.startswith(("classifier.", "fc_norm."))]
+        missing = [key for key in missing if key not in ("training_step", "total_training_steps")]
+        missing = [key for key in missing if key not in ("informed_masking_started_at", "exploitation_rates")]
+        if missing:
+            raise ValueError(f"the ViTMAE checkpoint at {path} lacks weights this model needs: {missing[:8]}")
+        unexpected = [key for key in unexpected if not key.startswith("decoder.")]
+        if unexpected:
+            logger.warning("ignored weights of the ViTMAE checkpoint at %s: %s", path, unexpected[:8])
+        if dtype not in (None, "auto"):
+            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        return model.eval()
+
+
+class SGMAEModel(SGMAEPreTrainedModel):
+    """The SG-MAE encoder as a backbone: the full image, patch order kept, never masked or shuffled."""
+
+    def __init__(self, config: SGMAEConfig):
+        super().__init__(config)
+        self.embeddings = SGMAEEmbeddings(config)
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layers = nn.ModuleList(
+            SGMAELayer(config, config.hidden_size, config.num_attention_heads, config.intermediate_size, rate)
+            for rate in rates
+        )
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    def pool(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
+        """`classifier_pooling`: mean of the patch tokens, or the [CLS] token."""
+        if self.config.classifier_pooling == "mean":
+            return last_hidden_state[:, 1:].mean(dim=1)
+        return last_hidden_state[:, 0]
+
+    def encode(
+        self,
+        patch_tokens: torch.Tensor,
+        cls_token: torch.Tensor,
+        num_layers: int | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """Prepend [CLS] to embedded patch tokens [B, L, D] and run the first `num_layers` blocks (all if None)."""
+        hidden_states = torch.cat([cls_token.expand(patch_tokens.shape[0], -1, -1), patch_tokens], dim=1)
+        layers = self.layers if num_layers is None else self.layers[:num_layers]
+        return run_layers(self, layers, hidden_states, output_attentions, output_hidden_states)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        patch_tokens, cls_token, _ = self.embeddings(pixel_values, interpolate_pos_encoding)
+        hidden_states, all_hidden, attentions = self.encode(
+            patch_tokens, cls_token, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        )
+        last_hidden_state = self.layernorm(hidden_states)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=self.pool(last_hidden_state),
+            hidden_states=all_hidden,
+            attentions=attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class SGMAEDecoder(nn.Module):
+    """MAE's light decoder: embed, fill masked slots with the mask token, add positions, blocks, predict pixels."""
+
+    def __init__(self, config: SGMAEConfig):
+        super().__init__()
+        self.config = config
+        num_patches = config.grid_size[0] * config.grid_size[1]
+        self.decoder_embed = nn.Linear(config.hidden_size, config.decoder_hidden_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.decoder_hidden_size))
+        self.decoder_pos_embed = nn.Parameter(
+            torch.zeros(1, num_patches + 1, config.decoder_hidden_size), requires_grad=False
+        )
+        self.decoder_layers = nn.ModuleList(
+            SGMAELayer(
+                config,
+                config.decoder_hidden_size,
+                config.decoder_num_attention_heads,
+                config.decoder_intermediate_size,
+            )
+            for _ in range(config.decoder_num_hidden_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(config.decoder_hidden_size, eps=config.layer_norm_eps)
+        self.decoder_pred = nn.Linear(config.decoder_hidden_size, config.patch_size**2 * config.num_channels)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int], output_attentions: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """latent: [B, 1 + visible, D] (visible first order); returns pixels [B, N, p*p*C] in patch order."""
+        tokens = self.decoder_embed(latent)
+        batch_size, num_patches = ids_restore.shape
+        mask_tokens = self.mask_token.to(tokens.dtype).expand(batch_size, num_patches + 1 - tokens.shape[1], -1)
+        patches = torch.cat([tokens[:, 1:], mask_tokens], dim=1)
+        patches = patches.gather(1, ids_restore[:, :, None].expand(-1, -1, tokens.shape[2]))  # unshuffle
+        positions = resize_position_table(self.decoder_pos_embed, self.config.grid_size, grid)
+        hidden_states = torch.cat([tokens[:, :1], patches], dim=1) + positions.to(tokens.dtype)
+        hidden_states, _, attentions = run_layers(self, self.decoder_layers, hidden_states, output_attentions)
+        return self.decoder_pred(self.decoder_norm(hidden_states))[:, 1:], attentions
+
+
+class SGMAEForPreTraining(SGMAEPreTrainedModel):
+    """MAE pre-training with self-guided informed masking once the schedule reaches its start (METHOD.md §3-4).
+
+    The schedule position is model state (persistent buffers): call `set_training_progress(step, total_steps)`
+    each optimiser step and the model decides which masks to use; it is saved and restored with the weights.
+    """
+
+    def __init__(self, config: SGMAEConfig):
+        super().__init__(config)
+        self.vit = SGMAEModel(config)
+        self.decoder = SGMAEDecoder(config)
+        self.masking = SelfGuidedMasking(config)
+        self.register_buffer("training_step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("total_training_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("informed_masking_started_at", torch.full((), -1, dtype=torch.long))
+        # Last exploitation-rate check, decoder mean: [visible share, mask share, mask share was ever behind].
+        self.register_buffer("exploitation_rates", torch.zeros(3))
+        self.post_init()
+
+    # ----- schedule -----------------------------------------------------------------------------------------
+    def set_training_progress(self, step: int, total_steps: int) -> None:
+        """Tell the model where training stands (optimiser step and schedule length); it decides the masking."""
+        if step < 0 or total_steps < 0:
+            raise ValueError(f"step and total_steps must be non-negative, got {step} and {total_steps}")
+        self.training_step.fill_(step)
+        self.total_training_steps.fill_(total_steps)
+
+    @property
+    def informed_masking_start_step(self) -> int | None:
+        """The step from which masks are informed, or None while it is not known (or not yet reached in auto mode)."""
+        config = self.config
+        if config.mask_strategy != "self_guided":
+            return None
+        if config.informed_masking_auto_start:
+            started = int(self.informed_masking_started_at)
+            return started if started >= 0 else None
+        if config.informed_masking_start_step is not None:
+            return config.informed_masking_start_step
+        total = int(self.total_training_steps)
+        if total == 0:
+            return 0 if config.informed_masking_start == 0 else None
+        return math.ceil(config.informed_masking_start * total)
+
+    @property
+    def informed_masking_active(self) -> bool:
+        start = self.informed_masking_start_step
+        return start is not None and int(self.training_step) >= start
+
+    @torch.no_grad()
+    def record_exploitation_rates(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Measure the decoder's exploitation rates on a probe batch (random masks) and update the auto start.
+
+        Returns [num_decoder_layers, 2]: the share of the attention that queries at masked positions give to
+        visible keys ([CLS] included) and to mask-token keys. In auto-start mode, informed masking starts at the
+        current step the first time the mean mask share overtakes the visible share after having been behind it.
+        """
+        was_training = self.training
+        self.eval()
+        output = self(pixel_values, noise=noise, random_masking=True, output_decoder_attentions=True)
+        self.train(was_training)
+        mask = output.mask.bool()
+        key_is_mask = torch.cat([torch.zeros_like(mask[:, :1]), mask], dim=1)[:, None, None, :]
+        query_is_mask = mask[:, None, :, None]
+        rates = []
+        for weights in output.decoder_attentions:
+            to_mask = (weights[:, :, 1:] * key_is_mask).sum(-1, keepdim=True)
+            mask_share = (to_mask * query_is_mask).sum() / (query_is_mask.sum() * weights.shape[1])
+            rates.append(torch.stack([1 - mask_share, mask_share]))
+        rates = torch.stack(rates)
+        visible, masked = rates.mean(dim=0).tolist()
+        behind_before = bool(self.exploitation_rates[2])
+        waiting = self.config.informed_masking_auto_start and int(self.informed_masking_started_at) < 0
+        if waiting and behind_before and masked > visible:
+            self.informed_masking_started_at.fill_(int(self.training_step))
+        self.exploitation_rates.copy_(torch.tensor([visible, masked, float(behind_before or masked < visible)]))
+        return rates
+
+    # ----- pixels ---------------------------------------------------------------------------------------------
+    def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, N, p*p*C], ViTMAE's patch pixel order."""
+        patch, channels = self.config.patch_size, self.config.num_channels
+        batch_size, _, height, width = pixel_values.shape
+        grid_h, grid_w = height // patch, width // patch
+        patches = pixel_values.reshape(batch_size, channels, grid_h, patch, grid_w, patch)
+        return patches.permute(0, 2, 4, 3, 5, 1).reshape(batch_size, grid_h * grid_w, patch * patch * channels)
+
+    def unpatchify(self, patches: torch.Tensor, image_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """[B, N, p*p*C] -> [B, C, H, W]; the inverse of `patchify`."""
+        patch, channels = self.config.patch_size, self.config.num_channels
+        height, width = image_size or self.config.image_height_width
+        grid_h, grid_w = height // patch, width // patch
+        images = patches.reshape(patches.shape[0], grid_h, grid_w, patch, patch, channels)
+        return images.permute(0, 5, 1, 3, 2, 4).reshape(patches.shape[0], channels, height, width)
+
+    def forward_loss(self, pixel_values: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MSE per patch, averaged over the masked patches (mask: [B, N], 1 = masked)."""
+        target = self.patchify(pixel_values)
+        if self.config.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)
+        return (loss * mask).sum() / mask.sum()
+
+    # ----- masking --------------------------------------------------------------------------------------------
+    def _check_mask(self, mask: torch.Tensor, batch_size: int, num_patches: int, num_masked: int) -> torch.Tensor:
+        if mask.shape != (batch_size, num_patches):
+            raise ValueError(f"mask must have shape {(batch_size, num_patches)}, got {tuple(mask.shape)}")
+        mask = mask.bool()
+        counts = mask.sum(dim=1)
+        if not bool((counts == num_masked).all()):
+            raise ValueError(
+                f"every mask row must hide exactly {num_masked} patches (mask_ratio {self.config.mask_ratio}); "
+                f"got counts {sorted(set(counts.tolist()))}"
+            )
+        return mask
+
+    def build_mask(
+        self,
+        patch_tokens: torch.Tensor,
+        cls_token: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        random_masking: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Choose this batch's masks: given mask > given noise > informed (when due) > random.
+
+        Returns `ids_shuffle` [B, N] (visible patches first; for noise, ViTMAE's ascending-noise order), the mask
+        types [B], and for informed masks the object-part sizes [B] and edge densities [B].
+        """
+        batch_size, num_patches, _ = patch_tokens.shape
+        num_masked = num_masked_patches(num_patches, self.config.mask_ratio)
+        mask_type = torch.full((batch_size,), int(MaskType.GIVEN), device=patch_tokens.device)
+        if mask is not None:
+            mask = self._check_mask(mask, batch_size, num_patches, num_masked)
+            return torch.argsort(mask.to(torch.int8), dim=1, stable=True), mask_type, None, None
+        if noise is not None:
+            if noise.shape != (batch_size, num_patches):
+                raise ValueError(f"noise must have shape {(batch_size, num_patches)}, got {tuple(noise.shape)}")
+            return torch.argsort(noise.to(patch_tokens.device), dim=1), mask_type, None, None
+        if not random_masking and self.informed_masking_active:
+            with torch.no_grad():
+                features, _, _ = self.vit.encode(patch_tokens.detach(), cls_token.detach(), self.config.feature_layer)
+                result = self.masking(features[:, 1:], num_masked, generator)
+            ids_shuffle = torch.argsort(result.mask.to(torch.int8), dim=1, stable=True)
+            return ids_shuffle, result.mask_type, result.object_part_size, result.edge_density
+        noise = torch.rand(batch_size, num_patches, device=patch_tokens.device, generator=generator)
+        return torch.argsort(noise, dim=1), mask_type.fill_(int(MaskType.RANDOM)), None, None
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        random_masking: bool = False,
+        generator: torch.Generator | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_decoder_attentions: bool = False,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SGMAEForPreTrainingOutput | tuple:
+        r"""
+        Args:
+            pixel_values: Images [B, C, H, W], normalised with the image processor's mean and std.
+            noise: [B, N] noise whose largest `K` entries are masked (ViTMAE's convention); overrides the strategy.
+            mask: [B, N] boolean mask (True = masked) with exactly `K` masked per row; overrides everything.
+            random_masking: Use a random mask even when informed masking is due (e.g. for a plain-MAE probe).
+            generator: RNG for random masks, hints and fallbacks (reproducible masks).
+            output_decoder_attentions: Return the decoder's attention weights (exploitation-rate analysis).
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        patch_tokens, cls_token, grid = self.vit.embeddings(pixel_values, interpolate_pos_encoding)
+        ids_shuffle, mask_type, part_size, density = self.build_mask(
+            patch_tokens, cls_token, noise, mask, random_masking, generator
+        )
+        num_patches = ids_shuffle.shape[1]
+        num_visible = num_patches - num_masked_patches(num_patches, self.config.mask_ratio)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :num_visible, None].expand(-1, -1, patch_tokens.shape[2])
+        visible = patch_tokens.gather(1, ids_keep)  # the encoder sees the first `num_visible` of the shuffle
+
+        hidden_states, all_hidden, attentions = self.vit.encode(
+            visible, cls_token, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        )
+        latent = self.vit.layernorm(hidden_states)
+        logits, decoder_attentions = self.decoder(latent, ids_restore, grid, output_decoder_attentions)
+        mask = (ids_restore >= num_visible).to(logits.dtype)
+        loss = self.forward_loss(pixel_values, logits, mask)
+        if part_size is None:
+            part_size = torch.full_like(mask_type, -1)
+            density = torch.full(mask_type.shape, float("nan"), device=mask_type.device)
+        output = SGMAEForPreTrainingOutput(
+            loss=loss,
+            logits=logits,
+            mask=mask,
+            ids_restore=ids_restore,
+            mask_type=mask_type,
+            object_part_size=part_size,
+            edge_density=density,
+            hidden_states=all_hidden,
+            attentions=attentions,
+            decoder_attentions=decoder_attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class SGMAEForImageClassification(SGMAEPreTrainedModel):
+    """SG-MAE encoder with a classification head on the pooled feature (mean of patches + LayerNorm, or [CLS])."""
+
+    def __init__(self, config: SGMAEConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vit = SGMAEModel(config)
+        mean_pooling = config.classifier_pooling == "mean"
+        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if mean_pooling else nn.Identity()
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels else nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.vit(
+            pixel_values,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+        )
+        logits = self.classifier(self.fc_norm(outputs.pooler_output))
+        loss = None if labels is None else self.classification_loss(logits, labels)
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """transformers' convention: regression for one label, cross-entropy for integer labels, else BCE."""
+        config = self.config
+        if config.problem_type is None:
+            if self.num_labels == 1:
+                config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                config.problem_type = "single_label_classification"
+            else:
+                config.problem_type = "multi_label_classification"
+        if config.problem_type == "regression":
+            return nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1))
+        if config.problem_type == "single_label_classification":
+            return nn.functional.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
+        return nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float())

@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="sgmae",
+    version="0.1.0",
+    description="Self-Guided Masked Autoencoder (SG-MAE) for Hugging Face Transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["modeling_sgmae", "modeling_sgmae.*"]),
+    package_data={"modeling_sgmae": ["metrics/*/*.py"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "torchvision>=0.19,<0.30",
+        "transformers>=5.2,<6",
+        "accelerate>=1.10,<2",
+        "datasets>=4,<6",
+        "evaluate>=0.4.6,<0.5",
+        "safetensors>=0.4",
+        "huggingface_hub>=1.0",
+        "pillow>=10",
+        "tqdm>=4.66",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "demo": ["scikit-image>=0.22"],
+        "tensorboard": ["tensorboard>=2.15"],
+        "analysis": ["matplotlib>=3.8"],
+        "dev": ["pytest>=8", "ruff>=0.6", "scikit-image>=0.22", "tensorboard>=2.15", "matplotlib>=3.8"],
+    },
+)
