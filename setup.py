@@ -1,10 +1,12 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="sgmae",
     version="0.1.0",
     description="Self-Guided Masked Autoencoder (SG-MAE) for Hugging Face Transformers",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["modeling_sgmae", "modeling_sgmae.*"]),
