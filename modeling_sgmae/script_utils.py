@@ -1,0 +1,410 @@
+"""Code shared by `run_pretraining.py` and `run_classification.py`: data, transforms, launch checks, checkpoints,
+Hub-ready output. Not part of a checkpoint's remote code."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from accelerate import Accelerator
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+from transformers import PreTrainedModel, ViTImageProcessor
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("image", "img", "pixel_values")
+LABEL_COLUMNS = ("label", "labels", "fine_label")
+MAE_MEAN = (0.485, 0.456, 0.406)
+MAE_STD = (0.229, 0.224, 0.225)
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class DataArguments:
+    """Where the images come from (shared by both scripts)."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id or local folder in the Hub layout (e.g. parquet shards)."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    train_dir: str | None = field(default=None, metadata={"help": "Image folder for training (class subfolders)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Image folder for evaluation."})
+    train_split: str = field(default="train", metadata={"help": "Split used for training."})
+    validation_split: str = field(default="test", metadata={"help": "Split used for evaluation/visualisation."})
+    image_column: str | None = field(
+        default=None, metadata={"help": f"Image column; auto-detected among {IMAGE_COLUMNS} when unset."}
+    )
+    streaming: bool = field(default=False, metadata={"help": "Stream the training split (IterableDataset)."})
+    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed split."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation images."})
+    num_train_samples: int | None = field(
+        default=None, metadata={"help": "Size of a streamed training split whose size the dataset does not state."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for datasets and models."})
+    dataloader_num_workers: int = field(default=2, metadata={"help": "Data-loading worker processes per device."})
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Refuse a launch whose processes are not joined (each would train its own copy on the same data)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"WORLD_SIZE={world_size} but Accelerate sees a single process: the processes are not joined and would "
+            "each train an independent copy. On CPU launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+            "--num_processes N` (or the provided configuration/accelerate/cpu_multi_process.yaml)."
+        )
+
+
+def load_split(args: DataArguments, split: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
+    """Load one split from `dataset_name` or an image folder, with a clear error when it cannot be found."""
+    folder = args.train_dir if split == args.train_split else args.validation_dir
+    try:
+        if args.dataset_name:
+            dataset = datasets.load_dataset(
+                args.dataset_name, args.dataset_config_name, split=split, streaming=streaming, cache_dir=args.cache_dir
+            )
+        elif folder:
+            if not Path(folder).is_dir():
+                raise FileNotFoundError(f"image folder {folder!r} does not exist")
+            dataset = datasets.load_dataset(
+                "imagefolder", data_dir=folder, split="train", streaming=streaming, cache_dir=args.cache_dir
+            )
+        else:
+            raise ValueError("give --dataset_name or --train_dir/--validation_dir")
+    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError, ValueError) as error:
+        source = args.dataset_name or folder
+        raise SystemExit(f"error: cannot load split {split!r} of {source!r}: {error}") from error
+    return dataset
+
+
+def find_column(features: datasets.Features | None, given: str | None, candidates: tuple[str, ...], kind: str) -> str:
+    """The named column, or the first of `candidates` present; a clear error otherwise."""
+    names = list(features or {})
+    if given:
+        if names and given not in names:
+            raise SystemExit(f"error: {kind} column {given!r} not in the dataset (columns: {names})")
+        return given
+    for name in candidates:
+        if name in names:
+            return name
+    raise SystemExit(f"error: no {kind} column found among {names}; pass --{kind}_column")
+
+
+def prepare_images(dataset, image_column: str):
+    """Keep images undecoded so a corrupt file can be skipped at collate time instead of killing the run."""
+    return dataset.cast_column(image_column, datasets.Image(decode=False))
+
+
+def decode_image(value: Any) -> Image.Image | None:
+    """Decode an image cell (undecoded dict, PIL image or path) to RGB; None when the file is corrupt."""
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, dict) and value.get("bytes") is not None:
+            image = Image.open(io.BytesIO(value["bytes"]))
+        else:
+            image = Image.open(value["path"] if isinstance(value, dict) else value)
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        logger.warning("skipping a corrupt image: %s", error)
+        return None
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def image_processor_for(config) -> ViTImageProcessor:
+    """The processor saved beside the weights: resize to the model's size, MAE (ImageNet) mean/std."""
+    height, width = config.image_height_width
+    return ViTImageProcessor(
+        do_resize=True,
+        size={"height": height, "width": width},
+        resample=Image.Resampling.BICUBIC,
+        image_mean=list(MAE_MEAN),
+        image_std=list(MAE_STD),
+    )
+
+
+def train_transform(processor: ViTImageProcessor, scale: tuple[float, float] = (0.2, 1.0)) -> v2.Compose:
+    """MAE augmentation: RandomResizedCrop (bicubic), horizontal flip, normalisation."""
+    size = (processor.size["height"], processor.size["width"])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(processor.image_mean, processor.image_std),
+        ]
+    )
+
+
+def eval_transform(processor: ViTImageProcessor) -> v2.Compose:
+    """Resize (bicubic) and normalise, as the saved image processor does."""
+    size = (processor.size["height"], processor.size["width"])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(processor.image_mean, processor.image_std),
+        ]
+    )
+
+
+class ImageCollator:
+    """Decode, transform and stack a list of rows; corrupt images are dropped (and counted)."""
+
+    def __init__(self, transform: Callable, image_column: str, label_column: str | None = None):
+        self.transform = transform
+        self.image_column = image_column
+        self.label_column = label_column
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        pixels, labels, skipped = [], [], 0
+        for row in rows:
+            image = decode_image(row[self.image_column])
+            if image is None:
+                skipped += 1
+                continue
+            pixels.append(self.transform(image))
+            if self.label_column:
+                labels.append(row[self.label_column])
+        batch = {"pixel_values": torch.stack(pixels) if pixels else torch.empty(0), "skipped": torch.tensor(skipped)}
+        if self.label_column:
+            batch["labels"] = torch.tensor(labels)
+        return batch
+
+
+def shard_for_process(dataset, accelerator: Accelerator, seed: int, epoch: int, shuffle: bool, buffer_size: int):
+    """This process's share of one epoch: shuffled with the same seed on every rank, then split without overlap."""
+    if shuffle:
+        if isinstance(dataset, datasets.IterableDataset):
+            dataset = dataset.shuffle(seed=seed, buffer_size=buffer_size)
+            dataset.set_epoch(epoch)
+        else:
+            dataset = dataset.shuffle(seed=seed + epoch)
+    if accelerator.num_processes > 1:
+        dataset = datasets.distributed.split_dataset_by_node(
+            dataset, rank=accelerator.process_index, world_size=accelerator.num_processes
+        )
+    return dataset
+
+
+def skip_samples(dataset, count: int):
+    """Drop the first `count` rows (resuming inside an epoch)."""
+    if count == 0:
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.skip(count)
+    return dataset.select(range(min(count, len(dataset)), len(dataset)))
+
+
+def synchronized_batches(loader, accelerator: Accelerator) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield batches on the device until any process runs out, so that ranks never wait on each other forever."""
+    iterator = iter(loader)
+    while True:
+        batch = next(iterator, None)
+        if accelerator.num_processes > 1:
+            exhausted = torch.tensor([batch is None], device=accelerator.device, dtype=torch.float32)
+            if accelerator.reduce(exhausted, reduction="sum").item() > 0:
+                return
+        elif batch is None:
+            return
+        yield {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
+
+
+def split_size(dataset, split_name: str, override: int | None) -> int | None:
+    """Number of rows of a split: given, known from the dataset, or None for an unsized stream."""
+    if override:
+        return override
+    if isinstance(dataset, datasets.Dataset):
+        return len(dataset)
+    splits = dataset.info.splits or {}
+    return splits[split_name].num_examples if split_name in splits else None
+
+
+# ----- checkpoints -------------------------------------------------------------------------------------------------
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (their state file is written last), oldest first."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(output_dir: str, resume_from_checkpoint: str | None) -> Path | None:
+    """`latest` picks the newest complete checkpoint in output_dir (None when there is none yet)."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        found = checkpoint_dirs(output_dir)
+        return found[-1] if found else None
+    path = Path(resume_from_checkpoint)
+    if not (path / STATE_FILE).is_file():
+        raise SystemExit(f"error: {path} is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict, save_total_limit: int | None) -> Path:
+    """Write `checkpoint-<step>` atomically: everything goes to a temporary folder that is renamed when complete."""
+    final = Path(output_dir) / f"checkpoint-{state['step']}"
+    temporary = Path(output_dir) / f".tmp-checkpoint-{state['step']}"
+    if accelerator.is_main_process and temporary.exists():
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (temporary / STATE_FILE).write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        temporary.rename(final)
+        if save_total_limit:
+            for old in checkpoint_dirs(output_dir)[:-save_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
+    """Restore model, optimizer, scheduler and RNG states; return the saved trainer state."""
+    accelerator.load_state(str(path))
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def check_finite(loss: torch.Tensor, step: int, output_dir: str) -> None:
+    """Stop with a clear message on a NaN/inf loss; checkpoints already written are left untouched."""
+    if not torch.isfinite(loss).item():
+        found = checkpoint_dirs(output_dir)
+        last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+        raise SystemExit(
+            f"error: the loss became {loss.item()} at step {step}; stopping ({last}). "
+            "Lower the learning rate, enable --max_grad_norm or use bf16 instead of fp16."
+        )
+
+
+def cosine_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up then half-cosine decay to 0, as a LambdaLR factor."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(warmup_steps, 1)
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """MAE's AdamW groups: no decay on norms, biases, tokens and position tables (1-D or token parameters)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        skip = parameter.ndim <= 1 or name.endswith(("cls_token", "mask_token", "position_embeddings"))
+        (no_decay if skip else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----- Hub-ready output --------------------------------------------------------------------------------------------
+def save_hub_folder(
+    model: PreTrainedModel, processor: ViTImageProcessor, output_dir: str | Path, model_card: str
+) -> None:
+    """Weights (safetensors), config with auto_map, the model's .py files, processor config and model card."""
+    model.config.__class__.register_for_auto_class()
+    model.register_for_auto_class(_auto_class_of(model))
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    Path(output_dir, "README.md").write_text(model_card, encoding="utf-8")
+
+
+def _auto_class_of(model: PreTrainedModel) -> str:
+    name = type(model).__name__
+    if name.endswith("ForPreTraining"):
+        return "AutoModelForPreTraining"
+    if name.endswith("ForImageClassification"):
+        return "AutoModelForImageClassification"
+    return "AutoModel"
+
+
+def model_card(metadata: dict[str, Any], title: str, body: str) -> str:
+    """A model card: YAML front matter (library_name, pipeline_tag, tags, datasets, license, ...) and Markdown."""
+    import yaml
+
+    front = yaml.safe_dump(metadata, sort_keys=False).strip()
+    return f"---\n{front}\n---\n\n# {title}\n\n{body.strip()}\n"
+
+
+def push_to_hub(output_dir: str, hub_model_id: str, token: str | None = None) -> None:
+    """Upload the output folder (needs network access and a token)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(hub_model_id, exist_ok=True)
+    api.upload_folder(repo_id=hub_model_id, folder_path=output_dir, ignore_patterns=["checkpoint-*", ".tmp-*", "runs"])
+
+
+# ----- visualisation -----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def reconstruct(model, pixel_values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked input and reconstruction (visible patches pasted back) for a given bool mask [B, N], in pixel space
+    of `pixel_values` (still normalised by the image processor)."""
+    output = model(pixel_values, mask=mask)
+    target = model.patchify(pixel_values)
+    prediction = output.logits.float()
+    if model.config.norm_pix_loss:  # predictions are per-patch standardised pixels: undo with the patch's own stats
+        mean = target.mean(dim=-1, keepdim=True)
+        std = (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
+        prediction = prediction * std + mean
+    keep = (~mask)[:, :, None].to(target.dtype)
+    size = tuple(pixel_values.shape[2:])
+    masked_input = model.unpatchify(target * keep, size)
+    reconstruction = model.unpatchify(target * keep + prediction * (1 - keep), size)
+    return masked_input, reconstruction
+
+
+@torch.no_grad()
+def informed_masks(model, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The informed masks the self-guided module would build now, whatever the schedule says. [B, N] bool."""
+    from .masking_sgmae import num_masked_patches
+
+    patch_tokens, cls_token, _ = model.vit.embeddings(pixel_values)
+    features, _, _ = model.vit.encode(patch_tokens, cls_token, model.config.feature_layer)
+    num_masked = num_masked_patches(patch_tokens.shape[1], model.config.mask_ratio)
+    return model.masking(features[:, 1:], num_masked, generator).mask
+
+
+@torch.no_grad()
+def save_reconstruction_grid(model, pixel_values: torch.Tensor, processor: ViTImageProcessor, path: Path) -> None:
+    """PNG, one column per image; rows: input, random mask, reconstruction, informed mask, reconstruction."""
+    from torchvision.utils import save_image
+
+    from .masking_sgmae import mask_from_noise, num_masked_patches
+
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=pixel_values.device).manual_seed(0)
+    num_patches = model.config.grid_size[0] * model.config.grid_size[1]
+    noise = torch.rand(len(pixel_values), num_patches, generator=generator, device=pixel_values.device)
+    random_mask = mask_from_noise(noise, num_masked_patches(num_patches, model.config.mask_ratio))
+    rows = [pixel_values, *reconstruct(model, pixel_values, random_mask)]
+    rows += reconstruct(model, pixel_values, informed_masks(model, pixel_values, generator))
+    model.train(was_training)
+    mean = torch.tensor(processor.image_mean, device=pixel_values.device)[None, :, None, None]
+    std = torch.tensor(processor.image_std, device=pixel_values.device)[None, :, None, None]
+    images = torch.cat([(row.float() * std + mean).clamp(0, 1) for row in rows])
+    save_image(images, path, nrow=len(pixel_values), padding=1, pad_value=1.0)
