@@ -1,0 +1,548 @@
+"""The paper's analysis toolkit (METHOD.md §5): feature and attention statistics, exploitation rates, Figure-1 panels.
+
+Run on a checkpoint and a fixed probe batch (the first `num_images` images of a split):
+
+    python -m modeling_sgmae.analysis --model PATH --dataset_name PATH_OR_ID --split test --output_dir DIR
+
+writes `DIR/analysis.json` (the metrics of `analyse`) and `DIR/figure_panel.png` (see `figure_panel`).
+
+Conventions as in `masking_sgmae`: features are [B, N, D] patch tokens (no [CLS]); masks are bool [B, N] with
+True = masked. Attention maps are [B, heads, 1 + N, 1 + N] with [CLS] first, rows are queries, columns keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .configuration_sgmae import SGMAEConfig
+from .masking_sgmae import (
+    SelfGuidedMasking,
+    add_hints,
+    affinity_graph,
+    informed_mask,
+    mask_from_noise,
+    num_masked_patches,
+    object_part,
+    object_similarity,
+)
+from .modeling_sgmae import SGMAEForPreTraining
+
+logger = logging.getLogger(__name__)
+
+MAE_IMAGE_MEAN = (0.485, 0.456, 0.406)  # MAE normalises with the ImageNet statistics
+MAE_IMAGE_STD = (0.229, 0.224, 0.225)
+IMAGE_COLUMNS = ("image", "img")  # tried in this order by `--image_column auto`
+NORM_PIX_EPS = 1e-6  # the variance epsilon of `norm_pix_loss` (SGMAEForPreTraining.forward_loss)
+ALIKE_SIMILARITY = 1 - 1e-4  # patches whose pairwise similarity all exceed this have no cut (as in the masking)
+
+# ----- features of the full image ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def full_image_encoding(
+    model: SGMAEForPreTraining,
+    pixel_values: torch.Tensor,
+    num_layers: int | None = None,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[int, int]]:
+    """Run the encoder on the full, unmasked, unshuffled image through its first `num_layers` blocks (all if None).
+
+    Returns the patch features [B, N, D] (block output before the final LayerNorm: what the self-guided masking
+    clusters), the attention maps of those blocks if asked for, and the patch grid (rows, columns).
+    """
+    patch_tokens, cls_token, grid = model.vit.embeddings(pixel_values)
+    hidden_states, _, attentions = model.vit.encode(
+        patch_tokens, cls_token, num_layers, output_attentions=output_attentions
+    )
+    return hidden_states[:, 1:], attentions, grid
+
+
+@dataclass
+class Bipartition:
+    """The Normalized-Cut bi-partition of each image's affinity graph (METHOD.md §3, steps 2-4)."""
+
+    weights: torch.Tensor  # [B, N, N] affinity graph W (with its eps)
+    fiedler: torch.Tensor  # [B, N] Fiedler vector y
+    object_part: torch.Tensor  # [B, N] bool, the part chosen as the object by `foreground_rule`
+    edge_density: torch.Tensor  # [B] share of off-diagonal pairs joined by a real edge
+    has_cut: torch.Tensor  # [B] bool; False where training would fall back to a random mask (step 8)
+
+
+def ncut_bipartition(unit_features: torch.Tensor, config: SGMAEConfig) -> Bipartition:
+    """Bi-partition L2-normalised features [B, N, D] with the config's graph, solver and foreground rule.
+
+    Uses the functions of `masking_sgmae`, so it cuts exactly as the training-time masking does.
+    """
+    weights, density = affinity_graph(unit_features, config.graph_edges, config.graph_threshold, config.graph_eps)
+    fiedler = SelfGuidedMasking(config).fiedler_vector(weights)
+    part = object_part(fiedler, config.foreground_rule)
+    part_size = part.sum(dim=1)
+    num_patches = unit_features.shape[1]
+    similarity_spread = (unit_features @ unit_features.transpose(1, 2)).amin(dim=(1, 2))
+    has_cut = (
+        torch.isfinite(fiedler).all(dim=1)
+        & (part_size > 0)
+        & (part_size < num_patches)
+        & (similarity_spread < ALIKE_SIMILARITY)
+    )
+    return Bipartition(weights, fiedler, part, density, has_cut)
+
+
+@dataclass
+class FeatureStatistics:
+    """Per-image statistics of the full-image patch features (METHOD.md §5); each field is [B] unless noted.
+
+    Partition fields are NaN (sizes -1) where the image has no usable cut (`has_cut` False).
+    """
+
+    feature_variance: torch.Tensor  # sigma_F: mean squared distance of the unit features f_i from their mean
+    similarity_variance: torch.Tensor  # sigma_s: variance of the N*N entries of S = f f^T
+    bipartition_gap: torch.Tensor  # mu_intra - mu_inter of the graph weights W over the NCut parts
+    cosine_gap: torch.Tensor  # the same gap measured on the cosine similarities S
+    object_part_size: torch.Tensor  # patches in the object part
+    edge_density: torch.Tensor  # share of real edges in the affinity graph
+    has_cut: torch.Tensor  # bool: the image has a usable bi-partition
+    object_part: torch.Tensor  # [B, N] bool, the object part of the cut
+
+    @classmethod
+    def cat(cls, chunks: list[FeatureStatistics]) -> FeatureStatistics:
+        """Concatenate the statistics of several batches along the image axis."""
+        return cls(**{f.name: torch.cat([getattr(chunk, f.name) for chunk in chunks]) for f in fields(cls)})
+
+    def summary(self) -> dict[str, float | int | None]:
+        """Means over the images (partition metrics over the images with a cut; None where there is none)."""
+        cut = self.has_cut
+        return {
+            "feature_variance": _mean(self.feature_variance),
+            "similarity_variance": _mean(self.similarity_variance),
+            "bipartition_gap": _mean(self.bipartition_gap[cut]),
+            "bipartition_cosine_gap": _mean(self.cosine_gap[cut]),
+            "object_part_size": _mean(self.object_part_size[cut]),
+            "object_part_fraction": _mean(self.object_part_size[cut] / self.object_part.shape[1]),
+            "edge_density": _mean(self.edge_density),
+            "num_images_without_cut": int((~cut).sum()),
+        }
+
+
+def _mean(values: torch.Tensor) -> float | None:
+    """Mean as a float, or None (JSON null) for an empty or non-finite mean."""
+    if values.numel() == 0:
+        return None
+    mean = values.double().mean().item()
+    return mean if math.isfinite(mean) else None
+
+
+def _pair_mean(values: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """Mean of values [B, N, N] over the pairs [B, N, N] (bool) of each image: [B], NaN where there are none."""
+    return (values * pairs).sum(dim=(1, 2)) / pairs.sum(dim=(1, 2))
+
+
+@torch.no_grad()
+def feature_statistics(features: torch.Tensor, config: SGMAEConfig) -> FeatureStatistics:
+    """sigma_F, sigma_s and the NCut bi-partition gap of patch features [B, N, D] (METHOD.md §5).
+
+    Features are L2-normalised first (f_i), as the masking does. The gap compares the mean weight over pairs
+    i != j in the same part with the mean weight over pairs in different parts; for the default similarity graph
+    it lies in [-1, 1], 1 meaning two groups that are orthogonal to each other and uniform inside.
+    """
+    unit = nn.functional.normalize(features.float(), dim=-1)
+    num_patches = unit.shape[1]
+    similarity = unit @ unit.transpose(1, 2)
+    feature_variance = (unit - unit.mean(dim=1, keepdim=True)).square().sum(dim=-1).mean(dim=1)
+    similarity_variance = similarity.flatten(1).var(dim=1, correction=0)
+
+    cut = ncut_bipartition(unit, config)
+    same_part = cut.object_part[:, :, None] == cut.object_part[:, None, :]
+    off_diagonal = ~torch.eye(num_patches, dtype=torch.bool, device=unit.device)
+    within, across = same_part & off_diagonal, ~same_part
+    nan = torch.tensor(float("nan"), device=unit.device)
+    gap = torch.where(cut.has_cut, _pair_mean(cut.weights, within) - _pair_mean(cut.weights, across), nan)
+    cosine_gap = torch.where(cut.has_cut, _pair_mean(similarity, within) - _pair_mean(similarity, across), nan)
+    part_size = torch.where(cut.has_cut, cut.object_part.sum(dim=1), -1)
+    return FeatureStatistics(
+        feature_variance=feature_variance,
+        similarity_variance=similarity_variance,
+        bipartition_gap=gap,
+        cosine_gap=cosine_gap,
+        object_part_size=part_size,
+        edge_density=cut.edge_density,
+        has_cut=cut.has_cut,
+        object_part=cut.object_part,
+    )
+
+
+# ----- attention ----------------------------------------------------------------------------------------------------
+
+
+def patch_distances(grid: tuple[int, int], patch_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """Euclidean distance in pixels between the centres of every two patches of a row-major grid: [N, N]."""
+    rows, cols = torch.meshgrid(
+        torch.arange(grid[0], device=device), torch.arange(grid[1], device=device), indexing="ij"
+    )
+    centres = torch.stack([rows.flatten(), cols.flatten()], dim=1).float() * patch_size
+    return torch.cdist(centres, centres)
+
+
+@torch.no_grad()
+def attention_distance(attentions: tuple[torch.Tensor, ...], grid: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """Mean attention distance per layer in pixels: [L].
+
+    For each patch query, the attention-weighted mean distance to the patch keys (the [CLS] row and column are
+    left out and each query's weights over the patch keys renormalised to sum to 1), averaged over queries, heads
+    and images. attentions: per layer [B, heads, 1 + N, 1 + N], from the full (unmasked) image.
+    """
+    num_patches = grid[0] * grid[1]
+    distances = None
+    per_layer = []
+    for weights in attentions:
+        if weights.shape[-2:] != (1 + num_patches, 1 + num_patches):
+            raise ValueError(f"attention maps must be [..., {1 + num_patches}, {1 + num_patches}] for grid {grid}")
+        if distances is None:
+            distances = patch_distances(grid, patch_size, weights.device)
+        patch_weights = weights[..., 1:, 1:].float()
+        mean_distance = (patch_weights * distances).sum(dim=-1) / patch_weights.sum(dim=-1).clamp(min=1e-12)
+        per_layer.append(mean_distance.mean())
+    return torch.stack(per_layer)
+
+
+@torch.no_grad()
+def exploitation_rates(decoder_attentions: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
+    """Exploitation rates per decoder layer: [L, 2] = (visible share, mask-token share) (METHOD.md §4).
+
+    The attention that queries at masked positions give to visible keys ([CLS] included) and to mask-token keys,
+    averaged over the masked queries, heads and images: the semantics of
+    `SGMAEForPreTraining.record_exploitation_rates`, without touching the model's schedule buffers.
+    decoder_attentions: per layer [B, heads, 1 + N, 1 + N]; mask: [B, N], True (or 1) = masked.
+    """
+    mask = mask.bool()
+    query_is_mask = mask[:, None, :].expand(-1, decoder_attentions[0].shape[1], -1)  # [B, heads, N]
+    rates = []
+    for weights in decoder_attentions:
+        queries = weights[:, :, 1:].float()  # patch queries over all keys: [B, heads, N, 1 + N]
+        to_mask = (queries[..., 1:] * mask[:, None, None, :]).sum(dim=-1)
+        to_visible = queries.sum(dim=-1) - to_mask
+        rates.append(torch.stack([to_visible[query_is_mask].mean(), to_mask[query_is_mask].mean()]))
+    return torch.stack(rates)
+
+
+# ----- all metrics ------------------------------------------------------------------------------------------------
+
+
+def _probe_noise(batch_size: int, num_patches: int, seed: int) -> torch.Tensor:
+    """Fixed random-mask noise [B, N] for a probe batch (drawn on the CPU, so the same on every device)."""
+    return torch.rand(batch_size, num_patches, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def analyse(
+    model: SGMAEForPreTraining,
+    pixel_values: torch.Tensor,
+    batch_size: int = 64,
+    seed: int = 0,
+    feature_layer: int | None = None,
+) -> dict[str, Any]:
+    """All §5 metrics of `model` on a probe batch [B, C, H, W] (normalised pixels), as a JSON-serialisable dict.
+
+    Features and attention distances come from the full image (features after `feature_layer` blocks, default
+    the last); exploitation rates and the reconstruction loss from random masks drawn with `seed`. The model runs
+    in eval mode under no_grad, in chunks of `batch_size` images; its training mode and buffers are left as found.
+    """
+    config = model.config
+    was_training = model.training
+    model.eval()
+    try:
+        device, dtype = model.device, model.dtype
+        num_patches = config.grid_size[0] * config.grid_size[1]
+        noise = _probe_noise(pixel_values.shape[0], num_patches, seed)
+        statistics, distances, rates, losses, sizes = [], [], [], [], []
+        for start in range(0, pixel_values.shape[0], batch_size):
+            chunk = pixel_values[start : start + batch_size].to(device=device, dtype=dtype)
+            features, attentions, grid = full_image_encoding(model, chunk, feature_layer, output_attentions=True)
+            statistics.append(feature_statistics(features, config))
+            if feature_layer is not None and feature_layer != config.num_hidden_layers:
+                _, attentions, grid = full_image_encoding(model, chunk, output_attentions=True)
+            distances.append(attention_distance(attentions, grid, config.patch_size))
+            output = model(
+                chunk,
+                noise=noise[start : start + batch_size].to(device),
+                output_decoder_attentions=True,
+                return_dict=True,
+            )
+            rates.append(exploitation_rates(output.decoder_attentions, output.mask))
+            losses.append(output.loss.float())
+            sizes.append(chunk.shape[0])
+    finally:
+        model.train(was_training)
+
+    weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)  # every image counts once
+
+    def weighted(values: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack([value.double().cpu() for value in values])
+        return (stacked * weights.view(-1, *[1] * (stacked.ndim - 1))).sum(dim=0)
+
+    rate_means = weighted(rates)
+    return {
+        "num_images": int(pixel_values.shape[0]),
+        "training_step": int(model.training_step),
+        "informed_masking_active": bool(model.informed_masking_active),
+        "feature_layer": feature_layer or config.num_hidden_layers,
+        "graph_edges": config.graph_edges,
+        "fiedler_solver": config.fiedler_solver,
+        "foreground_rule": config.foreground_rule,
+        **FeatureStatistics.cat(statistics).summary(),
+        "attention_distance": weighted(distances).tolist(),
+        "exploitation_rate_visible": rate_means[:, 0].tolist(),
+        "exploitation_rate_mask": rate_means[:, 1].tolist(),
+        "reconstruction_loss": weighted(losses).item(),
+        "probe_seed": seed,
+    }
+
+
+# ----- Figure-1 panel ---------------------------------------------------------------------------------------------
+
+
+def unnormalize(pixel_values: torch.Tensor, image_mean: tuple[float, ...], image_std: tuple[float, ...]) -> np.ndarray:
+    """Normalised images [B, C, H, W] -> RGB arrays [B, H, W, C] in [0, 1] (float32)."""
+    mean = torch.tensor(image_mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(image_std, dtype=torch.float32).view(1, -1, 1, 1)
+    images = pixel_values.detach().float().cpu() * std + mean
+    return images.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def predicted_pixel_values(
+    model: SGMAEForPreTraining, logits: torch.Tensor, pixel_values: torch.Tensor
+) -> torch.Tensor:
+    """The decoder's prediction [B, N, p*p*C] as normalised images [B, C, H, W] (the space of `pixel_values`).
+
+    With `norm_pix_loss` the prediction is in normalised-patch space: each patch is de-normalised with the mean
+    and std of the corresponding target patch, as MAE's visualisation does.
+    """
+    logits = logits.float()
+    if model.config.norm_pix_loss:
+        target = model.patchify(pixel_values.float())
+        mean = target.mean(dim=-1, keepdim=True)
+        std = (target.var(dim=-1, keepdim=True) + NORM_PIX_EPS) ** 0.5
+        logits = logits * std + mean
+    return model.unpatchify(logits, tuple(pixel_values.shape[2:]))
+
+
+def _patch_map(mask: torch.Tensor, grid: tuple[int, int], patch_size: int) -> np.ndarray:
+    """Patch flags [B, N] -> pixel flags [B, H, W, 1] (float)."""
+    flags = mask.float().cpu().view(-1, *grid)
+    flags = flags.repeat_interleave(patch_size, dim=1).repeat_interleave(patch_size, dim=2)
+    return flags[..., None].numpy()
+
+
+def _tint(images: np.ndarray, where: np.ndarray, colour: tuple[float, float, float], strength: float) -> np.ndarray:
+    """Blend `colour` into `images` [B, H, W, 3] where the pixel flags [B, H, W, 1] are set."""
+    blend = strength * where
+    return images * (1 - blend) + np.asarray(colour, dtype=np.float32) * blend
+
+
+MASKED_GREY = (0.5, 0.5, 0.5)
+OBJECT_RED = (0.9, 0.1, 0.1)
+HINT_GREEN = (0.1, 0.85, 0.1)
+
+
+@dataclass
+class FigurePanel:
+    """The paper's Figure-1 columns for a few images, as float RGB arrays [B, H, W, 3] in [0, 1]."""
+
+    columns: dict[str, np.ndarray] = field(default_factory=dict)  # column title -> images
+    has_cut: np.ndarray | None = None  # [B] bool; False where training would use a random mask instead
+
+    def grid(self) -> np.ndarray:
+        """All columns side by side, one image per row: a uint8 array [B * H, columns * W, 3] (e.g. for logging)."""
+        rows = np.concatenate(list(self.columns.values()), axis=2)
+        return (np.concatenate(list(rows), axis=0) * 255).round().astype(np.uint8)
+
+    def save(self, path: str | Path, cell_inches: float = 1.5, dpi: int = 100) -> None:
+        """Write the panel as a PNG with column titles: (columns x cell) by (rows x cell + 0.3) inches at `dpi`."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        names = list(self.columns)
+        num_rows = len(next(iter(self.columns.values())))
+        figure = Figure(figsize=(len(names) * cell_inches, num_rows * cell_inches + 0.3), dpi=dpi)
+        FigureCanvasAgg(figure)
+        axes = figure.subplots(num_rows, len(names), squeeze=False)
+        top = 1 - 0.3 / (num_rows * cell_inches + 0.3)  # a 0.3-inch band for the titles
+        figure.subplots_adjust(left=0.03, right=0.99, bottom=0.01, top=top, wspace=0.05, hspace=0.05)
+        for row in range(num_rows):
+            for column, name in enumerate(names):
+                axis = axes[row, column]
+                axis.imshow(self.columns[name][row], interpolation="nearest")
+                axis.set_xticks([])
+                axis.set_yticks([])
+                if row == 0:
+                    axis.set_title(name, fontsize=8)
+                if column == 0 and self.has_cut is not None and not self.has_cut[row]:
+                    axis.set_ylabel("no cut: random mask", fontsize=6)
+        figure.savefig(str(path), dpi=dpi)
+
+
+@torch.no_grad()
+def figure_panel(
+    model: SGMAEForPreTraining,
+    pixel_values: torch.Tensor,
+    image_mean: tuple[float, ...] = MAE_IMAGE_MEAN,
+    image_std: tuple[float, ...] = MAE_IMAGE_STD,
+    seed: int = 0,
+) -> FigurePanel:
+    """Figure-1 columns for images [B, C, H, W] (normalised with image_mean / image_std).
+
+    input; a random mask; the NCut bi-partition (object part in red); the informed mask before hints; the
+    informed mask with hints (hints in green); the reconstruction under that mask, visible patches pasted in.
+    Masks use the config's mask ratio, hint ratio and features of `mask_feature_layer` blocks, as in training.
+    """
+    config = model.config
+    was_training = model.training
+    model.eval()
+    try:
+        pixel_values = pixel_values.to(device=model.device, dtype=model.dtype)
+        generator = torch.Generator().manual_seed(seed)
+        features, _, grid = full_image_encoding(model, pixel_values, config.feature_layer)
+        unit = nn.functional.normalize(features.float().cpu(), dim=-1)
+        cut = ncut_bipartition(unit, config)
+        num_patches = unit.shape[1]
+        num_masked = num_masked_patches(num_patches, config.mask_ratio)
+        scores = object_similarity(unit, cut.object_part)
+        informed = informed_mask(scores, cut.object_part, num_masked)
+        num_hints = min(round(config.hint_ratio * num_masked), num_patches - num_masked)
+        hinted = add_hints(informed, scores, num_hints, config.hint_sampling, generator)
+        random = mask_from_noise(torch.rand(unit.shape[0], num_patches, generator=generator), num_masked)
+        output = model(pixel_values, mask=hinted.to(model.device), return_dict=True)
+        predicted = predicted_pixel_values(model, output.logits, pixel_values)
+    finally:
+        model.train(was_training)
+
+    images = unnormalize(pixel_values, image_mean, image_std)
+    reconstruction = unnormalize(predicted, image_mean, image_std)
+    patch_size = config.patch_size
+    hinted_map = _patch_map(hinted, grid, patch_size)
+    hints_map = _patch_map(informed & ~hinted, grid, patch_size)
+    columns = {
+        "input": images,
+        "random mask": _tint(images, _patch_map(random, grid, patch_size), MASKED_GREY, 0.85),
+        "NCut bi-partition": _tint(images, _patch_map(cut.object_part, grid, patch_size), OBJECT_RED, 0.5),
+        "informed mask": _tint(images, _patch_map(informed, grid, patch_size), MASKED_GREY, 0.85),
+        "informed + hints": _tint(_tint(images, hinted_map, MASKED_GREY, 0.85), hints_map, HINT_GREEN, 0.45),
+        "reconstruction": hinted_map * reconstruction + (1 - hinted_map) * images,
+    }
+    return FigurePanel({name: array.astype(np.float32) for name, array in columns.items()}, cut.has_cut.numpy())
+
+
+# ----- command line -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AnalysisArguments:
+    """Arguments of `python -m modeling_sgmae.analysis`."""
+
+    model: str = field(metadata={"help": "SG-MAE (or ViTMAE) checkpoint: a local directory or a Hub id."})
+    dataset_name: str = field(metadata={"help": "Dataset for `datasets.load_dataset`: a local directory or a Hub id."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the dataset."})
+    split: str = field(default="test", metadata={"help": "Split the probe batch is taken from."})
+    image_column: str = field(
+        default="auto", metadata={"help": f"Column holding the images; `auto` tries {', '.join(IMAGE_COLUMNS)}."}
+    )
+    num_images: int = field(default=256, metadata={"help": "Size of the probe batch (the first images of the split)."})
+    output_dir: str = field(default="sgmae_analysis", metadata={"help": "Where analysis.json and the PNG go."})
+    figure_images: int = field(default=6, metadata={"help": "Images (rows) in the Figure-1 panel; 0 for none."})
+    batch_size: int = field(default=64, metadata={"help": "Images per forward pass."})
+    seed: int = field(default=0, metadata={"help": "Seed of the probe's random masks and hints."})
+    device: str = field(default="auto", metadata={"help": "Torch device; `auto` picks CUDA when available."})
+
+
+def resolve_image_column(column_names: list[str], requested: str = "auto") -> str:
+    """The image column: `requested`, or with `auto` the first of IMAGE_COLUMNS that the dataset has."""
+    if requested != "auto":
+        if requested not in column_names:
+            raise ValueError(f"image column {requested!r} not in the dataset's columns {column_names}")
+        return requested
+    for name in IMAGE_COLUMNS:
+        if name in column_names:
+            return name
+    raise ValueError(f"no image column among {column_names}; pass --image_column (auto tries {IMAGE_COLUMNS})")
+
+
+def load_image_processor(model_path: str, config: SGMAEConfig):
+    """The checkpoint's ViTImageProcessor if it has a preprocessor_config.json, else resize + MAE mean/std.
+
+    Either way images are resized to the model's image size.
+    """
+    from transformers import ViTImageProcessor
+    from transformers.utils import cached_file
+
+    height, width = config.image_height_width
+    found = cached_file(
+        model_path,
+        "preprocessor_config.json",
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    if found is not None:
+        processor = ViTImageProcessor.from_pretrained(model_path)
+    else:
+        processor = ViTImageProcessor(image_mean=list(MAE_IMAGE_MEAN), image_std=list(MAE_IMAGE_STD))
+    processor.size = {"height": height, "width": width}
+    if not processor.do_normalize:
+        processor.image_mean, processor.image_std = [0.0] * config.num_channels, [1.0] * config.num_channels
+    return processor
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Analyse a checkpoint on the first images of a dataset split; write analysis.json and figure_panel.png."""
+    import datasets
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(AnalysisArguments).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+    # data: the fixed probe batch
+    model = SGMAEForPreTraining.from_pretrained(args.model).to(device)
+    processor = load_image_processor(args.model, model.config)
+    dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.split)
+    column = resolve_image_column(dataset.column_names, args.image_column)
+    images = dataset.select(range(min(args.num_images, len(dataset))))[column]
+    images = [image.convert("RGB") if model.config.num_channels == 3 else image for image in images]
+    pixel_values = processor(images, return_tensors="pt")["pixel_values"]
+
+    # metrics and figure
+    metrics = analyse(model, pixel_values, args.batch_size, args.seed)
+    metrics = {
+        "model": args.model,
+        "dataset": args.dataset_name,
+        "split": args.split,
+        "image_column": column,
+        **metrics,
+    }
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "analysis.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    logger.info("wrote %s", output_dir / "analysis.json")
+    if args.figure_images > 0:
+        panel = figure_panel(
+            model,
+            pixel_values[: args.figure_images],
+            tuple(processor.image_mean),
+            tuple(processor.image_std),
+            args.seed,
+        )
+        panel.save(output_dir / "figure_panel.png")
+        logger.info("wrote %s", output_dir / "figure_panel.png")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Tests of the analysis toolkit: known answers on constructed inputs, real values on a tiny model, and the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, tiny_config
+from PIL import Image
+
+from modeling_sgmae import SGMAEForPreTraining
+from modeling_sgmae.analysis import (
+    MAE_IMAGE_MEAN,
+    MAE_IMAGE_STD,
+    analyse,
+    attention_distance,
+    exploitation_rates,
+    feature_statistics,
+    figure_panel,
+    full_image_encoding,
+    load_image_processor,
+    ncut_bipartition,
+    predicted_pixel_values,
+    resolve_image_column,
+    unnormalize,
+)
+from modeling_sgmae.masking_sgmae import SelfGuidedMasking, num_masked_patches
+
+GRID = (8, 8)  # the tiny config: 32 px images, 4 px patches
+METRIC_KEYS = {
+    "num_images",
+    "training_step",
+    "informed_masking_active",
+    "feature_layer",
+    "graph_edges",
+    "fiedler_solver",
+    "foreground_rule",
+    "feature_variance",
+    "similarity_variance",
+    "bipartition_gap",
+    "bipartition_cosine_gap",
+    "object_part_size",
+    "object_part_fraction",
+    "edge_density",
+    "num_images_without_cut",
+    "attention_distance",
+    "exploitation_rate_visible",
+    "exploitation_rate_mask",
+    "reconstruction_loss",
+    "probe_seed",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny batched matmuls are far slower with 2 contending OpenMP threads than with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def model() -> SGMAEForPreTraining:
+    return SGMAEForPreTraining(tiny_config()).eval()
+
+
+def _probe_images(batch_size: int = 6) -> torch.Tensor:
+    """Normalised images with a bright square on a dark background, so the features have something to cut."""
+    images = torch.full((batch_size, 3, 32, 32), -1.5)
+    for index in range(batch_size):
+        top = 2 + 3 * index
+        images[index, index % 3, top : top + 14, 6:20] = 2.0
+    return images + 0.1 * torch.randn_like(images)
+
+
+# ----- feature statistics -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", ["power", "eigh"])
+def test_two_orthogonal_groups_give_the_maximal_gap_and_the_right_parts(solver):
+    config = tiny_config(fiedler_solver=solver)
+    num_patches, group_size = 64, 20
+    group = torch.zeros(2, num_patches, dtype=torch.bool)
+    group[0, :group_size] = True  # a block of patches ...
+    group[1, torch.randperm(num_patches)[:group_size]] = True  # ... and a scattered one
+    features = torch.zeros(2, num_patches, 8)
+    features[..., 0] = group.float() * 3.0  # unnormalised on purpose: the statistics normalise
+    features[..., 1] = (~group).float()
+
+    stats = feature_statistics(features, config)
+
+    assert stats.has_cut.all()
+    assert torch.equal(stats.object_part, group)  # both rules pick the smaller, more extreme group
+    assert stats.object_part_size.tolist() == [group_size, group_size]
+    # weights are 1 + eps within the groups and eps across them: the gap takes its maximum, 1
+    torch.testing.assert_close(stats.bipartition_gap, torch.ones(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(stats.cosine_gap, torch.ones(2), atol=1e-5, rtol=0)
+    # sigma_F = 1 - |mean f|^2; S has a share p of ones and the rest zeros, so sigma_s = p (1 - p)
+    share = (group_size**2 + (num_patches - group_size) ** 2) / num_patches**2
+    torch.testing.assert_close(stats.feature_variance, torch.full((2,), 1 - share))
+    torch.testing.assert_close(stats.similarity_variance, torch.full((2,), share * (1 - share)))
+    other = num_patches - group_size
+    real_edges = (group_size * (group_size - 1) + other * (other - 1)) / (num_patches * (num_patches - 1))
+    assert stats.edge_density.tolist() == pytest.approx([real_edges] * 2)
+
+
+def test_identical_features_have_zero_variance_and_no_cut():
+    features = torch.randn(1, 1, 16).expand(3, 64, 16)
+    stats = feature_statistics(features, tiny_config())
+
+    torch.testing.assert_close(stats.feature_variance, torch.zeros(3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(stats.similarity_variance, torch.zeros(3), atol=1e-6, rtol=0)
+    assert not stats.has_cut.any()
+    assert stats.bipartition_gap.isnan().all() and (stats.object_part_size == -1).all()
+    summary = stats.summary()
+    assert summary["feature_variance"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["bipartition_gap"] is None and summary["num_images_without_cut"] == 3
+    json.dumps(summary, allow_nan=False)
+
+
+def test_bipartition_is_the_one_the_training_masking_uses(model):
+    features, _, _ = full_image_encoding(model, _probe_images(), model.config.feature_layer)
+    unit = torch.nn.functional.normalize(features, dim=-1)
+    cut = ncut_bipartition(unit, model.config)
+    result = SelfGuidedMasking(model.config)(features, num_masked_patches(64, 0.75))
+
+    assert cut.has_cut.any()
+    assert torch.equal(cut.has_cut, result.object_part_size >= 0)
+    assert torch.equal(cut.object_part & cut.has_cut[:, None], result.object_part)
+    torch.testing.assert_close(cut.edge_density, result.edge_density)
+
+
+# ----- attention distance -----------------------------------------------------------------------------------------
+
+
+def test_attention_distance_identity_is_zero_and_uniform_is_the_mean_pairwise_distance():
+    patch_size, num_patches = 4, GRID[0] * GRID[1]
+    identity = torch.eye(1 + num_patches).expand(2, 3, -1, -1)
+    uniform = torch.full((2, 3, 1 + num_patches, 1 + num_patches), 1 / (1 + num_patches))
+
+    distances = attention_distance((identity, uniform), GRID, patch_size)
+
+    cells = list(itertools.product(range(GRID[0]), range(GRID[1])))
+    expected = sum(math.dist(a, b) for a in cells for b in cells) / len(cells) ** 2 * patch_size
+    assert distances[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert distances[1].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_attention_distance_of_attention_to_the_right_neighbour():
+    num_patches = GRID[0] * GRID[1]
+    weights = torch.zeros(1, 1, 1 + num_patches, 1 + num_patches)
+    weights[0, 0, 0, 0] = 1.0  # [CLS] is left out
+    for query in range(num_patches):
+        row, col = divmod(query, GRID[1])
+        key = row * GRID[1] + (col + 1 if col + 1 < GRID[1] else col - 1)
+        weights[0, 0, 1 + query, 0] = 0.5  # attention to [CLS] does not count ...
+        weights[0, 0, 1 + query, 1 + key] = 0.5  # ... the rest is renormalised over the patches
+    assert attention_distance((weights,), GRID, patch_size=16).item() == pytest.approx(16.0)
+
+
+def test_attention_distance_rejects_maps_of_another_grid():
+    with pytest.raises(ValueError, match="grid"):
+        attention_distance((torch.ones(1, 1, 50, 50),), GRID, 4)
+
+
+# ----- exploitation rates -----------------------------------------------------------------------------------------
+
+
+def test_exploitation_rates_of_a_constructed_attention_map():
+    mask = torch.tensor([[True, True, False, False]])  # patches 0, 1 masked; tokens: [CLS], p0, p1, p2, p3
+    weights = torch.zeros(1, 2, 5, 5)
+    weights[0, 0, 1:3] = torch.tensor([0.1, 0.3, 0.4, 0.1, 0.1])  # head 0: 0.7 on mask tokens
+    weights[0, 1, 1:3] = torch.tensor([0.5, 0.0, 0.1, 0.2, 0.2])  # head 1: 0.1 on mask tokens
+    weights[0, :, 3:] = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0])  # visible queries do not count
+    weights[0, :, 0] = 0.2
+
+    rates = exploitation_rates((weights, weights.flip(1)), mask)
+
+    torch.testing.assert_close(rates, torch.tensor([[0.6, 0.4], [0.6, 0.4]]))
+
+
+def test_exploitation_rates_match_the_model_method_without_its_side_effects(model):
+    images, noise = _probe_images(4), torch.rand(4, 64)
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    output = model(images, noise=noise, output_decoder_attentions=True)
+
+    rates = exploitation_rates(output.decoder_attentions, output.mask)
+    assert all(torch.equal(buffer, buffers[name]) for name, buffer in model.named_buffers())
+
+    torch.testing.assert_close(rates, model.record_exploitation_rates(images, noise=noise))
+    assert not torch.equal(model.exploitation_rates, buffers["exploitation_rates"])  # the method does mutate
+
+
+# ----- all metrics ------------------------------------------------------------------------------------------------
+
+
+def test_analyse_reports_finite_metrics_in_range_and_leaves_the_model_as_found(model):
+    config = model.config
+    model.train()
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    images = _probe_images(6)
+
+    metrics = analyse(model, images, batch_size=4)
+
+    assert model.training
+    assert all(torch.equal(buffer, buffers[name]) for name, buffer in model.named_buffers())
+    json.dumps(metrics, allow_nan=False)
+    assert set(metrics) == METRIC_KEYS
+    assert metrics["num_images"] == 6 and metrics["feature_layer"] == config.num_hidden_layers
+    assert 0 < metrics["feature_variance"] <= 1 and 0 < metrics["similarity_variance"] <= 1
+    assert 0 < metrics["bipartition_gap"] <= 1 and -2 <= metrics["bipartition_cosine_gap"] <= 2
+    assert 0 < metrics["object_part_fraction"] < 1 and 0 <= metrics["edge_density"] <= 1
+    assert metrics["object_part_size"] == pytest.approx(metrics["object_part_fraction"] * 64)
+    largest = math.hypot(GRID[0] - 1, GRID[1] - 1) * config.patch_size
+    assert len(metrics["attention_distance"]) == config.num_hidden_layers
+    assert all(0 < distance < largest for distance in metrics["attention_distance"])
+    visible, masked = metrics["exploitation_rate_visible"], metrics["exploitation_rate_mask"]
+    assert len(visible) == len(masked) == config.decoder_num_hidden_layers
+    assert all(0 < v < 1 and v + m == pytest.approx(1.0) for v, m in zip(visible, masked, strict=True))
+    assert math.isfinite(metrics["reconstruction_loss"]) and metrics["reconstruction_loss"] > 0
+
+    # the chunking does not change the numbers, and the probe masks are fixed by the seed
+    whole = analyse(model, images, batch_size=64)
+    for key in ("feature_variance", "bipartition_gap", "reconstruction_loss"):
+        assert whole[key] == pytest.approx(metrics[key], rel=1e-4)
+    assert whole["attention_distance"] == pytest.approx(metrics["attention_distance"], rel=1e-4)
+    assert whole["exploitation_rate_mask"] == pytest.approx(metrics["exploitation_rate_mask"], rel=1e-4)
+
+
+# ----- figure panel -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_a_perfect_prediction_reconstructs_the_input(norm_pix_loss):
+    model = SGMAEForPreTraining(tiny_config(norm_pix_loss=norm_pix_loss))
+    images = _probe_images(2)
+    target = model.patchify(images)
+    if norm_pix_loss:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    torch.testing.assert_close(predicted_pixel_values(model, target, images), images, atol=1e-4, rtol=1e-4)
+
+
+def test_figure_panel_columns_and_png(model, tmp_path):
+    images = _probe_images(3)
+    panel = figure_panel(model, images, MAE_IMAGE_MEAN, MAE_IMAGE_STD)
+
+    assert list(panel.columns) == [
+        "input",
+        "random mask",
+        "NCut bi-partition",
+        "informed mask",
+        "informed + hints",
+        "reconstruction",
+    ]
+    for column in panel.columns.values():
+        assert column.shape == (3, 32, 32, 3) and column.min() >= 0 and column.max() <= 1
+    np.testing.assert_allclose(panel.columns["input"], unnormalize(images, MAE_IMAGE_MEAN, MAE_IMAGE_STD))
+    # masked patches are greyed: with 75% masked most of the informed column differs from the input
+    changed = (panel.columns["informed mask"] != panel.columns["input"]).any(axis=-1).mean(axis=(1, 2))
+    np.testing.assert_allclose(changed, 0.75, atol=0.02)
+    # visible patches of the reconstruction are the input's; the masked ones are predicted
+    recon_differs = (panel.columns["reconstruction"] != panel.columns["input"]).any(axis=-1).mean(axis=(1, 2))
+    assert (recon_differs <= 0.75 + 1e-6).all() and (recon_differs > 0.5).all()
+    assert panel.has_cut.dtype == bool and panel.has_cut.shape == (3,)
+    assert panel.grid().shape == (3 * 32, 6 * 32, 3) and panel.grid().dtype == np.uint8
+
+    path = tmp_path / "panel.png"
+    panel.save(path, cell_inches=1.5, dpi=100)
+    assert Image.open(path).size == (6 * 150, 3 * 150 + 30)
+
+
+# ----- command line -----------------------------------------------------------------------------------------------
+
+
+def test_resolve_image_column():
+    assert resolve_image_column(["img", "label"]) == "img"
+    assert resolve_image_column(["label", "image", "img"]) == "image"
+    assert resolve_image_column(["photo", "label"], "photo") == "photo"
+    with pytest.raises(ValueError, match="no image column"):
+        resolve_image_column(["photo", "label"])
+    with pytest.raises(ValueError, match="not in the dataset"):
+        resolve_image_column(["img"], "photo")
+
+
+def test_image_processor_of_the_checkpoint_or_mae_defaults(model, tmp_path):
+    from transformers import ViTImageProcessor
+
+    model.save_pretrained(tmp_path)
+    fallback = load_image_processor(str(tmp_path), model.config)
+    assert tuple(fallback.image_mean) == MAE_IMAGE_MEAN and tuple(fallback.image_std) == MAE_IMAGE_STD
+    ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.5] * 3, image_std=[0.25] * 3).save_pretrained(
+        tmp_path
+    )
+    saved = load_image_processor(str(tmp_path), model.config)
+    assert list(saved.image_mean) == [0.5] * 3 and list(saved.image_std) == [0.25] * 3
+    pixels = saved([Image.new("RGB", (50, 40), (128, 0, 255))], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32)  # resized to the model, not to the processor's 224
+    torch.testing.assert_close(pixels[0, :, 0, 0], torch.tensor([(128 / 255 - 0.5) / 0.25, -2.0, 2.0]))
+
+
+def test_cli_end_to_end(model, image_dataset_dir, tmp_path):
+    model.save_pretrained(tmp_path / "model")
+    output_dir = tmp_path / "analysis"
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(tmp_path / "datasets_cache"),
+        OMP_NUM_THREADS="1",
+    )
+    command = [sys.executable, "-m", "modeling_sgmae.analysis", "--model", str(tmp_path / "model")]
+    command += ["--dataset_name", str(image_dataset_dir), "--split", "test", "--num_images", "12"]
+    command += ["--batch_size", "5", "--figure_images", "2", "--output_dir", str(output_dir)]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    metrics = json.loads((output_dir / "analysis.json").read_text())
+    assert set(metrics) == METRIC_KEYS | {"model", "dataset", "split", "image_column"}
+    assert metrics["num_images"] == 12 and metrics["image_column"] == "img" and metrics["split"] == "test"
+    assert 0 < metrics["feature_variance"] <= 1 and math.isfinite(metrics["reconstruction_loss"])
+    assert len(metrics["attention_distance"]) == 2 and len(metrics["exploitation_rate_mask"]) == 1
+    assert Image.open(output_dir / "figure_panel.png").size == (6 * 150, 2 * 150 + 30)
