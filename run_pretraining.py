@@ -46,7 +46,7 @@ from modeling_sgmae.script_utils import (
     resolve_resume,
     save_checkpoint,
     save_hub_folder,
-    save_reconstruction_grid,
+    save_mask_panel,
     shard_for_process,
     skip_samples,
     split_size,
@@ -175,7 +175,10 @@ def main() -> None:
         project_dir=args.output_dir,
     )
     check_launch(accelerator)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+    )
     if not accelerator.is_main_process:
         datasets.utils.logging.set_verbosity_error()
     set_seed(args.seed)
@@ -201,8 +204,8 @@ def main() -> None:
     probe_source = eval_data if eval_data is not None else (None if data_args.streaming else train_data)
     probe_rows = [probe_source[index] for index in range(min(8, len(probe_source)))] if probe_source else None
     num_samples = split_size(train_data, data_args.train_split, data_args.num_train_samples)
-    if data_args.streaming and num_samples is None and data_args.max_train_samples:
-        num_samples = data_args.max_train_samples
+    if data_args.max_train_samples:
+        num_samples = min(num_samples or data_args.max_train_samples, data_args.max_train_samples)
     if num_samples is None and args.max_train_steps is None:
         raise SystemExit("error: the stream does not say its size: pass --num_train_samples or --max_train_steps")
 
@@ -339,6 +342,7 @@ def main() -> None:
             if args.checkpointing_steps == "epoch":
                 save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit)
     progress.close()
+    unwrapped.set_training_progress(state["step"], total_steps)  # the saved model says how far it was trained
     if state["skipped_images"]:
         logger.warning("skipped %d corrupt images", state["skipped_images"])
 
@@ -376,7 +380,7 @@ def probe_noise(probe: dict[str, torch.Tensor], config: SGMAEConfig) -> torch.Te
 
 def visualize(accelerator, model: SGMAEForPreTraining, probe: dict, processor, path: Path) -> None:
     if accelerator.is_main_process:
-        save_reconstruction_grid(model, probe["pixel_values"].to(accelerator.device), processor, path)
+        save_mask_panel(model, probe["pixel_values"].to(accelerator.device), processor, path)
 
 
 def pretraining_card(model_args, data_args, args, model, state, total_steps, final_loss, demo: bool) -> str:

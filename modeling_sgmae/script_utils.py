@@ -18,6 +18,7 @@ from typing import Any
 import datasets
 import torch
 from accelerate import Accelerator
+from datasets.distributed import split_dataset_by_node
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 from transformers import PreTrainedModel, ViTImageProcessor
@@ -196,9 +197,7 @@ def shard_for_process(dataset, accelerator: Accelerator, seed: int, epoch: int, 
         else:
             dataset = dataset.shuffle(seed=seed + epoch)
     if accelerator.num_processes > 1:
-        dataset = datasets.distributed.split_dataset_by_node(
-            dataset, rank=accelerator.process_index, world_size=accelerator.num_processes
-        )
+        dataset = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
     return dataset
 
 
@@ -359,52 +358,9 @@ def push_to_hub(output_dir: str, hub_model_id: str, token: str | None = None) ->
 
 
 # ----- visualisation -----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def reconstruct(model, pixel_values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked input and reconstruction (visible patches pasted back) for a given bool mask [B, N], in pixel space
-    of `pixel_values` (still normalised by the image processor)."""
-    output = model(pixel_values, mask=mask)
-    target = model.patchify(pixel_values)
-    prediction = output.logits.float()
-    if model.config.norm_pix_loss:  # predictions are per-patch standardised pixels: undo with the patch's own stats
-        mean = target.mean(dim=-1, keepdim=True)
-        std = (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
-        prediction = prediction * std + mean
-    keep = (~mask)[:, :, None].to(target.dtype)
-    size = tuple(pixel_values.shape[2:])
-    masked_input = model.unpatchify(target * keep, size)
-    reconstruction = model.unpatchify(target * keep + prediction * (1 - keep), size)
-    return masked_input, reconstruction
+def save_mask_panel(model, pixel_values: torch.Tensor, processor: ViTImageProcessor, path: Path) -> None:
+    """PNG, one row per image: input, random mask, NCut bi-partition, informed mask, with hints, reconstruction."""
+    from .analysis import figure_panel
 
-
-@torch.no_grad()
-def informed_masks(model, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The informed masks the self-guided module would build now, whatever the schedule says. [B, N] bool."""
-    from .masking_sgmae import num_masked_patches
-
-    patch_tokens, cls_token, _ = model.vit.embeddings(pixel_values)
-    features, _, _ = model.vit.encode(patch_tokens, cls_token, model.config.feature_layer)
-    num_masked = num_masked_patches(patch_tokens.shape[1], model.config.mask_ratio)
-    return model.masking(features[:, 1:], num_masked, generator).mask
-
-
-@torch.no_grad()
-def save_reconstruction_grid(model, pixel_values: torch.Tensor, processor: ViTImageProcessor, path: Path) -> None:
-    """PNG, one column per image; rows: input, random mask, reconstruction, informed mask, reconstruction."""
-    from torchvision.utils import save_image
-
-    from .masking_sgmae import mask_from_noise, num_masked_patches
-
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator(device=pixel_values.device).manual_seed(0)
-    num_patches = model.config.grid_size[0] * model.config.grid_size[1]
-    noise = torch.rand(len(pixel_values), num_patches, generator=generator, device=pixel_values.device)
-    random_mask = mask_from_noise(noise, num_masked_patches(num_patches, model.config.mask_ratio))
-    rows = [pixel_values, *reconstruct(model, pixel_values, random_mask)]
-    rows += reconstruct(model, pixel_values, informed_masks(model, pixel_values, generator))
-    model.train(was_training)
-    mean = torch.tensor(processor.image_mean, device=pixel_values.device)[None, :, None, None]
-    std = torch.tensor(processor.image_std, device=pixel_values.device)[None, :, None, None]
-    images = torch.cat([(row.float() * std + mean).clamp(0, 1) for row in rows])
-    save_image(images, path, nrow=len(pixel_values), padding=1, pad_value=1.0)
+    panel = figure_panel(model, pixel_values, processor.image_mean, processor.image_std)
+    Image.fromarray(panel.grid()).save(path)

@@ -73,3 +73,7 @@ def image_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if given:
         return Path(given)
     return _write_generated_dataset(tmp_path_factory.mktemp("generated_cifar"))
+
+
+# Tiny matrices on two contended cores run far faster single-threaded; subprocesses get OMP_NUM_THREADS=1.
+torch.set_num_threads(1)
