@@ -232,7 +232,14 @@ def main() -> None:
     accelerator.register_for_checkpointing(scheduler)
     unwrapped: SGMAEForPreTraining = accelerator.unwrap_model(model)
 
-    state = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "samples_seen": 0, "skipped_images": 0}
+    state = {
+        "step": 0,
+        "epoch": 0,
+        "samples_in_epoch": 0,
+        "samples_seen": 0,
+        "skipped_images": 0,
+        "train_seconds": 0.0,
+    }
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path)
@@ -253,7 +260,7 @@ def main() -> None:
     progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_main_process)
     window = {"loss": 0.0, "micro": 0, "informed": 0, "fallback": 0, "images": 0, "part": 0, "density": 0.0}
     logs: dict[str, float] = {}
-    started, samples_at_start = time.perf_counter(), state["samples_seen"]
+    started, samples_at_start, seconds_at_start = time.perf_counter(), state["samples_seen"], state["train_seconds"]
     model.train()
     while state["step"] < total_steps:
         epoch_data = shard_for_process(
@@ -265,12 +272,14 @@ def main() -> None:
             batch_size=args.per_device_train_batch_size,
             collate_fn=collate,
             num_workers=data_args.dataloader_num_workers,
+            drop_last=True,  # as MAE: every step has a full batch
             # its own generator, so creating a loader draws nothing from the global RNG (exact resume)
             generator=torch.Generator().manual_seed(args.seed + state["epoch"]),
         )
-        num_batches = 0
+        epoch_start = state["samples_in_epoch"]
         for batch in synchronized_batches(loader, accelerator):
-            num_batches += 1
+            if state["step"] >= total_steps:  # checked before training, so a schedule ending with an epoch ends it
+                break
             unwrapped.set_training_progress(state["step"], total_steps)
             with accelerator.accumulate(model):
                 outputs = model(batch["pixel_values"])
@@ -298,6 +307,7 @@ def main() -> None:
                 continue
             scheduler.step()
             state["step"] += 1
+            state["train_seconds"] = seconds_at_start + time.perf_counter() - started
             progress.update(1)
             step = state["step"]
             if step % args.logging_steps == 0 or step == total_steps:
@@ -331,16 +341,14 @@ def main() -> None:
             if probe is not None and args.visualization_steps and step % args.visualization_steps == 0:
                 visualize(accelerator, unwrapped, probe, processor, Path(args.output_dir) / f"masks-step{step}.png")
             if args.checkpointing_steps not in (None, "none", "epoch") and step % int(args.checkpointing_steps) == 0:
-                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit)
-            if step >= total_steps:
-                break
+                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit, config)
         else:  # the epoch ran to its end
-            if num_batches == 0:
-                raise SystemExit("error: the training split yielded no images")
+            if epoch_start == state["samples_in_epoch"] == 0:
+                raise SystemExit("error: the training split yielded no full batch of images")
             state["epoch"] += 1
             state["samples_in_epoch"] = 0
             if args.checkpointing_steps == "epoch":
-                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit)
+                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit, config)
     progress.close()
     unwrapped.set_training_progress(state["step"], total_steps)  # the saved model says how far it was trained
     if state["skipped_images"]:

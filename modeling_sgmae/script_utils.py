@@ -258,8 +258,13 @@ def resolve_resume(output_dir: str, resume_from_checkpoint: str | None) -> Path 
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict, save_total_limit: int | None) -> Path:
-    """Write `checkpoint-<step>` atomically: everything goes to a temporary folder that is renamed when complete."""
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str, state: dict, save_total_limit: int | None, config=None
+) -> Path:
+    """Write `checkpoint-<step>` atomically: everything goes to a temporary folder that is renamed when complete.
+
+    With `config`, its config.json is written too, so the checkpoint also loads with `from_pretrained`.
+    """
     final = Path(output_dir) / f"checkpoint-{state['step']}"
     temporary = Path(output_dir) / f".tmp-checkpoint-{state['step']}"
     if accelerator.is_main_process and temporary.exists():
@@ -268,6 +273,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict, save
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if config is not None:
+            config.save_pretrained(temporary)
         (temporary / STATE_FILE).write_text(json.dumps(state, indent=2))
         if final.exists():
             shutil.rmtree(final)

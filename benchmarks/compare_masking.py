@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""Does self-guided masking learn faster than MAE's random masking? Pre-train both from the same initialisation,
+seed, data order and crops, then evaluate kNN and linear-probe accuracy at several epochs.
+
+    python benchmarks/compare_masking.py --dataset_name ../shared/data/cifar10 --epochs 10 --eval_epochs 2,4,6,8,10
+
+Each run is a plain `run_pretraining.py` process (so this measures what users run); every epoch's checkpoint is then
+evaluated with `run_classification.py --protocol knn` and `--protocol linear_probe` on frozen features, and with the
+analysis toolkit (bi-partition gap, feature variance, attention distance, exploitation rates). Writes
+`compare_masking.json`, prints a table and draws accuracy against epoch and against wall-clock time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset_name", required=True, help="Dataset in the Hub layout with train/test splits.")
+    parser.add_argument("--config_name", default=str(REPO / "configuration/models/sgmae-vit-tiny-patch4-cifar.json"))
+    parser.add_argument("--config_overrides", default=None, help="Passed to run_pretraining.py for every run.")
+    parser.add_argument(
+        "--variants",
+        default="mae:--mask_strategy random,sgmae:--mask_strategy self_guided",
+        help="Comma-separated name:extra-arguments pairs; one pre-training run each per seed.",
+    )
+    parser.add_argument("--seeds", default="0", help="Comma-separated seeds; each variant runs once per seed.")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--eval_epochs", default=None, help="Comma-separated epochs to evaluate (default: all).")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--base_learning_rate", type=float, default=1.5e-4)
+    parser.add_argument("--warmup_ratio", type=float, default=0.1)
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Pre-train on a prefix of the split.")
+    parser.add_argument("--probe_train_samples", type=int, default=10_000, help="Training images for kNN/probe.")
+    parser.add_argument("--probe_eval_samples", type=int, default=None, help="Test images (default: all).")
+    parser.add_argument("--probe_epochs", type=int, default=30, help="Linear-probe epochs on cached features.")
+    parser.add_argument("--mixed_precision", default="bf16")
+    parser.add_argument("--num_workers", type=int, default=1)
+    parser.add_argument("--output_dir", default=str(REPO / "benchmarks/results/compare_masking"))
+    return parser.parse_args()
+
+
+def run(command: list[str], log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
+    with log.open("w") as handle:
+        result = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise SystemExit(f"{command[1]} failed; see {log}")
+
+
+def pretrain(args: argparse.Namespace, name: str, extra: str, seed: int, output: Path) -> None:
+    if (output / "train_results.json").is_file():
+        return  # finished earlier: this benchmark resumes where it stopped
+    command = [
+        sys.executable, str(REPO / "run_pretraining.py"), "--dataset_name", args.dataset_name,
+        "--config_name", args.config_name, "--output_dir", str(output), "--seed", str(seed),
+        "--num_train_epochs", str(args.epochs), "--per_device_train_batch_size", str(args.batch_size),
+        "--base_learning_rate", str(args.base_learning_rate), "--warmup_ratio", str(args.warmup_ratio),
+        "--mixed_precision", args.mixed_precision, "--dataloader_num_workers", str(args.num_workers),
+        "--checkpointing_steps", "epoch", "--save_total_limit", "0", "--logging_steps", "50",
+        "--resume_from_checkpoint", "latest", *extra.split(),
+    ]  # fmt: skip
+    if args.config_overrides:
+        command += ["--config_overrides", args.config_overrides]
+    if args.max_train_samples:
+        command += ["--max_train_samples", str(args.max_train_samples)]
+    run(command, output / f"pretrain-{name}-seed{seed}.log")
+
+
+def evaluate(args: argparse.Namespace, checkpoint: Path, protocol: str) -> float:
+    output = checkpoint / f"eval-{protocol}"
+    results = output / "eval_results.json"
+    if not results.is_file():
+        command = [
+            sys.executable, str(REPO / "run_classification.py"), "--protocol", protocol,
+            "--model_name_or_path", str(checkpoint), "--dataset_name", args.dataset_name,
+            "--output_dir", str(output), "--max_train_samples", str(args.probe_train_samples),
+            "--dataloader_num_workers", "0", "--per_device_eval_batch_size", "256", "--seed", "0",
+        ]  # fmt: skip
+        if args.probe_eval_samples:
+            command += ["--max_eval_samples", str(args.probe_eval_samples)]
+        if protocol == "linear_probe":
+            command += ["--num_train_epochs", str(args.probe_epochs), "--per_device_train_batch_size", "256"]
+        output.mkdir(parents=True, exist_ok=True)
+        run(command, output / "log.txt")
+    return json.loads(results.read_text())["eval_top1"]
+
+
+def analyse(args: argparse.Namespace, checkpoint: Path) -> dict:
+    output = checkpoint / "analysis"
+    if not (output / "analysis.json").is_file():
+        command = [
+            sys.executable, "-m", "modeling_sgmae.analysis", "--model", str(checkpoint),
+            "--dataset_name", args.dataset_name, "--num_images", "512", "--output_dir", str(output),
+        ]  # fmt: skip
+        output.mkdir(parents=True, exist_ok=True)
+        run(command, output / "log.txt")
+    return json.loads((output / "analysis.json").read_text())
+
+
+def plot(records: list[dict], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 7))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, 2)
+    for (name, seed), colour in zip(
+        sorted({(r["variant"], r["seed"]) for r in records}), ["C0", "C1", "C2", "C3", "C4", "C5"] * 4, strict=False
+    ):
+        runs = [r for r in records if r["variant"] == name and r["seed"] == seed]
+        style = "-" if seed == runs[0]["seed"] else "--"
+        for row, metric in enumerate(("linear_probe", "knn")):
+            for column, x_key in enumerate(("epoch", "train_minutes")):
+                axis = axes[row, column]
+                axis.plot([r[x_key] for r in runs], [r[metric] for r in runs], style, color=colour, marker="o",
+                          label=f"{name} seed {seed}")  # fmt: skip
+                axis.set_xlabel("epoch" if x_key == "epoch" else "pre-training wall-clock (min)")
+                axis.set_ylabel(f"{metric} top-1 (%)")
+                axis.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(str(path), dpi=110)
+
+
+def main() -> None:
+    args = parse_args()
+    root = Path(args.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    variants = [item.split(":", 1) for item in args.variants.split(",")]
+    eval_epochs = [int(e) for e in args.eval_epochs.split(",")] if args.eval_epochs else range(1, args.epochs + 1)
+    records = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for name, extra in variants:
+            output = root / f"{name}-seed{seed}"
+            pretrain(args, name, extra, seed, output)
+            checkpoints = {}
+            for checkpoint in output.glob("checkpoint-*"):
+                state = json.loads((checkpoint / "trainer_state.json").read_text())
+                checkpoints[state["epoch"]] = (checkpoint, state)
+            for epoch in eval_epochs:
+                checkpoint, state = checkpoints[epoch]
+                metrics = analyse(args, checkpoint)
+                record = {
+                    "variant": name,
+                    "seed": seed,
+                    "epoch": epoch,
+                    "step": state["step"],
+                    "train_minutes": state["train_seconds"] / 60,
+                    "knn": 100 * evaluate(args, checkpoint, "knn"),
+                    "linear_probe": 100 * evaluate(args, checkpoint, "linear_probe"),
+                    "bipartition_gap": metrics.get("bipartition_gap"),
+                    "cosine_gap": metrics.get("bipartition_cosine_gap"),
+                    "feature_variance": metrics.get("feature_variance"),
+                    "attention_distance_last": metrics["attention_distance"][-1],
+                    "exploitation_mask_share": sum(metrics["exploitation_rate_mask"])
+                    / len(metrics["exploitation_rate_mask"]),
+                    "reconstruction_loss": metrics["reconstruction_loss"],
+                }
+                records.append(record)
+                (root / "compare_masking.json").write_text(
+                    json.dumps({"args": vars(args), "records": records}, indent=2)
+                )
+    header = f"{'variant':<12}{'seed':>5}{'epoch':>6}{'minutes':>9}{'kNN':>8}{'probe':>8}{'gap':>8}{'featvar':>8}"
+    print(header)
+    for r in records:
+        gap = f"{r['bipartition_gap']:.3f}" if r["bipartition_gap"] is not None else "-"
+        variance = f"{r['feature_variance']:.3f}" if r["feature_variance"] is not None else "-"
+        print(f"{r['variant']:<12}{r['seed']:>5}{r['epoch']:>6}{r['train_minutes']:>9.1f}{r['knn']:>8.2f}"
+              f"{r['linear_probe']:>8.2f}{gap:>8}{variance:>8}")  # fmt: skip
+    plot(records, root / "compare_masking.png")
+
+
+if __name__ == "__main__":
+    main()
