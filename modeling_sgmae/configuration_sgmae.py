@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 MASK_STRATEGIES = ("random", "self_guided")
 GRAPH_EDGES = ("similarity", "binary_fixed", "binary_mean")
@@ -70,7 +71,8 @@ class SGMAEConfig(PreTrainedConfig):
             `"uniform"`ly among the masked patches.
         fiedler_solver: `"power"` (batched power iteration by repeated squaring, fast on CPU and GPU) or
             `"eigh"` (`torch.linalg.eigh`, the reference).
-        fiedler_power_steps: Squarings of the power solver (the operator is raised to the power 2**steps).
+        fiedler_power_steps: Squarings of the power solver (the operator is raised to the power 2**steps); 16
+            matches `eigh`'s bi-partitions on near-complete feature graphs with N = 64 and 196 patches.
     """
 
     model_type = "sgmae"
@@ -110,7 +112,7 @@ class SGMAEConfig(PreTrainedConfig):
         hint_ratio: float = 0.06,
         hint_sampling: str = "similarity",
         fiedler_solver: str = "power",
-        fiedler_power_steps: int = 12,
+        fiedler_power_steps: int = 16,
         **kwargs,
     ):
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
@@ -182,8 +184,21 @@ class SGMAEConfig(PreTrainedConfig):
 
         def one_of(name: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, name)
-            if value not in allowed:
+            if not isinstance(value, str) or value not in allowed:
                 raise ValueError(f"SGMAEConfig.{name} must be one of {allowed}, got {value!r}")
+
+        def boolean(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"SGMAEConfig.{name} must be True or False, got {value!r}")
+
+        def optional_int(name: str, low: int, high: int | None = None) -> None:
+            value = getattr(self, name)
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            ok = value is None or (is_int and low <= value and (high is None or value <= high))
+            if not ok:
+                bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+                raise ValueError(f"SGMAEConfig.{name} must be None or an integer {bounds}, got {value!r}")
 
         for name in (
             "hidden_size",
@@ -209,7 +224,13 @@ class SGMAEConfig(PreTrainedConfig):
                 f"SGMAEConfig.decoder_hidden_size ({self.decoder_hidden_size}) must be divisible by "
                 f"decoder_num_attention_heads ({self.decoder_num_attention_heads})"
             )
+        for name in ("hidden_size", "decoder_hidden_size"):  # the 2-D sin-cos tables split the width in four
+            if getattr(self, name) % 4:
+                raise ValueError(f"SGMAEConfig.{name} must be divisible by 4, got {getattr(self, name)}")
         size = self.image_size
+        sizes = [size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else [None]
+        if not all(isinstance(value, int) and not isinstance(value, bool) for value in sizes):
+            raise ValueError(f"SGMAEConfig.image_size must be an int or [height, width], got {size!r}")
         if isinstance(size, (list, tuple)) and len(size) != 2:
             raise ValueError(f"SGMAEConfig.image_size must be an int or [height, width], got {size!r}")
         height, width = self.image_height_width
@@ -226,24 +247,19 @@ class SGMAEConfig(PreTrainedConfig):
         in_range("graph_threshold", -1.0, 1.0, high_inclusive=True)
         in_range("graph_eps", 1e-12, 1.0, high_inclusive=True)
         in_range("layer_norm_eps", 0.0, 1.0)
+        in_range("initializer_range", 0.0, 1.0, high_inclusive=True)
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+            raise ValueError(f"SGMAEConfig.hidden_act must name a transformers activation, got {self.hidden_act!r}")
+        for name in ("qkv_bias", "norm_pix_loss", "informed_masking_auto_start"):
+            boolean(name)
         one_of("mask_strategy", MASK_STRATEGIES)
         one_of("graph_edges", GRAPH_EDGES)
         one_of("foreground_rule", FOREGROUND_RULES)
         one_of("hint_sampling", HINT_SAMPLINGS)
         one_of("fiedler_solver", FIEDLER_SOLVERS)
         one_of("classifier_pooling", CLASSIFIER_POOLINGS)
-        if self.informed_masking_start_step is not None and (
-            not isinstance(self.informed_masking_start_step, int) or self.informed_masking_start_step < 0
-        ):
-            raise ValueError(
-                "SGMAEConfig.informed_masking_start_step must be None or a non-negative integer, "
-                f"got {self.informed_masking_start_step!r}"
-            )
-        layer = self.mask_feature_layer
-        if layer is not None and (not isinstance(layer, int) or not 1 <= layer <= self.num_hidden_layers):
-            raise ValueError(
-                f"SGMAEConfig.mask_feature_layer must be None or in [1, {self.num_hidden_layers}], got {layer!r}"
-            )
+        optional_int("informed_masking_start_step", 0)
+        optional_int("mask_feature_layer", 1, self.num_hidden_layers)
 
     @property
     def feature_layer(self) -> int:

@@ -192,11 +192,12 @@ def run_layers(
     output_attentions: bool = False,
     output_hidden_states: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
-    """Run a stack of blocks, with gradient checkpointing when `owner` has it on; collect what was asked for."""
+    """Run a stack of blocks, with gradient checkpointing when `owner` has it on (and gradients are being
+    recorded: the masking's no-grad feature pass has nothing to recompute); collect what was asked for."""
     all_hidden = (hidden_states,) if output_hidden_states else None
     all_attentions = () if output_attentions else None
     for layer in layers:
-        if owner.gradient_checkpointing and owner.training:
+        if owner.gradient_checkpointing and owner.training and torch.is_grad_enabled():
             hidden_states, weights = owner._gradient_checkpointing_func(
                 layer.__call__, hidden_states, output_attentions
             )
