@@ -1,0 +1,229 @@
+"""SGMAEConfig: validation names the offending field, defaults follow METHOD.md, save/load and auto_map work."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+from conftest import tiny_config
+from transformers import AutoConfig, ViTMAEConfig
+
+import modeling_sgmae
+from modeling_sgmae import SGMAEConfig
+from modeling_sgmae.masking_sgmae import num_masked_patches
+
+INVALID_VALUES = [
+    ("hidden_size", 0),
+    ("hidden_size", -32),
+    ("hidden_size", 32.0),
+    ("hidden_size", True),
+    ("num_hidden_layers", 0),
+    ("num_attention_heads", 0),
+    ("intermediate_size", -1),
+    ("patch_size", 0),
+    ("num_channels", 0),
+    ("decoder_hidden_size", 0),
+    ("decoder_num_hidden_layers", 0),
+    ("decoder_num_attention_heads", 0),
+    ("decoder_intermediate_size", 2.5),
+    ("fiedler_power_steps", 0),
+    ("image_size", 30),
+    ("image_size", 2),
+    ("image_size", [32]),
+    ("image_size", [32, 30]),
+    ("image_size", [32, 32, 32]),
+    ("image_size", "32"),
+    ("image_size", [32.0, 32]),
+    ("mask_ratio", -0.1),
+    ("mask_ratio", 1.0),
+    ("mask_ratio", "0.75"),
+    ("mask_ratio", float("nan")),
+    ("hidden_dropout_prob", 1.0),
+    ("attention_probs_dropout_prob", -0.5),
+    ("drop_path_rate", 1.0),
+    ("informed_masking_start", 1.5),
+    ("informed_masking_start", -0.1),
+    ("hint_ratio", 0.6),
+    ("hint_ratio", -0.01),
+    ("graph_threshold", 1.5),
+    ("graph_eps", 0.0),
+    ("graph_eps", 2.0),
+    ("layer_norm_eps", -1e-6),
+    ("layer_norm_eps", 1.0),
+    ("initializer_range", -0.02),
+    ("hidden_act", "no_such_activation"),
+    ("hidden_act", None),
+    ("qkv_bias", "yes"),
+    ("norm_pix_loss", 1),
+    ("informed_masking_auto_start", "true"),
+    ("mask_strategy", "informed"),
+    ("graph_edges", "binary"),
+    ("foreground_rule", "largest"),
+    ("hint_sampling", "top"),
+    ("fiedler_solver", "lanczos"),
+    ("classifier_pooling", "max"),
+    ("informed_masking_start_step", -1),
+    ("informed_masking_start_step", 1.5),
+    ("informed_masking_start_step", True),
+    ("mask_feature_layer", 0),
+    ("mask_feature_layer", 3),  # the tiny encoder has 2 blocks
+    ("mask_feature_layer", True),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), INVALID_VALUES, ids=lambda v: repr(v))
+def test_invalid_value_raises_value_error_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"SGMAEConfig\.{field}\b"):
+        tiny_config(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (dict(hidden_size=36, num_attention_heads=8), "hidden_size"),  # heads do not divide the width
+        (dict(decoder_hidden_size=20, decoder_num_attention_heads=8), "decoder_hidden_size"),
+        (dict(hidden_size=34, num_attention_heads=2), "hidden_size"),  # sin-cos tables need a multiple of 4
+        (dict(decoder_hidden_size=18, decoder_num_attention_heads=2), "decoder_hidden_size"),
+    ],
+)
+def test_inconsistent_widths_raise_value_error_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=rf"SGMAEConfig\.{field}\b"):
+        tiny_config(**overrides)
+
+
+def test_valid_edge_values_are_accepted():
+    config = tiny_config(
+        mask_ratio=0.0,
+        hint_ratio=0.5,
+        informed_masking_start=1.0,
+        informed_masking_start_step=0,
+        mask_feature_layer=2,
+        image_size=[32, 48],
+        graph_threshold=-1.0,
+    )
+    assert config.image_height_width == (32, 48)
+    assert config.grid_size == (8, 12)
+    assert config.feature_layer == 2
+
+
+def test_masking_defaults_follow_method_md():
+    config = SGMAEConfig()
+    assert config.mask_ratio == 0.75
+    assert config.mask_strategy == "self_guided"
+    assert config.informed_masking_start == 0.125  # 12.5% of the schedule
+    assert config.informed_masking_start_step is None
+    assert config.informed_masking_auto_start is False
+    assert config.mask_feature_layer is None
+    assert config.feature_layer == config.num_hidden_layers  # last block by default
+    assert config.graph_edges == "similarity"  # W = max(S, 0) + eps, not the tau = 0.2 binary graph
+    assert config.graph_eps == 1e-5
+    assert config.graph_threshold == 0.2
+    assert config.foreground_rule == "max_abs"
+    assert config.hint_ratio == 0.06
+    assert config.hint_sampling == "similarity"
+    assert config.fiedler_solver == "power"
+    assert config.classifier_pooling == "mean"
+    # "about 9 of 147 at 224 px / patch 16"
+    num_masked = num_masked_patches(config.grid_size[0] * config.grid_size[1], config.mask_ratio)
+    assert num_masked == 147
+    assert round(config.hint_ratio * num_masked) == 9
+
+
+def test_architecture_defaults_match_vit_mae():
+    ours, theirs = SGMAEConfig(), ViTMAEConfig()
+    for field in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "hidden_act",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "initializer_range",
+        "layer_norm_eps",
+        "image_size",
+        "patch_size",
+        "num_channels",
+        "qkv_bias",
+        "decoder_num_attention_heads",
+        "decoder_hidden_size",
+        "decoder_num_hidden_layers",
+        "decoder_intermediate_size",
+        "mask_ratio",
+        "norm_pix_loss",
+    ):
+        assert getattr(ours, field) == getattr(theirs, field), field
+
+
+def test_vit_mae_config_dict_loads_unchanged():
+    vit_mae = ViTMAEConfig(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=48, patch_size=8, layer_norm_eps=1e-6
+    )
+    config_dict = {key: value for key, value in vit_mae.to_dict().items() if key != "model_type"}
+    config = SGMAEConfig.from_dict(config_dict)
+    assert (config.hidden_size, config.num_hidden_layers, config.image_size, config.patch_size) == (64, 3, 48, 8)
+    assert config.layer_norm_eps == 1e-6
+    assert config.grid_size == (6, 6)
+
+
+def test_save_load_round_trip(tmp_path):
+    config = tiny_config(
+        mask_ratio=0.6,
+        mask_strategy="self_guided",
+        informed_masking_start=0.3,
+        informed_masking_start_step=17,
+        informed_masking_auto_start=True,
+        mask_feature_layer=1,
+        graph_edges="binary_mean",
+        graph_threshold=0.4,
+        graph_eps=1e-4,
+        foreground_rule="smaller",
+        hint_ratio=0.1,
+        hint_sampling="uniform",
+        fiedler_solver="eigh",
+        fiedler_power_steps=9,
+        classifier_pooling="cls",
+        drop_path_rate=0.1,
+        image_size=[32, 48],
+        num_labels=3,
+        id2label={0: "a", 1: "b", 2: "c"},
+    )
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "sgmae"
+    assert saved["graph_edges"] == "binary_mean"
+    loaded = SGMAEConfig.from_pretrained(tmp_path)
+    via_auto = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(via_auto, SGMAEConfig)
+    volatile = ("transformers_version", "_name_or_path")
+    expected = {key: value for key, value in config.to_dict().items() if key not in volatile}
+    for restored in (loaded, via_auto):
+        assert {key: value for key, value in restored.to_dict().items() if key not in volatile} == expected
+    assert loaded.image_height_width == (32, 48)
+    assert loaded.id2label == {0: "a", 1: "b", 2: "c"}
+
+
+def test_auto_map_is_prefilled_for_every_auto_class():
+    config = SGMAEConfig()
+    assert set(config.auto_map) == {
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForPreTraining",
+        "AutoModelForImageClassification",
+    }
+    expected_classes = {
+        "AutoConfig": modeling_sgmae.SGMAEConfig,
+        "AutoModel": modeling_sgmae.SGMAEModel,
+        "AutoModelForPreTraining": modeling_sgmae.SGMAEForPreTraining,
+        "AutoModelForImageClassification": modeling_sgmae.SGMAEForImageClassification,
+    }
+    for auto_class, reference in config.auto_map.items():
+        module_name, class_name = reference.rsplit(".", 1)
+        module = importlib.import_module(f"modeling_sgmae.{module_name}")  # flat module names, as in a checkpoint
+        assert getattr(module, class_name) is expected_classes[auto_class]
+    # Each config gets its own copy, and an explicit auto_map (e.g. a Hub repo reference) is kept.
+    config.auto_map["AutoModel"] = "changed"
+    assert SGMAEConfig().auto_map["AutoModel"] == "modeling_sgmae.SGMAEModel"
+    custom = {"AutoConfig": "user/repo--configuration_sgmae.SGMAEConfig"}
+    assert SGMAEConfig(auto_map=custom).auto_map == custom
