@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -244,13 +245,24 @@ def convert_vit_mae_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str,
 
 
 def _load_checkpoint_state_dict(path: str, **hub_kwargs) -> dict[str, torch.Tensor]:
+    """All weights of a checkpoint: one safetensors file, safetensors shards with their index, or a torch .bin."""
     from safetensors.torch import load_file
 
-    weights = cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
-    if weights is not None:
-        return load_file(weights)
-    weights = cached_file(path, "pytorch_model.bin", **hub_kwargs)
-    return torch.load(weights, map_location="cpu", weights_only=True)
+    for file_name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        resolved = cached_file(path, file_name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        if resolved is None:
+            continue
+        if file_name.endswith(".json"):
+            with open(resolved, encoding="utf-8") as index:
+                shards = sorted(set(json.load(index)["weight_map"].values()))
+            state_dict = {}
+            for shard in shards:
+                state_dict.update(load_file(cached_file(path, shard, **hub_kwargs)))
+            return state_dict
+        if file_name.endswith(".safetensors"):
+            return load_file(resolved)
+        return torch.load(resolved, map_location="cpu", weights_only=True)
+    raise OSError(f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin found at {path}")
 
 
 @dataclass
@@ -333,11 +345,15 @@ class SGMAEPreTrainedModel(PreTrainedModel):
         """Load an SG-MAE checkpoint, or convert a transformers ViTMAE one (`facebook/vit-mae-*`) on the fly."""
         hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
         hub_kwargs = {key: kwargs[key] for key in hub_keys if key in kwargs}
-        config = kwargs.get("config")
-        if not isinstance(config, PreTrainedConfig):
+        # The checkpoint's own config decides whether its weights need converting, even when `config=` is given.
+        try:
             config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
-            if config_dict.get("model_type") == "vit_mae":
-                return cls._from_vit_mae(pretrained_model_name_or_path, config_dict, hub_kwargs, kwargs)
+        except OSError:
+            if not isinstance(kwargs.get("config"), PreTrainedConfig):
+                raise
+            config_dict = {}
+        if config_dict.get("model_type") == "vit_mae":
+            return cls._from_vit_mae(pretrained_model_name_or_path, config_dict, hub_kwargs, kwargs)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model.freeze_position_tables()  # loading recreates parameters as trainable
         return model
@@ -353,10 +369,20 @@ class SGMAEPreTrainedModel(PreTrainedModel):
         overrides = {key: value for key, value in kwargs.items() if key not in hub_kwargs}
         dtype = overrides.pop("dtype", overrides.pop("torch_dtype", None))
         overrides.pop("trust_remote_code", None)
-        config_dict = {key: value for key, value in config_dict.items() if key not in ("model_type", "architectures")}
-        config, unused = SGMAEConfig.from_dict(config_dict, return_unused_kwargs=True, **overrides)
-        if unused:
-            raise TypeError(f"unexpected arguments for from_pretrained: {sorted(unused)}")
+        config = overrides.pop("config", None)
+        if isinstance(config, SGMAEConfig):  # the caller's config, e.g. with other masking choices
+            if overrides:
+                raise TypeError(f"unexpected arguments for from_pretrained with a config: {sorted(overrides)}")
+        else:
+            if isinstance(config, PreTrainedConfig):  # e.g. an edited ViTMAEConfig
+                config_dict = config.to_dict()
+            elif config is not None:
+                raise TypeError(f"config must be an SGMAEConfig or a ViTMAEConfig, got {type(config).__name__}")
+            drop = ("model_type", "architectures", "transformers_version")
+            config_dict = {key: value for key, value in config_dict.items() if key not in drop}
+            config, unused = SGMAEConfig.from_dict(config_dict, return_unused_kwargs=True, **overrides)
+            if unused:
+                raise TypeError(f"unexpected arguments for from_pretrained: {sorted(unused)}")
         config.validate_fields()
         state_dict = convert_vit_mae_state_dict(_load_checkpoint_state_dict(path, **hub_kwargs))
         model = cls(config)

@@ -16,6 +16,7 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
 from modeling_sgmae import (
     MaskType,
+    SGMAEConfig,
     SGMAEForImageClassification,
     SGMAEForPreTraining,
     SGMAEForPreTrainingOutput,
@@ -149,6 +150,24 @@ def test_feature_pass_builds_no_autograd_graph(config):
     assert len(feature_pass) == len(visible_pass) == config.num_hidden_layers
     assert all(not grad_enabled and not requires_grad for _, grad_enabled, requires_grad in feature_pass)
     assert all(grad_enabled and requires_grad for _, grad_enabled, requires_grad in visible_pass)
+
+
+@pytest.mark.parametrize("feature_layer", [None, 1])
+def test_masking_clusters_full_image_features_of_the_configured_block(feature_layer):
+    """METHOD.md §3.1: patch tokens (no [CLS]) of the unmasked, unshuffled image after `mask_feature_layer` blocks."""
+    config = tiny_config(mask_feature_layer=feature_layer)
+    model = SGMAEForPreTraining(config)
+    model.set_training_progress(1, 1)
+    captured = []
+    handle = model.masking.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    pixel_values = images()
+    model(pixel_values)
+    handle.remove()
+    with torch.no_grad():
+        hidden_states = model.vit(pixel_values, output_hidden_states=True).hidden_states
+    expected = hidden_states[feature_layer or config.num_hidden_layers][:, 1:]
+    assert captured[0].shape == (2, NUM_PATCHES, config.hidden_size)
+    assert torch.allclose(captured[0], expected, atol=1e-6)
 
 
 def test_informed_mask_trains_like_the_same_mask_given_explicitly(config):
@@ -439,6 +458,34 @@ def test_vit_mae_checkpoint_as_backbone_matches_vit_mae_encoder(vit_mae_checkpoi
     for name, tensor in backbone.state_dict().items():
         assert torch.equal(classifier.vit.state_dict()[name], tensor), name
     assert classifier(pixel_values).logits.shape == (2, 4)
+
+
+def assert_same_as_reference(model: SGMAEForPreTraining, reference: ViTMAEForPreTraining) -> None:
+    pixel_values, noise = images(2), torch.rand(2, NUM_PATCHES)
+    with torch.no_grad():
+        expected, output = reference(pixel_values, noise=noise), model(pixel_values, noise=noise)
+    assert torch.allclose(output.logits, expected.logits, atol=1e-5)
+    assert abs(output.loss.item() - expected.loss.item()) < 1e-5
+
+
+def test_vit_mae_checkpoint_with_an_explicit_config_is_still_converted(vit_mae_checkpoints):
+    reference, paths = vit_mae_checkpoints
+    config = SGMAEConfig(**vit_mae_fields(), norm_pix_loss=reference.config.norm_pix_loss, mask_strategy="random")
+    model = SGMAEForPreTraining.from_pretrained(paths["transformers"], config=config)
+    assert model.config.mask_strategy == "random"
+    assert_same_as_reference(model, reference)
+    edited = ViTMAEConfig.from_pretrained(paths["hub"])
+    model = SGMAEForPreTraining.from_pretrained(paths["hub"], config=edited)
+    assert isinstance(model.config, SGMAEConfig)
+    assert_same_as_reference(model, reference)
+
+
+def test_sharded_vit_mae_checkpoint_is_converted(vit_mae_checkpoints, tmp_path):
+    reference, _ = vit_mae_checkpoints
+    reference.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "model.safetensors").exists()
+    assert_same_as_reference(SGMAEForPreTraining.from_pretrained(tmp_path), reference)
 
 
 def test_vit_mae_checkpoint_accepts_classifier_overrides(vit_mae_checkpoints):
