@@ -15,7 +15,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput, cached_file, logging
 
-from .configuration_sgmae import SGMAEConfig
+from .configuration_sgmae import AUTO_MAP, SGMAEConfig
 from .masking_sgmae import MaskType, SelfGuidedMasking, num_masked_patches
 
 logger = logging.get_logger(__name__)
@@ -307,6 +307,20 @@ class SGMAEPreTrainedModel(PreTrainedModel):
         r"^decoder\.",
         r"^(training_step|total_training_steps|informed_masking_started_at|exploitation_rates)$",
     ]
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str | type = "AutoModel") -> None:
+        """Make `save_pretrained` copy this code next to the weights (Hub remote code), under its own auto class.
+
+        `config.auto_map` already maps all four auto classes, so registering any SG-MAE model is enough; the class is
+        always registered under its own auto class, because transformers writes `auto_map[auto_class] = this class`
+        and e.g. the default "AutoModel" on `SGMAEForPreTraining` would send `AutoModel` to the pre-training model.
+        """
+        requested = auto_class if isinstance(auto_class, str) else auto_class.__name__
+        own = {reference.split(".")[-1]: name for name, reference in AUTO_MAP.items()}.get(cls.__name__, requested)
+        if requested != own:
+            logger.info("registering %s for %s (its own auto class) instead of %s", cls.__name__, own, requested)
+        super().register_for_auto_class(own)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

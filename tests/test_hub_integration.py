@@ -1,7 +1,7 @@
 """A saved SG-MAE folder works on the Hub stack: remote code in a fresh process, in-process registration, pipelines.
 
 What a training script calls to make such a folder:
-    model.register_for_auto_class("AutoModelForPreTraining")  # or any auto class: config.auto_map lists all four
+    model.register_for_auto_class()  # any argument: each class registers as its own auto class; auto_map has all four
     model.save_pretrained(output_dir)                        # copies the three .py files next to the weights
     image_processor.save_pretrained(output_dir)              # preprocessor_config.json for pipelines
 """
@@ -47,8 +47,11 @@ def pil_images() -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(2)]
 
 
-def save_for_hub(model, output_dir: Path, auto_class: str) -> None:
-    model.register_for_auto_class(auto_class)
+def save_for_hub(model, output_dir: Path, auto_class: str | None) -> None:
+    if auto_class is None:
+        model.register_for_auto_class()  # transformers' default, "AutoModel"
+    else:
+        model.register_for_auto_class(auto_class)
     try:
         model.save_pretrained(output_dir)
     finally:
@@ -64,7 +67,8 @@ def hub_folders(tmp_path_factory):
     config = tiny_config(num_labels=3, id2label=LABELS, label2id={name: index for index, name in LABELS.items()})
     pretraining = SGMAEForPreTraining(config)
     pretraining.set_training_progress(5, 40)
-    save_for_hub(pretraining, root / "pretraining", "AutoModelForPreTraining")
+    # With no argument (transformers' default "AutoModel"): it must still leave AutoModel -> SGMAEModel.
+    save_for_hub(pretraining, root / "pretraining", None)
 
     classifier = SGMAEForImageClassification(config)
     with torch.no_grad():
