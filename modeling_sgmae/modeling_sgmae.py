@@ -244,6 +244,21 @@ def convert_vit_mae_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str,
     return converted
 
 
+# Options of transformers' `from_pretrained` that mean nothing when a ViTMAE checkpoint is converted in memory.
+_LOADING_ONLY_KWARGS = (
+    "attn_implementation",
+    "low_cpu_mem_usage",
+    "use_safetensors",
+    "weights_only",
+    "key_mapping",
+    "_from_auto",
+    "_from_pipeline",
+    "adapter_kwargs",
+    "trust_remote_code",
+    "proxies",
+)
+
+
 def _load_checkpoint_state_dict(path: str, **hub_kwargs) -> dict[str, torch.Tensor]:
     """All weights of a checkpoint: one safetensors file, safetensors shards with their index, or a torch .bin."""
     from safetensors.torch import load_file
@@ -379,10 +394,14 @@ class SGMAEPreTrainedModel(PreTrainedModel):
                 parameter.requires_grad_(False)
 
     @classmethod
-    def _from_vit_mae(cls, path: str, config_dict: dict, hub_kwargs: dict, kwargs: dict) -> SGMAEPreTrainedModel:
+    def _from_vit_mae(cls, path: str, config_dict: dict, hub_kwargs: dict, kwargs: dict):
         overrides = {key: value for key, value in kwargs.items() if key not in hub_kwargs}
         dtype = overrides.pop("dtype", overrides.pop("torch_dtype", None))
-        overrides.pop("trust_remote_code", None)
+        device_map = overrides.pop("device_map", None)
+        ignore_mismatched_sizes = overrides.pop("ignore_mismatched_sizes", False)
+        output_loading_info = overrides.pop("output_loading_info", False)
+        for irrelevant in _LOADING_ONLY_KWARGS:  # options of transformers' loader that do not apply here
+            overrides.pop(irrelevant, None)
         config = overrides.pop("config", None)
         if isinstance(config, SGMAEConfig):  # the caller's config, e.g. with other masking choices
             if overrides:
@@ -399,25 +418,53 @@ class SGMAEPreTrainedModel(PreTrainedModel):
                 raise TypeError(f"unexpected arguments for from_pretrained: {sorted(unused)}")
         config.validate_fields()
         state_dict = convert_vit_mae_state_dict(_load_checkpoint_state_dict(path, **hub_kwargs))
-        model = cls(config)
-        own_keys = set(model.state_dict())
+        model = cls(config)  # fully initialised: whatever the checkpoint does not provide keeps its init
+        own_state = model.state_dict()
         prefix = f"{cls.base_model_prefix}."
-        if not any(key.startswith(prefix) for key in own_keys):  # the bare encoder: drop the prefix
+        if not any(key.startswith(prefix) for key in own_state):  # the bare encoder: drop the prefix
             state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items()}
         elif not any(key.startswith(prefix) for key in state_dict):  # a bare ViTMAEModel checkpoint
             state_dict = {prefix + key: value for key, value in state_dict.items()}
+        mismatched = [
+            (key, tuple(value.shape), tuple(own_state[key].shape))
+            for key, value in state_dict.items()
+            if key in own_state and value.shape != own_state[key].shape
+        ]
+        if mismatched and not ignore_mismatched_sizes:
+            raise ValueError(
+                f"the ViTMAE checkpoint at {path} has weights of other shapes than this model "
+                f"(name, checkpoint, model): {mismatched[:8]}; pass ignore_mismatched_sizes=True to initialise them"
+            )
+        for key, checkpoint_shape, model_shape in mismatched:
+            logger.warning(
+                "not loading %s: shape %s in the checkpoint, %s in the model", key, checkpoint_shape, model_shape
+            )
+            del state_dict[key]
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        missing = [key for key in missing if not key.startswith(("classifier.", "fc_norm."))]
-        missing = [key for key in missing if key not in ("training_step", "total_training_steps")]
-        missing = [key for key in missing if key not in ("informed_masking_started_at", "exploitation_rates")]
-        if missing:
-            raise ValueError(f"the ViTMAE checkpoint at {path} lacks weights this model needs: {missing[:8]}")
-        unexpected = [key for key in unexpected if not key.startswith("decoder.")]
-        if unexpected:
-            logger.warning("ignored weights of the ViTMAE checkpoint at %s: %s", path, unexpected[:8])
+        initialised = {key for key, _, _ in mismatched}
+        initialised |= {"training_step", "total_training_steps", "informed_masking_started_at", "exploitation_rates"}
+        needed = [key for key in missing if key not in initialised and not key.startswith(("classifier.", "fc_norm."))]
+        if needed:
+            raise ValueError(f"the ViTMAE checkpoint at {path} lacks weights this model needs: {needed[:8]}")
+        ignored = [key for key in unexpected if not key.startswith("decoder.")]
+        if ignored:
+            logger.warning("ignored weights of the ViTMAE checkpoint at %s: %s", path, ignored[:8])
         if dtype not in (None, "auto"):
             model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        return model.eval()
+        if device_map is not None:
+            if isinstance(device_map, dict) or device_map == "auto":
+                device_map = "cuda" if torch.cuda.is_available() else "cpu"  # the model fits on one device
+            model = model.to(device_map)
+        model.eval()
+        if output_loading_info:
+            info = {
+                "missing_keys": sorted(missing),
+                "unexpected_keys": sorted(unexpected),
+                "mismatched_keys": mismatched,
+                "error_msgs": [],
+            }
+            return model, info
+        return model
 
 
 class SGMAEModel(SGMAEPreTrainedModel):

@@ -488,6 +488,32 @@ def test_sharded_vit_mae_checkpoint_is_converted(vit_mae_checkpoints, tmp_path):
     assert_same_as_reference(SGMAEForPreTraining.from_pretrained(tmp_path), reference)
 
 
+def test_vit_mae_checkpoint_with_a_new_image_size(vit_mae_checkpoints):
+    """Fine-tuning at another resolution: the fixed tables are rebuilt for the new grid, everything else loads."""
+    reference, paths = vit_mae_checkpoints
+    with pytest.raises(ValueError, match="ignore_mismatched_sizes"):
+        SGMAEForImageClassification.from_pretrained(paths["hub"], image_size=48)
+    model, info = SGMAEForImageClassification.from_pretrained(
+        paths["hub"], image_size=48, num_labels=3, ignore_mismatched_sizes=True, output_loading_info=True
+    )
+    assert [key for key, _, _ in info["mismatched_keys"]] == ["vit.embeddings.position_embeddings"]
+    table = model.vit.embeddings.position_embeddings
+    assert torch.equal(table, sincos_position_table(32, 12, 12)) and not table.requires_grad
+    assert torch.equal(model.vit.embeddings.cls_token, reference.vit.embeddings.cls_token)
+    assert torch.equal(model.vit.layers[1].mlp.fc2.weight, reference.vit.layers[1].mlp.fc2.weight)
+    assert model(images(2, 48, 48)).logits.shape == (2, 3)
+
+
+def test_vit_mae_checkpoint_ignores_loader_only_options(vit_mae_checkpoints):
+    reference, paths = vit_mae_checkpoints
+    model = SGMAEForPreTraining.from_pretrained(
+        paths["transformers"], attn_implementation="sdpa", low_cpu_mem_usage=True, device_map="cpu", dtype="auto"
+    )
+    assert_same_as_reference(model, reference)
+    half = SGMAEModel.from_pretrained(paths["transformers"], dtype=torch.bfloat16)
+    assert half.embeddings.cls_token.dtype == torch.bfloat16
+
+
 def test_vit_mae_checkpoint_accepts_classifier_overrides(vit_mae_checkpoints):
     _, paths = vit_mae_checkpoints
     labels = {0: "cat", 1: "dog", 2: "frog"}
