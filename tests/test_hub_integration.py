@@ -1,9 +1,9 @@
 """A saved SG-MAE folder works on the Hub stack: remote code in a fresh process, in-process registration, pipelines.
 
 What a training script calls to make such a folder:
-    model.register_for_auto_class()  # any argument: each class registers as its own auto class; auto_map has all four
-    model.save_pretrained(output_dir)                        # copies the three .py files next to the weights
-    image_processor.save_pretrained(output_dir)              # preprocessor_config.json for pipelines
+    model.register_for_auto_class()              # copies the 3 .py files on save; auto_map already lists all four
+    model.save_pretrained(output_dir)
+    image_processor.save_pretrained(output_dir)  # preprocessor_config.json, needed by pipelines
 """
 
 from __future__ import annotations
