@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import re
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, PreTrainedConfig, ViTImageProcessor
+from transformers import HfArgumentParser, ViTImageProcessor
 
 import modeling_sgmae
 from modeling_sgmae import SGMAEConfig, SGMAEForImageClassification
@@ -44,30 +43,31 @@ from modeling_sgmae.script_utils import (
     LABEL_COLUMNS,
     DataArguments,
     ImageCollator,
+    check_checkpoint_kind,
     check_finite,
     check_launch,
     cosine_schedule,
-    decode_image,
+    epoch_loader,
     eval_transform,
     find_column,
     image_processor_for,
+    limit_samples,
     load_checkpoint,
     load_split,
     model_card,
+    parse_script_args,
     prepare_images,
     push_to_hub,
     resolve_resume,
     save_checkpoint,
     save_hub_folder,
     shard_for_process,
-    skip_samples,
-    split_size,
     synchronized_batches,
+    training_length,
 )
 
 logger = get_logger("run_classification")  # logs on the main process only
 PROTOCOLS = ("finetune", "linear_probe", "knn")
-CHECKPOINT_TYPES = ("sgmae", "vit_mae")
 INDEX_COLUMN = "__sample_index__"
 METRIC_PATH = Path(modeling_sgmae.__file__).parent / "metrics" / "accuracy"
 # MAE's recipes (FINETUNE.md / LINPROBE.md) where a protocol changes the default.
@@ -152,13 +152,9 @@ class ClassificationArguments:
 
 
 def parse_args() -> tuple[ModelArguments, ClassificationDataArguments, ClassificationArguments]:
-    parser = HfArgumentParser((ModelArguments, ClassificationDataArguments, ClassificationArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        parsed = parser.parse_json_file(sys.argv[1])
-    elif len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        parsed = parser.parse_yaml_file(sys.argv[1])
-    else:
-        parsed = parser.parse_args_into_dataclasses()
+    parsed = parse_script_args(
+        HfArgumentParser((ModelArguments, ClassificationDataArguments, ClassificationArguments))
+    )
     validate_args(*parsed)
     return parsed
 
@@ -240,50 +236,12 @@ class MixingCollator:
         return batch
 
 
-class IndexedImageCollator(ImageCollator):
-    """ImageCollator that also returns each kept row's `index_column` value, so predictions can be de-duplicated."""
-
-    def __init__(self, transform: Callable, image_column: str, label_column: str, index_column: str = INDEX_COLUMN):
-        super().__init__(transform, image_column, label_column)
-        self.index_column = index_column
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        pixels, labels, indices = [], [], []
-        for row in rows:
-            image = decode_image(row[self.image_column])
-            if image is not None:
-                pixels.append(self.transform(image))
-                labels.append(row[self.label_column])
-                indices.append(row[self.index_column])
-        return {
-            "pixel_values": torch.stack(pixels) if pixels else torch.empty(0),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "index": torch.tensor(indices, dtype=torch.long),
-            "skipped": torch.tensor(len(rows) - len(pixels)),
-        }
-
-
 def with_index(dataset: datasets.Dataset) -> datasets.Dataset:
     """Number the rows 0..N-1 in a column of their own (the identity of a sample across processes)."""
     return dataset.add_column(INDEX_COLUMN, list(range(len(dataset))))
 
 
 # ----- model ---------------------------------------------------------------------------------------------------------
-def check_checkpoint_kind(path: str, cache_dir: str | None) -> str:
-    """The checkpoint's model_type, or a clear error when it is not an SG-MAE or transformers ViTMAE checkpoint."""
-    try:
-        config_dict, _ = PreTrainedConfig.get_config_dict(path, cache_dir=cache_dir)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"error: cannot read a model configuration from {path!r}: {error}") from error
-    model_type = config_dict.get("model_type")
-    if model_type not in CHECKPOINT_TYPES:
-        raise SystemExit(
-            f"error: {path!r} is a {model_type!r} checkpoint; --model_name_or_path needs an SG-MAE (pre-training or "
-            "classification) or a transformers ViTMAE checkpoint"
-        )
-    return model_type
-
-
 def build_model(
     model_args: ModelArguments, args: ClassificationArguments, names: list[str], cache_dir: str | None
 ) -> SGMAEForImageClassification:
@@ -408,7 +366,7 @@ def local_pass(
     Returns per-sample `values`, `labels` and `index` (when the collator gives one) and the number of skipped images.
     """
     loader = DataLoader(data, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
-    keys = ("values", "labels", "index") if isinstance(collate, IndexedImageCollator) else ("values", "labels")
+    keys = ("values", "labels", "index") if collate.extra_columns["index"] else ("values", "labels")
     parts: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
     skipped = 0
     for batch in loader:
@@ -525,14 +483,8 @@ def main() -> None:
     for column in (image_column, label_column):
         find_column(eval_data.features, column, (), f"{data_args.validation_split} split's")
     names = class_names(train_data.features, label_column, train_data)
-    if data_args.max_train_samples:
-        train_data = (
-            train_data.take(data_args.max_train_samples)
-            if data_args.streaming
-            else train_data.select(range(min(data_args.max_train_samples, len(train_data))))
-        )
-    if data_args.max_eval_samples:
-        eval_data = eval_data.select(range(min(data_args.max_eval_samples, len(eval_data))))
+    train_data = limit_samples(train_data, data_args.max_train_samples)
+    eval_data = limit_samples(eval_data, data_args.max_eval_samples)
     if not len(eval_data):
         raise SystemExit(f"error: the {data_args.validation_split!r} split is empty")
     train_data = prepare_images(train_data, image_column)
@@ -544,7 +496,7 @@ def main() -> None:
     evaluation = Evaluation(
         accelerator,
         eval_data,
-        IndexedImageCollator(eval_transform(processor), image_column, label_column),
+        ImageCollator(eval_transform(processor), image_column, label_column, INDEX_COLUMN),
         data_args.per_device_eval_batch_size,
         data_args.dataloader_num_workers,
     )
@@ -596,14 +548,10 @@ def predictions_record(gathered: dict[str, torch.Tensor]) -> dict[str, list]:
 def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict, dict, SGMAEForImageClassification]:
     """End-to-end fine-tuning (MAE recipe): layer-wise lr decay, drop-path, MixUp/CutMix, label smoothing."""
     accelerator, data_args, args, train_data = task.accelerator, task.data_args, task.args, task.train_data
-    num_samples = split_size(train_data, data_args.train_split, data_args.num_train_samples)
-    if data_args.streaming and data_args.max_train_samples:  # a stream's `take` leaves its stated size unchanged
-        num_samples = min(num_samples or data_args.max_train_samples, data_args.max_train_samples)
-    if num_samples is None and args.max_train_steps is None:
-        raise SystemExit("error: the stream does not say its size: pass --num_train_samples or --max_train_steps")
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    steps_per_epoch = max(num_samples // global_batch, 1) if num_samples is not None else args.max_train_steps
-    total_steps = args.max_train_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
+    steps_per_epoch, total_steps = training_length(
+        train_data, data_args, global_batch, args.num_train_epochs, args.max_train_steps
+    )
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     learning_rate = args.base_learning_rate * global_batch / 256
     optimizer = torch.optim.AdamW(
@@ -650,21 +598,13 @@ def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict
     results, gathered, evaluated_at = {}, {}, -1
     model.train()
     while state["step"] < total_steps:
-        epoch_data = shard_for_process(
-            train_data, accelerator, args.seed, state["epoch"], True, data_args.shuffle_buffer_size
+        loader = epoch_loader(
+            train_data, accelerator, state, data_args, args.per_device_train_batch_size, collate, args.seed
         )
-        epoch_data = skip_samples(epoch_data, state["samples_in_epoch"] // accelerator.num_processes)
-        loader = DataLoader(
-            epoch_data,
-            batch_size=args.per_device_train_batch_size,
-            collate_fn=collate,
-            num_workers=data_args.dataloader_num_workers,
-        )
-        num_batches = 0
+        epoch_start = state["samples_in_epoch"]
         for batch in synchronized_batches(loader, accelerator):
             if state["step"] >= total_steps:  # checked here, so that a run ending with its epoch ends the epoch
                 break
-            num_batches += 1
             with accelerator.accumulate(model):
                 logits = model(batch["pixel_values"]).logits
                 loss = nn.functional.cross_entropy(
@@ -706,8 +646,8 @@ def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict
             ):
                 save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit)
         else:  # the epoch ran to its end
-            if num_batches == 0:
-                raise SystemExit("error: the training split yielded no images")
+            if epoch_start == state["samples_in_epoch"] == 0:
+                raise SystemExit("error: the training split yielded no full batch of images")
             state["epoch"] += 1
             state["samples_in_epoch"] = 0
             if args.eval_every_epoch or state["step"] >= total_steps:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,6 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
@@ -31,27 +29,29 @@ from modeling_sgmae.script_utils import (
     IMAGE_COLUMNS,
     DataArguments,
     ImageCollator,
+    check_checkpoint_kind,
     check_finite,
     check_launch,
     cosine_schedule,
+    epoch_loader,
     eval_transform,
     find_column,
     image_processor_for,
+    limit_samples,
     load_checkpoint,
     load_split,
     model_card,
     parameter_groups,
+    parse_script_args,
     prepare_images,
     push_to_hub,
     resolve_resume,
     save_checkpoint,
     save_hub_folder,
     save_mask_panel,
-    shard_for_process,
-    skip_samples,
-    split_size,
     synchronized_batches,
     train_transform,
+    training_length,
 )
 
 logger = logging.getLogger("run_pretraining")
@@ -119,12 +119,7 @@ class PretrainingArguments:
 
 
 def parse_args() -> tuple[ModelArguments, DataArguments, PretrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, PretrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(sys.argv[1])
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(sys.argv[1])
-    return parser.parse_args_into_dataclasses()
+    return parse_script_args(HfArgumentParser((ModelArguments, DataArguments, PretrainingArguments)))
 
 
 def demo_dataset() -> datasets.Dataset:
@@ -155,6 +150,7 @@ def build_model(model_args: ModelArguments) -> SGMAEForPreTraining:
     if model_args.informed_masking_auto_start:
         overrides["informed_masking_auto_start"] = True
     if model_args.model_name_or_path:
+        check_checkpoint_kind(model_args.model_name_or_path)
         return SGMAEForPreTraining.from_pretrained(model_args.model_name_or_path, **overrides)
     config_file = model_args.config_name or DEMO_CONFIG
     config = SGMAEConfig.from_json_file(config_file)
@@ -194,28 +190,17 @@ def main() -> None:
         has_eval = data_args.dataset_name or data_args.validation_dir
         eval_data = load_split(data_args, data_args.validation_split, False) if has_eval else None
     image_column = find_column(train_data.features, data_args.image_column, IMAGE_COLUMNS, "image")
-    if data_args.max_train_samples:
-        train_data = (
-            train_data.take(data_args.max_train_samples)
-            if data_args.streaming
-            else train_data.select(range(min(data_args.max_train_samples, len(train_data))))
-        )
-    train_data = prepare_images(train_data, image_column)
+    train_data = prepare_images(limit_samples(train_data, data_args.max_train_samples), image_column)
     probe_source = eval_data if eval_data is not None else (None if data_args.streaming else train_data)
     probe_rows = [probe_source[index] for index in range(min(8, len(probe_source)))] if probe_source else None
-    num_samples = split_size(train_data, data_args.train_split, data_args.num_train_samples)
-    if data_args.max_train_samples:
-        num_samples = min(num_samples or data_args.max_train_samples, data_args.max_train_samples)
-    if num_samples is None and args.max_train_steps is None:
-        raise SystemExit("error: the stream does not say its size: pass --num_train_samples or --max_train_steps")
-
     # ----- model and optimisation -----
     model = build_model(model_args)
     config = model.config
     processor = image_processor_for(config)
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    steps_per_epoch = max(num_samples // global_batch, 1) if num_samples is not None else args.max_train_steps
-    total_steps = args.max_train_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
+    steps_per_epoch, total_steps = training_length(
+        train_data, data_args, global_batch, args.num_train_epochs, args.max_train_steps
+    )
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     if model_args.informed_masking_start_epoch is not None:
         config.informed_masking_start_step = round(model_args.informed_masking_start_epoch * steps_per_epoch)
@@ -263,18 +248,8 @@ def main() -> None:
     started, samples_at_start, seconds_at_start = time.perf_counter(), state["samples_seen"], state["train_seconds"]
     model.train()
     while state["step"] < total_steps:
-        epoch_data = shard_for_process(
-            train_data, accelerator, args.seed, state["epoch"], True, data_args.shuffle_buffer_size
-        )
-        epoch_data = skip_samples(epoch_data, state["samples_in_epoch"] // accelerator.num_processes)
-        loader = DataLoader(
-            epoch_data,
-            batch_size=args.per_device_train_batch_size,
-            collate_fn=collate,
-            num_workers=data_args.dataloader_num_workers,
-            drop_last=True,  # as MAE: every step has a full batch
-            # its own generator, so creating a loader draws nothing from the global RNG (exact resume)
-            generator=torch.Generator().manual_seed(args.seed + state["epoch"]),
+        loader = epoch_loader(
+            train_data, accelerator, state, data_args, args.per_device_train_batch_size, collate, args.seed
         )
         epoch_start = state["samples_in_epoch"]
         for batch in synchronized_batches(loader, accelerator):

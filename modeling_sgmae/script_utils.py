@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,9 @@ import torch
 from accelerate import Accelerator
 from datasets.distributed import split_dataset_by_node
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2
-from transformers import PreTrainedModel, ViTImageProcessor
+from transformers import HfArgumentParser, PreTrainedConfig, PreTrainedModel, ViTImageProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ LABEL_COLUMNS = ("label", "labels", "fine_label")
 MAE_MEAN = (0.485, 0.456, 0.406)
 MAE_STD = (0.229, 0.224, 0.225)
 STATE_FILE = "trainer_state.json"
+CHECKPOINT_TYPES = ("sgmae", "vit_mae")
 
 
 @dataclass
@@ -165,27 +168,37 @@ def eval_transform(processor: ViTImageProcessor) -> v2.Compose:
 
 
 class ImageCollator:
-    """Decode, transform and stack a list of rows; corrupt images are dropped (and counted)."""
+    """Decode, transform and stack a list of rows; corrupt images are dropped (and counted).
 
-    def __init__(self, transform: Callable, image_column: str, label_column: str | None = None):
+    With `label_column` / `index_column`, each kept row's label / index comes along as `labels` / `index`.
+    """
+
+    def __init__(
+        self,
+        transform: Callable,
+        image_column: str,
+        label_column: str | None = None,
+        index_column: str | None = None,
+    ):
         self.transform = transform
         self.image_column = image_column
-        self.label_column = label_column
+        self.extra_columns = {"labels": label_column, "index": index_column}
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        pixels, labels, skipped = [], [], 0
+        pixels = []
+        extras: dict[str, list] = {key: [] for key, column in self.extra_columns.items() if column}
         for row in rows:
             image = decode_image(row[self.image_column])
             if image is None:
-                skipped += 1
                 continue
             pixels.append(self.transform(image))
-            if self.label_column:
-                labels.append(row[self.label_column])
-        batch = {"pixel_values": torch.stack(pixels) if pixels else torch.empty(0), "skipped": torch.tensor(skipped)}
-        if self.label_column:
-            batch["labels"] = torch.tensor(labels)
-        return batch
+            for key in extras:
+                extras[key].append(row[self.extra_columns[key]])
+        batch = {
+            "pixel_values": torch.stack(pixels) if pixels else torch.empty(0),
+            "skipped": torch.tensor(len(rows) - len(pixels)),
+        }
+        return batch | {key: torch.tensor(values, dtype=torch.long) for key, values in extras.items()}
 
 
 def shard_for_process(dataset, accelerator: Accelerator, seed: int, epoch: int, shuffle: bool, buffer_size: int):
@@ -210,8 +223,32 @@ def skip_samples(dataset, count: int):
     return dataset.select(range(min(count, len(dataset)), len(dataset)))
 
 
+def epoch_loader(
+    train_data, accelerator: Accelerator, state: dict, data_args: DataArguments, batch_size: int, collate, seed: int
+) -> DataLoader:
+    """This process's loader for the epoch in `state`, past the samples it already trained on.
+
+    Full batches only (MAE's drop_last), and a generator of its own, so that building a loader draws nothing from
+    the global RNG: a resumed run sees the same crops and masks as an uninterrupted one.
+    """
+    epoch_data = shard_for_process(train_data, accelerator, seed, state["epoch"], True, data_args.shuffle_buffer_size)
+    epoch_data = skip_samples(epoch_data, state["samples_in_epoch"] // accelerator.num_processes)
+    return DataLoader(
+        epoch_data,
+        batch_size=batch_size,
+        collate_fn=collate,
+        num_workers=data_args.dataloader_num_workers,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed + state["epoch"]),
+    )
+
+
 def synchronized_batches(loader, accelerator: Accelerator) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield batches on the device until any process runs out, so that ranks never wait on each other forever."""
+    """Yield batches on the device until any process runs out, so that ranks never wait on each other forever.
+
+    For training only: the batches of the processes that did not run out are dropped, so an evaluation must not
+    use it (see run_classification.py's `Evaluation`, which counts every sample once).
+    """
     iterator = iter(loader)
     while True:
         batch = next(iterator, None)
@@ -224,14 +261,57 @@ def synchronized_batches(loader, accelerator: Accelerator) -> Iterator[dict[str,
         yield {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
 
 
-def split_size(dataset, split_name: str, override: int | None) -> int | None:
-    """Number of rows of a split: given, known from the dataset, or None for an unsized stream."""
-    if override:
-        return override
-    if isinstance(dataset, datasets.Dataset):
-        return len(dataset)
-    splits = dataset.info.splits or {}
-    return splits[split_name].num_examples if split_name in splits else None
+def limit_samples(dataset, count: int | None):
+    """The first `count` rows (all when None), for a split or a stream."""
+    if not count:
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.take(count)
+    return dataset.select(range(min(count, len(dataset))))
+
+
+def training_length(
+    dataset, data_args: DataArguments, global_batch: int, num_train_epochs: float, max_train_steps: int | None
+) -> tuple[int, int]:
+    """(optimiser steps per epoch, total steps) for full global batches; a clear error for an unsized stream."""
+    num_samples = data_args.num_train_samples
+    if num_samples is None and isinstance(dataset, datasets.Dataset):
+        num_samples = len(dataset)
+    elif num_samples is None:
+        splits = dataset.info.splits or {}
+        num_samples = splits[data_args.train_split].num_examples if data_args.train_split in splits else None
+    if data_args.max_train_samples:  # a stream's `take` leaves its stated size unchanged
+        num_samples = min(num_samples or data_args.max_train_samples, data_args.max_train_samples)
+    if num_samples is None and max_train_steps is None:
+        raise SystemExit("error: the stream does not say its size: pass --num_train_samples or --max_train_steps")
+    if num_samples is not None and num_samples < global_batch:
+        raise SystemExit(f"error: {num_samples} training images do not fill one global batch of {global_batch}")
+    steps_per_epoch = num_samples // global_batch if num_samples is not None else max_train_steps
+    return steps_per_epoch, max_train_steps or math.ceil(num_train_epochs * steps_per_epoch)
+
+
+def parse_script_args(parser: HfArgumentParser) -> tuple:
+    """Dataclasses from the command line, or from a single .json / .yaml file argument."""
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(sys.argv[1])
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(sys.argv[1])
+    return parser.parse_args_into_dataclasses()
+
+
+def check_checkpoint_kind(path: str, cache_dir: str | None = None) -> str:
+    """The checkpoint's model_type, or a clear error when it is not an SG-MAE or transformers ViTMAE checkpoint."""
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(path, cache_dir=cache_dir)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: cannot read a model configuration from {path!r}: {error}") from error
+    model_type = config_dict.get("model_type")
+    if model_type not in CHECKPOINT_TYPES:
+        raise SystemExit(
+            f"error: {path!r} is a {model_type!r} checkpoint; --model_name_or_path needs an SG-MAE (pre-training or "
+            "classification) or a transformers ViTMAE checkpoint"
+        )
+    return model_type
 
 
 # ----- checkpoints -------------------------------------------------------------------------------------------------
