@@ -25,24 +25,21 @@ from torch import nn
 
 from .configuration_sgmae import SGMAEConfig
 from .masking_sgmae import (
-    SelfGuidedMasking,
     add_hints,
-    affinity_graph,
     informed_mask,
     mask_from_noise,
+    ncut_bipartition,
     num_masked_patches,
-    object_part,
     object_similarity,
 )
-from .modeling_sgmae import SGMAEForPreTraining
+from .modeling_sgmae import SGMAEForPreTraining, exploitation_rates
+from .script_utils import IMAGE_COLUMNS
+from .script_utils import MAE_MEAN as MAE_IMAGE_MEAN
+from .script_utils import MAE_STD as MAE_IMAGE_STD
 
 logger = logging.getLogger(__name__)
 
-MAE_IMAGE_MEAN = (0.485, 0.456, 0.406)  # MAE normalises with the ImageNet statistics
-MAE_IMAGE_STD = (0.229, 0.224, 0.225)
-IMAGE_COLUMNS = ("image", "img")  # tried in this order by `--image_column auto`
 NORM_PIX_EPS = 1e-6  # the variance epsilon of `norm_pix_loss` (SGMAEForPreTraining.forward_loss)
-ALIKE_SIMILARITY = 1 - 1e-4  # patches whose pairwise similarity all exceed this have no cut (as in the masking)
 
 # ----- features of the full image ---------------------------------------------------------------------------------
 
@@ -64,37 +61,6 @@ def full_image_encoding(
         patch_tokens, cls_token, num_layers, output_attentions=output_attentions
     )
     return hidden_states[:, 1:], attentions, grid
-
-
-@dataclass
-class Bipartition:
-    """The Normalized-Cut bi-partition of each image's affinity graph (METHOD.md §3, steps 2-4)."""
-
-    weights: torch.Tensor  # [B, N, N] affinity graph W (with its eps)
-    fiedler: torch.Tensor  # [B, N] Fiedler vector y
-    object_part: torch.Tensor  # [B, N] bool, the part chosen as the object by `foreground_rule`
-    edge_density: torch.Tensor  # [B] share of off-diagonal pairs joined by a real edge
-    has_cut: torch.Tensor  # [B] bool; False where training would fall back to a random mask (step 8)
-
-
-def ncut_bipartition(unit_features: torch.Tensor, config: SGMAEConfig) -> Bipartition:
-    """Bi-partition L2-normalised features [B, N, D] with the config's graph, solver and foreground rule.
-
-    Uses the functions of `masking_sgmae`, so it cuts exactly as the training-time masking does.
-    """
-    weights, density = affinity_graph(unit_features, config.graph_edges, config.graph_threshold, config.graph_eps)
-    fiedler = SelfGuidedMasking(config).fiedler_vector(weights)
-    part = object_part(fiedler, config.foreground_rule)
-    part_size = part.sum(dim=1)
-    num_patches = unit_features.shape[1]
-    similarity_spread = (unit_features @ unit_features.transpose(1, 2)).amin(dim=(1, 2))
-    has_cut = (
-        torch.isfinite(fiedler).all(dim=1)
-        & (part_size > 0)
-        & (part_size < num_patches)
-        & (similarity_spread < ALIKE_SIMILARITY)
-    )
-    return Bipartition(weights, fiedler, part, density, has_cut)
 
 
 @dataclass
@@ -212,26 +178,6 @@ def attention_distance(attentions: tuple[torch.Tensor, ...], grid: tuple[int, in
         mean_distance = (patch_weights * distances).sum(dim=-1) / patch_weights.sum(dim=-1).clamp(min=1e-12)
         per_layer.append(mean_distance.mean())
     return torch.stack(per_layer)
-
-
-@torch.no_grad()
-def exploitation_rates(decoder_attentions: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
-    """Exploitation rates per decoder layer: [L, 2] = (visible share, mask-token share) (METHOD.md §4).
-
-    The attention that queries at masked positions give to visible keys ([CLS] included) and to mask-token keys,
-    averaged over the masked queries, heads and images: the semantics of
-    `SGMAEForPreTraining.record_exploitation_rates`, without touching the model's schedule buffers.
-    decoder_attentions: per layer [B, heads, 1 + N, 1 + N]; mask: [B, N], True (or 1) = masked.
-    """
-    mask = mask.bool()
-    query_is_mask = mask[:, None, :].expand(-1, decoder_attentions[0].shape[1], -1)  # [B, heads, N]
-    rates = []
-    for weights in decoder_attentions:
-        queries = weights[:, :, 1:].float()  # patch queries over all keys: [B, heads, N, 1 + N]
-        to_mask = (queries[..., 1:] * mask[:, None, None, :]).sum(dim=-1)
-        to_visible = queries.sum(dim=-1) - to_mask
-        rates.append(torch.stack([to_visible[query_is_mask].mean(), to_mask[query_is_mask].mean()]))
-    return torch.stack(rates)
 
 
 # ----- all metrics ------------------------------------------------------------------------------------------------

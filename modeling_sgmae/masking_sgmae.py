@@ -193,6 +193,41 @@ def add_hints(
 
 
 @dataclass
+class Bipartition:
+    """The Normalized-Cut bi-partition of each image's affinity graph (METHOD.md §3, steps 2-4 and 8)."""
+
+    weights: torch.Tensor  # [B, N, N] affinity graph W (with its eps)
+    fiedler: torch.Tensor  # [B, N] Fiedler vector y
+    object_part: torch.Tensor  # [B, N] bool, the part chosen as the object by `foreground_rule`
+    edge_density: torch.Tensor  # [B] share of off-diagonal pairs joined by a real edge
+    has_cut: torch.Tensor  # [B] bool; False where the image gets a random mask instead (step 8)
+
+
+def ncut_bipartition(unit_features: torch.Tensor, config: SGMAEConfig) -> Bipartition:
+    """Bi-partition L2-normalised features [B, N, D] with the config's graph, solver and foreground rule."""
+    weights, density = affinity_graph(unit_features, config.graph_edges, config.graph_threshold, config.graph_eps)
+    if config.fiedler_solver == "eigh":
+        fiedler = fiedler_vector_eigh(weights)
+    else:
+        fiedler = fiedler_vector_power(weights, config.fiedler_power_steps)
+    part = object_part(fiedler, config.foreground_rule)
+    part_size = part.sum(dim=1)
+    # Patches that are all alike (e.g. identical features), or a graph whose edges all weigh the same (a binary
+    # graph with every pair above the threshold), have no cut worth following.
+    similarity_spread = (unit_features @ unit_features.transpose(1, 2)).amin(dim=(1, 2))
+    weight_max = weights.amax(dim=(1, 2))
+    flat_graph = weight_max - weights.amin(dim=(1, 2)) <= 1e-6 * weight_max
+    has_cut = (
+        torch.isfinite(fiedler).all(dim=1)
+        & (part_size > 0)
+        & (part_size < unit_features.shape[1])
+        & (similarity_spread < 1 - 1e-4)
+        & ~flat_graph
+    )
+    return Bipartition(weights, fiedler, part, density, has_cut)
+
+
+@dataclass
 class MaskingResult:
     """A batch of masks with what the masking saw; per-sample tensors are [B]."""
 
@@ -210,11 +245,6 @@ class SelfGuidedMasking(nn.Module):
         super().__init__()
         self.config = config
 
-    def fiedler_vector(self, weights: torch.Tensor) -> torch.Tensor:
-        if self.config.fiedler_solver == "eigh":
-            return fiedler_vector_eigh(weights)
-        return fiedler_vector_power(weights, self.config.fiedler_power_steps)
-
     @torch.no_grad()
     def forward(
         self, features: torch.Tensor, num_masked: int, generator: torch.Generator | None = None
@@ -227,23 +257,9 @@ class SelfGuidedMasking(nn.Module):
         features = features.float()
         finite = torch.isfinite(features).all(dim=(1, 2))
         features = nn.functional.normalize(torch.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0), dim=-1)
-        weights, density = affinity_graph(features, config.graph_edges, config.graph_threshold, config.graph_eps)
-        fiedler = self.fiedler_vector(weights)
-        part = object_part(fiedler, config.foreground_rule)
-        part_size = part.sum(dim=1)
-        # Patches that are all alike (e.g. identical features), or a graph whose edges all weigh the same (a binary
-        # graph with every pair above the threshold), have no cut worth following.
-        similarity_spread = (features @ features.transpose(1, 2)).amin(dim=(1, 2))
-        weight_max = weights.amax(dim=(1, 2))
-        flat_graph = weight_max - weights.amin(dim=(1, 2)) <= 1e-6 * weight_max
-        usable = (
-            finite
-            & torch.isfinite(fiedler).all(dim=1)
-            & (part_size > 0)
-            & (part_size < num_patches)
-            & (similarity_spread < 1 - 1e-4)
-            & ~flat_graph
-        )
+        cut = ncut_bipartition(features, config)
+        usable = finite & cut.has_cut
+        part, part_size = cut.object_part, cut.object_part.sum(dim=1)
         scores = object_similarity(features, part)
         mask = informed_mask(scores, part, num_masked)
         num_hints = round(config.hint_ratio * num_masked)
@@ -257,6 +273,6 @@ class SelfGuidedMasking(nn.Module):
             mask=mask,
             mask_type=mask_type,
             object_part_size=torch.where(usable, part_size, -1),
-            edge_density=density,
+            edge_density=cut.edge_density,
             object_part=part & usable[:, None],
         )

@@ -280,6 +280,26 @@ def _load_checkpoint_state_dict(path: str, **hub_kwargs) -> dict[str, torch.Tens
     raise OSError(f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin found at {path}")
 
 
+@torch.no_grad()
+def exploitation_rates(decoder_attentions: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
+    """Exploitation rates per decoder layer: [L, 2] = (visible share, mask-token share) (METHOD.md §4).
+
+    The attention that queries at masked positions give to visible keys ([CLS] included) and to mask-token keys,
+    averaged over the masked queries, heads and images; the signal of the auto start
+    (`SGMAEForPreTraining.record_exploitation_rates` also updates the schedule with it).
+    decoder_attentions: per layer [B, heads, 1 + N, 1 + N]; mask: [B, N], True (or 1) = masked.
+    """
+    mask = mask.bool()
+    query_is_mask = mask[:, None, :].expand(-1, decoder_attentions[0].shape[1], -1)  # [B, heads, N]
+    rates = []
+    for weights in decoder_attentions:
+        queries = weights[:, :, 1:].float()  # patch queries over all keys: [B, heads, N, 1 + N]
+        to_mask = (queries[..., 1:] * mask[:, None, None, :]).sum(dim=-1)
+        to_visible = queries.sum(dim=-1) - to_mask
+        rates.append(torch.stack([to_visible[query_is_mask].mean(), to_mask[query_is_mask].mean()]))
+    return torch.stack(rates)
+
+
 @dataclass
 class SGMAEForPreTrainingOutput(ModelOutput):
     """Output of `SGMAEForPreTraining`.
@@ -632,15 +652,7 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         self.eval()
         output = self(pixel_values, noise=noise, random_masking=True, output_decoder_attentions=True)
         self.train(was_training)
-        mask = output.mask.bool()
-        key_is_mask = torch.cat([torch.zeros_like(mask[:, :1]), mask], dim=1)[:, None, None, :]
-        query_is_mask = mask[:, None, :, None]
-        rates = []
-        for weights in output.decoder_attentions:
-            to_mask = (weights[:, :, 1:] * key_is_mask).sum(-1, keepdim=True)
-            mask_share = (to_mask * query_is_mask).sum() / (query_is_mask.sum() * weights.shape[1])
-            rates.append(torch.stack([1 - mask_share, mask_share]))
-        rates = torch.stack(rates)
+        rates = exploitation_rates(output.decoder_attentions, output.mask)
         visible, masked = rates.mean(dim=0).tolist()
         behind_before = bool(self.exploitation_rates[2])
         waiting = self.config.informed_masking_auto_start and int(self.informed_masking_started_at) < 0
