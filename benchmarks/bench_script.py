@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Does data loading starve the model? The step rate of the full `run_pretraining.py` (data loading, decoding,
+augmentation, logging) against the model's own training-step rate on an in-memory batch, same config and batch.
+
+    python benchmarks/bench_script.py --dataset_name ../shared/data/cifar10
+
+Both sides use random masking (the data path is the same for both strategies), the CIFAR preset, batch 64, and the
+same threads; runs alternate (model, script, model, script, ...) and the table reports medians. Target: script / model
+>= 0.9. Writes benchmarks/results/bench_script.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining  # noqa: E402
+from modeling_sgmae.script_utils import parameter_groups  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset_name", required=True)
+    parser.add_argument("--config_name", default=str(REPO / "configuration/models/sgmae-vit-tiny-patch4-cifar.json"))
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=30, help="Timed steps per repeat (after 5 warm-up steps).")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--num_workers", type=int, default=1)
+    parser.add_argument("--output", default=str(REPO / "benchmarks/results/bench_script.json"))
+    return parser.parse_args()
+
+
+def model_rate(args: argparse.Namespace) -> float:
+    """Images/s of forward + backward + AdamW on one fixed in-memory batch."""
+    config = SGMAEConfig.from_json_file(args.config_name)
+    config.mask_strategy = "random"
+    model = SGMAEForPreTraining(config).train()
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    pixels = torch.randn(args.batch_size, config.num_channels, *config.image_height_width)
+    for step in range(5 + args.steps):
+        if step == 5:
+            started = time.perf_counter()
+        model(pixels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return args.steps * args.batch_size / (time.perf_counter() - started)
+
+
+def script_rate(args: argparse.Namespace) -> float:
+    """Images/s of run_pretraining.py over its timed steps: two runs of 5 and 5 + N steps, so start-up and the
+    first steps cancel out."""
+    seconds, samples = {}, {}
+    for steps in (5, 5 + args.steps):
+        with tempfile.TemporaryDirectory() as output:
+            command = [
+                sys.executable, str(REPO / "run_pretraining.py"), "--dataset_name", args.dataset_name,
+                "--config_name", args.config_name, "--mask_strategy", "random", "--output_dir", output,
+                "--max_train_steps", str(steps), "--per_device_train_batch_size", str(args.batch_size),
+                "--dataloader_num_workers", str(args.num_workers), "--checkpointing_steps", "none",
+                "--logging_steps", "10",
+            ]  # fmt: skip
+            env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
+            subprocess.run(command, env=env, check=True, capture_output=True)
+            result = json.loads((Path(output) / "train_results.json").read_text())
+            seconds[steps], samples[steps] = result["train_seconds"], result["samples_seen"]
+    return (samples[5 + args.steps] - samples[5]) / (seconds[5 + args.steps] - seconds[5])
+
+
+def main() -> None:
+    args = parse_args()
+    rates: dict[str, list[float]] = {"model": [], "script": []}
+    for _ in range(args.repeats):
+        rates["model"].append(model_rate(args))
+        rates["script"].append(script_rate(args))
+    medians = {key: statistics.median(values) for key, values in rates.items()}
+    ratio = medians["script"] / medians["model"]
+    print(f"{'':<28}{'img/s (median)':>16}   runs")
+    for key, label in (("model", "model step (in-memory batch)"), ("script", "run_pretraining.py")):
+        print(f"{label:<28}{medians[key]:>16.1f}   {', '.join(f'{rate:.1f}' for rate in rates[key])}")
+    print(f"script / model = {ratio:.3f} (target >= 0.9)")
+    record = {
+        "command": "python " + " ".join(sys.argv),
+        "torch_threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "num_workers": args.num_workers,
+        "rates": rates,
+        "medians": medians,
+        "script_over_model": ratio,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
