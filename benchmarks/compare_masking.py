@@ -44,6 +44,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--probe_epochs", type=int, default=30, help="Linear-probe epochs on cached features.")
     parser.add_argument("--mixed_precision", default="bf16")
     parser.add_argument("--num_workers", type=int, default=1)
+    parser.add_argument(
+        "--evaluate_only",
+        action="store_true",
+        help="Do not pre-train: evaluate the listed epochs that have checkpoints (e.g. while a run is unfinished).",
+    )
     parser.add_argument("--output_dir", default=str(REPO / "benchmarks/results/compare_masking"))
     return parser.parse_args()
 
@@ -142,12 +147,15 @@ def main() -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name, extra in variants:
             output = root / f"{name}-seed{seed}"
-            pretrain(args, name, extra, seed, output)
+            if not args.evaluate_only:
+                pretrain(args, name, extra, seed, output)
             checkpoints = {}
             for checkpoint in output.glob("checkpoint-*"):
                 state = json.loads((checkpoint / "trainer_state.json").read_text())
                 checkpoints[state["epoch"]] = (checkpoint, state)
             for epoch in eval_epochs:
+                if epoch not in checkpoints and args.evaluate_only:
+                    continue
                 checkpoint, state = checkpoints[epoch]
                 metrics = analyse(args, checkpoint)
                 record = {
