@@ -35,7 +35,9 @@ Method: all variants of one measurement live in one process and run in alternati
 time per variant, images/s from it, and the median over rounds of the paired per-round ratio (targets are judged
 on these); next to them the same ratio in process CPU time and the ratio of the fastest steps. The CPU pressure
 of the machine (Linux PSI) is recorded: when other processes compete for the cores, OpenMP threads wait on each
-other and a step can take 10x longer, so wall-clock ratios from such a run say little (rerun, or use --threads 1).
+other and a step can take 10x longer. Rounds in which any step took over 1.5x its variant's fastest are left out
+of the medians (all are kept when fewer than 3 or a quarter remain); from a run with high pressure, the ratios
+still say little (rerun on an idle machine, or use --threads 1).
 
 Usage (CPU defaults: cifar batch 64 x 20 steps, vitb batch 8 x 5 steps; about 7 minutes on 2 idle cores):
 
@@ -96,6 +98,7 @@ DEFAULTS = {
     ("vitb", "cuda"): (64, 30, 5),
 }
 SPEEDUP_TARGET, SPEEDUP_AIM, FLOOR_TARGET, MASKING_SHARE_TARGET = 1.0, 1.15, 1.15, 0.10
+DISTURBED = 1.5  # a round whose step took more than this times the variant's fastest step is left out
 
 
 # ----- cost model ---------------------------------------------------------------------------------------------
@@ -170,14 +173,31 @@ def alternate(variants: list[Variant], steps: int, warmup: int, noise_shape: tup
                 variant.cpu_times.append(time.process_time() - cpu_start)
 
 
-def paired_ratio(numerator: Variant, denominator: Variant, cpu: bool = False) -> float:
-    """Median over rounds of numerator time / denominator time (same round, so shared noise cancels).
+def undisturbed_rounds(variants: list[Variant]) -> list[int]:
+    """Timed rounds in which no variant's step took more than `DISTURBED` times its fastest step.
+
+    Other processes on a shared machine come in bursts that can slow a step down tenfold (OpenMP threads wait on a
+    descheduled sibling); a round hit by one says nothing about the models. All rounds are kept when fewer than
+    three (or under a quarter) of them are undisturbed.
+    """
+    fastest = [min(variant.times) for variant in variants]
+    rounds = range(len(variants[0].times))
+    kept = [i for i in rounds if all(v.times[i] <= DISTURBED * f for v, f in zip(variants, fastest, strict=True))]
+    return kept if len(kept) >= max(3, len(rounds) / 4) else list(rounds)
+
+
+def median_of(values: list[float], rounds: list[int]) -> float:
+    return statistics.median(values[i] for i in rounds)
+
+
+def paired_ratio(numerator: Variant, denominator: Variant, rounds: list[int], cpu: bool = False) -> float:
+    """Median over the given rounds of numerator time / denominator time (same round, so shared noise cancels).
 
     `cpu`: use process CPU time instead of wall time. On a shared machine it counts only the work this process
     got to do, so it is less sensitive to other processes than wall time (but it counts OpenMP spin-waiting).
     """
     above, below = (numerator.cpu_times, denominator.cpu_times) if cpu else (numerator.times, denominator.times)
-    return statistics.median(a / b for a, b in zip(above, below, strict=True))
+    return statistics.median(above[i] / below[i] for i in rounds)
 
 
 def best_ratio(numerator: Variant, denominator: Variant) -> float:
@@ -277,6 +297,7 @@ def compare_with_vit_mae(fields: dict, batch: int, steps: int, warmup: int, devi
     ]
     alternate(variants, steps, warmup, noise_shape, device)
     reference, candidate = variants
+    rounds = undisturbed_rounds(variants)
     return {
         "attn_implementation": vit_mae.config._attn_implementation,
         "trainable_parameters": {
@@ -285,11 +306,12 @@ def compare_with_vit_mae(fields: dict, batch: int, steps: int, warmup: int, devi
         },
         "loss_abs_difference_same_noise": loss_gap,
         "loss": float(reference_loss),
-        "median_step_s": {v.name: statistics.median(v.times) for v in variants},
-        "images_per_s": {v.name: batch / statistics.median(v.times) for v in variants},
-        "speedup": paired_ratio(reference, candidate),
-        "speedup_of_medians": statistics.median(reference.times) / statistics.median(candidate.times),
-        "speedup_cpu_time": paired_ratio(reference, candidate, cpu=True),
+        "rounds_used": rounds,
+        "median_step_s": {v.name: median_of(v.times, rounds) for v in variants},
+        "images_per_s": {v.name: batch / median_of(v.times, rounds) for v in variants},
+        "speedup": paired_ratio(reference, candidate, rounds),
+        "speedup_of_medians": median_of(reference.times, rounds) / median_of(candidate.times, rounds),
+        "speedup_cpu_time": paired_ratio(reference, candidate, rounds, cpu=True),
         "speedup_best": best_ratio(reference, candidate),
         "step_times_s": {v.name: v.times for v in variants},
         "step_cpu_times_s": {v.name: v.cpu_times for v in variants},
@@ -350,29 +372,31 @@ def measure_self_guided(fields: dict, batch: int, steps: int, warmup: int, devic
     alternate(variants, steps, warmup, (batch, 1), device)
     model.vit.encode = encode
     random_variant = variants[0]
+    rounds = undisturbed_rounds(variants)
     results = {}
     for variant in variants[1:]:
         floor = floor_ratio(config, depths[variant.name])
-        ratio = paired_ratio(variant, random_variant)
+        ratio = paired_ratio(variant, random_variant, rounds)
         results[variant.name] = {
             "feature_layer": depths[variant.name],
-            "median_step_s": statistics.median(variant.times),
-            "images_per_s": batch / statistics.median(variant.times),
+            "median_step_s": median_of(variant.times, rounds),
+            "images_per_s": batch / median_of(variant.times, rounds),
             "ratio_vs_random": ratio,
             **floor,
             "ratio_over_floor": ratio / floor["floor_ratio"],
-            "ratio_vs_random_cpu_time": paired_ratio(variant, random_variant, cpu=True),
+            "ratio_vs_random_cpu_time": paired_ratio(variant, random_variant, rounds, cpu=True),
             "ratio_vs_random_best": best_ratio(variant, random_variant),
             # the warm-up rounds recorded shares too: keep the timed ones
-            "masking_share": statistics.median(shares[variant.name]["masking"][warmup:]),
-            "encoder_calls_share": statistics.median(shares[variant.name]["encode"][warmup:]),
+            "masking_share": median_of(shares[variant.name]["masking"][warmup:], rounds),
+            "encoder_calls_share": median_of(shares[variant.name]["encode"][warmup:], rounds),
             "informed_masks_of_batch": informed[variant.name],
             "step_times_s": variant.times,
             "step_cpu_times_s": variant.cpu_times,
         }
     return {
-        "random_median_step_s": statistics.median(random_variant.times),
-        "random_images_per_s": batch / statistics.median(random_variant.times),
+        "rounds_used": rounds,
+        "random_median_step_s": median_of(random_variant.times, rounds),
+        "random_images_per_s": batch / median_of(random_variant.times, rounds),
         "random_step_times_s": random_variant.times,
         "random_step_cpu_times_s": random_variant.cpu_times,
         "self_guided": results,
@@ -384,6 +408,10 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
+def rounds_used(rounds: list[int], steps: int) -> str:
+    return f"{len(rounds)}/{steps}"
+
+
 def cpu_ratio(row: dict, value: float) -> str:
     return f"{value:>10.3f}x" if row["device"] == "cpu" else f"{'-':>11}"
 
@@ -392,7 +420,7 @@ def print_table(rows: list[dict]) -> None:
     print("\n1. Training step, SG-MAE (random masks) vs transformers ViTMAE (same weights, same noise)")
     header = (
         f"{'config':<7}{'device':<7}{'batch':>6}{'ViTMAE img/s':>14}{'SG-MAE img/s':>14}{'speedup':>9}"
-        f"{'(cpu time)':>11}{'(best)':>9}{'loss diff':>11}  target"
+        f"{'(cpu time)':>11}{'(best)':>9}{'rounds':>8}{'loss diff':>11}  target"
     )
     print(header)
     print("-" * len(header))
@@ -403,12 +431,13 @@ def print_table(rows: list[dict]) -> None:
         print(
             f"{row['config']:<7}{row['device']:<7}{row['batch_size']:>6}{c['images_per_s']['vit_mae']:>14.1f}"
             f"{c['images_per_s']['sgmae_random']:>14.1f}{c['speedup']:>8.3f}x{cpu_ratio(row, c['speedup_cpu_time'])}"
-            f"{c['speedup_best']:>8.3f}x{c['loss_abs_difference_same_noise']:>11.1e}  {target}"
+            f"{c['speedup_best']:>8.3f}x{rounds_used(c['rounds_used'], row['steps']):>8}"
+            f"{c['loss_abs_difference_same_noise']:>11.1e}  {target}"
         )
     print("\n2./3. Self-guided vs random step (informed masking active), floor from token counts")
     header = (
         f"{'config':<7}{'device':<7}{'k/L':>6}{'random ms':>11}{'SG ms':>10}{'ratio':>8}{'floor':>8}"
-        f"{'ratio/floor':>13}{'(cpu time)':>11}{'(best)':>9}{'masking %':>11}{'encode %':>10}"
+        f"{'ratio/floor':>13}{'(cpu time)':>11}{'(best)':>9}{'rounds':>8}{'masking %':>11}{'encode %':>10}"
         f"  targets (ratio/floor <= {FLOOR_TARGET}, masking <= {MASKING_SHARE_TARGET:.0%})"
     )
     print(header)
@@ -427,14 +456,17 @@ def print_table(rows: list[dict]) -> None:
                 f"{result['floor_ratio']:>8.3f}{result['ratio_over_floor']:>13.3f}"
                 f"{cpu_ratio(row, result['ratio_vs_random_cpu_time'] / result['floor_ratio'])}"
                 f"{result['ratio_vs_random_best'] / result['floor_ratio']:>8.3f}x"
+                f"{rounds_used(s['rounds_used'], row['steps']):>8}"
                 f"{result['masking_share'] * 100:>10.1f}%{result['encoder_calls_share'] * 100:>9.1f}%  {targets}"
             )
     print(
         "\nspeedup = median over rounds of ViTMAE step time / SG-MAE step time (wall clock); ratio = the same for "
         "self-guided / random;\n'(cpu time)' = the same with process CPU time; '(best)' = ratio of the fastest "
-        "steps; targets are judged on the wall-clock medians.\nmasking % = SelfGuidedMasking call (graph, solver, "
-        "ranking, hints) in a self-guided step; encode % = no-grad feature pass + masked encoder forward;\nloss diff "
-        "= |ViTMAE - SG-MAE| loss on one batch, same weights and noise."
+        "steps; targets are judged on the wall-clock medians.\nrounds = timed rounds used: those in which no step "
+        f"took over {DISTURBED}x its variant's fastest (bursts of load from other processes), all if too few.\n"
+        "masking % = SelfGuidedMasking call (graph, solver, ranking, hints) in a self-guided step; encode % = no-grad "
+        "feature pass + masked encoder forward;\nloss diff = |ViTMAE - SG-MAE| loss on one batch, same weights and "
+        "noise."
     )
     pressures = [
         f"{row['config']}/{row['device']} {max(row['cpu_pressure_avg60']):.0%}"
@@ -445,7 +477,7 @@ def print_table(rows: list[dict]) -> None:
         print(
             "CPU pressure (share of time runnable tasks waited for a core, /proc/pressure/cpu avg60, worst of start "
             f"and end): {', '.join(pressures)}.\nAbove ~20% other processes compete for the cores and wall-clock "
-            "ratios get noisy; the cpu-time and best-step columns are steadier then."
+            "ratios get noisy."
         )
 
 
