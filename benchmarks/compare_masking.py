@@ -42,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--probe_train_samples", type=int, default=10_000, help="Training images for kNN/probe.")
     parser.add_argument("--probe_eval_samples", type=int, default=None, help="Test images (default: all).")
     parser.add_argument("--probe_epochs", type=int, default=30, help="Linear-probe epochs on cached features.")
+    parser.add_argument("--probe_pooling", default="cls", choices=("cls", "mean"), help="kNN/probe features.")
     parser.add_argument("--mixed_precision", default="bf16")
     parser.add_argument("--num_workers", type=int, default=1)
     parser.add_argument(
@@ -82,7 +83,7 @@ def pretrain(args: argparse.Namespace, name: str, extra: str, seed: int, output:
 
 
 def evaluate(args: argparse.Namespace, checkpoint: Path, protocol: str) -> float:
-    output = checkpoint / f"eval-{protocol}"
+    output = checkpoint / f"eval-{protocol}" if args.probe_pooling == "cls" else checkpoint / f"eval-{protocol}-mean"
     results = output / "eval_results.json"
     if not results.is_file():
         command = [
@@ -90,6 +91,7 @@ def evaluate(args: argparse.Namespace, checkpoint: Path, protocol: str) -> float
             "--model_name_or_path", str(checkpoint), "--dataset_name", args.dataset_name,
             "--output_dir", str(output), "--max_train_samples", str(args.probe_train_samples),
             "--dataloader_num_workers", "0", "--per_device_eval_batch_size", "256", "--seed", "0",
+            "--probe_pooling", args.probe_pooling,
         ]  # fmt: skip
         if args.probe_eval_samples:
             command += ["--max_eval_samples", str(args.probe_eval_samples)]
@@ -163,6 +165,7 @@ def main() -> None:
                     "seed": seed,
                     "epoch": epoch,
                     "step": state["step"],
+                    "probe_pooling": args.probe_pooling,
                     "train_minutes": state["train_seconds"] / 60,
                     "knn": 100 * evaluate(args, checkpoint, "knn"),
                     "linear_probe": 100 * evaluate(args, checkpoint, "linear_probe"),
