@@ -33,7 +33,7 @@ from .masking_sgmae import (
     object_similarity,
 )
 from .modeling_sgmae import SGMAEForPreTraining, exploitation_rates
-from .script_utils import IMAGE_COLUMNS
+from .script_utils import IMAGE_COLUMNS, find_column
 from .script_utils import MAE_MEAN as MAE_IMAGE_MEAN
 from .script_utils import MAE_STD as MAE_IMAGE_STD
 
@@ -398,8 +398,8 @@ class AnalysisArguments:
     dataset_name: str = field(metadata={"help": "Dataset for `datasets.load_dataset`: a local directory or a Hub id."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the dataset."})
     split: str = field(default="test", metadata={"help": "Split the probe batch is taken from."})
-    image_column: str = field(
-        default="auto", metadata={"help": f"Column holding the images; `auto` tries {', '.join(IMAGE_COLUMNS)}."}
+    image_column: str | None = field(
+        default=None, metadata={"help": f"Image column (default: the first of {', '.join(IMAGE_COLUMNS)})."}
     )
     num_images: int = field(default=256, metadata={"help": "Size of the probe batch (the first images of the split)."})
     output_dir: str = field(default="sgmae_analysis", metadata={"help": "Where analysis.json and the PNG go."})
@@ -407,18 +407,6 @@ class AnalysisArguments:
     batch_size: int = field(default=64, metadata={"help": "Images per forward pass."})
     seed: int = field(default=0, metadata={"help": "Seed of the probe's random masks and hints."})
     device: str = field(default="auto", metadata={"help": "Torch device; `auto` picks CUDA when available."})
-
-
-def resolve_image_column(column_names: list[str], requested: str = "auto") -> str:
-    """The image column: `requested`, or with `auto` the first of IMAGE_COLUMNS that the dataset has."""
-    if requested != "auto":
-        if requested not in column_names:
-            raise ValueError(f"image column {requested!r} not in the dataset's columns {column_names}")
-        return requested
-    for name in IMAGE_COLUMNS:
-        if name in column_names:
-            return name
-    raise ValueError(f"no image column among {column_names}; pass --image_column (auto tries {IMAGE_COLUMNS})")
 
 
 def load_image_processor(model_path: str, config: SGMAEConfig):
@@ -459,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = SGMAEForPreTraining.from_pretrained(args.model).to(device)
     processor = load_image_processor(args.model, model.config)
     dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.split)
-    column = resolve_image_column(dataset.column_names, args.image_column)
+    column = find_column(dataset.features, args.image_column, IMAGE_COLUMNS, "image")
     images = dataset.select(range(min(args.num_images, len(dataset))))[column]
     images = [image.convert("RGB") if model.config.num_channels == 3 else image for image in images]
     pixel_values = processor(images, return_tensors="pt")["pixel_values"]

@@ -28,9 +28,9 @@ from modeling_sgmae.analysis import (
     load_image_processor,
     ncut_bipartition,
     predicted_pixel_values,
-    resolve_image_column,
     unnormalize,
 )
+from modeling_sgmae.analysis import main as analysis_main
 from modeling_sgmae.masking_sgmae import SelfGuidedMasking, num_masked_patches
 
 GRID = (8, 8)  # the tiny config: 32 px images, 4 px patches
@@ -280,14 +280,11 @@ def test_figure_panel_columns_and_png(model, tmp_path):
 # ----- command line -----------------------------------------------------------------------------------------------
 
 
-def test_resolve_image_column():
-    assert resolve_image_column(["img", "label"]) == "img"
-    assert resolve_image_column(["label", "image", "img"]) == "image"
-    assert resolve_image_column(["photo", "label"], "photo") == "photo"
-    with pytest.raises(ValueError, match="no image column"):
-        resolve_image_column(["photo", "label"])
-    with pytest.raises(ValueError, match="not in the dataset"):
-        resolve_image_column(["img"], "photo")
+def test_cli_names_a_missing_image_column(model, image_dataset_dir, tmp_path):
+    model.save_pretrained(tmp_path / "model")
+    arguments = ["--model", str(tmp_path / "model"), "--dataset_name", str(image_dataset_dir)]
+    with pytest.raises(SystemExit, match="image column 'photo' not in the dataset"):
+        analysis_main([*arguments, "--image_column", "photo", "--output_dir", str(tmp_path / "out")])
 
 
 def test_image_processor_of_the_checkpoint_or_mae_defaults(model, tmp_path):
