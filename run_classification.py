@@ -644,7 +644,7 @@ def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict
                 args.checkpointing_steps not in (None, "none", "epoch")
                 and state["step"] % int(args.checkpointing_steps) == 0
             ):
-                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit)
+                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit, unwrapped.config)
         else:  # the epoch ran to its end
             if epoch_start == state["samples_in_epoch"] == 0:
                 raise SystemExit("error: the training split yielded no full batch of images")
@@ -656,7 +656,7 @@ def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict
                 if accelerator.is_main_process:
                     logger.info("epoch %d: top-1 %.4f", state["epoch"], results.get("eval_top1", float("nan")))
             if args.checkpointing_steps == "epoch":
-                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit)
+                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit, unwrapped.config)
     progress.close()
     if state["skipped_images"]:
         logger.warning("skipped %d corrupt training images", state["skipped_images"])

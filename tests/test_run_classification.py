@@ -129,6 +129,9 @@ def test_finetune_end_to_end_resumes_exactly_and_answers_through_a_pipeline(imag
     assert results["step"] == results["total_steps"] == 16 and results["epoch"] == 2
     assert results["samples_seen"] == 2 * 64
     assert sorted(path.name for path in straight.glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-8"]
+    last_checkpoint = SGMAEForImageClassification.from_pretrained(straight / "checkpoint-16").state_dict()
+    for key, tensor in SGMAEForImageClassification.from_pretrained(straight).state_dict().items():
+        torch.testing.assert_close(last_checkpoint[key], tensor, rtol=0, atol=0, msg=key)
 
     config = json.loads((straight / "config.json").read_text())
     assert config["id2label"] == {str(i): name for i, name in enumerate(CLASS_NAMES)}
