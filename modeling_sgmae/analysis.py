@@ -434,6 +434,14 @@ def load_image_processor(model_path: str, config: SGMAEConfig):
     return processor
 
 
+def probe_batch(dataset, image_column: str | None, num_images: int, processor, config: SGMAEConfig):
+    """The first `num_images` images of a `datasets.Dataset` as normalised pixels [B, C, H, W], and the column used."""
+    column = find_column(dataset.features, image_column, IMAGE_COLUMNS, "image")
+    images = dataset.select(range(min(num_images, len(dataset))))[column]
+    images = [image.convert("RGB") if config.num_channels == 3 else image for image in images]
+    return processor(images, return_tensors="pt")["pixel_values"], column
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Analyse a checkpoint on the first images of a dataset split; write analysis.json and figure_panel.png."""
     import datasets
@@ -447,10 +455,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = SGMAEForPreTraining.from_pretrained(args.model).to(device)
     processor = load_image_processor(args.model, model.config)
     dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.split)
-    column = find_column(dataset.features, args.image_column, IMAGE_COLUMNS, "image")
-    images = dataset.select(range(min(args.num_images, len(dataset))))[column]
-    images = [image.convert("RGB") if model.config.num_channels == 3 else image for image in images]
-    pixel_values = processor(images, return_tensors="pt")["pixel_values"]
+    pixel_values, column = probe_batch(dataset, args.image_column, args.num_images, processor, model.config)
 
     # metrics and figure
     metrics = analyse(model, pixel_values, args.batch_size, args.seed)
