@@ -561,13 +561,13 @@ def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict
         optimizer, cosine_schedule(round(args.warmup_ratio * total_steps), total_steps)
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    objects = {"scheduler": scheduler}  # checkpointed beside Accelerate's state
     unwrapped: SGMAEForImageClassification = accelerator.unwrap_model(model)
 
     state = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "samples_seen": 0, "skipped_images": 0}
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if resume_path is not None:
-        state = load_checkpoint(accelerator, resume_path)
+        state = load_checkpoint(accelerator, resume_path, objects)
         logger.info("resumed from %s at step %d (epoch %d)", resume_path, state["step"], state["epoch"])
     if accelerator.is_main_process:
         accelerator.init_trackers("sgmae_classification", config={k: str(v) for k, v in asdict(args).items()})
@@ -644,7 +644,14 @@ def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict
                 args.checkpointing_steps not in (None, "none", "epoch")
                 and state["step"] % int(args.checkpointing_steps) == 0
             ):
-                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit, unwrapped.config)
+                save_checkpoint(
+                    accelerator,
+                    args.output_dir,
+                    state,
+                    args.save_total_limit,
+                    objects,
+                    unwrapped.config,
+                )
         else:  # the epoch ran to its end
             if epoch_start == state["samples_in_epoch"] == 0:
                 raise SystemExit("error: the training split yielded no full batch of images")
@@ -656,7 +663,14 @@ def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict
                 if accelerator.is_main_process:
                     logger.info("epoch %d: top-1 %.4f", state["epoch"], results.get("eval_top1", float("nan")))
             if args.checkpointing_steps == "epoch":
-                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit, unwrapped.config)
+                save_checkpoint(
+                    accelerator,
+                    args.output_dir,
+                    state,
+                    args.save_total_limit,
+                    objects,
+                    unwrapped.config,
+                )
     progress.close()
     if state["skipped_images"]:
         logger.warning("skipped %d corrupt training images", state["skipped_images"])
@@ -727,11 +741,11 @@ def linear_probe(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_schedule(round(args.warmup_ratio * total_steps), total_steps)
     )
-    accelerator.register_for_checkpointing(probe, optimizer, scheduler)
+    objects = {"probe": probe, "optimizer": optimizer, "scheduler": scheduler}
     state = {"step": 0, "epoch": 0, "samples_seen": 0}
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if resume_path is not None:
-        state = load_checkpoint(accelerator, resume_path)
+        state = load_checkpoint(accelerator, resume_path, objects)
         logger.info("resumed from %s at step %d (epoch %d)", resume_path, state["step"], state["epoch"])
     logger.info(
         "linear probe: %d steps of batch %d on %d features, lr %.2e (SGD, momentum 0.9)",
@@ -770,7 +784,7 @@ def linear_probe(
                 progress.set_postfix(loss=f"{loss.item():.4f}")
             steps = args.checkpointing_steps
             if steps not in (None, "none", "epoch") and state["step"] % int(steps) == 0:
-                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit)
+                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit, objects)
         else:
             state["epoch"] += 1
             if args.eval_every_epoch:
@@ -779,7 +793,7 @@ def linear_probe(
                     {k: v for k, v in epoch_results.items() if k.startswith("eval_top")}, step=state["step"]
                 )
             if args.checkpointing_steps == "epoch":
-                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit)
+                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit, objects)
     progress.close()
 
     # every process trained the same head; make it bit-identical (GPU kernels need not be), then fold it

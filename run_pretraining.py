@@ -214,7 +214,7 @@ def main() -> None:
     )
     # The scheduler is stepped once per optimiser step by hand (a prepared one steps once per process).
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    objects = {"scheduler": scheduler}  # checkpointed beside Accelerate's state
     unwrapped: SGMAEForPreTraining = accelerator.unwrap_model(model)
 
     state = {
@@ -227,7 +227,7 @@ def main() -> None:
     }
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if resume_path is not None:
-        state = load_checkpoint(accelerator, resume_path)
+        state = load_checkpoint(accelerator, resume_path, objects)
         logger.info("resumed from %s at step %d (epoch %d)", resume_path, state["step"], state["epoch"])
     unwrapped.set_training_progress(state["step"], total_steps)
     if accelerator.is_main_process:
@@ -316,14 +316,14 @@ def main() -> None:
             if probe is not None and args.visualization_steps and step % args.visualization_steps == 0:
                 visualize(accelerator, unwrapped, probe, processor, Path(args.output_dir) / f"masks-step{step}.png")
             if args.checkpointing_steps not in (None, "none", "epoch") and step % int(args.checkpointing_steps) == 0:
-                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit, config)
+                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit, objects, config)
         else:  # the epoch ran to its end
             if epoch_start == state["samples_in_epoch"] == 0:
                 raise SystemExit("error: the training split yielded no full batch of images")
             state["epoch"] += 1
             state["samples_in_epoch"] = 0
             if args.checkpointing_steps == "epoch":
-                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit, config)
+                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit, objects, config)
     progress.close()
     unwrapped.set_training_progress(state["step"], total_steps)  # the saved model says how far it was trained
     if state["skipped_images"]:

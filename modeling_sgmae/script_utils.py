@@ -32,6 +32,7 @@ LABEL_COLUMNS = ("label", "labels", "fine_label")
 MAE_MEAN = (0.485, 0.456, 0.406)
 MAE_STD = (0.229, 0.224, 0.225)
 STATE_FILE = "trainer_state.json"
+OBJECTS_FILE = "training_objects.pt"  # state_dicts of what Accelerate does not prepare (scheduler, probe)
 CHECKPOINT_TYPES = ("sgmae", "vit_mae")
 
 
@@ -339,11 +340,19 @@ def resolve_resume(output_dir: str, resume_from_checkpoint: str | None) -> Path 
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: str, state: dict, save_total_limit: int | None, config=None
+    accelerator: Accelerator,
+    output_dir: str,
+    state: dict,
+    save_total_limit: int | None,
+    objects: dict[str, Any],
+    config=None,
 ) -> Path:
     """Write `checkpoint-<step>` atomically: everything goes to a temporary folder that is renamed when complete.
 
-    With `config`, its config.json is written too, so the checkpoint also loads with `from_pretrained`.
+    Accelerate saves what it prepared (model, optimizer) and the RNG states; `objects` (scheduler, probe, ...) are
+    saved by state_dict to OBJECTS_FILE, which `load_checkpoint` reads with `weights_only=True`, unlike Accelerate's
+    `register_for_checkpointing` files. With `config`, its config.json is written too, so the checkpoint also loads
+    with `from_pretrained`.
     """
     final = Path(output_dir) / f"checkpoint-{state['step']}"
     temporary = Path(output_dir) / f".tmp-checkpoint-{state['step']}"
@@ -353,6 +362,7 @@ def save_checkpoint(
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        torch.save({name: value.state_dict() for name, value in objects.items()}, temporary / OBJECTS_FILE)
         if config is not None:
             config.save_pretrained(temporary)
         (temporary / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -366,9 +376,12 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
-    """Restore model, optimizer, scheduler and RNG states; return the saved trainer state."""
+def load_checkpoint(accelerator: Accelerator, path: Path, objects: dict[str, Any]) -> dict:
+    """Restore model, optimizer, RNG states and `objects`; return the saved trainer state."""
     accelerator.load_state(str(path))
+    saved = torch.load(path / OBJECTS_FILE, map_location="cpu", weights_only=True)
+    for name, value in objects.items():
+        value.load_state_dict(saved[name])
     return json.loads((path / STATE_FILE).read_text())
 
 

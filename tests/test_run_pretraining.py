@@ -239,6 +239,37 @@ def test_nan_loss_stops_the_run_and_keeps_checkpoints(image_dataset_dir, config_
     assert not list(output.glob(".tmp-checkpoint-*"))
 
 
+def test_checkpoint_objects_round_trip_and_pickled_code_in_them_is_refused(tmp_path):
+    from accelerate import Accelerator
+
+    from modeling_sgmae.script_utils import OBJECTS_FILE, load_checkpoint, save_checkpoint
+
+    accelerator = Accelerator()  # as the scripts build it: one process here
+    layer = torch.nn.Linear(2, 2)
+    _, optimizer = accelerator.prepare(layer, torch.optim.SGD(layer.parameters(), lr=1.0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    path = save_checkpoint(accelerator, str(tmp_path), {"step": 3}, None, {"scheduler": scheduler})
+    assert not list(path.glob("custom_checkpoint_*")), "Accelerate unpickles these without weights_only"
+
+    restored = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    assert load_checkpoint(accelerator, path, {"scheduler": restored}) == {"step": 3}
+    assert restored.last_epoch == 3 and restored.get_last_lr() == scheduler.get_last_lr()
+
+    marker = tmp_path / "code-ran"
+
+    class Payload:  # what a tampered checkpoint could hold: unpickling it would create `marker`
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"scheduler": Payload()}, path / OBJECTS_FILE)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_checkpoint(accelerator, path, {"scheduler": restored})
+    assert not marker.exists()
+
+
 def test_demo_runs_without_a_dataset(tmp_path):
     output = tmp_path / "demo"
     args = ["--output_dir", str(output), "--max_train_steps", "2", "--per_device_train_batch_size", "8"]
