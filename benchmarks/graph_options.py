@@ -4,12 +4,12 @@
     python benchmarks/graph_options.py --dataset_name ../shared/data/cifar10 \\
         --checkpoints outputs/compare10/mae-seed0/checkpoint-*
 
-For each checkpoint (in training order), the last-block patch features of the first `--num_images` test images are
-cut with every graph (`similarity`, `binary_fixed` at tau, `binary_mean`) and object rule (`max_abs`, `smaller`).
-Reported per option: the cosine gap (mean cosine similarity of patch pairs inside a part minus across parts; the
-same scale for every graph, higher = a cleaner cut), the object-part size, the graph's edge density and the images
-without a usable cut. Followed over a run's checkpoints, the gap shows when clusters emerge. Writes JSON, prints a
-table.
+For each checkpoint (grouped by run, in training order), the last-block patch features of the first `--num_images`
+test images are cut with every graph (`similarity`, `binary_fixed` at tau, `binary_mean`) and object rule
+(`max_abs`, `smaller`). Reported per option: the cosine gap (mean cosine similarity of patch pairs inside a part
+minus across parts; the same scale for every graph, higher = a cleaner cut), the object-part size, the graph's edge
+density and the images without a usable cut. Followed over a run's checkpoints, the gap shows when clusters emerge.
+Writes JSON, prints a table.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ def main() -> None:
     args = parse_args()
     dataset = datasets.load_dataset(args.dataset_name, split=args.split)
     records = []
-    for checkpoint in sorted(map(Path, args.checkpoints), key=training_position):
+    for checkpoint in sorted(
+        map(Path, args.checkpoints), key=lambda path: (str(path.parent), training_position(path))
+    ):
         model = SGMAEForPreTraining.from_pretrained(checkpoint).eval()
         processor = load_image_processor(str(checkpoint), model.config)
         pixel_values, _ = probe_batch(dataset, None, args.num_images, processor, model.config)
