@@ -21,6 +21,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -569,6 +570,9 @@ def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path, objects)
         logger.info("resumed from %s at step %d (epoch %d)", resume_path, state["step"], state["epoch"])
+    save_checkpoint_now = partial(
+        save_checkpoint, accelerator, args.output_dir, state, args.save_total_limit, objects, unwrapped.config
+    )
     if accelerator.is_main_process:
         accelerator.init_trackers("sgmae_classification", config={k: str(v) for k, v in asdict(args).items()})
     collate = MixingCollator(
@@ -644,14 +648,7 @@ def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict
                 args.checkpointing_steps not in (None, "none", "epoch")
                 and state["step"] % int(args.checkpointing_steps) == 0
             ):
-                save_checkpoint(
-                    accelerator,
-                    args.output_dir,
-                    state,
-                    args.save_total_limit,
-                    objects,
-                    unwrapped.config,
-                )
+                save_checkpoint_now()
         else:  # the epoch ran to its end
             if epoch_start == state["samples_in_epoch"] == 0:
                 raise SystemExit("error: the training split yielded no full batch of images")
@@ -663,14 +660,7 @@ def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict
                 if accelerator.is_main_process:
                     logger.info("epoch %d: top-1 %.4f", state["epoch"], results.get("eval_top1", float("nan")))
             if args.checkpointing_steps == "epoch":
-                save_checkpoint(
-                    accelerator,
-                    args.output_dir,
-                    state,
-                    args.save_total_limit,
-                    objects,
-                    unwrapped.config,
-                )
+                save_checkpoint_now()
     progress.close()
     if state["skipped_images"]:
         logger.warning("skipped %d corrupt training images", state["skipped_images"])
