@@ -83,7 +83,7 @@ def pretrain(args: argparse.Namespace, name: str, extra: str, seed: int, output:
 
 
 def evaluate(args: argparse.Namespace, checkpoint: Path, protocol: str) -> float:
-    output = checkpoint / f"eval-{protocol}" if args.probe_pooling == "cls" else checkpoint / f"eval-{protocol}-mean"
+    output = checkpoint / (f"eval-{protocol}" + ("" if args.probe_pooling == "cls" else "-mean"))
     results = output / "eval_results.json"
     if not results.is_file():
         command = [

@@ -64,14 +64,13 @@ def main() -> None:
     args = parse_args()
     dataset = datasets.load_dataset(args.dataset_name, split=args.split)
     records = []
-    for checkpoint in sorted(
-        map(Path, args.checkpoints), key=lambda path: (str(path.parent), training_position(path))
-    ):
+    positions = {path: training_position(path) for path in map(Path, args.checkpoints)}
+    for checkpoint in sorted(positions, key=lambda path: (str(path.parent), positions[path])):
         model = SGMAEForPreTraining.from_pretrained(checkpoint).eval()
         processor = load_image_processor(str(checkpoint), model.config)
         pixel_values, _ = probe_batch(dataset, None, args.num_images, processor, model.config)
         features = torch.cat([full_image_encoding(model, chunk)[0] for chunk in pixel_values.split(128)])
-        step, epoch = training_position(checkpoint)
+        step, epoch = positions[checkpoint]
         for graph, rule in itertools.product(GRAPHS, RULES):
             config = copy.deepcopy(model.config)
             config.graph_edges, config.foreground_rule, config.graph_threshold = graph, rule, args.graph_threshold
