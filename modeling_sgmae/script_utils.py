@@ -378,6 +378,11 @@ def save_checkpoint(
 
 def load_checkpoint(accelerator: Accelerator, path: Path, objects: dict[str, Any]) -> dict:
     """Restore model, optimizer, RNG states and `objects`; return the saved trainer state."""
+    if not (path / OBJECTS_FILE).is_file():
+        raise SystemExit(
+            f"error: {path} has no {OBJECTS_FILE}: it was written by an older version, whose scheduler state only "
+            "loads by unpickling arbitrary code; start a new run from its weights (--model_name_or_path PATH)"
+        )
     accelerator.load_state(str(path))
     saved = torch.load(path / OBJECTS_FILE, map_location="cpu", weights_only=True)
     for name, value in objects.items():

@@ -269,6 +269,10 @@ def test_checkpoint_objects_round_trip_and_pickled_code_in_them_is_refused(tmp_p
         load_checkpoint(accelerator, path, {"scheduler": restored})
     assert not marker.exists()
 
+    (path / OBJECTS_FILE).unlink()  # a checkpoint written before OBJECTS_FILE existed
+    with pytest.raises(SystemExit, match="written by an older version"):
+        load_checkpoint(accelerator, path, {"scheduler": restored})
+
 
 def test_demo_runs_without_a_dataset(tmp_path):
     output = tmp_path / "demo"
