@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +32,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         default="mae:--mask_strategy random,sgmae:--mask_strategy self_guided",
-        help="Comma-separated name:extra-arguments pairs; one pre-training run each per seed.",
+        help="Comma-separated name:extra-arguments pairs; one pre-training run each per seed. A variant's "
+        "--config_overrides (commas allowed) is applied after the common one.",
     )
     parser.add_argument("--seeds", default="0", help="Comma-separated seeds; each variant runs once per seed.")
     parser.add_argument("--epochs", type=int, default=10)
@@ -46,6 +49,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mixed_precision", default="bf16")
     parser.add_argument("--num_workers", type=int, default=1)
     parser.add_argument(
+        "--parallel_runs",
+        type=int,
+        default=1,
+        help="Pre-training runs (and then evaluations) at a time; small models leave a GPU mostly idle, so several "
+        "can share one. Epoch times of concurrent runs are measured under load.",
+    )
+    parser.add_argument(
         "--evaluate_only",
         action="store_true",
         help="Do not pre-train: evaluate the listed epochs that have checkpoints (e.g. while a run is unfinished).",
@@ -56,7 +66,8 @@ def parse_args() -> argparse.Namespace:
 
 def run(command: list[str], log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=python_path)
     with log.open("w") as handle:
         result = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
     if result.returncode != 0:
@@ -73,10 +84,17 @@ def pretrain(args: argparse.Namespace, name: str, extra: str, seed: int, output:
         "--base_learning_rate", str(args.base_learning_rate), "--warmup_ratio", str(args.warmup_ratio),
         "--mixed_precision", args.mixed_precision, "--dataloader_num_workers", str(args.num_workers),
         "--checkpointing_steps", "epoch", "--save_total_limit", "0", "--logging_steps", "50",
-        "--resume_from_checkpoint", "latest", *extra.split(),
+        "--resume_from_checkpoint", "latest",
     ]  # fmt: skip
-    if args.config_overrides:
-        command += ["--config_overrides", args.config_overrides]
+    extra_arguments = extra.split()
+    overrides = [args.config_overrides] if args.config_overrides else []
+    if "--config_overrides" in extra_arguments:
+        at = extra_arguments.index("--config_overrides")
+        overrides.append(extra_arguments[at + 1])
+        del extra_arguments[at : at + 2]
+    command += extra_arguments
+    if overrides:
+        command += ["--config_overrides", ",".join(overrides)]
     if args.max_train_samples:
         command += ["--max_train_samples", str(args.max_train_samples)]
     run(command, output / f"pretrain-{name}-seed{seed}.log")
@@ -139,48 +157,46 @@ def plot(records: list[dict], path: Path) -> None:
     figure.savefig(str(path), dpi=110)
 
 
+def evaluate_checkpoint(args: argparse.Namespace, name: str, seed: int, epoch: int, checkpoint: Path) -> dict:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    metrics = analyse(args, checkpoint)
+    return {
+        "variant": name,
+        "seed": seed,
+        "epoch": epoch,
+        "step": state["step"],
+        "probe_pooling": args.probe_pooling,
+        "train_minutes": state["train_seconds"] / 60,
+        "knn": 100 * evaluate(args, checkpoint, "knn"),
+        "linear_probe": 100 * evaluate(args, checkpoint, "linear_probe"),
+        "bipartition_gap": metrics.get("bipartition_gap"),
+        "cosine_gap": metrics.get("bipartition_cosine_gap"),
+        "feature_variance": metrics.get("feature_variance"),
+        "attention_distance_last": metrics["attention_distance"][-1],
+        "exploitation_mask_share": sum(metrics["exploitation_rate_mask"]) / len(metrics["exploitation_rate_mask"]),
+        "reconstruction_loss": metrics["reconstruction_loss"],
+    }
+
+
 def main() -> None:
     args = parse_args()
     root = Path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    variants = [item.split(":", 1) for item in args.variants.split(",")]
+    # A comma starts a new variant only where a `name:` follows, so override lists may hold commas.
+    variants = [item.split(":", 1) for item in re.split(r",(?=[\w.-]+:)", args.variants)]
+    runs = [(name, extra, int(seed)) for seed in args.seeds.split(",") for name, extra in variants]
     eval_epochs = [int(e) for e in args.eval_epochs.split(",")] if args.eval_epochs else range(1, args.epochs + 1)
-    records = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for name, extra in variants:
-            output = root / f"{name}-seed{seed}"
-            if not args.evaluate_only:
-                pretrain(args, name, extra, seed, output)
+    with ThreadPoolExecutor(args.parallel_runs) as pool:
+        if not args.evaluate_only:
+            list(pool.map(lambda run: pretrain(args, run[0], run[1], run[2], root / f"{run[0]}-seed{run[2]}"), runs))
+        jobs = []
+        for name, _, seed in runs:
             checkpoints = {}
-            for checkpoint in output.glob("checkpoint-*"):
-                state = json.loads((checkpoint / "trainer_state.json").read_text())
-                checkpoints[state["epoch"]] = (checkpoint, state)
-            for epoch in eval_epochs:
-                if epoch not in checkpoints and args.evaluate_only:
-                    continue
-                checkpoint, state = checkpoints[epoch]
-                metrics = analyse(args, checkpoint)
-                record = {
-                    "variant": name,
-                    "seed": seed,
-                    "epoch": epoch,
-                    "step": state["step"],
-                    "probe_pooling": args.probe_pooling,
-                    "train_minutes": state["train_seconds"] / 60,
-                    "knn": 100 * evaluate(args, checkpoint, "knn"),
-                    "linear_probe": 100 * evaluate(args, checkpoint, "linear_probe"),
-                    "bipartition_gap": metrics.get("bipartition_gap"),
-                    "cosine_gap": metrics.get("bipartition_cosine_gap"),
-                    "feature_variance": metrics.get("feature_variance"),
-                    "attention_distance_last": metrics["attention_distance"][-1],
-                    "exploitation_mask_share": sum(metrics["exploitation_rate_mask"])
-                    / len(metrics["exploitation_rate_mask"]),
-                    "reconstruction_loss": metrics["reconstruction_loss"],
-                }
-                records.append(record)
-                (root / "compare_masking.json").write_text(
-                    json.dumps({"args": vars(args), "records": records}, indent=2)
-                )
+            for checkpoint in (root / f"{name}-seed{seed}").glob("checkpoint-*"):
+                checkpoints[json.loads((checkpoint / "trainer_state.json").read_text())["epoch"]] = checkpoint
+            jobs += [(name, seed, epoch, checkpoints[epoch]) for epoch in eval_epochs if epoch in checkpoints]
+        records = list(pool.map(lambda job: evaluate_checkpoint(args, *job), jobs))
+    (root / "compare_masking.json").write_text(json.dumps({"args": vars(args), "records": records}, indent=2))
     header = f"{'variant':<12}{'seed':>5}{'epoch':>6}{'minutes':>9}{'kNN':>8}{'probe':>8}{'gap':>8}{'featvar':>8}"
     print(header)
     for r in records:
