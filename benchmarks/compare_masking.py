@@ -37,7 +37,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--seeds", default="0", help="Comma-separated seeds; each variant runs once per seed.")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--eval_epochs", default=None, help="Comma-separated epochs to evaluate (default: all).")
+    parser.add_argument(
+        "--eval_epochs", default=None, help="Comma-separated epochs to evaluate, in this order (default: all)."
+    )
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--base_learning_rate", type=float, default=1.5e-4)
     parser.add_argument("--warmup_ratio", type=float, default=0.1)
@@ -189,13 +191,21 @@ def main() -> None:
     with ThreadPoolExecutor(args.parallel_runs) as pool:
         if not args.evaluate_only:
             list(pool.map(lambda run: pretrain(args, run[0], run[1], run[2], root / f"{run[0]}-seed{run[2]}"), runs))
-        jobs = []
+        checkpoints = {}
         for name, _, seed in runs:
-            checkpoints = {}
             for checkpoint in (root / f"{name}-seed{seed}").glob("checkpoint-*"):
-                checkpoints[json.loads((checkpoint / "trainer_state.json").read_text())["epoch"]] = checkpoint
-            jobs += [(name, seed, epoch, checkpoints[epoch]) for epoch in eval_epochs if epoch in checkpoints]
-        records = list(pool.map(lambda job: evaluate_checkpoint(args, *job), jobs))
+                epoch = json.loads((checkpoint / "trainer_state.json").read_text())["epoch"]
+                checkpoints[name, seed, epoch] = checkpoint
+        # Epoch-major, in the order given: an interrupted benchmark has evaluated every run at the first epochs.
+        jobs = [
+            (name, seed, epoch)
+            for epoch in eval_epochs
+            for name, _, seed in runs
+            if (name, seed, epoch) in checkpoints
+        ]
+        records = list(pool.map(lambda job: evaluate_checkpoint(args, *job, checkpoints[job]), jobs))
+    order = {(name, seed): index for index, (name, _, seed) in enumerate(runs)}
+    records.sort(key=lambda record: (order[record["variant"], record["seed"]], record["epoch"]))
     (root / "compare_masking.json").write_text(json.dumps({"args": vars(args), "records": records}, indent=2))
     header = f"{'variant':<12}{'seed':>5}{'epoch':>6}{'minutes':>9}{'kNN':>8}{'probe':>8}{'gap':>8}{'featvar':>8}"
     print(header)
