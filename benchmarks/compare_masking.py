@@ -62,6 +62,12 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="Do not pre-train: evaluate the listed epochs that have checkpoints (e.g. while a run is unfinished).",
     )
+    parser.add_argument(
+        "--collect_only",
+        action="store_true",
+        help="Run nothing: gather the evaluations already written (e.g. copied back from a GPU machine without the "
+        "weights); missing ones are recorded as null.",
+    )
     parser.add_argument("--output_dir", default=str(REPO / "benchmarks/results/compare_masking"))
     return parser.parse_args()
 
@@ -74,6 +80,11 @@ def run(command: list[str], log: Path) -> None:
         result = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         raise SystemExit(f"{command[1]} failed; see {log}")
+
+
+def split_variants(text: str) -> list[tuple[str, str]]:
+    """`name:extra,name:extra` -> pairs; a comma starts a new variant only where `name:` follows it."""
+    return [tuple(item.split(":", 1)) for item in re.split(r",(?=[\w.-]+:)", text)]
 
 
 def pretrain(args: argparse.Namespace, name: str, extra: str, seed: int, output: Path) -> None:
@@ -102,10 +113,13 @@ def pretrain(args: argparse.Namespace, name: str, extra: str, seed: int, output:
     run(command, output / f"pretrain-{name}-seed{seed}.log")
 
 
-def evaluate(args: argparse.Namespace, checkpoint: Path, protocol: str) -> float:
+def evaluate(args: argparse.Namespace, checkpoint: Path, protocol: str) -> float | None:
+    """Top-1 accuracy in percent."""
     output = checkpoint / (f"eval-{protocol}" + ("" if args.probe_pooling == "cls" else "-mean"))
     results = output / "eval_results.json"
     if not results.is_file():
+        if args.collect_only:
+            return None
         command = [
             sys.executable, str(REPO / "run_classification.py"), "--protocol", protocol,
             "--model_name_or_path", str(checkpoint), "--dataset_name", args.dataset_name,
@@ -119,12 +133,14 @@ def evaluate(args: argparse.Namespace, checkpoint: Path, protocol: str) -> float
             command += ["--num_train_epochs", str(args.probe_epochs), "--per_device_train_batch_size", "256"]
         output.mkdir(parents=True, exist_ok=True)
         run(command, output / "log.txt")
-    return json.loads(results.read_text())["eval_top1"]
+    return 100 * json.loads(results.read_text())["eval_top1"]
 
 
 def analyse(args: argparse.Namespace, checkpoint: Path) -> dict:
     output = checkpoint / "analysis"
     if not (output / "analysis.json").is_file():
+        if args.collect_only:
+            return {}
         command = [
             sys.executable, "-m", "modeling_sgmae.analysis", "--model", str(checkpoint),
             "--dataset_name", args.dataset_name, "--num_images", "512", "--output_dir", str(output),
@@ -134,6 +150,10 @@ def analyse(args: argparse.Namespace, checkpoint: Path) -> dict:
     return json.loads((output / "analysis.json").read_text())
 
 
+def cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def plot(records: list[dict], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -141,19 +161,21 @@ def plot(records: list[dict], path: Path) -> None:
     figure = Figure(figsize=(11, 7))
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, 2)
-    for (name, seed), colour in zip(
-        sorted({(r["variant"], r["seed"]) for r in records}), ["C0", "C1", "C2", "C3", "C4", "C5"] * 4, strict=False
-    ):
-        runs = [r for r in records if r["variant"] == name and r["seed"] == seed]
-        style = "-" if seed == runs[0]["seed"] else "--"
-        for row, metric in enumerate(("linear_probe", "knn")):
-            for column, x_key in enumerate(("epoch", "train_minutes")):
-                axis = axes[row, column]
-                axis.plot([r[x_key] for r in runs], [r[metric] for r in runs], style, color=colour, marker="o",
-                          label=f"{name} seed {seed}")  # fmt: skip
-                axis.set_xlabel("epoch" if x_key == "epoch" else "pre-training wall-clock (min)")
-                axis.set_ylabel(f"{metric} top-1 (%)")
-                axis.grid(alpha=0.3)
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    seeds = sorted({r["seed"] for r in records})
+    for name in variants:
+        for seed in seeds:
+            runs = [r for r in records if r["variant"] == name and r["seed"] == seed]
+            style = ["-", "--", ":", "-."][seeds.index(seed) % 4]
+            for row, metric in enumerate(("linear_probe", "knn")):
+                points = [r for r in runs if r[metric] is not None]
+                for column, x_key in enumerate(("epoch", "train_minutes")):
+                    axis = axes[row, column]
+                    axis.plot([r[x_key] for r in points], [r[metric] for r in points], style, marker="o",
+                              color=f"C{variants.index(name) % 10}", label=f"{name} seed {seed}")  # fmt: skip
+                    axis.set_xlabel("epoch" if x_key == "epoch" else "pre-training wall-clock (min)")
+                    axis.set_ylabel(f"{metric} top-1 (%)")
+                    axis.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(str(path), dpi=110)
@@ -162,6 +184,7 @@ def plot(records: list[dict], path: Path) -> None:
 def evaluate_checkpoint(args: argparse.Namespace, name: str, seed: int, epoch: int, checkpoint: Path) -> dict:
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     metrics = analyse(args, checkpoint)
+    mask_shares = metrics.get("exploitation_rate_mask")
     return {
         "variant": name,
         "seed": seed,
@@ -169,14 +192,14 @@ def evaluate_checkpoint(args: argparse.Namespace, name: str, seed: int, epoch: i
         "step": state["step"],
         "probe_pooling": args.probe_pooling,
         "train_minutes": state["train_seconds"] / 60,
-        "knn": 100 * evaluate(args, checkpoint, "knn"),
-        "linear_probe": 100 * evaluate(args, checkpoint, "linear_probe"),
+        "knn": evaluate(args, checkpoint, "knn"),
+        "linear_probe": evaluate(args, checkpoint, "linear_probe"),
         "bipartition_gap": metrics.get("bipartition_gap"),
         "cosine_gap": metrics.get("bipartition_cosine_gap"),
         "feature_variance": metrics.get("feature_variance"),
-        "attention_distance_last": metrics["attention_distance"][-1],
-        "exploitation_mask_share": sum(metrics["exploitation_rate_mask"]) / len(metrics["exploitation_rate_mask"]),
-        "reconstruction_loss": metrics["reconstruction_loss"],
+        "attention_distance_last": metrics["attention_distance"][-1] if metrics else None,
+        "exploitation_mask_share": sum(mask_shares) / len(mask_shares) if mask_shares else None,
+        "reconstruction_loss": metrics.get("reconstruction_loss"),
     }
 
 
@@ -184,12 +207,11 @@ def main() -> None:
     args = parse_args()
     root = Path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    # A comma starts a new variant only where a `name:` follows, so override lists may hold commas.
-    variants = [item.split(":", 1) for item in re.split(r",(?=[\w.-]+:)", args.variants)]
+    variants = split_variants(args.variants)
     runs = [(name, extra, int(seed)) for seed in args.seeds.split(",") for name, extra in variants]
     eval_epochs = [int(e) for e in args.eval_epochs.split(",")] if args.eval_epochs else range(1, args.epochs + 1)
     with ThreadPoolExecutor(args.parallel_runs) as pool:
-        if not args.evaluate_only:
+        if not (args.evaluate_only or args.collect_only):
             list(pool.map(lambda run: pretrain(args, run[0], run[1], run[2], root / f"{run[0]}-seed{run[2]}"), runs))
         checkpoints = {}
         for name, _, seed in runs:
@@ -210,10 +232,17 @@ def main() -> None:
     header = f"{'variant':<12}{'seed':>5}{'epoch':>6}{'minutes':>9}{'kNN':>8}{'probe':>8}{'gap':>8}{'featvar':>8}"
     print(header)
     for r in records:
-        gap = f"{r['bipartition_gap']:.3f}" if r["bipartition_gap"] is not None else "-"
-        variance = f"{r['feature_variance']:.3f}" if r["feature_variance"] is not None else "-"
-        print(f"{r['variant']:<12}{r['seed']:>5}{r['epoch']:>6}{r['train_minutes']:>9.1f}{r['knn']:>8.2f}"
-              f"{r['linear_probe']:>8.2f}{gap:>8}{variance:>8}")  # fmt: skip
+        cells = [
+            cell(r[key], spec)
+            for key, spec in (
+                ("knn", ".2f"),
+                ("linear_probe", ".2f"),
+                ("bipartition_gap", ".3f"),
+                ("feature_variance", ".3f"),
+            )
+        ]
+        print(f"{r['variant']:<12}{r['seed']:>5}{r['epoch']:>6}{r['train_minutes']:>9.1f}"
+              + "".join(f"{c:>8}" for c in cells))  # fmt: skip
     plot(records, root / "compare_masking.png")
 
 

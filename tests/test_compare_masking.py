@@ -1,0 +1,72 @@
+"""benchmarks/compare_masking.py: variant parsing, per-variant config overrides and gathering copied-back results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+spec = importlib.util.spec_from_file_location("compare_masking", REPO_ROOT / "benchmarks/compare_masking.py")
+compare_masking = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare_masking)
+
+
+def parse(monkeypatch: pytest.MonkeyPatch, *arguments: str):
+    monkeypatch.setattr("sys.argv", ["compare_masking.py", "--dataset_name", "data", *arguments])
+    return compare_masking.parse_args()
+
+
+def test_split_variants_keeps_the_commas_of_config_overrides() -> None:
+    text = "mae:--mask_strategy random,hint:--config_overrides hint_ratio=0.15,mask_feature_layer=2,late:"
+    assert compare_masking.split_variants(text) == [
+        ("mae", "--mask_strategy random"),
+        ("hint", "--config_overrides hint_ratio=0.15,mask_feature_layer=2"),
+        ("late", ""),
+    ]
+
+
+def test_a_variants_config_overrides_come_after_the_common_ones(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    commands = []
+    monkeypatch.setattr(compare_masking, "run", lambda command, log: commands.append(command))
+    args = parse(monkeypatch, "--config_overrides", "num_hidden_layers=4,hint_ratio=0.06")
+    compare_masking.pretrain(
+        args, "hint", "--config_overrides hint_ratio=0.15 --informed_masking_start 0.4", 0, tmp_path
+    )
+    compare_masking.pretrain(args, "plain", "--mask_strategy random", 0, tmp_path)
+    hinted, plain = commands
+    assert hinted[hinted.index("--config_overrides") + 1] == "num_hidden_layers=4,hint_ratio=0.06,hint_ratio=0.15"
+    assert hinted.count("--config_overrides") == 1
+    assert hinted[hinted.index("--informed_masking_start") + 1] == "0.4"
+    assert plain[plain.index("--config_overrides") + 1] == "num_hidden_layers=4,hint_ratio=0.06"
+
+
+def test_collect_only_gathers_written_results_and_records_missing_ones_as_null(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def no_subprocess(command, log):
+        raise AssertionError(f"--collect_only ran {command}")
+
+    monkeypatch.setattr(compare_masking, "run", no_subprocess)
+    for variant, top1 in (("mae", 0.40), ("sgmae", 0.42)):
+        checkpoint = tmp_path / f"{variant}-seed0/checkpoint-10"
+        (checkpoint / "eval-knn-mean").mkdir(parents=True)
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"epoch": 1, "step": 10, "train_seconds": 90}))
+        (checkpoint / "eval-knn-mean/eval_results.json").write_text(json.dumps({"eval_top1": top1}))
+    analysis = {"feature_variance": 0.5, "attention_distance": [3.0, 5.0], "exploitation_rate_mask": [0.4, 0.6]}
+    analysis |= {"reconstruction_loss": 0.7, "bipartition_gap": 0.2}
+    (tmp_path / "mae-seed0/checkpoint-10/analysis").mkdir()
+    (tmp_path / "mae-seed0/checkpoint-10/analysis/analysis.json").write_text(json.dumps(analysis))
+    monkeypatch.setattr(
+        "sys.argv",
+        ["compare_masking.py", "--dataset_name", "data", "--probe_pooling", "mean", "--collect_only",
+         "--epochs", "1", "--output_dir", str(tmp_path)],
+    )  # fmt: skip
+    compare_masking.main()
+    mae, sgmae = json.loads((tmp_path / "compare_masking.json").read_text())["records"]
+    assert (mae["variant"], mae["knn"], mae["linear_probe"], mae["train_minutes"]) == ("mae", 40.0, None, 1.5)
+    assert (mae["attention_distance_last"], mae["exploitation_mask_share"]) == (5.0, 0.5)
+    assert sgmae["knn"] == pytest.approx(42.0) and sgmae["feature_variance"] is None
+    assert (tmp_path / "compare_masking.png").stat().st_size > 0
