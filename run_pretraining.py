@@ -236,10 +236,16 @@ def main() -> None:
     collate = ImageCollator(train_transform(processor), image_column)
     probe = ImageCollator(eval_transform(processor), image_column)(probe_rows) if probe_rows else None
     exploitation_every = args.exploitation_check_steps or max(steps_per_epoch // 4, 1)
+    start = unwrapped.informed_masking_start_step
+    if config.mask_strategy == "random":
+        phases = ""
+    elif start is None:
+        phases = ", informed once the decoder's mask-token share overtakes the visible share (automatic start)"
+    else:
+        phases = f", informed from step {start}"
     logger.info(
         "training %d steps (%d epochs of %d steps), global batch %d, lr %.2e, %s masking%s",
-        total_steps, num_epochs, steps_per_epoch, global_batch, learning_rate, config.mask_strategy,
-        f", informed from step {unwrapped.informed_masking_start_step}" if config.mask_strategy != "random" else "",
+        total_steps, num_epochs, steps_per_epoch, global_batch, learning_rate, config.mask_strategy, phases,
     )  # fmt: skip
 
     progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_main_process)
@@ -303,9 +309,15 @@ def main() -> None:
                 accelerator.log(logs, step=step)
                 window = dict.fromkeys(window, 0)
             if probe is not None and config.mask_strategy == "self_guided" and step % exploitation_every == 0:
+                waiting = unwrapped.informed_masking_start_step is None
                 rates = unwrapped.record_exploitation_rates(
                     probe["pixel_values"].to(accelerator.device), noise=probe_noise(probe, config)
                 )
+                if waiting and unwrapped.informed_masking_start_step is not None:
+                    logger.info(
+                        "automatic start: informed masks from step %d (decoder mask-token share %.3f > visible %.3f)",
+                        step, float(rates[:, 1].mean()), float(rates[:, 0].mean()),
+                    )  # fmt: skip
                 accelerator.log(
                     {
                         "exploitation_visible": float(rates[:, 0].mean()),
