@@ -199,6 +199,7 @@ def evaluate_checkpoint(args: argparse.Namespace, name: str, seed: int, epoch: i
         "feature_variance": metrics.get("feature_variance"),
         "attention_distance_last": metrics["attention_distance"][-1] if metrics else None,
         "exploitation_mask_share": sum(mask_shares) / len(mask_shares) if mask_shares else None,
+        "centre_masked_share": metrics.get("informed_mask_centre_share"),
         "reconstruction_loss": metrics.get("reconstruction_loss"),
     }
 

@@ -75,6 +75,7 @@ class FeatureStatistics:
     bipartition_gap: torch.Tensor  # mu_intra - mu_inter of the graph weights W over the NCut parts
     cosine_gap: torch.Tensor  # the same gap measured on the cosine similarities S
     object_part_size: torch.Tensor  # patches in the object part
+    centre_masked_share: torch.Tensor  # share of the central patches that the informed mask (no hints) hides
     edge_density: torch.Tensor  # share of real edges in the affinity graph
     has_cut: torch.Tensor  # bool: the image has a usable bi-partition
     object_part: torch.Tensor  # [B, N] bool, the object part of the cut
@@ -94,6 +95,7 @@ class FeatureStatistics:
             "bipartition_cosine_gap": _mean(self.cosine_gap[cut]),
             "object_part_size": _mean(self.object_part_size[cut]),
             "object_part_fraction": _mean(self.object_part_size[cut] / self.object_part.shape[1]),
+            "informed_mask_centre_share": _mean(self.centre_masked_share[cut]),
             "edge_density": _mean(self.edge_density),
             "num_images_without_cut": int((~cut).sum()),
         }
@@ -112,13 +114,25 @@ def _pair_mean(values: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     return (values * pairs).sum(dim=(1, 2)) / pairs.sum(dim=(1, 2))
 
 
+def centre_patches(grid: tuple[int, int]) -> torch.Tensor:
+    """[N] bool: the patches in the middle half of the rows and of the columns (a quarter of the image)."""
+    rows, columns = (torch.arange(size) for size in grid)
+    row_inside = (rows >= grid[0] // 4) & (rows < grid[0] - grid[0] // 4)
+    column_inside = (columns >= grid[1] // 4) & (columns < grid[1] - grid[1] // 4)
+    return (row_inside[:, None] & column_inside[None, :]).flatten()
+
+
 @torch.no_grad()
-def feature_statistics(features: torch.Tensor, config: SGMAEConfig) -> FeatureStatistics:
+def feature_statistics(
+    features: torch.Tensor, config: SGMAEConfig, grid: tuple[int, int] | None = None
+) -> FeatureStatistics:
     """sigma_F, sigma_s and the NCut bi-partition gap of patch features [B, N, D] (METHOD.md §5).
 
     Features are L2-normalised first (f_i), as the masking does. The gap compares the mean weight over pairs
     i != j in the same part with the mean weight over pairs in different parts; for the default similarity graph
-    it lies in [-1, 1], 1 meaning two groups that are orthogonal to each other and uniform inside.
+    it lies in [-1, 1], 1 meaning two groups that are orthogonal to each other and uniform inside. The centre
+    share tells whether informed masks hide the middle of the image, where object-centred datasets put the
+    object (a random mask hides `mask_ratio` of it); `grid` (rows, columns) defaults to the config's.
     """
     unit = nn.functional.normalize(features.float(), dim=-1)
     num_patches = unit.shape[1]
@@ -134,12 +148,17 @@ def feature_statistics(features: torch.Tensor, config: SGMAEConfig) -> FeatureSt
     gap = torch.where(cut.has_cut, _pair_mean(cut.weights, within) - _pair_mean(cut.weights, across), nan)
     cosine_gap = torch.where(cut.has_cut, _pair_mean(similarity, within) - _pair_mean(similarity, across), nan)
     part_size = torch.where(cut.has_cut, cut.object_part.sum(dim=1), -1)
+    num_masked = num_masked_patches(num_patches, config.mask_ratio)
+    mask = informed_mask(object_similarity(unit, cut.object_part), cut.object_part, num_masked)
+    centre = centre_patches(grid or config.grid_size).to(unit.device)
+    centre_share = torch.where(cut.has_cut, mask[:, centre].float().mean(dim=1), nan)
     return FeatureStatistics(
         feature_variance=feature_variance,
         similarity_variance=similarity_variance,
         bipartition_gap=gap,
         cosine_gap=cosine_gap,
         object_part_size=part_size,
+        centre_masked_share=centre_share,
         edge_density=cut.edge_density,
         has_cut=cut.has_cut,
         object_part=cut.object_part,
@@ -213,7 +232,7 @@ def analyse(
         for start in range(0, pixel_values.shape[0], batch_size):
             chunk = pixel_values[start : start + batch_size].to(device=device, dtype=dtype)
             features, attentions, grid = full_image_encoding(model, chunk, feature_layer, output_attentions=True)
-            statistics.append(feature_statistics(features, config))
+            statistics.append(feature_statistics(features, config, grid))
             if feature_layer is not None and feature_layer != config.num_hidden_layers:
                 _, attentions, grid = full_image_encoding(model, chunk, output_attentions=True)
             distances.append(attention_distance(attentions, grid, config.patch_size))

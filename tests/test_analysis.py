@@ -21,6 +21,7 @@ from modeling_sgmae.analysis import (
     MAE_IMAGE_STD,
     analyse,
     attention_distance,
+    centre_patches,
     exploitation_rates,
     feature_statistics,
     figure_panel,
@@ -48,6 +49,7 @@ METRIC_KEYS = {
     "bipartition_cosine_gap",
     "object_part_size",
     "object_part_fraction",
+    "informed_mask_centre_share",
     "edge_density",
     "num_images_without_cut",
     "attention_distance",
@@ -110,6 +112,25 @@ def test_two_orthogonal_groups_give_the_maximal_gap_and_the_right_parts(solver):
     other = num_patches - group_size
     real_edges = (group_size * (group_size - 1) + other * (other - 1)) / (num_patches * (num_patches - 1))
     assert stats.edge_density.tolist() == pytest.approx([real_edges] * 2)
+
+
+def test_centre_patches_are_the_middle_half_of_rows_and_columns():
+    assert centre_patches(GRID).view(GRID).nonzero().tolist() == [[r, c] for r in range(2, 6) for c in range(2, 6)]
+    assert centre_patches((4, 6)).view(4, 6).nonzero().tolist() == [[r, c] for r in (1, 2) for c in range(1, 5)]
+
+
+def test_the_centre_share_says_whether_informed_masks_hide_the_middle_of_the_image():
+    centre = centre_patches(GRID)
+    corner = torch.zeros(GRID, dtype=torch.bool)
+    corner[:4, :4] = True  # an object of the same size (16 patches) in the top-left corner
+    objects = torch.stack([centre, corner.flatten()])
+    features = torch.stack([objects.float(), (~objects).float()], dim=-1)
+
+    # 16 of 64 patches masked: exactly the object part (the smaller, more extreme NCut part)
+    stats = feature_statistics(features, tiny_config(mask_ratio=0.25))
+
+    assert torch.equal(stats.object_part, objects)
+    assert stats.centre_masked_share.tolist() == [1.0, 4 / 16]  # the corner block overlaps the centre in 2 x 2
 
 
 def test_identical_features_have_zero_variance_and_no_cut():
