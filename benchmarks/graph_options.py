@@ -7,8 +7,9 @@
 For each checkpoint (grouped by run, in training order), the last-block patch features of the first `--num_images`
 test images are cut with every graph (`similarity`, `binary_fixed` at tau, `binary_mean`) and object rule
 (`max_abs`, `smaller`). Reported per option: the cosine gap (mean cosine similarity of patch pairs inside a part
-minus across parts; the same scale for every graph, higher = a cleaner cut), the object-part size, the graph's edge
-density and the images without a usable cut. Followed over a run's checkpoints, the gap shows when clusters emerge.
+minus across parts; the same scale for every graph, higher = a cleaner cut), the object-part size, the share of the
+central patches that the informed mask hides (random masks: the mask ratio), the graph's edge density and the images
+without a usable cut. Followed over a run's checkpoints, the gap shows when clusters emerge.
 Writes JSON, prints a table.
 """
 
@@ -78,14 +79,15 @@ def main() -> None:
             records.append({"checkpoint": str(checkpoint), "step": step, "epoch": epoch, "graph_edges": graph,
                             "foreground_rule": rule, **summary})  # fmt: skip
 
-    header = f"{'checkpoint':<44}{'epoch':>6}  {'graph':<13}{'rule':<9}{'cos gap':>8}{'object':>8}{'edges':>7}"
-    print(f"{header}{'no cut':>7}")
+    header = f"{'checkpoint':<44}{'epoch':>6}  {'graph':<13}{'rule':<9}{'cos gap':>8}{'object':>8}{'centre':>8}"
+    print(f"{header}{'edges':>7}{'no cut':>7}")
     for r in records:
         gap = f"{r['bipartition_cosine_gap']:.3f}" if r["bipartition_cosine_gap"] is not None else "-"
         size = f"{r['object_part_size']:.1f}" if r["object_part_size"] is not None else "-"
+        centre = f"{r['informed_mask_centre_share']:.3f}" if r["informed_mask_centre_share"] is not None else "-"
         epoch = "-" if r["epoch"] is None else f"{r['epoch']:g}"
         print(f"{r['checkpoint'][-44:]:<44}{epoch:>6}  {r['graph_edges']:<13}{r['foreground_rule']:<9}{gap:>8}"
-              f"{size:>8}{r['edge_density']:>7.3f}{r['num_images_without_cut']:>7}")  # fmt: skip
+              f"{size:>8}{centre:>8}{r['edge_density']:>7.3f}{r['num_images_without_cut']:>7}")  # fmt: skip
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps({"command": "python " + " ".join(sys.argv), "records": records}, indent=2))
 
