@@ -316,7 +316,7 @@ def main() -> None:
                 if waiting and unwrapped.informed_masking_start_step is not None:
                     logger.info(
                         "automatic start: informed masks from step %d (decoder mask-token share %.3f > visible %.3f)",
-                        step, float(rates[:, 1].mean()), float(rates[:, 0].mean()),
+                        unwrapped.informed_masking_start_step, float(rates[:, 1].mean()), float(rates[:, 0].mean()),
                     )  # fmt: skip
                 accelerator.log(
                     {

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -84,7 +85,38 @@ def run(command: list[str], log: Path) -> None:
 
 def split_variants(text: str) -> list[tuple[str, str]]:
     """`name:extra,name:extra` -> pairs; a comma starts a new variant only where `name:` follows it."""
-    return [tuple(item.split(":", 1)) for item in re.split(r",(?=[\w.-]+:)", text)]
+    variants = []
+    for item in re.split(r",\s*(?=[\w.-]+:)", text.strip()):
+        name, colon, extra = item.partition(":")
+        if not colon or not name.strip():
+            raise SystemExit(f"error: --variants item {item!r} is not name:extra-arguments")
+        variants.append((name.strip(), extra))
+    return variants
+
+
+def split_config_overrides(extra: str) -> tuple[list[str], str | None]:
+    """A variant's extra arguments without its --config_overrides (either form), and that value."""
+    arguments, overrides = shlex.split(extra), None
+    for at, argument in enumerate(arguments):
+        if argument.startswith("--config_overrides="):
+            overrides = argument.partition("=")[2]
+            return arguments[:at] + arguments[at + 1 :], overrides
+        if argument == "--config_overrides":
+            if at + 1 == len(arguments):
+                raise SystemExit(f"error: --config_overrides without a value in variant arguments {extra!r}")
+            return arguments[:at] + arguments[at + 2 :], arguments[at + 1]
+    return arguments, overrides
+
+
+def run_all(pool: ThreadPoolExecutor, function, items: list) -> list:
+    """function(item) for every item on the pool; the first failure cancels the items not yet started."""
+    futures = [pool.submit(function, item) for item in items]
+    try:
+        return [future.result() for future in futures]
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
 
 
 def pretrain(args: argparse.Namespace, name: str, extra: str, seed: int, output: Path) -> None:
@@ -99,13 +131,9 @@ def pretrain(args: argparse.Namespace, name: str, extra: str, seed: int, output:
         "--checkpointing_steps", "epoch", "--save_total_limit", "0", "--logging_steps", "50",
         "--resume_from_checkpoint", "latest",
     ]  # fmt: skip
-    extra_arguments = extra.split()
-    overrides = [args.config_overrides] if args.config_overrides else []
-    if "--config_overrides" in extra_arguments:
-        at = extra_arguments.index("--config_overrides")
-        overrides.append(extra_arguments[at + 1])
-        del extra_arguments[at : at + 2]
+    extra_arguments, variant_overrides = split_config_overrides(extra)
     command += extra_arguments
+    overrides = [value for value in (args.config_overrides, variant_overrides) if value]
     if overrides:
         command += ["--config_overrides", ",".join(overrides)]
     if args.max_train_samples:
@@ -114,7 +142,7 @@ def pretrain(args: argparse.Namespace, name: str, extra: str, seed: int, output:
 
 
 def evaluate(args: argparse.Namespace, checkpoint: Path, protocol: str) -> float | None:
-    """Top-1 accuracy in percent."""
+    """Top-1 accuracy in percent; None under --collect_only when the checkpoint has no such evaluation."""
     output = checkpoint / (f"eval-{protocol}" + ("" if args.probe_pooling == "cls" else "-mean"))
     results = output / "eval_results.json"
     if not results.is_file():
@@ -151,6 +179,7 @@ def analyse(args: argparse.Namespace, checkpoint: Path) -> dict:
 
 
 def cell(value: float | None, spec: str) -> str:
+    """A table cell: the formatted value, or `-` for a missing one."""
     return "-" if value is None else format(value, spec)
 
 
@@ -211,22 +240,22 @@ def main() -> None:
     variants = split_variants(args.variants)
     runs = [(name, extra, int(seed)) for seed in args.seeds.split(",") for name, extra in variants]
     eval_epochs = [int(e) for e in args.eval_epochs.split(",")] if args.eval_epochs else range(1, args.epochs + 1)
+    eval_epochs = list(dict.fromkeys(eval_epochs))
     with ThreadPoolExecutor(args.parallel_runs) as pool:
         if not (args.evaluate_only or args.collect_only):
-            list(pool.map(lambda run: pretrain(args, run[0], run[1], run[2], root / f"{run[0]}-seed{run[2]}"), runs))
+            run_all(pool, lambda job: pretrain(args, job[0], job[1], job[2], root / f"{job[0]}-seed{job[2]}"), runs)
         checkpoints = {}
         for name, _, seed in runs:
             for checkpoint in (root / f"{name}-seed{seed}").glob("checkpoint-*"):
                 epoch = json.loads((checkpoint / "trainer_state.json").read_text())["epoch"]
                 checkpoints[name, seed, epoch] = checkpoint
         # Epoch-major, in the order given: an interrupted benchmark has evaluated every run at the first epochs.
-        jobs = [
-            (name, seed, epoch)
-            for epoch in eval_epochs
-            for name, _, seed in runs
-            if (name, seed, epoch) in checkpoints
-        ]
-        records = list(pool.map(lambda job: evaluate_checkpoint(args, *job, checkpoints[job]), jobs))
+        jobs = [(name, seed, epoch) for epoch in eval_epochs for name, _, seed in runs]
+        for job in jobs:
+            if job not in checkpoints:
+                print(f"warning: no checkpoint of {job[0]} seed {job[1]} at epoch {job[2]}; not evaluated")
+        jobs = [job for job in jobs if job in checkpoints]
+        records = run_all(pool, lambda job: evaluate_checkpoint(args, *job, checkpoints[job]), jobs)
     order = {(name, seed): index for index, (name, _, seed) in enumerate(runs)}
     records.sort(key=lambda record: (order[record["variant"], record["seed"]], record["epoch"]))
     (root / "compare_masking.json").write_text(json.dumps({"args": vars(args), "records": records}, indent=2))

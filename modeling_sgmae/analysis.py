@@ -75,7 +75,7 @@ class FeatureStatistics:
     bipartition_gap: torch.Tensor  # mu_intra - mu_inter of the graph weights W over the NCut parts
     cosine_gap: torch.Tensor  # the same gap measured on the cosine similarities S
     object_part_size: torch.Tensor  # patches in the object part
-    centre_masked_share: torch.Tensor  # share of the central patches that the informed mask (no hints) hides
+    centre_masked_share: torch.Tensor  # central patches hidden by these features' informed mask (no hints)
     edge_density: torch.Tensor  # share of real edges in the affinity graph
     has_cut: torch.Tensor  # bool: the image has a usable bi-partition
     object_part: torch.Tensor  # [B, N] bool, the object part of the cut
@@ -115,7 +115,7 @@ def _pair_mean(values: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
 
 
 def centre_patches(grid: tuple[int, int]) -> torch.Tensor:
-    """[N] bool: the patches in the middle half of the rows and of the columns (a quarter of the image)."""
+    """[N] bool: the patches in the middle half of the rows and of the columns (rounded inwards)."""
     rows, columns = (torch.arange(size) for size in grid)
     row_inside = (rows >= grid[0] // 4) & (rows < grid[0] - grid[0] // 4)
     column_inside = (columns >= grid[1] // 4) & (columns < grid[1] - grid[1] // 4)

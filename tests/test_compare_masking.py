@@ -26,6 +26,9 @@ def test_split_variants_keeps_the_commas_of_config_overrides() -> None:
         ("hint", "--config_overrides hint_ratio=0.15,mask_feature_layer=2"),
         ("late", ""),
     ]
+    assert compare_masking.split_variants("a:--seed 1, b:") == [("a", "--seed 1"), ("b", "")]
+    with pytest.raises(SystemExit, match="not name:extra-arguments"):
+        compare_masking.split_variants("mae")
 
 
 def test_a_variants_config_overrides_come_after_the_common_ones(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -41,6 +44,10 @@ def test_a_variants_config_overrides_come_after_the_common_ones(monkeypatch: pyt
     assert hinted.count("--config_overrides") == 1
     assert hinted[hinted.index("--informed_masking_start") + 1] == "0.4"
     assert plain[plain.index("--config_overrides") + 1] == "num_hidden_layers=4,hint_ratio=0.06"
+    compare_masking.pretrain(args, "equals", "--config_overrides=hint_ratio=0.2", 0, tmp_path)
+    assert commands[-1][-2:] == ["--config_overrides", "num_hidden_layers=4,hint_ratio=0.06,hint_ratio=0.2"]
+    with pytest.raises(SystemExit, match="without a value"):
+        compare_masking.pretrain(args, "broken", "--config_overrides", 0, tmp_path)
 
 
 def test_collect_only_gathers_written_results_and_records_missing_ones_as_null(
