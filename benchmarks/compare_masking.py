@@ -70,7 +70,10 @@ def parse_args() -> argparse.Namespace:
         "weights); missing ones are recorded as null.",
     )
     parser.add_argument("--output_dir", default=str(REPO / "benchmarks/results/compare_masking"))
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.parallel_runs < 1:
+        parser.error("--parallel_runs must be at least 1")
+    return args
 
 
 def run(command: list[str], log: Path) -> None:
@@ -96,16 +99,15 @@ def split_variants(text: str) -> list[tuple[str, str]]:
 
 def split_config_overrides(extra: str) -> tuple[list[str], str | None]:
     """A variant's extra arguments without its --config_overrides (either form), and that value."""
-    arguments, overrides = shlex.split(extra), None
+    arguments = shlex.split(extra)
     for at, argument in enumerate(arguments):
         if argument.startswith("--config_overrides="):
-            overrides = argument.partition("=")[2]
-            return arguments[:at] + arguments[at + 1 :], overrides
+            return arguments[:at] + arguments[at + 1 :], argument.partition("=")[2]
         if argument == "--config_overrides":
             if at + 1 == len(arguments):
                 raise SystemExit(f"error: --config_overrides without a value in variant arguments {extra!r}")
             return arguments[:at] + arguments[at + 2 :], arguments[at + 1]
-    return arguments, overrides
+    return arguments, None
 
 
 def run_all(pool: ThreadPoolExecutor, function, items: list) -> list:
@@ -192,16 +194,16 @@ def plot(records: list[dict], path: Path) -> None:
     axes = figure.subplots(2, 2)
     variants = list(dict.fromkeys(r["variant"] for r in records))
     seeds = sorted({r["seed"] for r in records})
-    for name in variants:
-        for seed in seeds:
+    for variant_index, name in enumerate(variants):
+        for seed_index, seed in enumerate(seeds):
             runs = [r for r in records if r["variant"] == name and r["seed"] == seed]
-            style = ["-", "--", ":", "-."][seeds.index(seed) % 4]
+            style = ["-", "--", ":", "-."][seed_index % 4]
             for row, metric in enumerate(("linear_probe", "knn")):
                 points = [r for r in runs if r[metric] is not None]
                 for column, x_key in enumerate(("epoch", "train_minutes")):
                     axis = axes[row, column]
                     axis.plot([r[x_key] for r in points], [r[metric] for r in points], style, marker="o",
-                              color=f"C{variants.index(name) % 10}", label=f"{name} seed {seed}")  # fmt: skip
+                              color=f"C{variant_index % 10}", label=f"{name} seed {seed}")  # fmt: skip
                     axis.set_xlabel("epoch" if x_key == "epoch" else "pre-training wall-clock (min)")
                     axis.set_ylabel(f"{metric} top-1 (%)")
                     axis.grid(alpha=0.3)

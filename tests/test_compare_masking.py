@@ -77,3 +77,9 @@ def test_collect_only_gathers_written_results_and_records_missing_ones_as_null(
     assert (mae["attention_distance_last"], mae["exploitation_mask_share"]) == (5.0, 0.5)
     assert sgmae["knn"] == pytest.approx(42.0) and sgmae["feature_variance"] is None
     assert (tmp_path / "compare_masking.png").stat().st_size > 0
+
+
+def test_parallel_runs_below_one_is_refused(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse(monkeypatch, "--parallel_runs", "0")
+    assert "--parallel_runs must be at least 1" in capsys.readouterr().err
