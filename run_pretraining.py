@@ -310,9 +310,7 @@ def main() -> None:
                 window = dict.fromkeys(window, 0)
             if probe is not None and config.mask_strategy == "self_guided" and step % exploitation_every == 0:
                 waiting = unwrapped.informed_masking_start_step is None
-                rates = unwrapped.record_exploitation_rates(
-                    probe["pixel_values"].to(accelerator.device), noise=probe_noise(probe, config)
-                )
+                rates = unwrapped.record_exploitation_rates(probe["pixel_values"].to(accelerator.device))
                 if waiting and unwrapped.informed_masking_start_step is not None:
                     logger.info(
                         "automatic start: informed masks from step %d (decoder mask-token share %.3f > visible %.3f)",
@@ -364,13 +362,6 @@ def main() -> None:
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
     accelerator.end_training()
-
-
-def probe_noise(probe: dict[str, torch.Tensor], config: SGMAEConfig) -> torch.Tensor:
-    """The same random masks for every exploitation-rate check and on every process."""
-    grid_height, grid_width = config.grid_size
-    generator = torch.Generator().manual_seed(0)
-    return torch.rand(len(probe["pixel_values"]), grid_height * grid_width, generator=generator)
 
 
 def visualize(accelerator, model: SGMAEForPreTraining, probe: dict, processor, path: Path) -> None:

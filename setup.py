@@ -29,6 +29,13 @@ setup(
         "demo": ["scikit-image>=0.22"],
         "tensorboard": ["tensorboard>=2.15"],
         "analysis": ["matplotlib>=3.8"],
-        "dev": ["pytest>=8", "ruff>=0.6", "scikit-image>=0.22", "tensorboard>=2.15", "matplotlib>=3.8"],
+        "dev": [
+            "pytest>=8",
+            "parameterized>=0.9",
+            "ruff>=0.6",
+            "scikit-image>=0.22",
+            "tensorboard>=2.15",
+            "matplotlib>=3.8",
+        ],
     },
 )

@@ -17,6 +17,7 @@ from .modeling_sgmae import (
     SGMAEPreTrainedModel,
     convert_vit_mae_state_dict,
 )
+from .trainer_callback import SGMAETrainerCallback
 
 AutoConfig.register("sgmae", SGMAEConfig, exist_ok=True)
 AutoModel.register(SGMAEConfig, SGMAEModel, exist_ok=True)
@@ -31,6 +32,7 @@ __all__ = [
     "SGMAEForPreTrainingOutput",
     "SGMAEModel",
     "SGMAEPreTrainedModel",
+    "SGMAETrainerCallback",
     "SelfGuidedMasking",
     "convert_vit_mae_state_dict",
 ]

@@ -246,8 +246,9 @@ class SGMAEConfig(PreTrainedConfig):
         in_range("hint_ratio", 0.0, 0.5, high_inclusive=True)
         in_range("graph_threshold", -1.0, 1.0, high_inclusive=True)
         in_range("graph_eps", 1e-12, 1.0, high_inclusive=True)
-        in_range("layer_norm_eps", 0.0, 1.0)
         in_range("initializer_range", 0.0, 1.0, high_inclusive=True)
+        if not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
+            raise ValueError(f"SGMAEConfig.layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
             raise ValueError(f"SGMAEConfig.hidden_act must name a transformers activation, got {self.hidden_act!r}")
         for name in ("qkv_bias", "norm_pix_loss", "informed_masking_auto_start"):
@@ -265,3 +266,7 @@ class SGMAEConfig(PreTrainedConfig):
     def feature_layer(self) -> int:
         """Number of encoder blocks whose output is clustered by the self-guided masking."""
         return self.mask_feature_layer or self.num_hidden_layers
+
+
+# Every save of a config writes this file beside config.json, so the folder loads with trust_remote_code.
+SGMAEConfig.register_for_auto_class()

@@ -234,7 +234,7 @@ class MaskingResult:
     mask: torch.Tensor  # [B, N] bool, True = masked
     mask_type: torch.Tensor  # [B] long, MaskType values
     object_part_size: torch.Tensor  # [B] long, patches in the object part; -1 where no partition was used
-    edge_density: torch.Tensor  # [B] float, share of real edges in the affinity graph; NaN where not built
+    edge_density: torch.Tensor  # [B] float, share of real edges in the affinity graph
     object_part: torch.Tensor  # [B, N] bool, the NCut object part (all False where not used)
 
 

@@ -12,7 +12,9 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, cached_file, logging
 
 from .configuration_sgmae import AUTO_MAP, SGMAEConfig
@@ -110,17 +112,43 @@ class SGMAEEmbeddings(nn.Module):
         return patches + positions[:, 1:].to(patches.dtype), cls_token, grid
 
 
-class SGMAEAttention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection; SDPA unless attention weights are asked for."""
+def eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit softmax attention over [B, heads, L, head_dim]: output [B, L, heads, head_dim], weights."""
+    scores = query @ key.transpose(-2, -1) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    output = nn.functional.dropout(weights, dropout, module.training) @ value
+    return output.transpose(1, 2), weights
 
-    def __init__(self, hidden_size: int, num_heads: int, qkv_bias: bool, attention_dropout: float, dropout: float):
+
+class SGMAEAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection.
+
+    The kernel is transformers' attention interface for `config._attn_implementation` ("sdpa" by default, or
+    "eager"); attention weights, when asked for, come from the eager path.
+    """
+
+    def __init__(self, config: SGMAEConfig, hidden_size: int, num_heads: int):
         super().__init__()
+        self.config = config
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
-        self.attention_dropout = attention_dropout
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=qkv_bias)
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False  # SDPA through the interface would otherwise apply a causal mask
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(hidden_size, hidden_size)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False
@@ -128,15 +156,12 @@ class SGMAEAttention(nn.Module):
         batch_size, length, width = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch_size, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
         dropout = self.attention_dropout if self.training else 0.0
-        weights = None
-        if output_attentions:
-            weights = (query @ key.transpose(-2, -1) * self.head_dim**-0.5).softmax(dim=-1)
-            context = nn.functional.dropout(weights, dropout, self.training) @ value
-        else:
-            context = nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=dropout)
-        context = context.transpose(1, 2).reshape(batch_size, length, width)
-        return self.dropout(self.o_proj(context)), weights
+        context, weights = attention(self, query, key, value, None, dropout=dropout, scaling=self.scaling)
+        context = context.reshape(batch_size, length, width)
+        return self.dropout(self.o_proj(context)), weights if output_attentions else None
 
 
 class SGMAEMLP(nn.Module):
@@ -151,8 +176,8 @@ class SGMAEMLP(nn.Module):
         return self.dropout(self.fc2(self.activation(self.fc1(hidden_states))))
 
 
-class SGMAELayer(nn.Module):
-    """Pre-LN transformer block (ViTMAE's layer, with stochastic depth)."""
+class SGMAELayer(GradientCheckpointingLayer):
+    """Pre-LN transformer block (ViTMAE's layer, with stochastic depth); checkpointed when the model enables it."""
 
     def __init__(
         self,
@@ -164,13 +189,7 @@ class SGMAELayer(nn.Module):
     ):
         super().__init__()
         self.layernorm_before = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
-        self.attention = SGMAEAttention(
-            hidden_size,
-            num_heads,
-            config.qkv_bias,
-            config.attention_probs_dropout_prob,
-            config.hidden_dropout_prob,
-        )
+        self.attention = SGMAEAttention(config, hidden_size, num_heads)
         self.layernorm_after = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
         self.mlp = SGMAEMLP(hidden_size, intermediate_size, config.hidden_act, config.hidden_dropout_prob)
         self.drop_path_rate = drop_path_rate
@@ -187,23 +206,16 @@ class SGMAELayer(nn.Module):
 
 
 def run_layers(
-    owner: nn.Module,
     layers: nn.ModuleList,
     hidden_states: torch.Tensor,
     output_attentions: bool = False,
     output_hidden_states: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
-    """Run a stack of blocks, with gradient checkpointing when `owner` has it on (and gradients are being
-    recorded: the masking's no-grad feature pass has nothing to recompute); collect what was asked for."""
+    """Run a stack of blocks and collect what was asked for."""
     all_hidden = (hidden_states,) if output_hidden_states else None
     all_attentions = () if output_attentions else None
     for layer in layers:
-        if owner.gradient_checkpointing and owner.training and torch.is_grad_enabled():
-            hidden_states, weights = owner._gradient_checkpointing_func(
-                layer.__call__, hidden_states, output_attentions
-            )
-        else:
-            hidden_states, weights = layer(hidden_states, output_attentions)
+        hidden_states, weights = layer(hidden_states, output_attentions)
         if output_hidden_states:
             all_hidden += (hidden_states,)
         if output_attentions:
@@ -311,7 +323,7 @@ class SGMAEForPreTrainingOutput(ModelOutput):
         ids_restore: [B, N] order that restores the patch order after the encoder's visible-first shuffle.
         mask_type: [B] `MaskType` of each sample's mask (random, informed, fallback to random, given).
         object_part_size: [B] patches in the NCut object part, -1 where no informed mask was built.
-        edge_density: [B] share of real edges in the affinity graph, NaN where none was built.
+        edge_density: [B] share of real edges in the affinity graph, -1 where none was built.
         hidden_states: Encoder hidden states (embeddings, then each block), over the visible tokens.
         attentions: Encoder attention weights per block.
         decoder_attentions: Decoder attention weights per block, over all tokens.
@@ -336,6 +348,9 @@ class SGMAEPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    # Losses are means over the batch: Trainer must divide them by the accumulation steps (forward's **kwargs would
+    # otherwise make it pass `num_items_in_batch` and expect a sum).
+    accepts_loss_kwargs = False
     _no_split_modules = ["SGMAELayer"]
     # A pre-training checkpoint loaded as a backbone or classifier: its decoder and schedule state are dropped.
     _keys_to_ignore_on_load_unexpected = [
@@ -361,7 +376,12 @@ class SGMAEPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """MAE's init: xavier-uniform linears, sin-cos position tables, small-normal [CLS] and mask token."""
         config = self.config
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Conv2d):  # the patch projection: xavier-uniform as a [D, C*p*p] linear (MAE)
+            fan_in, fan_out = module.weight[0].numel(), module.weight.shape[0]
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            init.uniform_(module.weight, -bound, bound)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
             if module is getattr(self, "classifier", None):
                 init.trunc_normal_(module.weight, std=2e-5)  # MAE fine-tuning head
             else:
@@ -371,11 +391,6 @@ class SGMAEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, SGMAEPatchEmbeddings):
-            weight = module.projection.weight
-            if not getattr(weight, "_is_hf_initialized", False):  # a view would not carry the flag
-                nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-            init.zeros_(module.projection.bias)
         elif isinstance(module, SGMAEEmbeddings):
             init.normal_(module.cls_token, std=config.initializer_range)
             init.copy_(module.position_embeddings, sincos_position_table(config.hidden_size, *config.grid_size))
@@ -403,9 +418,10 @@ class SGMAEPreTrainedModel(PreTrainedModel):
             config_dict = {}
         if config_dict.get("model_type") == "vit_mae":
             return cls._from_vit_mae(pretrained_model_name_or_path, config_dict, hub_kwargs, kwargs)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
         model.freeze_position_tables()  # loading recreates parameters as trainable
-        return model
+        return loaded
 
     def freeze_position_tables(self) -> None:
         """Keep the fixed sin-cos tables out of training (MAE freezes them)."""
@@ -493,13 +509,13 @@ class SGMAEModel(SGMAEPreTrainedModel):
     def __init__(self, config: SGMAEConfig):
         super().__init__(config)
         self.embeddings = SGMAEEmbeddings(config)
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # On the CPU even when the model is built on the meta device, which holds no values to read.
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()
         self.layers = nn.ModuleList(
             SGMAELayer(config, config.hidden_size, config.num_attention_heads, config.intermediate_size, rate)
             for rate in rates
         )
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -522,7 +538,7 @@ class SGMAEModel(SGMAEPreTrainedModel):
         """Prepend [CLS] to embedded patch tokens [B, L, D] and run the first `num_layers` blocks (all if None)."""
         hidden_states = torch.cat([cls_token.expand(patch_tokens.shape[0], -1, -1), patch_tokens], dim=1)
         layers = self.layers if num_layers is None else self.layers[:num_layers]
-        return run_layers(self, layers, hidden_states, output_attentions, output_hidden_states)
+        return run_layers(layers, hidden_states, output_attentions, output_hidden_states)
 
     def forward(
         self,
@@ -575,7 +591,6 @@ class SGMAEDecoder(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(config.decoder_hidden_size, eps=config.layer_norm_eps)
         self.decoder_pred = nn.Linear(config.decoder_hidden_size, config.patch_size**2 * config.num_channels)
-        self.gradient_checkpointing = False
 
     def forward(
         self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int], output_attentions: bool = False
@@ -588,7 +603,7 @@ class SGMAEDecoder(nn.Module):
         patches = patches.gather(1, ids_restore[:, :, None].expand(-1, -1, tokens.shape[2]))  # unshuffle
         positions = resize_position_table(self.decoder_pos_embed, self.config.grid_size, grid)
         hidden_states = torch.cat([tokens[:, :1], patches], dim=1) + positions.to(tokens.dtype)
-        hidden_states, _, attentions = run_layers(self, self.decoder_layers, hidden_states, output_attentions)
+        hidden_states, _, attentions = run_layers(self.decoder_layers, hidden_states, output_attentions)
         return self.decoder_pred(self.decoder_norm(hidden_states))[:, 1:], attentions
 
 
@@ -647,7 +662,14 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         Returns [num_decoder_layers, 2]: the share of the attention that queries at masked positions give to
         visible keys ([CLS] included) and to mask-token keys. In auto-start mode, informed masking starts at the
         current step the first time the mean mask share overtakes the visible share after having been behind it.
+        `noise` ([B, N]) sets the probe's random masks; by default every check uses the same seeded masks and draws
+        nothing from the global RNG, so checks never change what training samples.
         """
+        if noise is None:
+            patch = self.config.patch_size
+            num_patches = (pixel_values.shape[2] // patch) * (pixel_values.shape[3] // patch)
+            noise = torch.rand(pixel_values.shape[0], num_patches, generator=torch.Generator().manual_seed(0))
+        noise = noise.to(pixel_values.device)
         was_training = self.training
         self.eval()
         output = self(pixel_values, noise=noise, random_masking=True, output_decoder_attentions=True)
@@ -782,7 +804,7 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         loss = self.forward_loss(pixel_values, logits, mask)
         if part_size is None:
             part_size = torch.full_like(mask_type, -1)
-            density = torch.full(mask_type.shape, float("nan"), device=mask_type.device)
+            density = torch.full(mask_type.shape, -1.0, device=mask_type.device)
         output = SGMAEForPreTrainingOutput(
             loss=loss,
             logits=logits,
@@ -850,3 +872,9 @@ class SGMAEForImageClassification(SGMAEPreTrainedModel):
         if config.problem_type == "single_label_classification":
             return nn.functional.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
         return nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+# Every save (save_pretrained, push_to_hub, Trainer, the scripts) copies the model's code beside the weights, so the
+# folder loads with trust_remote_code in a process that never imported this package.
+for _model_class in (SGMAEModel, SGMAEForPreTraining, SGMAEForImageClassification):
+    _model_class.register_for_auto_class()

@@ -429,20 +429,9 @@ def save_hub_folder(
     model: PreTrainedModel, processor: ViTImageProcessor, output_dir: str | Path, model_card: str
 ) -> None:
     """Weights (safetensors), config with auto_map, the model's .py files, processor config and model card."""
-    model.config.__class__.register_for_auto_class()
-    model.register_for_auto_class(_auto_class_of(model))
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     Path(output_dir, "README.md").write_text(model_card, encoding="utf-8")
-
-
-def _auto_class_of(model: PreTrainedModel) -> str:
-    name = type(model).__name__
-    if name.endswith("ForPreTraining"):
-        return "AutoModelForPreTraining"
-    if name.endswith("ForImageClassification"):
-        return "AutoModelForImageClassification"
-    return "AutoModel"
 
 
 def model_card(metadata: dict[str, Any], title: str, body: str) -> str:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +76,51 @@ def image_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if given:
         return Path(given)
     return _write_generated_dataset(tmp_path_factory.mktemp("generated_cifar"))
+
+
+FRESH_PROCESS_CHECK = """
+import importlib.abc, json, sys
+import numpy as np
+from PIL import Image
+from transformers import AutoModel, AutoModelForImageClassification, AutoModelForPreTraining, pipeline
+
+
+class BlockPackage(importlib.abc.MetaPathFinder):  # even where the package is pip-installed, nothing may come from it
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "modeling_sgmae":
+            raise ImportError("the SG-MAE package is not available in this process")
+
+
+sys.meta_path.insert(0, BlockPackage())
+folder = sys.argv[1]
+report = {}
+for auto_class in (AutoModel, AutoModelForPreTraining, AutoModelForImageClassification):
+    report[auto_class.__name__] = type(auto_class.from_pretrained(folder, trust_remote_code=True)).__name__
+image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+extract = pipeline("image-feature-extraction", model=folder, trust_remote_code=True)
+report["features"] = list(np.array(extract(image)).shape)
+report["pooled"] = list(np.array(extract(image, pool=True)).shape)
+classify = pipeline("image-classification", model=folder, trust_remote_code=True)
+report["scores"] = classify(image, top_k=100)
+print("REPORT " + json.dumps(report))
+"""
+
+
+def check_folder_in_fresh_process(folder: Path, tmp_path: Path) -> dict:
+    """Load a saved folder with trust_remote_code in a process that cannot import this package, through all three
+    auto classes and both pipelines; returns what it saw (classes, feature shapes, classification scores)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH="")
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_CHECK, str(folder)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.split("REPORT ", 1)[1])
+    assert report["AutoModel"] == "SGMAEModel" and report["AutoModelForPreTraining"] == "SGMAEForPreTraining"
+    assert report["AutoModelForImageClassification"] == "SGMAEForImageClassification"
+    assert sum(item["score"] for item in report["scores"]) == pytest.approx(1.0, abs=1e-4)
+    return report
 
 
 # Tiny matrices on two contended cores run far faster single-threaded; subprocesses get OMP_NUM_THREADS=1.

@@ -50,7 +50,7 @@ INVALID_VALUES = [
     ("graph_eps", 0.0),
     ("graph_eps", 2.0),
     ("layer_norm_eps", -1e-6),
-    ("layer_norm_eps", 1.0),
+    ("layer_norm_eps", 0.0),
     ("initializer_range", -0.02),
     ("hidden_act", "no_such_activation"),
     ("hidden_act", None),

@@ -1,7 +1,7 @@
 """A saved SG-MAE folder works on the Hub stack: remote code in a fresh process, in-process registration, pipelines.
 
-What a training script calls to make such a folder:
-    model.register_for_auto_class()              # copies the 3 .py files on save; auto_map already lists all four
+What it takes to make such a folder (the classes register themselves for the auto classes at import, so every
+save copies the 3 .py files; auto_map lists all four auto classes):
     model.save_pretrained(output_dir)
     image_processor.save_pretrained(output_dir)  # preprocessor_config.json, needed by pipelines
 """
@@ -47,15 +47,10 @@ def pil_images() -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(2)]
 
 
-def save_for_hub(model, output_dir: Path, auto_class: str | None) -> None:
-    if auto_class is None:
-        model.register_for_auto_class()  # transformers' default, "AutoModel"
-    else:
-        model.register_for_auto_class(auto_class)
-    try:
-        model.save_pretrained(output_dir)
-    finally:
-        type(model)._auto_class = None  # register_for_auto_class sets a class attribute; keep other tests unaffected
+def save_for_hub(model, output_dir: Path, register: bool) -> None:
+    if register:  # what remote-code users habitually add; with transformers' default "AutoModel" it must stay harmless
+        model.register_for_auto_class()
+    model.save_pretrained(output_dir)
     image_processor().save_pretrained(output_dir)
 
 
@@ -67,13 +62,14 @@ def hub_folders(tmp_path_factory):
     config = tiny_config(num_labels=3, id2label=LABELS, label2id={name: index for index, name in LABELS.items()})
     pretraining = SGMAEForPreTraining(config)
     pretraining.set_training_progress(5, 40)
-    # With no argument (transformers' default "AutoModel"): it must still leave AutoModel -> SGMAEModel.
-    save_for_hub(pretraining, root / "pretraining", None)
+    # A plain save_pretrained, with nothing registered by hand.
+    save_for_hub(pretraining, root / "pretraining", register=False)
 
     classifier = SGMAEForImageClassification(config)
     with torch.no_grad():
         classifier.classifier.weight.normal_()  # a "trained" head, so the label order shows in the predictions
-    save_for_hub(classifier, root / "classifier", "AutoModelForImageClassification")
+    # Registered by hand with transformers' default "AutoModel": it must still leave AutoModel -> SGMAEModel.
+    save_for_hub(classifier, root / "classifier", register=True)
 
     # Expected outputs, computed here with the package, checked in the other process.
     pixel_values = torch.randn(2, 3, 32, 32)
@@ -115,7 +111,7 @@ def test_saved_folder_is_self_contained(hub_folders):
         processor = json.loads((folder / "preprocessor_config.json").read_text())
         assert processor["size"] == {"height": 32, "width": 32}
         assert processor["image_mean"] == MAE_MEAN and processor["image_std"] == MAE_STD
-    assert SGMAEForPreTraining._auto_class is None
+    assert SGMAEForPreTraining._auto_class == "AutoModelForPreTraining"  # registered at import, under its own class
 
 
 REMOTE_SCRIPT = textwrap.dedent(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def test_pretraining_output_shapes(config):
     assert torch.equal(output.mask, (output.ids_restore >= NUM_VISIBLE).float())
     assert output.mask_type.tolist() == [int(MaskType.RANDOM)] * 2
     assert output.object_part_size.tolist() == [-1, -1]
-    assert torch.isnan(output.edge_density).all()
+    assert output.edge_density.tolist() == [-1.0, -1.0]  # no graph was built; no NaN in model outputs
     # The encoder ran on [CLS] + the visible patches only.
     assert len(output.hidden_states) == config.num_hidden_layers + 1
     assert all(state.shape == (2, 1 + NUM_VISIBLE, config.hidden_size) for state in output.hidden_states)
@@ -336,8 +337,80 @@ def check_fresh_init(model: SGMAEForPreTraining, config) -> None:
         assert token.requires_grad
         assert token.abs().min() > 0
         assert 0.005 < token.std() < 0.05  # normal(std=initializer_range)
-    projection = model.vit.embeddings.patch_embeddings.projection.weight
-    assert projection.std() > 0.05  # xavier-uniform over the flattened kernel, not left at zero
+    assert_mae_init(model)
+
+
+def assert_xavier_uniform(weight: torch.Tensor, fan_in: int, fan_out: int, name: str) -> None:
+    """U(-b, b) with b = sqrt(6 / (fan_in + fan_out)): inside the bound, reaching it, with a uniform's std b/sqrt(3).
+
+    PyTorch's default init of Linear and Conv2d has bound 1/sqrt(fan_in), which fails the bound or the std check.
+    """
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    assert weight.abs().max() <= bound + 1e-7, name
+    assert weight.abs().max() > 0.9 * bound, name
+    assert abs(weight.float().std().item() - bound / math.sqrt(3)) < 0.1 * bound / math.sqrt(3), name
+    assert abs(weight.float().mean().item()) < 0.1 * bound, name
+
+
+def assert_mae_init(model: nn.Module) -> None:
+    """Every parameter family as facebookresearch/mae's `initialize_weights` (and its fine-tuning head) leaves it."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):  # the patch projection: xavier over the flattened [D, C*p*p] kernel
+            assert_xavier_uniform(module.weight, module.weight[0].numel(), module.weight.shape[0], name)
+            assert torch.equal(module.bias, torch.zeros_like(module.bias)), name
+        elif isinstance(module, nn.Linear):
+            if name == "classifier":  # MAE fine-tuning head: trunc_normal(std=2e-5)
+                assert module.weight.std() < 1e-4, name
+            else:
+                assert_xavier_uniform(module.weight, module.in_features, module.out_features, name)
+            assert torch.equal(module.bias, torch.zeros_like(module.bias)), name
+        elif isinstance(module, nn.LayerNorm):
+            assert torch.equal(module.weight, torch.ones_like(module.weight)), name
+            assert torch.equal(module.bias, torch.zeros_like(module.bias)), name
+
+
+def test_every_parameter_family_has_mae_init_at_vit_scale():
+    """Large enough that PyTorch's default init and MAE's are told apart (the 8-wide tiny config cannot)."""
+    config = tiny_config(
+        hidden_size=192, intermediate_size=768, image_size=64, patch_size=16, num_attention_heads=3,
+        decoder_hidden_size=128, decoder_intermediate_size=512, num_labels=10,
+    )  # fmt: skip
+    assert_mae_init(SGMAEForPreTraining(config))
+    assert_mae_init(SGMAEForImageClassification(config))
+
+
+def test_weights_missing_from_a_checkpoint_get_mae_init(tmp_path):
+    """transformers initialises what a checkpoint lacks through `_init_weights`, module by module."""
+    config = tiny_config(hidden_size=192, intermediate_size=768, image_size=64, patch_size=16, num_attention_heads=3)
+    SGMAEForPreTraining(config).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = {key for key in weights if ".projection." in key or key.startswith("decoder.decoder_embed")}
+    save_file({key: value for key, value in weights.items() if key not in dropped}, tmp_path / "model.safetensors")
+    model, info = SGMAEForPreTraining.from_pretrained(tmp_path, output_loading_info=True)
+    assert set(info["missing_keys"]) == dropped and not info["unexpected_keys"]
+    assert_mae_init(model)
+    assert not model.vit.embeddings.position_embeddings.requires_grad  # frozen, also with output_loading_info
+
+
+def test_model_builds_on_the_meta_device_and_materialises_with_its_init(config):
+    with torch.device("meta"):
+        model = SGMAEForPreTraining(config)
+    assert model.vit.embeddings.cls_token.is_meta
+    model.to_empty(device="cpu")
+    model.initialize_weights()
+    reference = SGMAEForPreTraining(config)
+    for name, tensor in reference.state_dict().items():
+        if name.endswith(("pos_embed", "position_embeddings")) or "layernorm" in name or tensor.dtype == torch.long:
+            assert torch.equal(model.state_dict()[name], tensor), name
+    assert int(model.informed_masking_started_at) == -1
+    check_fresh_init(model, config)
+
+
+def test_layer_norm_eps_accepts_any_positive_value():
+    assert tiny_config(layer_norm_eps=1.0).layer_norm_eps == 1.0  # transformers' common tests set it
+    for bad in (0.0, -1e-6):
+        with pytest.raises(ValueError, match="layer_norm_eps"):
+            tiny_config(layer_norm_eps=bad)
 
 
 def test_from_scratch_init_has_sincos_tables_and_nonzero_tokens(config):
@@ -558,6 +631,24 @@ def test_backbone_returns_hidden_states_and_attentions(config):
     assert as_tuple[0].shape == (2, 1 + NUM_PATCHES, config.hidden_size)
 
 
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_attn_implementation_picks_the_kernel(config, implementation, monkeypatch):
+    """Chosen as in other transformers models (at construction or later); SDPA is used only when chosen."""
+    sdpa_calls = []
+    sdpa = nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        nn.functional, "scaled_dot_product_attention", lambda *a, **k: sdpa_calls.append(1) or sdpa(*a, **k)
+    )
+    model = SGMAEForPreTraining._from_config(config, attn_implementation=implementation)
+    assert model.config._attn_implementation == implementation
+    model(images())
+    assert bool(sdpa_calls) == (implementation == "sdpa")
+    model.set_attn_implementation("eager" if implementation == "sdpa" else "sdpa")
+    sdpa_calls.clear()
+    model(images())
+    assert bool(sdpa_calls) == (implementation == "eager")
+
+
 def test_sdpa_path_equals_explicit_attention_path(config):
     model = SGMAEModel(config)
     with torch.no_grad():
@@ -655,9 +746,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(config):
     reference = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     enable_checkpointing(model)
-    assert model.vit.gradient_checkpointing and model.decoder.gradient_checkpointing
+    assert all(layer.gradient_checkpointing for layer in (*model.vit.layers, *model.decoder.decoder_layers))
     calls = []
-    handle = model.vit.layers[0].register_forward_pre_hook(lambda *args: calls.append(torch.is_grad_enabled()))
+    handle = model.vit.layers[0].mlp.register_forward_pre_hook(lambda *args: calls.append(torch.is_grad_enabled()))
     loss = model(pixel_values, noise=noise).loss
     assert len(calls) == 1
     loss.backward()
@@ -672,6 +763,20 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(config):
     informed = model(pixel_values)
     informed.loss.backward()
     assert informed.mask_type.tolist() == [int(MaskType.INFORMED)] * 2
+
+
+def test_activation_checkpointing_options_reach_the_blocks(config):
+    """transformers' options (here every_n_layers) apply per block, as in the library's own models."""
+    model = SGMAEForPreTraining(config).train()
+    model.activation_checkpointing_enable(every_n_layers=2, activation_checkpointing_kwargs={"use_reentrant": True})
+    blocks = (*model.vit.layers, *model.decoder.decoder_layers)
+    assert [block.gradient_checkpointing for block in blocks] == [True, False, True]
+    assert blocks[0]._gradient_checkpointing_func.keywords == {"use_reentrant": True}
+    calls = {index: 0 for index in range(len(blocks))}
+    for index, block in enumerate(blocks):
+        block.mlp.register_forward_pre_hook(lambda *args, index=index: calls.__setitem__(index, calls[index] + 1))
+    model(images(), noise=torch.rand(2, NUM_PATCHES)).loss.backward()
+    assert calls == {0: 2, 1: 1, 2: 2}  # checkpointed blocks ran again in backward, the other did not
 
 
 @pytest.mark.parametrize("informed", [False, True])

@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import datasets
@@ -18,7 +17,7 @@ import evaluate
 import pytest
 import torch
 import yaml
-from conftest import CLASS_NAMES, REPO_ROOT, tiny_config
+from conftest import CLASS_NAMES, REPO_ROOT, check_folder_in_fresh_process, tiny_config
 from safetensors.torch import load_file
 
 import modeling_sgmae
@@ -160,27 +159,9 @@ def test_finetune_end_to_end_resumes_exactly_and_answers_through_a_pipeline(imag
         torch.testing.assert_close(resumed_weights[key], tensor, rtol=0, atol=0, msg=key)
     assert json.loads((resumed / "eval_results.json").read_text()) == results
 
-    # the folder answers through pipeline() in a fresh process that cannot import the repository
-    probe = textwrap.dedent(
-        f"""
-        import json, sys
-        import numpy as np
-        from PIL import Image
-        from transformers import pipeline
-        classifier = pipeline("image-classification", model={str(straight)!r}, trust_remote_code=True)
-        assert "modeling_sgmae" not in sys.modules
-        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
-        print("ANSWER", json.dumps(classifier(image, top_k=10)))
-        """
-    )
-    env = {**script_env(), "PYTHONPATH": "", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    fresh = subprocess.run(
-        [sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
-    assert fresh.returncode == 0, fresh.stderr[-3000:]
-    answer = json.loads(fresh.stdout.split("ANSWER", 1)[1])
-    assert sorted(item["label"] for item in answer) == sorted(CLASS_NAMES)
-    assert sum(item["score"] for item in answer) == pytest.approx(1.0, abs=1e-4)
+    # the folder answers both pipelines in a fresh process that cannot import the repository
+    report = check_folder_in_fresh_process(straight, tmp_path)
+    assert sorted(item["label"] for item in report["scores"]) == sorted(CLASS_NAMES)
 
 
 def test_linear_probe_with_two_processes_counts_each_sample_once_and_folds_exactly(

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_config
+from conftest import REPO_ROOT, check_folder_in_fresh_process, tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -99,32 +98,8 @@ def test_two_processes_cross_into_informed_masking_and_publish(image_dataset_dir
     state = load_file(output / "model.safetensors")
     assert int(state["training_step"]) == 12 and int(state["total_training_steps"]) == 12
 
-    probe = textwrap.dedent(
-        f"""
-        import sys
-        import numpy as np
-        from PIL import Image
-        from transformers import AutoModelForPreTraining, pipeline
-        assert "modeling_sgmae" not in sys.modules
-        model = AutoModelForPreTraining.from_pretrained({str(output)!r}, trust_remote_code=True)
-        assert type(model).__name__ == "SGMAEForPreTraining" and model.informed_masking_active
-        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8))
-        extractor = pipeline("image-feature-extraction", model={str(output)!r}, trust_remote_code=True)
-        features = np.array(extractor(image))
-        pooled = np.array(extractor(image, pool=True))
-        print("SHAPES", features.shape, pooled.shape)
-        """
-    )
-    fresh = subprocess.run(
-        [sys.executable, "-c", probe],
-        env={**script_env(), "PYTHONPATH": ""},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert "SHAPES (1, 65, 32) (1, 32)" in fresh.stdout
+    report = check_folder_in_fresh_process(output, tmp_path)
+    assert report["features"] == [1, 65, 32] and report["pooled"] == [1, 32]
 
 
 def test_killed_run_resumes_to_the_same_weights(image_dataset_dir, config_file, tmp_path):
