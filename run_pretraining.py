@@ -13,46 +13,22 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from tqdm.auto import tqdm
+from PIL import Image
 from transformers import HfArgumentParser
 
 from modeling_sgmae import MaskType, SGMAEConfig, SGMAEForPreTraining
-from modeling_sgmae.script_utils import (
-    IMAGE_COLUMNS,
-    DataArguments,
-    ImageCollator,
-    check_checkpoint_kind,
-    check_finite,
-    check_launch,
-    cosine_schedule,
-    epoch_loader,
-    eval_transform,
-    find_column,
-    image_processor_for,
-    limit_samples,
-    load_checkpoint,
-    load_split,
-    model_card,
-    parameter_groups,
-    parse_script_args,
-    prepare_images,
-    push_to_hub,
-    resolve_resume,
-    save_checkpoint,
-    save_hub_folder,
-    save_mask_panel,
-    synchronized_batches,
-    train_transform,
-    training_length,
-)
+from modeling_sgmae.analysis import figure_panel
+from sgmae_training import data
+from sgmae_training.checkpoints import load_checkpoint, resolve_resume
+from sgmae_training.engine import LoopSettings, TrainingHooks, new_state, parse_script_args, start_run, train
+from sgmae_training.hub import check_checkpoint_kind, pretraining_card, push_to_hub, save_hub_folder
+from sgmae_training.optim import cosine_schedule, parameter_groups
 
 logger = logging.getLogger("run_pretraining")
 DEMO_CONFIG = Path(__file__).parent / "configuration" / "models" / "sgmae-vit-tiny-patch4-cifar.json"
@@ -118,8 +94,8 @@ class PretrainingArguments:
     hub_token: str | None = field(default=None, metadata={"help": "Token for --push_to_hub."})
 
 
-def parse_args() -> tuple[ModelArguments, DataArguments, PretrainingArguments]:
-    return parse_script_args(HfArgumentParser((ModelArguments, DataArguments, PretrainingArguments)))
+def parse_args() -> tuple[ModelArguments, data.DataArguments, PretrainingArguments]:
+    return parse_script_args(HfArgumentParser((ModelArguments, data.DataArguments, PretrainingArguments)))
 
 
 def demo_dataset() -> datasets.Dataset:
@@ -162,49 +138,102 @@ def build_model(model_args: ModelArguments) -> SGMAEForPreTraining:
     return SGMAEForPreTraining(config)
 
 
-def main() -> None:
-    model_args, data_args, args = parse_args()
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_dir=args.output_dir,
-    )
-    check_launch(accelerator)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-    )
-    if not accelerator.is_main_process:
-        datasets.utils.logging.set_verbosity_error()
-    set_seed(args.seed)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-
-    # ----- data -----
-    demo = not (data_args.dataset_name or data_args.train_dir)
-    if demo:
+def load_data(data_args: data.DataArguments) -> tuple[datasets.Dataset | datasets.IterableDataset, list | None, str]:
+    """The training split (undecoded images), the probe rows (first 8 of the evaluation split, else of the training
+    split; None for a stream without one) and the image column."""
+    if not (data_args.dataset_name or data_args.train_dir):
         train_data = eval_data = demo_dataset()
         data_args.streaming = False
     else:
-        train_data = load_split(data_args, data_args.train_split, data_args.streaming)
+        train_data = data.load_split(data_args, data_args.train_split, data_args.streaming)
         has_eval = data_args.dataset_name or data_args.validation_dir
-        eval_data = load_split(data_args, data_args.validation_split, False) if has_eval else None
-    image_column = find_column(train_data.features, data_args.image_column, IMAGE_COLUMNS, "image")
-    train_data = prepare_images(limit_samples(train_data, data_args.max_train_samples), image_column)
+        eval_data = data.load_split(data_args, data_args.validation_split, False) if has_eval else None
+    image_column = data.find_column(train_data.features, data_args.image_column, data.IMAGE_COLUMNS, "image")
+    train_data = data.prepare_images(data.limit_samples(train_data, data_args.max_train_samples), image_column)
     probe_source = eval_data if eval_data is not None else (None if data_args.streaming else train_data)
     probe_rows = [probe_source[index] for index in range(min(8, len(probe_source)))] if probe_source else None
-    # ----- model and optimisation -----
+    return train_data, probe_rows, image_column
+
+
+class PretrainingHooks(TrainingHooks):
+    """Pre-training's part of the loop: the schedule position, mask statistics, exploitation checks, mask panels."""
+
+    def __init__(self, accelerator: Accelerator, model: SGMAEForPreTraining, total_steps: int, args, probe, processor):
+        self.accelerator, self.model, self.total_steps, self.args = accelerator, model, total_steps, args
+        self.probe, self.processor = probe, processor
+        self.exploitation_every = args.exploitation_check_steps
+        self.window = dict.fromkeys(("informed", "fallback", "images", "part", "density"), 0)
+
+    def before_micro_batch(self, step: int) -> None:
+        self.model.set_training_progress(step, self.total_steps)  # the model decides its masks from this
+
+    def loss(self, model, batch: dict[str, torch.Tensor]):
+        outputs = model(batch["pixel_values"])
+        return outputs.loss, outputs
+
+    def after_micro_batch(self, batch: dict[str, torch.Tensor], outputs) -> None:
+        window = self.window
+        window["images"] += len(outputs.mask_type)
+        window["informed"] += int((outputs.mask_type == MaskType.INFORMED).sum())
+        window["fallback"] += int((outputs.mask_type == MaskType.FALLBACK).sum())
+        informed = outputs.object_part_size >= 0
+        window["part"] += int(outputs.object_part_size[informed].sum())
+        window["density"] += float(outputs.edge_density[informed].sum())
+
+    def log_values(self) -> dict[str, float]:
+        window, num_informed = self.window, max(self.window["informed"], 1)
+        values = {
+            "informed_share": window["informed"] / window["images"],
+            "fallback_share": window["fallback"] / window["images"],
+            "object_part_size": window["part"] / num_informed,
+            "edge_density": window["density"] / num_informed,
+        }
+        self.window = dict.fromkeys(window, 0)
+        return values
+
+    def progress_values(self) -> dict[str, str]:
+        return {"phase": "informed" if self.model.informed_masking_active else "random"}
+
+    def after_step(self, step: int) -> None:
+        model, probe = self.model, self.probe
+        if probe is not None and model.config.mask_strategy == "self_guided" and step % self.exploitation_every == 0:
+            waiting = model.informed_masking_start_step is None
+            rates = model.record_exploitation_rates(probe["pixel_values"].to(self.accelerator.device))
+            visible, masked = float(rates[:, 0].mean()), float(rates[:, 1].mean())
+            if waiting and model.informed_masking_start_step is not None:
+                logger.info(
+                    "automatic start: informed masks from step %d (decoder mask-token share %.3f > visible %.3f)",
+                    model.informed_masking_start_step, masked, visible,
+                )  # fmt: skip
+            self.accelerator.log({"exploitation_visible": visible, "exploitation_mask": masked}, step=step)
+        if probe is not None and self.args.visualization_steps and step % self.args.visualization_steps == 0:
+            self.save_panel(Path(self.args.output_dir) / f"masks-step{step}.png")
+
+    def save_panel(self, path: Path) -> None:
+        """Input, random mask, NCut bi-partition, informed mask, with hints, reconstruction: one row per image."""
+        if self.accelerator.is_main_process:
+            pixel_values = self.probe["pixel_values"].to(self.accelerator.device)
+            panel = figure_panel(self.model, pixel_values, self.processor.image_mean, self.processor.image_std)
+            Image.fromarray(panel.grid()).save(path)
+
+
+def main() -> None:
+    model_args, data_args, args = parse_args()
+    accelerator = start_run(
+        args.output_dir, args.seed, args.gradient_accumulation_steps, args.mixed_precision, args.report_to
+    )
+    train_data, probe_rows, image_column = load_data(data_args)
+
+    # ----- model, optimiser, schedule -----
     model = build_model(model_args)
     config = model.config
-    processor = image_processor_for(config)
+    processor = data.image_processor_for(config)
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    steps_per_epoch, total_steps = training_length(
+    steps_per_epoch, total_steps = data.training_length(
         train_data, data_args, global_batch, args.num_train_epochs, args.max_train_steps
     )
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
     if model_args.informed_masking_start_epoch is not None:
         config.informed_masking_start_step = round(model_args.informed_masking_start_epoch * steps_per_epoch)
-        config.validate_fields()
     learning_rate = args.base_learning_rate * global_batch / 256
     optimizer = torch.optim.AdamW(
         parameter_groups(model, args.weight_decay), lr=learning_rate, betas=(0.9, args.adam_beta2)
@@ -216,27 +245,56 @@ def main() -> None:
     model, optimizer = accelerator.prepare(model, optimizer)
     objects = {"scheduler": scheduler}  # checkpointed beside Accelerate's state
     unwrapped: SGMAEForPreTraining = accelerator.unwrap_model(model)
-
-    state = {
-        "step": 0,
-        "epoch": 0,
-        "samples_in_epoch": 0,
-        "samples_seen": 0,
-        "skipped_images": 0,
-        "train_seconds": 0.0,
-    }
+    state = new_state()
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if resume_path is not None:
-        state = load_checkpoint(accelerator, resume_path, objects)
+        state |= load_checkpoint(accelerator, resume_path, objects)
         logger.info("resumed from %s at step %d (epoch %d)", resume_path, state["step"], state["epoch"])
     unwrapped.set_training_progress(state["step"], total_steps)
     if accelerator.is_main_process:
         accelerator.init_trackers("sgmae_pretraining", config={k: str(v) for k, v in asdict(args).items()})
+    log_plan(config, unwrapped, total_steps, steps_per_epoch, global_batch, learning_rate)
 
-    collate = ImageCollator(train_transform(processor), image_column)
-    probe = ImageCollator(eval_transform(processor), image_column)(probe_rows) if probe_rows else None
-    exploitation_every = args.exploitation_check_steps or max(steps_per_epoch // 4, 1)
-    start = unwrapped.informed_masking_start_step
+    # ----- training -----
+    collate = data.ImageCollator(data.train_transform(processor), image_column)
+    probe = data.ImageCollator(data.eval_transform(processor), image_column)(probe_rows) if probe_rows else None
+    args.exploitation_check_steps = args.exploitation_check_steps or max(steps_per_epoch // 4, 1)
+    hooks = PretrainingHooks(accelerator, unwrapped, total_steps, args, probe, processor)
+
+    def epoch_batches(state: dict):
+        batch_size = args.per_device_train_batch_size
+        loader = data.epoch_loader(train_data, accelerator, state, data_args, batch_size, collate, args.seed)
+        return data.synchronized_batches(loader, accelerator)
+
+    settings = LoopSettings(
+        total_steps, args.output_dir, args.logging_steps, args.checkpointing_steps, args.save_total_limit,
+        args.max_grad_norm, config,
+    )  # fmt: skip
+    state = train(accelerator, model, optimizer, scheduler, epoch_batches, state, settings, hooks, objects)
+    unwrapped.set_training_progress(state["step"], total_steps)  # the saved model says how far it was trained
+    if state["skipped_images"]:
+        logger.warning("skipped %d corrupt images", state["skipped_images"])
+
+    # ----- output -----
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if probe is not None:
+            hooks.save_panel(Path(args.output_dir) / "masks.png")
+        demo = not (data_args.dataset_name or data_args.train_dir)
+        card = pretraining_card(model_args, data_args, args, unwrapped, state, total_steps, demo)
+        save_hub_folder(unwrapped, processor, args.output_dir, card)
+        summary = {key: value for key, value in state.items() if key != "train_loss"}
+        summary |= {"total_steps": total_steps, "num_processes": accelerator.num_processes}
+        summary["final_loss"] = state.get("train_loss")
+        (Path(args.output_dir) / "train_results.json").write_text(json.dumps(summary, indent=2))
+        logger.info("saved the model to %s", args.output_dir)
+        if args.push_to_hub:
+            push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
+    accelerator.end_training()
+
+
+def log_plan(config: SGMAEConfig, model: SGMAEForPreTraining, total_steps, steps_per_epoch, global_batch, lr) -> None:
+    start = model.informed_masking_start_step
     if config.mask_strategy == "random":
         phases = ""
     elif start is None:
@@ -245,168 +303,9 @@ def main() -> None:
         phases = f", informed from step {start}"
     logger.info(
         "training %d steps (%d epochs of %d steps), global batch %d, lr %.2e, %s masking%s",
-        total_steps, num_epochs, steps_per_epoch, global_batch, learning_rate, config.mask_strategy, phases,
+        total_steps, math.ceil(total_steps / steps_per_epoch), steps_per_epoch, global_batch, lr,
+        config.mask_strategy, phases,
     )  # fmt: skip
-
-    progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_main_process)
-    window = {"loss": 0.0, "micro": 0, "informed": 0, "fallback": 0, "images": 0, "part": 0, "density": 0.0}
-    logs: dict[str, float] = {}
-    started, samples_at_start, seconds_at_start = time.perf_counter(), state["samples_seen"], state["train_seconds"]
-    model.train()
-    while state["step"] < total_steps:
-        loader = epoch_loader(
-            train_data, accelerator, state, data_args, args.per_device_train_batch_size, collate, args.seed
-        )
-        epoch_start = state["samples_in_epoch"]
-        for batch in synchronized_batches(loader, accelerator):
-            if state["step"] >= total_steps:  # checked before training, so a schedule ending with an epoch ends it
-                break
-            unwrapped.set_training_progress(state["step"], total_steps)
-            with accelerator.accumulate(model):
-                outputs = model(batch["pixel_values"])
-                accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            check_finite(outputs.loss.detach(), state["step"], args.output_dir)
-            counts = accelerator.reduce(
-                torch.tensor([len(batch["pixel_values"]), int(batch["skipped"])], device=accelerator.device), "sum"
-            )
-            state["samples_in_epoch"] += int(counts[0])
-            state["samples_seen"] += int(counts[0])
-            state["skipped_images"] += int(counts[1])
-            window["loss"] += outputs.loss.item()
-            window["micro"] += 1
-            window["images"] += len(outputs.mask_type)
-            window["informed"] += int((outputs.mask_type == MaskType.INFORMED).sum())
-            window["fallback"] += int((outputs.mask_type == MaskType.FALLBACK).sum())
-            informed = outputs.object_part_size >= 0
-            window["part"] += int(outputs.object_part_size[informed].sum())
-            window["density"] += float(outputs.edge_density[informed].sum())
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            state["step"] += 1
-            state["train_seconds"] = seconds_at_start + time.perf_counter() - started
-            progress.update(1)
-            step = state["step"]
-            if step % args.logging_steps == 0 or step == total_steps:
-                num_informed = max(window["informed"], 1)
-                logs = {
-                    "loss": window["loss"] / window["micro"],
-                    "lr": scheduler.get_last_lr()[0],
-                    "img_per_s": (state["samples_seen"] - samples_at_start) / (time.perf_counter() - started),
-                    "informed_share": window["informed"] / window["images"],
-                    "fallback_share": window["fallback"] / window["images"],
-                    "object_part_size": window["part"] / num_informed,
-                    "edge_density": window["density"] / num_informed,
-                }
-                progress.set_postfix(
-                    loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.1e}", img_s=f"{logs['img_per_s']:.0f}",
-                    phase="informed" if unwrapped.informed_masking_active else "random",
-                )  # fmt: skip
-                accelerator.log(logs, step=step)
-                window = dict.fromkeys(window, 0)
-            if probe is not None and config.mask_strategy == "self_guided" and step % exploitation_every == 0:
-                waiting = unwrapped.informed_masking_start_step is None
-                rates = unwrapped.record_exploitation_rates(probe["pixel_values"].to(accelerator.device))
-                if waiting and unwrapped.informed_masking_start_step is not None:
-                    logger.info(
-                        "automatic start: informed masks from step %d (decoder mask-token share %.3f > visible %.3f)",
-                        unwrapped.informed_masking_start_step, float(rates[:, 1].mean()), float(rates[:, 0].mean()),
-                    )  # fmt: skip
-                accelerator.log(
-                    {
-                        "exploitation_visible": float(rates[:, 0].mean()),
-                        "exploitation_mask": float(rates[:, 1].mean()),
-                    },
-                    step=step,
-                )
-            if probe is not None and args.visualization_steps and step % args.visualization_steps == 0:
-                visualize(accelerator, unwrapped, probe, processor, Path(args.output_dir) / f"masks-step{step}.png")
-            if args.checkpointing_steps not in (None, "none", "epoch") and step % int(args.checkpointing_steps) == 0:
-                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit, objects, config)
-        else:  # the epoch ran to its end
-            if epoch_start == state["samples_in_epoch"] == 0:
-                raise SystemExit("error: the training split yielded no full batch of images")
-            state["epoch"] += 1
-            state["samples_in_epoch"] = 0
-            if args.checkpointing_steps == "epoch":
-                save_checkpoint(accelerator, args.output_dir, state, args.save_total_limit, objects, config)
-    progress.close()
-    unwrapped.set_training_progress(state["step"], total_steps)  # the saved model says how far it was trained
-    if state["skipped_images"]:
-        logger.warning("skipped %d corrupt images", state["skipped_images"])
-
-    # ----- output -----
-    accelerator.wait_for_everyone()
-    final_loss = logs.get("loss")
-    if accelerator.is_main_process:
-        if probe is not None:
-            visualize(accelerator, unwrapped, probe, processor, Path(args.output_dir) / "masks.png")
-        card = pretraining_card(model_args, data_args, args, unwrapped, state, total_steps, final_loss, demo)
-        save_hub_folder(unwrapped, processor, args.output_dir, card)
-        (Path(args.output_dir) / "train_results.json").write_text(
-            json.dumps(
-                {
-                    **state,
-                    "total_steps": total_steps,
-                    "num_processes": accelerator.num_processes,
-                    "final_loss": final_loss,
-                },
-                indent=2,
-            )
-        )
-        logger.info("saved the model to %s", args.output_dir)
-        if args.push_to_hub:
-            push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
-    accelerator.end_training()
-
-
-def visualize(accelerator, model: SGMAEForPreTraining, probe: dict, processor, path: Path) -> None:
-    if accelerator.is_main_process:
-        save_mask_panel(model, probe["pixel_values"].to(accelerator.device), processor, path)
-
-
-def pretraining_card(model_args, data_args, args, model, state, total_steps, final_loss, demo: bool) -> str:
-    config = model.config
-    dataset = "scikit-image sample photographs (demo)" if demo else data_args.dataset_name or data_args.train_dir
-    metadata = {
-        "library_name": "transformers",
-        "pipeline_tag": "image-feature-extraction",
-        "license": "apache-2.0",
-        "tags": ["sgmae", "mae", "self-supervised-learning", "masked-image-modeling", "vision"],
-    }
-    if data_args.dataset_name:
-        metadata["datasets"] = [data_args.dataset_name]
-    strategy = "self-guided informed masking" if config.mask_strategy == "self_guided" else "random masking (MAE)"
-    start = model.informed_masking_start_step
-    loss_text = f"{final_loss:.4f}" if final_loss is not None else "n/a"
-    body = f"""
-Self-Guided Masked Autoencoder (SG-MAE, Shin et al., NeurIPS 2024) pre-trained with `run_pretraining.py`
-({strategy}). Load it with `trust_remote_code=True`:
-
-```python
-from transformers import AutoModel, AutoImageProcessor
-model = AutoModel.from_pretrained("{args.hub_model_id or args.output_dir}", trust_remote_code=True)
-```
-
-## Training
-| | |
-|---|---|
-| data | {dataset} |
-| encoder | {config.num_hidden_layers} x {config.hidden_size}, patch {config.patch_size}, image {config.image_size} |
-| decoder | {config.decoder_num_hidden_layers} x {config.decoder_hidden_size} |
-| mask ratio | {config.mask_ratio} |
-| masking | {config.mask_strategy}; informed from step {start if start is not None else "n/a"} |
-| optimiser steps | {state["step"]} of {total_steps} (epochs: {state["epoch"]}) |
-| images seen | {state["samples_seen"]} |
-| global batch | {args.per_device_train_batch_size * args.gradient_accumulation_steps} per process |
-| base lr / weight decay | {args.base_learning_rate} / {args.weight_decay} |
-| final training loss | {loss_text} |
-"""
-    return model_card(metadata, f"SG-MAE: {Path(args.output_dir).name}", body)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    packages=find_packages(include=["modeling_sgmae", "modeling_sgmae.*"]),
-    package_data={"modeling_sgmae": ["metrics/*/*.py"]},
+    packages=find_packages(include=["modeling_sgmae", "sgmae_training", "sgmae_training.*"]),
+    package_data={"sgmae_training": ["metrics/*/*.py"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<2.15",

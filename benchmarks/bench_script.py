@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining  # noqa: E402
-from modeling_sgmae.script_utils import parameter_groups  # noqa: E402
+from sgmae_training.optim import parameter_groups  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -172,7 +172,7 @@ def analyse(args: argparse.Namespace, checkpoint: Path) -> dict:
         if args.collect_only:
             return {}
         command = [
-            sys.executable, "-m", "modeling_sgmae.analysis", "--model", str(checkpoint),
+            sys.executable, "-m", "sgmae_training.analyze", "--model", str(checkpoint),
             "--dataset_name", args.dataset_name, "--num_images", "512", "--output_dir", str(output),
         ]  # fmt: skip
         output.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Which affinity graph and object rule cut a model's own patch features best? METHOD.md §3 steps 2 and 4, measured.
+"""Which affinity graph and object rule cut a model's own patch features best? docs/method.md §3 steps 2 and 4.
 
     python benchmarks/graph_options.py --dataset_name ../shared/data/cifar10 \\
         --checkpoints outputs/compare10/mae-seed0/checkpoint-*
@@ -29,12 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from modeling_sgmae import SGMAEForPreTraining  # noqa: E402
-from modeling_sgmae.analysis import (  # noqa: E402
-    feature_statistics,
-    full_image_encoding,
-    load_image_processor,
-    probe_batch,
-)
+from modeling_sgmae.analysis import feature_statistics, full_image_encoding  # noqa: E402
+from sgmae_training.analyze import load_image_processor, probe_batch  # noqa: E402
 
 GRAPHS = ("similarity", "binary_fixed", "binary_mean")
 RULES = ("max_abs", "smaller")

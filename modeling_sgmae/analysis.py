@@ -1,10 +1,5 @@
-"""The paper's analysis toolkit (METHOD.md §5): feature and attention statistics, exploitation rates, Figure-1 panels.
-
-Run on a checkpoint and a fixed probe batch (the first `num_images` images of a split):
-
-    python -m modeling_sgmae.analysis --model PATH --dataset_name PATH_OR_ID --split test --output_dir DIR
-
-writes `DIR/analysis.json` (the metrics of `analyse`) and `DIR/figure_panel.png` (see `figure_panel`).
+"""The paper's analysis toolkit (docs/method.md §5): feature and attention statistics, exploitation rates, Figure-1
+panels. The command line over it is `python -m sgmae_training.analyze`.
 
 Conventions as in `masking_sgmae`: features are [B, N, D] patch tokens (no [CLS]); masks are bool [B, N] with
 True = masked. Attention maps are [B, heads, 1 + N, 1 + N] with [CLS] first, rows are queries, columns keys.
@@ -12,8 +7,6 @@ True = masked. Attention maps are [B, heads, 1 + N, 1 + N] with [CLS] first, row
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,22 +17,11 @@ import torch
 from torch import nn
 
 from .configuration_sgmae import SGMAEConfig
-from .masking_sgmae import (
-    add_hints,
-    informed_mask,
-    mask_from_noise,
-    ncut_bipartition,
-    num_masked_patches,
-    object_similarity,
-)
-from .modeling_sgmae import SGMAEForPreTraining, exploitation_rates
-from .script_utils import IMAGE_COLUMNS, find_column
-from .script_utils import MAE_MEAN as MAE_IMAGE_MEAN
-from .script_utils import MAE_STD as MAE_IMAGE_STD
+from .masking_sgmae import SelfGuidedMasking, mask_from_noise, num_masked_patches
+from .modeling_sgmae import SGMAEForPreTraining, exploitation_rates, patch_mean_std, probe_noise
 
-logger = logging.getLogger(__name__)
-
-NORM_PIX_EPS = 1e-6  # the variance epsilon of `norm_pix_loss` (SGMAEForPreTraining.forward_loss)
+MAE_IMAGE_MEAN = (0.485, 0.456, 0.406)  # MAE's (ImageNet) normalisation, the default of saved image processors
+MAE_IMAGE_STD = (0.229, 0.224, 0.225)
 
 # ----- features of the full image ---------------------------------------------------------------------------------
 
@@ -57,15 +39,13 @@ def full_image_encoding(
     clusters), the attention maps of those blocks if asked for, and the patch grid (rows, columns).
     """
     patch_tokens, cls_token, grid = model.vit.embeddings(pixel_values)
-    hidden_states, _, attentions = model.vit.encode(
-        patch_tokens, cls_token, num_layers, output_attentions=output_attentions
-    )
-    return hidden_states[:, 1:], attentions, grid
+    features, attentions = model.vit.patch_features(patch_tokens, cls_token, num_layers, output_attentions)
+    return features, attentions, grid
 
 
 @dataclass
 class FeatureStatistics:
-    """Per-image statistics of the full-image patch features (METHOD.md §5); each field is [B] unless noted.
+    """Per-image statistics of the full-image patch features (docs/method.md §5); each field is [B] unless noted.
 
     Partition fields are NaN (sizes -1) where the image has no usable cut (`has_cut` False).
     """
@@ -126,7 +106,7 @@ def centre_patches(grid: tuple[int, int]) -> torch.Tensor:
 def feature_statistics(
     features: torch.Tensor, config: SGMAEConfig, grid: tuple[int, int] | None = None
 ) -> FeatureStatistics:
-    """sigma_F, sigma_s and the NCut bi-partition gap of patch features [B, N, D] (METHOD.md §5).
+    """sigma_F, sigma_s and the NCut bi-partition gap of patch features [B, N, D] (docs/method.md §5).
 
     Features are L2-normalised first (f_i), as the masking does. The gap compares the mean weight over pairs
     i != j in the same part with the mean weight over pairs in different parts; for the default similarity graph
@@ -140,7 +120,10 @@ def feature_statistics(
     feature_variance = (unit - unit.mean(dim=1, keepdim=True)).square().sum(dim=-1).mean(dim=1)
     similarity_variance = similarity.flatten(1).var(dim=1, correction=0)
 
-    cut = ncut_bipartition(unit, config)
+    # The training masking's own cut and informed mask (its hints draw from a private generator).
+    generator = torch.Generator(device=unit.device).manual_seed(0)
+    masking = SelfGuidedMasking(config)(unit, num_masked_patches(num_patches, config.mask_ratio), generator)
+    cut = masking.bipartition
     same_part = cut.object_part[:, :, None] == cut.object_part[:, None, :]
     off_diagonal = ~torch.eye(num_patches, dtype=torch.bool, device=unit.device)
     within, across = same_part & off_diagonal, ~same_part
@@ -148,10 +131,8 @@ def feature_statistics(
     gap = torch.where(cut.has_cut, _pair_mean(cut.weights, within) - _pair_mean(cut.weights, across), nan)
     cosine_gap = torch.where(cut.has_cut, _pair_mean(similarity, within) - _pair_mean(similarity, across), nan)
     part_size = torch.where(cut.has_cut, cut.object_part.sum(dim=1), -1)
-    num_masked = num_masked_patches(num_patches, config.mask_ratio)
-    mask = informed_mask(object_similarity(unit, cut.object_part), cut.object_part, num_masked)
     centre = centre_patches(grid or config.grid_size).to(unit.device)
-    centre_share = torch.where(cut.has_cut, mask[:, centre].float().mean(dim=1), nan)
+    centre_share = torch.where(cut.has_cut, masking.informed_mask[:, centre].float().mean(dim=1), nan)
     return FeatureStatistics(
         feature_variance=feature_variance,
         similarity_variance=similarity_variance,
@@ -202,11 +183,6 @@ def attention_distance(attentions: tuple[torch.Tensor, ...], grid: tuple[int, in
 # ----- all metrics ------------------------------------------------------------------------------------------------
 
 
-def _probe_noise(batch_size: int, num_patches: int, seed: int) -> torch.Tensor:
-    """Fixed random-mask noise [B, N] for a probe batch (drawn on the CPU, so the same on every device)."""
-    return torch.rand(batch_size, num_patches, generator=torch.Generator().manual_seed(seed))
-
-
 @torch.no_grad()
 def analyse(
     model: SGMAEForPreTraining,
@@ -227,7 +203,7 @@ def analyse(
     try:
         device, dtype = model.device, model.dtype
         num_patches = config.grid_size[0] * config.grid_size[1]
-        noise = _probe_noise(pixel_values.shape[0], num_patches, seed)
+        noise = probe_noise(pixel_values.shape[0], num_patches, seed)
         statistics, distances, rates, losses, sizes = [], [], [], [], []
         for start in range(0, pixel_values.shape[0], batch_size):
             chunk = pixel_values[start : start + batch_size].to(device=device, dtype=dtype)
@@ -293,9 +269,7 @@ def predicted_pixel_values(
     """
     logits = logits.float()
     if model.config.norm_pix_loss:
-        target = model.patchify(pixel_values.float())
-        mean = target.mean(dim=-1, keepdim=True)
-        std = (target.var(dim=-1, keepdim=True) + NORM_PIX_EPS) ** 0.5
+        mean, std = patch_mean_std(model.patchify(pixel_values.float()))
         logits = logits * std + mean
     return model.unpatchify(logits, tuple(pixel_values.shape[2:]))
 
@@ -367,25 +341,22 @@ def figure_panel(
 
     input; a random mask; the NCut bi-partition (object part in red); the informed mask before hints; the
     informed mask with hints (hints in green); the reconstruction under that mask, visible patches pasted in.
-    Masks use the config's mask ratio, hint ratio and features of `mask_feature_layer` blocks, as in training.
+    The masks are the ones training builds (`SGMAEForPreTraining.informed_masking`); an image without a usable cut
+    gets training's fallback random mask in the last two columns.
     """
     config = model.config
     was_training = model.training
     model.eval()
     try:
         pixel_values = pixel_values.to(device=model.device, dtype=model.dtype)
-        generator = torch.Generator().manual_seed(seed)
-        features, _, grid = full_image_encoding(model, pixel_values, config.feature_layer)
-        unit = nn.functional.normalize(features.float().cpu(), dim=-1)
-        cut = ncut_bipartition(unit, config)
-        num_patches = unit.shape[1]
-        num_masked = num_masked_patches(num_patches, config.mask_ratio)
-        scores = object_similarity(unit, cut.object_part)
-        informed = informed_mask(scores, cut.object_part, num_masked)
-        num_hints = min(round(config.hint_ratio * num_masked), num_patches - num_masked)
-        hinted = add_hints(informed, scores, num_hints, config.hint_sampling, generator)
-        random = mask_from_noise(torch.rand(unit.shape[0], num_patches, generator=generator), num_masked)
-        output = model(pixel_values, mask=hinted.to(model.device), return_dict=True)
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+        patch_tokens, cls_token, grid = model.vit.embeddings(pixel_values)
+        masking = model.informed_masking(patch_tokens, cls_token, generator)
+        informed, hinted, cut = masking.informed_mask, masking.mask, masking.bipartition
+        num_masked = num_masked_patches(hinted.shape[1], config.mask_ratio)
+        noise = torch.rand(hinted.shape, generator=generator, device=model.device)
+        random = mask_from_noise(noise, num_masked)
+        output = model(pixel_values, mask=hinted, return_dict=True)
         predicted = predicted_pixel_values(model, output.logits, pixel_values)
     finally:
         model.train(was_training)
@@ -403,104 +374,4 @@ def figure_panel(
         "informed + hints": _tint(_tint(images, hinted_map, MASKED_GREY, 0.85), hints_map, HINT_GREEN, 0.45),
         "reconstruction": hinted_map * reconstruction + (1 - hinted_map) * images,
     }
-    return FigurePanel({name: array.astype(np.float32) for name, array in columns.items()}, cut.has_cut.numpy())
-
-
-# ----- command line -----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class AnalysisArguments:
-    """Arguments of `python -m modeling_sgmae.analysis`."""
-
-    model: str = field(metadata={"help": "SG-MAE (or ViTMAE) checkpoint: a local directory or a Hub id."})
-    dataset_name: str = field(metadata={"help": "Dataset for `datasets.load_dataset`: a local directory or a Hub id."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the dataset."})
-    split: str = field(default="test", metadata={"help": "Split the probe batch is taken from."})
-    image_column: str | None = field(
-        default=None, metadata={"help": f"Image column (default: the first of {', '.join(IMAGE_COLUMNS)})."}
-    )
-    num_images: int = field(default=256, metadata={"help": "Size of the probe batch (the first images of the split)."})
-    output_dir: str = field(default="sgmae_analysis", metadata={"help": "Where analysis.json and the PNG go."})
-    figure_images: int = field(default=6, metadata={"help": "Images (rows) in the Figure-1 panel; 0 for none."})
-    batch_size: int = field(default=64, metadata={"help": "Images per forward pass."})
-    seed: int = field(default=0, metadata={"help": "Seed of the probe's random masks and hints."})
-    device: str = field(default="auto", metadata={"help": "Torch device; `auto` picks CUDA when available."})
-
-
-def load_image_processor(model_path: str, config: SGMAEConfig):
-    """The checkpoint's ViTImageProcessor if it has a preprocessor_config.json, else resize + MAE mean/std.
-
-    Either way images are resized to the model's image size.
-    """
-    from transformers import ViTImageProcessor
-    from transformers.utils import cached_file
-
-    height, width = config.image_height_width
-    found = cached_file(
-        model_path,
-        "preprocessor_config.json",
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-    )
-    if found is not None:
-        processor = ViTImageProcessor.from_pretrained(model_path)
-    else:
-        processor = ViTImageProcessor(image_mean=list(MAE_IMAGE_MEAN), image_std=list(MAE_IMAGE_STD))
-    processor.size = {"height": height, "width": width}
-    if not processor.do_normalize:
-        processor.image_mean, processor.image_std = [0.0] * config.num_channels, [1.0] * config.num_channels
-    return processor
-
-
-def probe_batch(dataset, image_column: str | None, num_images: int, processor, config: SGMAEConfig):
-    """The first `num_images` images of a `datasets.Dataset` as normalised pixels [B, C, H, W], and the column used."""
-    column = find_column(dataset.features, image_column, IMAGE_COLUMNS, "image")
-    images = dataset.select(range(min(num_images, len(dataset))))[column]
-    images = [image.convert("RGB") if config.num_channels == 3 else image for image in images]
-    return processor(images, return_tensors="pt")["pixel_values"], column
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Analyse a checkpoint on the first images of a dataset split; write analysis.json and figure_panel.png."""
-    import datasets
-    from transformers import HfArgumentParser
-
-    (args,) = HfArgumentParser(AnalysisArguments).parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-
-    # data: the fixed probe batch
-    model = SGMAEForPreTraining.from_pretrained(args.model).to(device)
-    processor = load_image_processor(args.model, model.config)
-    dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.split)
-    pixel_values, column = probe_batch(dataset, args.image_column, args.num_images, processor, model.config)
-
-    # metrics and figure
-    metrics = analyse(model, pixel_values, args.batch_size, args.seed)
-    metrics = {
-        "model": args.model,
-        "dataset": args.dataset_name,
-        "split": args.split,
-        "image_column": column,
-        **metrics,
-    }
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "analysis.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    logger.info("wrote %s", output_dir / "analysis.json")
-    if args.figure_images > 0:
-        panel = figure_panel(
-            model,
-            pixel_values[: args.figure_images],
-            tuple(processor.image_mean),
-            tuple(processor.image_std),
-            args.seed,
-        )
-        panel.save(output_dir / "figure_panel.png")
-        logger.info("wrote %s", output_dir / "figure_panel.png")
-    return metrics
-
-
-if __name__ == "__main__":
-    main()
+    return FigurePanel({name: array.astype(np.float32) for name, array in columns.items()}, cut.has_cut.cpu().numpy())

@@ -1,4 +1,4 @@
-"""SG-MAE configuration: ViTMAE's architecture fields plus the self-guided masking choices of METHOD.md."""
+"""SG-MAE configuration: ViTMAE's architecture fields plus the self-guided masking choices of docs/method.md."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class SGMAEConfig(PreTrainedConfig):
     r"""Configuration of an SG-MAE model (a ViT-MAE whose masks become self-guided after a warm-up).
 
     Architecture fields have the names, meaning and defaults of `transformers.ViTMAEConfig`, so a ViTMAE config
-    loads as an SGMAEConfig unchanged. The masking fields implement `METHOD.md` §3-4; their defaults are the
+    loads as an SGMAEConfig unchanged. The masking fields implement docs/method.md §3-4; their defaults are the
     project's decisions where the paper is silent.
 
     Args:
@@ -56,7 +56,7 @@ class SGMAEConfig(PreTrainedConfig):
         informed_masking_start_step: Absolute optimiser step at which informed masking starts; overrides the
             fraction when set.
         informed_masking_auto_start: Start informed masking at the first exploitation-rate check at which the
-            decoder's attention share on mask tokens overtakes the share on visible tokens (METHOD.md §4),
+            decoder's attention share on mask tokens overtakes the share on visible tokens (docs/method.md §4),
             instead of at a fixed point of the schedule.
         mask_feature_layer: Number of encoder blocks run on the full image to get the features that are
             clustered; `None` means all of them (the last block).

@@ -1,4 +1,4 @@
-"""Random and self-guided informed masking (METHOD.md §3).
+"""Random and self-guided informed masking (docs/method.md §3).
 
 Conventions: `features` is `[B, N, D]` (patch tokens, no [CLS]); a mask is a bool `[B, N]` tensor where
 True means *masked* (hidden from the encoder, reconstructed by the decoder); every mask hides exactly
@@ -194,7 +194,7 @@ def add_hints(
 
 @dataclass
 class Bipartition:
-    """The Normalized-Cut bi-partition of each image's affinity graph (METHOD.md §3, steps 2-4 and 8)."""
+    """The Normalized-Cut bi-partition of each image's affinity graph (docs/method.md §3, steps 2-4 and 8)."""
 
     weights: torch.Tensor  # [B, N, N] affinity graph W (with its eps)
     fiedler: torch.Tensor  # [B, N] Fiedler vector y
@@ -229,17 +229,20 @@ def ncut_bipartition(unit_features: torch.Tensor, config: SGMAEConfig) -> Bipart
 
 @dataclass
 class MaskingResult:
-    """A batch of masks with what the masking saw; per-sample tensors are [B]."""
+    """A batch of masks with what the masking saw (for training statistics, the analysis and the Figure-1 panel)."""
 
-    mask: torch.Tensor  # [B, N] bool, True = masked
+    mask: torch.Tensor  # [B, N] bool, True = masked: the informed mask with hints, or the fallback random mask
     mask_type: torch.Tensor  # [B] long, MaskType values
     object_part_size: torch.Tensor  # [B] long, patches in the object part; -1 where no partition was used
     edge_density: torch.Tensor  # [B] float, share of real edges in the affinity graph
     object_part: torch.Tensor  # [B, N] bool, the NCut object part (all False where not used)
+    informed_mask: torch.Tensor  # [B, N] bool, the informed mask before hints (whether or not it was used)
+    scores: torch.Tensor  # [B, N] similarity of each patch to the object prototype
+    bipartition: Bipartition  # the cut itself: graph, Fiedler vector, object part, has_cut
 
 
 class SelfGuidedMasking(nn.Module):
-    """Builds informed masks from the model's own patch features (METHOD.md §3, steps 2-8). No parameters."""
+    """Builds informed masks from the model's own patch features (docs/method.md §3, steps 2-8). No parameters."""
 
     def __init__(self, config: SGMAEConfig):
         super().__init__()
@@ -261,10 +264,10 @@ class SelfGuidedMasking(nn.Module):
         usable = finite & cut.has_cut
         part, part_size = cut.object_part, cut.object_part.sum(dim=1)
         scores = object_similarity(features, part)
-        mask = informed_mask(scores, part, num_masked)
+        before_hints = informed_mask(scores, part, num_masked)
         num_hints = round(config.hint_ratio * num_masked)
         num_hints = min(num_hints, num_patches - num_masked)
-        mask = add_hints(mask, scores, num_hints, config.hint_sampling, generator)
+        mask = add_hints(before_hints, scores, num_hints, config.hint_sampling, generator)
 
         noise = torch.rand(batch_size, num_patches, device=features.device, generator=generator)
         mask = torch.where(usable[:, None], mask, mask_from_noise(noise, num_masked))
@@ -275,4 +278,7 @@ class SelfGuidedMasking(nn.Module):
             object_part_size=torch.where(usable, part_size, -1),
             edge_density=cut.edge_density,
             object_part=part & usable[:, None],
+            informed_mask=before_hints,
+            scores=scores,
+            bipartition=cut,
         )

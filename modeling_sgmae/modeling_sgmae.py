@@ -1,4 +1,4 @@
-"""SG-MAE models: a ViT-MAE encoder/decoder whose masks become self-guided after a warm-up (METHOD.md)."""
+"""SG-MAE models: a ViT-MAE encoder/decoder whose masks become self-guided after a warm-up (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,22 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, cached_file, logging
 
 from .configuration_sgmae import AUTO_MAP, SGMAEConfig
-from .masking_sgmae import MaskType, SelfGuidedMasking, num_masked_patches
+from .masking_sgmae import MaskingResult, MaskType, SelfGuidedMasking, num_masked_patches
 
 logger = logging.get_logger(__name__)
+
+NORM_PIX_EPS = 1e-6  # added to each target patch's variance with `norm_pix_loss` (MAE's value)
+
+
+def patch_mean_std(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of each patch's pixels, [B, N, 1] each: the `norm_pix_loss` normalisation."""
+    return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + NORM_PIX_EPS) ** 0.5
+
+
+def probe_noise(batch_size: int, num_patches: int, seed: int = 0) -> torch.Tensor:
+    """Fixed random-mask noise [B, N] for a probe batch, drawn on the CPU from its own generator: the same on every
+    device and process, and nothing is drawn from the global RNG."""
+    return torch.rand(batch_size, num_patches, generator=torch.Generator().manual_seed(seed))
 
 
 def sincos_position_table(dim: int, grid_height: int, grid_width: int) -> torch.Tensor:
@@ -294,7 +307,7 @@ def _load_checkpoint_state_dict(path: str, **hub_kwargs) -> dict[str, torch.Tens
 
 @torch.no_grad()
 def exploitation_rates(decoder_attentions: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
-    """Exploitation rates per decoder layer: [L, 2] = (visible share, mask-token share) (METHOD.md §4).
+    """Exploitation rates per decoder layer: [L, 2] = (visible share, mask-token share) (docs/method.md §4).
 
     The attention that queries at masked positions give to visible keys ([CLS] included) and to mask-token keys,
     averaged over the masked queries, heads and images; the signal of the auto start
@@ -540,6 +553,20 @@ class SGMAEModel(SGMAEPreTrainedModel):
         layers = self.layers if num_layers is None else self.layers[:num_layers]
         return run_layers(layers, hidden_states, output_attentions, output_hidden_states)
 
+    def patch_features(
+        self,
+        patch_tokens: torch.Tensor,
+        cls_token: torch.Tensor,
+        num_layers: int | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The full image's patch features [B, N, D] after `num_layers` blocks (all if None), before the final
+        LayerNorm: what the self-guided masking clusters; and those blocks' attention maps if asked for."""
+        hidden_states, _, attentions = self.encode(
+            patch_tokens, cls_token, num_layers, output_attentions=output_attentions
+        )
+        return hidden_states[:, 1:], attentions
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -608,7 +635,7 @@ class SGMAEDecoder(nn.Module):
 
 
 class SGMAEForPreTraining(SGMAEPreTrainedModel):
-    """MAE pre-training with self-guided informed masking once the schedule reaches its start (METHOD.md §3-4).
+    """MAE pre-training with self-guided informed masking once the schedule reaches its start (docs/method.md §3-4).
 
     The schedule position is model state (persistent buffers): call `set_training_progress(step, total_steps)`
     each optimiser step and the model decides which masks to use; it is saved and restored with the weights.
@@ -667,8 +694,9 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         """
         if noise is None:
             patch = self.config.patch_size
-            num_patches = (pixel_values.shape[2] // patch) * (pixel_values.shape[3] // patch)
-            noise = torch.rand(pixel_values.shape[0], num_patches, generator=torch.Generator().manual_seed(0))
+            noise = probe_noise(
+                pixel_values.shape[0], (pixel_values.shape[2] // patch) * (pixel_values.shape[3] // patch)
+            )
         noise = noise.to(pixel_values.device)
         was_training = self.training
         self.eval()
@@ -704,9 +732,8 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         """MSE per patch, averaged over the masked patches (mask: [B, N], 1 = masked)."""
         target = self.patchify(pixel_values)
         if self.config.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
+            mean, std = patch_mean_std(target)
+            target = (target - mean) / std
         loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)
         return (loss * mask).sum() / mask.sum()
 
@@ -748,13 +775,20 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
                 raise ValueError(f"noise must have shape {(batch_size, num_patches)}, got {tuple(noise.shape)}")
             return torch.argsort(noise.to(patch_tokens.device), dim=1), mask_type, None, None
         if not random_masking and self.informed_masking_active:
-            with torch.no_grad():
-                features, _, _ = self.vit.encode(patch_tokens.detach(), cls_token.detach(), self.config.feature_layer)
-                result = self.masking(features[:, 1:], num_masked, generator)
+            result = self.informed_masking(patch_tokens, cls_token, generator)
             ids_shuffle = torch.argsort(result.mask.to(torch.int8), dim=1, stable=True)
             return ids_shuffle, result.mask_type, result.object_part_size, result.edge_density
         noise = torch.rand(batch_size, num_patches, device=patch_tokens.device, generator=generator)
         return torch.argsort(noise, dim=1), mask_type.fill_(int(MaskType.RANDOM)), None, None
+
+    @torch.no_grad()
+    def informed_masking(
+        self, patch_tokens: torch.Tensor, cls_token: torch.Tensor, generator: torch.Generator | None = None
+    ) -> MaskingResult:
+        """The self-guided masks of embedded images (docs/method.md §3): the full image's patch features after
+        `feature_layer` blocks, cut and ranked by `self.masking`. patch_tokens: [B, N, D] with positions."""
+        features = self.vit.patch_features(patch_tokens.detach(), cls_token.detach(), self.config.feature_layer)[0]
+        return self.masking(features, num_masked_patches(patch_tokens.shape[1], self.config.mask_ratio), generator)
 
     def forward(
         self,

@@ -22,17 +22,16 @@ from modeling_sgmae.analysis import (
     analyse,
     attention_distance,
     centre_patches,
-    exploitation_rates,
     feature_statistics,
     figure_panel,
     full_image_encoding,
-    load_image_processor,
-    ncut_bipartition,
     predicted_pixel_values,
     unnormalize,
 )
-from modeling_sgmae.analysis import main as analysis_main
-from modeling_sgmae.masking_sgmae import SelfGuidedMasking, num_masked_patches
+from modeling_sgmae.masking_sgmae import SelfGuidedMasking, ncut_bipartition, num_masked_patches
+from modeling_sgmae.modeling_sgmae import exploitation_rates
+from sgmae_training.analyze import load_image_processor
+from sgmae_training.analyze import main as analysis_main
 
 GRID = (8, 8)  # the tiny config: 32 px images, 4 px patches
 METRIC_KEYS = {
@@ -334,7 +333,7 @@ def test_cli_end_to_end(model, image_dataset_dir, tmp_path):
         HF_DATASETS_CACHE=str(tmp_path / "datasets_cache"),
         OMP_NUM_THREADS="1",
     )
-    command = [sys.executable, "-m", "modeling_sgmae.analysis", "--model", str(tmp_path / "model")]
+    command = [sys.executable, "-m", "sgmae_training.analyze", "--model", str(tmp_path / "model")]
     command += ["--dataset_name", str(image_dataset_dir), "--split", "test", "--num_images", "12"]
     command += ["--batch_size", "5", "--figure_images", "2", "--output_dir", str(output_dir)]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""SGMAEConfig: validation names the offending field, defaults follow METHOD.md, save/load and auto_map work."""
+"""SGMAEConfig: validation names the offending field, defaults follow docs/method.md, save/load and auto_map work."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Self-guided masking (METHOD.md §3): graphs, Fiedler solvers, object part, informed mask, hints, fallbacks."""
+"""Self-guided masking (docs/method.md §3): graphs, Fiedler solvers, object part, informed mask, hints, fallbacks."""
 
 from __future__ import annotations
 
@@ -233,7 +233,7 @@ def solver_agreement(features: torch.Tensor, edges: str = "similarity") -> tuple
 @pytest.mark.parametrize(
     ("dim", "offset"),
     # offset 0: mean cosine ~0; offset 1.5 / 2.5: mean cosine ~0.7 / ~0.86, the near-complete graphs of a trained
-    # MAE (METHOD.md: mean similarity 0.58-0.68), where mu_2 and mu_3 are within ~1e-4 of each other.
+    # MAE (docs/method.md: mean similarity 0.58-0.68), where mu_2 and mu_3 are within ~1e-4 of each other.
     [(64, 0.0), (192, 0.0), (192, 1.5), (192, 2.5)],
 )
 def test_power_solver_matches_eigh_on_random_graphs(num_patches, dim, offset):

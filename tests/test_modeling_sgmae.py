@@ -155,7 +155,7 @@ def test_feature_pass_builds_no_autograd_graph(config):
 
 @pytest.mark.parametrize("feature_layer", [None, 1])
 def test_masking_clusters_full_image_features_of_the_configured_block(feature_layer):
-    """METHOD.md §3.1: patch tokens (no [CLS]) of the unmasked, unshuffled image after `mask_feature_layer` blocks."""
+    """docs/method.md §3 step 1: patch tokens (no [CLS]) of the unmasked image after `mask_feature_layer` blocks."""
     config = tiny_config(mask_feature_layer=feature_layer)
     model = SGMAEForPreTraining(config)
     model.set_training_progress(1, 1)

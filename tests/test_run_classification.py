@@ -20,12 +20,12 @@ import yaml
 from conftest import CLASS_NAMES, REPO_ROOT, check_folder_in_fresh_process, tiny_config
 from safetensors.torch import load_file
 
-import modeling_sgmae
 from modeling_sgmae import SGMAEForImageClassification, SGMAEForPreTraining
-from modeling_sgmae.script_utils import decode_image, eval_transform, image_processor_for
+from sgmae_training.data import decode_image, eval_transform, image_processor_for
+from sgmae_training.evaluation import METRIC_PATH
 
 SCRIPT = REPO_ROOT / "run_classification.py"
-METRIC = str(Path(modeling_sgmae.__file__).parent / "metrics" / "accuracy")
+METRIC = str(METRIC_PATH)
 EVAL_SAMPLES = 27  # not a multiple of 2 processes x eval batch 4: the shards end unevenly
 
 _spec = importlib.util.spec_from_file_location("run_classification", SCRIPT)

@@ -217,7 +217,7 @@ def test_nan_loss_stops_the_run_and_keeps_checkpoints(image_dataset_dir, config_
 def test_checkpoint_objects_round_trip_and_pickled_code_in_them_is_refused(tmp_path):
     from accelerate import Accelerator
 
-    from modeling_sgmae.script_utils import OBJECTS_FILE, load_checkpoint, save_checkpoint
+    from sgmae_training.checkpoints import OBJECTS_FILE, load_checkpoint, save_checkpoint
 
     accelerator = Accelerator()  # as the scripts build it: one process here
     layer = torch.nn.Linear(2, 2)

@@ -141,3 +141,17 @@ class SGMAECommonModelTest(ModelTesterMixin, unittest.TestCase):
             embeddings = model.get_input_embeddings()
             self.assertIsInstance(embeddings.projection, torch.nn.Conv2d)
             self.assertIsNone(model.get_output_embeddings())
+
+    def test_torch_export(self):
+        """Stands in for transformers' ExportTesterMixin (not in the sdist): every model exports with torch.export
+        and the exported program gives the eager outputs (the pre-training model with given noise)."""
+        config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
+        for model_class in self.all_model_classes:
+            model = model_class(config).eval()
+            inputs = self._prepare_for_class(inputs_dict, model_class)
+            pixel_values = inputs.pop("pixel_values")
+            program = torch.export.export(model, (pixel_values,), inputs)
+            exported, eager = program.module()(pixel_values, **inputs), model(pixel_values, **inputs)
+            for name in ("last_hidden_state", "pooler_output", "logits", "loss", "mask"):
+                if name in eager:
+                    torch.testing.assert_close(exported[name], eager[name], msg=f"{model_class.__name__}.{name}")

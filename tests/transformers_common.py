@@ -3,8 +3,12 @@
 The wheel does not ship `tests/`; the sdist on PyPI carries `test_modeling_common.py`, `test_configuration_common.py`
 and `test_pipeline_mixin.py`, but not three helper modules they import from the repository's `tests/` tree. Those are
 stood in for here: `GenerationTesterMixin` (generation tests do not apply to a vision encoder), `ExportTesterMixin`
-(torch.export is checked in test_transformers_conventions.py instead) and `config_common_kwargs` (the common
-configuration fields of `PreTrainedConfig`, set to non-default values).
+(torch.export is checked by the project's own test in test_transformers_conventions.py) and `config_common_kwargs`
+(the common configuration fields of `PreTrainedConfig`, set to non-default values).
+
+`PipelineTesterMixin` cannot run from the sdist either: it reads the repository's `tests/utils/tiny_model_summary.json`
+and `tests/pipelines/`, and tiny checkpoints from the Hub. Its checks (both pipelines on a saved folder, in a fresh
+process) are the project's own: `conftest.check_folder_in_fresh_process` and test_hub_integration.py.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ COMMON_FILES = ("test_modeling_common.py", "test_configuration_common.py", "test
 STAND_INS = {
     "exporters/test_export.py": '''
 class ExportTesterMixin:
-    """Stand-in: torch.export is checked by the project's own test."""
+    """Stand-in: torch.export is checked by SGMAECommonModelTest.test_torch_export."""
 ''',
     "generation/test_utils.py": '''
 class GenerationTesterMixin:

@@ -1,16 +1,10 @@
-"""Code shared by `run_pretraining.py` and `run_classification.py`: data, transforms, launch checks, checkpoints,
-Hub-ready output. Not part of a checkpoint's remote code."""
+"""Where the images come from and how they reach the model: splits, columns, decoding, transforms, sharding."""
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
-import os
-import re
-import shutil
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,17 +17,15 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
-from transformers import HfArgumentParser, PreTrainedConfig, PreTrainedModel, ViTImageProcessor
+from transformers import ViTImageProcessor
+
+from modeling_sgmae.analysis import MAE_IMAGE_MEAN, MAE_IMAGE_STD
 
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
 LABEL_COLUMNS = ("label", "labels", "fine_label")
-MAE_MEAN = (0.485, 0.456, 0.406)
-MAE_STD = (0.229, 0.224, 0.225)
-STATE_FILE = "trainer_state.json"
-OBJECTS_FILE = "training_objects.pt"  # state_dicts of what Accelerate does not prepare (scheduler, probe)
-CHECKPOINT_TYPES = ("sgmae", "vit_mae")
+INDEX_COLUMN = "__sample_index__"  # a row's number, its identity across processes during evaluation
 
 
 @dataclass
@@ -60,17 +52,6 @@ class DataArguments:
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for datasets and models."})
     dataloader_num_workers: int = field(default=2, metadata={"help": "Data-loading worker processes per device."})
-
-
-def check_launch(accelerator: Accelerator) -> None:
-    """Refuse a launch whose processes are not joined (each would train its own copy on the same data)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and accelerator.num_processes == 1:
-        raise RuntimeError(
-            f"WORLD_SIZE={world_size} but Accelerate sees a single process: the processes are not joined and would "
-            "each train an independent copy. On CPU launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
-            "--num_processes N` (or the provided configuration/accelerate/cpu_multi_process.yaml)."
-        )
 
 
 def load_split(args: DataArguments, split: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
@@ -136,8 +117,8 @@ def image_processor_for(config) -> ViTImageProcessor:
         do_resize=True,
         size={"height": height, "width": width},
         resample=Image.Resampling.BICUBIC,
-        image_mean=list(MAE_MEAN),
-        image_std=list(MAE_STD),
+        image_mean=list(MAE_IMAGE_MEAN),
+        image_std=list(MAE_IMAGE_STD),
     )
 
 
@@ -291,170 +272,62 @@ def training_length(
     return steps_per_epoch, max_train_steps or math.ceil(num_train_epochs * steps_per_epoch)
 
 
-def parse_script_args(parser: HfArgumentParser) -> tuple:
-    """Dataclasses from the command line, or from a single .json / .yaml file argument."""
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(sys.argv[1])
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(sys.argv[1])
-    return parser.parse_args_into_dataclasses()
+def class_names(features: datasets.Features | None, label_column: str, data) -> list[str]:
+    """Class names from a ClassLabel column (or "0".."C-1" for plain integer labels of a map-style split)."""
+    feature = (features or {}).get(label_column)
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    dtype = getattr(feature, "dtype", None)
+    if isinstance(data, datasets.Dataset) and dtype is not None and dtype.startswith(("int", "uint")):
+        values = data.unique(label_column)
+        if min(values) < 0:
+            raise SystemExit(f"error: label column {label_column!r} holds negative labels")
+        return [str(index) for index in range(max(values) + 1)]
+    raise SystemExit(
+        f"error: label column {label_column!r} must be a ClassLabel (or integer) column, got {feature}; "
+        "cast it with `dataset.class_encode_column`"
+    )
 
 
-def check_checkpoint_kind(path: str, cache_dir: str | None = None) -> str:
-    """The checkpoint's model_type, or a clear error when it is not an SG-MAE or transformers ViTMAE checkpoint."""
-    try:
-        config_dict, _ = PreTrainedConfig.get_config_dict(path, cache_dir=cache_dir)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"error: cannot read a model configuration from {path!r}: {error}") from error
-    model_type = config_dict.get("model_type")
-    if model_type not in CHECKPOINT_TYPES:
-        raise SystemExit(
-            f"error: {path!r} is a {model_type!r} checkpoint; --model_name_or_path needs an SG-MAE (pre-training or "
-            "classification) or a transformers ViTMAE checkpoint"
+def finetune_transform(
+    processor: ViTImageProcessor, crop_scale_min: float, rand_augment_ops: int, rand_augment_magnitude: int,
+    random_erasing: float,
+) -> v2.Compose:  # fmt: skip
+    """MAE fine-tuning augmentation: RandomResizedCrop, flip, RandAugment, normalisation, RandomErasing."""
+    size = (processor.size["height"], processor.size["width"])
+    steps = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(
+            size, scale=(crop_scale_min, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+        ),
+        v2.RandomHorizontalFlip(),
+    ]
+    if rand_augment_ops:
+        steps.append(
+            v2.RandAugment(rand_augment_ops, rand_augment_magnitude, interpolation=v2.InterpolationMode.BILINEAR)
         )
-    return model_type
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(processor.image_mean, processor.image_std)]
+    if random_erasing:
+        steps.append(v2.RandomErasing(random_erasing, value=0.0))
+    return v2.Compose(steps)
 
 
-# ----- checkpoints -------------------------------------------------------------------------------------------------
-def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (their state file is written last), oldest first."""
-    found = []
-    for path in Path(output_dir).glob("checkpoint-*"):
-        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if match and (path / STATE_FILE).is_file():
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
+class MixingCollator:
+    """ImageCollator followed by MixUp or CutMix (one of them, at random, per batch): labels become soft [B, C]."""
+
+    def __init__(self, collator: ImageCollator, num_classes: int, mixup: float, cutmix: float):
+        self.collator = collator
+        choices = [v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else []
+        choices += [v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else []
+        self.mix = v2.RandomChoice(choices) if choices else None
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.collator(rows)
+        if self.mix is not None and len(batch["pixel_values"]):
+            batch["pixel_values"], batch["labels"] = self.mix(batch["pixel_values"], batch["labels"])
+        return batch
 
 
-def resolve_resume(output_dir: str, resume_from_checkpoint: str | None) -> Path | None:
-    """`latest` picks the newest complete checkpoint in output_dir (None when there is none yet)."""
-    if not resume_from_checkpoint:
-        return None
-    if resume_from_checkpoint == "latest":
-        found = checkpoint_dirs(output_dir)
-        return found[-1] if found else None
-    path = Path(resume_from_checkpoint)
-    if not (path / STATE_FILE).is_file():
-        raise SystemExit(f"error: {path} is not a complete checkpoint (no {STATE_FILE})")
-    return path
-
-
-def save_checkpoint(
-    accelerator: Accelerator,
-    output_dir: str,
-    state: dict,
-    save_total_limit: int | None,
-    objects: dict[str, Any],
-    config=None,
-) -> Path:
-    """Write `checkpoint-<step>` atomically: everything goes to a temporary folder that is renamed when complete.
-
-    Accelerate saves what it prepared (model, optimizer) and the RNG states; `objects` (scheduler, probe, ...) are
-    saved by state_dict to OBJECTS_FILE, which `load_checkpoint` reads with `weights_only=True`, unlike Accelerate's
-    `register_for_checkpointing` files. With `config`, its config.json is written too, so the checkpoint also loads
-    with `from_pretrained`.
-    """
-    final = Path(output_dir) / f"checkpoint-{state['step']}"
-    temporary = Path(output_dir) / f".tmp-checkpoint-{state['step']}"
-    if accelerator.is_main_process and temporary.exists():
-        shutil.rmtree(temporary)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        torch.save({name: value.state_dict() for name, value in objects.items()}, temporary / OBJECTS_FILE)
-        if config is not None:
-            config.save_pretrained(temporary)
-        (temporary / STATE_FILE).write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        temporary.rename(final)
-        if save_total_limit:
-            for old in checkpoint_dirs(output_dir)[:-save_total_limit]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(accelerator: Accelerator, path: Path, objects: dict[str, Any]) -> dict:
-    """Restore model, optimizer, RNG states and `objects`; return the saved trainer state."""
-    if not (path / OBJECTS_FILE).is_file():
-        raise SystemExit(
-            f"error: {path} has no {OBJECTS_FILE}: it was written by an older version, whose scheduler state only "
-            "loads by unpickling arbitrary code; start a new run from its weights (--model_name_or_path PATH)"
-        )
-    accelerator.load_state(str(path))
-    saved = torch.load(path / OBJECTS_FILE, map_location="cpu", weights_only=True)
-    for name, value in objects.items():
-        value.load_state_dict(saved[name])
-    return json.loads((path / STATE_FILE).read_text())
-
-
-def check_finite(loss: torch.Tensor, step: int, output_dir: str) -> None:
-    """Stop with a clear message on a NaN/inf loss; checkpoints already written are left untouched."""
-    if not torch.isfinite(loss).item():
-        found = checkpoint_dirs(output_dir)
-        last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
-        raise SystemExit(
-            f"error: the loss became {loss.item()} at step {step}; stopping ({last}). "
-            "Lower the learning rate, enable --max_grad_norm or use bf16 instead of fp16."
-        )
-
-
-def cosine_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Linear warm-up then half-cosine decay to 0, as a LambdaLR factor."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(warmup_steps, 1)
-        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
-
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """MAE's AdamW groups: no decay on norms, biases, tokens and position tables (1-D or token parameters)."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        skip = parameter.ndim <= 1 or name.endswith(("cls_token", "mask_token", "position_embeddings"))
-        (no_decay if skip else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-# ----- Hub-ready output --------------------------------------------------------------------------------------------
-def save_hub_folder(
-    model: PreTrainedModel, processor: ViTImageProcessor, output_dir: str | Path, model_card: str
-) -> None:
-    """Weights (safetensors), config with auto_map, the model's .py files, processor config and model card."""
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    Path(output_dir, "README.md").write_text(model_card, encoding="utf-8")
-
-
-def model_card(metadata: dict[str, Any], title: str, body: str) -> str:
-    """A model card: YAML front matter (library_name, pipeline_tag, tags, datasets, license, ...) and Markdown."""
-    import yaml
-
-    front = yaml.safe_dump(metadata, sort_keys=False).strip()
-    return f"---\n{front}\n---\n\n# {title}\n\n{body.strip()}\n"
-
-
-def push_to_hub(output_dir: str, hub_model_id: str, token: str | None = None) -> None:
-    """Upload the output folder (needs network access and a token)."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(hub_model_id, exist_ok=True)
-    api.upload_folder(repo_id=hub_model_id, folder_path=output_dir, ignore_patterns=["checkpoint-*", ".tmp-*", "runs"])
-
-
-# ----- visualisation -----------------------------------------------------------------------------------------------
-def save_mask_panel(model, pixel_values: torch.Tensor, processor: ViTImageProcessor, path: Path) -> None:
-    """PNG, one row per image: input, random mask, NCut bi-partition, informed mask, with hints, reconstruction."""
-    from .analysis import figure_panel
-
-    panel = figure_panel(model, pixel_values, processor.image_mean, processor.image_std)
-    Image.fromarray(panel.grid()).save(path)
+def with_index(dataset: datasets.Dataset) -> datasets.Dataset:
+    """Number the rows 0..N-1 in a column of their own (the identity of a sample across processes)."""
+    return dataset.add_column(INDEX_COLUMN, list(range(len(dataset))))

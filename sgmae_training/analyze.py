@@ -1,0 +1,118 @@
+"""Analyse an SG-MAE checkpoint on the first images of a dataset split (the paper's §5 metrics, Figure-1 panel).
+
+    python -m sgmae_training.analyze --model PATH --dataset_name PATH_OR_ID --split test --output_dir DIR
+
+writes `DIR/analysis.json` (the metrics of `modeling_sgmae.analysis.analyse`) and `DIR/figure_panel.png`
+(`modeling_sgmae.analysis.figure_panel`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from transformers import HfArgumentParser, ViTImageProcessor
+from transformers.utils import cached_file
+
+from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining
+from modeling_sgmae.analysis import MAE_IMAGE_MEAN, MAE_IMAGE_STD, analyse, figure_panel
+
+from .data import IMAGE_COLUMNS, find_column
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AnalysisArguments:
+    """Arguments of `python -m sgmae_training.analyze`."""
+
+    model: str = field(metadata={"help": "SG-MAE (or ViTMAE) checkpoint: a local directory or a Hub id."})
+    dataset_name: str = field(metadata={"help": "Dataset for `datasets.load_dataset`: a local directory or a Hub id."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the dataset."})
+    split: str = field(default="test", metadata={"help": "Split the probe batch is taken from."})
+    image_column: str | None = field(
+        default=None, metadata={"help": f"Image column (default: the first of {', '.join(IMAGE_COLUMNS)})."}
+    )
+    num_images: int = field(default=256, metadata={"help": "Size of the probe batch (the first images of the split)."})
+    output_dir: str = field(default="sgmae_analysis", metadata={"help": "Where analysis.json and the PNG go."})
+    figure_images: int = field(default=6, metadata={"help": "Images (rows) in the Figure-1 panel; 0 for none."})
+    batch_size: int = field(default=64, metadata={"help": "Images per forward pass."})
+    seed: int = field(default=0, metadata={"help": "Seed of the probe's random masks and hints."})
+    device: str = field(default="auto", metadata={"help": "Torch device; `auto` picks CUDA when available."})
+
+
+def load_image_processor(model_path: str, config: SGMAEConfig):
+    """The checkpoint's ViTImageProcessor if it has a preprocessor_config.json, else resize + MAE mean/std.
+
+    Either way images are resized to the model's image size.
+    """
+    height, width = config.image_height_width
+    found = cached_file(
+        model_path,
+        "preprocessor_config.json",
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    if found is not None:
+        processor = ViTImageProcessor.from_pretrained(model_path)
+    else:
+        processor = ViTImageProcessor(image_mean=list(MAE_IMAGE_MEAN), image_std=list(MAE_IMAGE_STD))
+    processor.size = {"height": height, "width": width}
+    if not processor.do_normalize:
+        processor.image_mean, processor.image_std = [0.0] * config.num_channels, [1.0] * config.num_channels
+    return processor
+
+
+def probe_batch(dataset, image_column: str | None, num_images: int, processor, config: SGMAEConfig):
+    """The first `num_images` images of a `datasets.Dataset` as normalised pixels [B, C, H, W], and the column used."""
+    column = find_column(dataset.features, image_column, IMAGE_COLUMNS, "image")
+    images = dataset.select(range(min(num_images, len(dataset))))[column]
+    images = [image.convert("RGB") if config.num_channels == 3 else image for image in images]
+    return processor(images, return_tensors="pt")["pixel_values"], column
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Analyse a checkpoint on the first images of a dataset split; write analysis.json and figure_panel.png."""
+    (args,) = HfArgumentParser(AnalysisArguments).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+    # data: the fixed probe batch
+    model = SGMAEForPreTraining.from_pretrained(args.model).to(device)
+    processor = load_image_processor(args.model, model.config)
+    dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.split)
+    pixel_values, column = probe_batch(dataset, args.image_column, args.num_images, processor, model.config)
+
+    # metrics and figure
+    metrics = analyse(model, pixel_values, args.batch_size, args.seed)
+    metrics = {
+        "model": args.model,
+        "dataset": args.dataset_name,
+        "split": args.split,
+        "image_column": column,
+        **metrics,
+    }
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "analysis.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    logger.info("wrote %s", output_dir / "analysis.json")
+    if args.figure_images > 0:
+        panel = figure_panel(
+            model,
+            pixel_values[: args.figure_images],
+            tuple(processor.image_mean),
+            tuple(processor.image_std),
+            args.seed,
+        )
+        panel.save(output_dir / "figure_panel.png")
+        logger.info("wrote %s", output_dir / "figure_panel.png")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

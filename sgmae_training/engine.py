@@ -1,0 +1,221 @@
+"""The one training loop that pre-training, fine-tuning and the linear probe share (an Accelerate loop).
+
+It does what every run needs: gradient accumulation, clipping, mixed precision (through Accelerate), logging,
+checkpoints and resume, the NaN stop and the progress bar. What differs between the scripts plugs in as
+`TrainingHooks`: the loss of a batch, statistics of its outputs, and what to do after a step or an epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, PreTrainedConfig
+
+from .checkpoints import checkpoint_dirs, save_checkpoint
+
+
+def start_run(
+    output_dir: str, seed: int, gradient_accumulation_steps: int, mixed_precision: str | None, report_to: str
+) -> Accelerator:
+    """The run's Accelerator, with its launch checked, logging set up (INFO on the main process), seed set and the
+    output folder made."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=None if report_to == "none" else report_to,
+        project_dir=output_dir,
+    )
+    check_launch(accelerator)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+    )
+    if not accelerator.is_main_process:
+        datasets.utils.logging.set_verbosity_error()
+    set_seed(seed)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    return accelerator
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Refuse a launch whose processes are not joined (each would train its own copy on the same data)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"WORLD_SIZE={world_size} but Accelerate sees a single process: the processes are not joined and would "
+            "each train an independent copy. On CPU launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+            "--num_processes N` (or the provided configuration/accelerate/cpu_multi_process.yaml)."
+        )
+
+
+def parse_script_args(parser: HfArgumentParser) -> tuple:
+    """Dataclasses from the command line, or from a single .json / .yaml file argument."""
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(sys.argv[1])
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(sys.argv[1])
+    return parser.parse_args_into_dataclasses()
+
+
+def check_finite(loss: torch.Tensor, step: int, output_dir: str) -> None:
+    """Stop with a clear message on a NaN/inf loss; checkpoints already written are left untouched."""
+    if not torch.isfinite(loss).item():
+        found = checkpoint_dirs(output_dir)
+        last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+        raise SystemExit(
+            f"error: the loss became {loss.item()} at step {step}; stopping ({last}). "
+            "Lower the learning rate, enable --max_grad_norm or use bf16 instead of fp16."
+        )
+
+
+class TrainingHooks:
+    """What a script adds to the loop. Only `loss` is required; the other hooks do nothing by default."""
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """The loss of one micro-batch, and whatever `after_micro_batch` should see."""
+        raise NotImplementedError
+
+    def before_micro_batch(self, step: int) -> None:
+        """Called before each forward pass with the number of optimiser steps taken so far."""
+
+    def after_micro_batch(self, batch: dict[str, torch.Tensor], outputs: Any) -> None:
+        """Called after each micro-batch's optimiser call (statistics of its outputs)."""
+
+    def log_values(self) -> dict[str, float]:
+        """Extra values for this logging window (then the window starts anew)."""
+        return {}
+
+    def progress_values(self) -> dict[str, str]:
+        """Extra fields of the progress bar."""
+        return {}
+
+    def after_step(self, step: int) -> None:
+        """Called after each optimiser step (and its logging), before a step checkpoint."""
+
+    def after_epoch(self, state: dict) -> None:
+        """Called when an epoch has run to its end, before an epoch checkpoint."""
+
+
+@dataclass
+class LoopSettings:
+    """How long to train and what to keep: the loop's share of a script's arguments."""
+
+    total_steps: int
+    output_dir: str
+    logging_steps: int
+    checkpointing_steps: str | None  # N (steps), "epoch" or "none"
+    save_total_limit: int | None
+    max_grad_norm: float | None
+    checkpoint_config: PreTrainedConfig | None = None  # written into each checkpoint, so it loads with from_pretrained
+    count_key: str = "pixel_values"  # the batch entry whose length counts the samples
+    sharded: bool = True  # each process trains on its own shard: sample counts are summed over processes
+
+
+def train(
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch_batches: Callable[[dict], Iterable[dict[str, torch.Tensor]]],
+    state: dict,
+    settings: LoopSettings,
+    hooks: TrainingHooks,
+    objects: dict[str, Any],
+) -> dict:
+    """Train until `settings.total_steps` optimiser steps; return the final `state`.
+
+    `epoch_batches(state)` yields this process's batches of the epoch in `state`, past the samples already trained on
+    (so a resumed run continues exactly). `state` holds step, epoch, samples_in_epoch, samples_seen, skipped_images,
+    train_seconds and, once logged, train_loss (the mean loss of the last logging window); it is saved in every
+    checkpoint with `objects` (state_dicts Accelerate does not hold, e.g. the scheduler).
+    """
+    # An optimizer Accelerate did not prepare (the linear probe's) steps on plain, unscaled gradients.
+    prepared = isinstance(optimizer, AcceleratedOptimizer)
+    total_steps = settings.total_steps
+    progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_main_process)
+    window_loss, window_micro = 0.0, 0
+    started, samples_at_start, seconds_at_start = time.perf_counter(), state["samples_seen"], state["train_seconds"]
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            accelerator, settings.output_dir, state, settings.save_total_limit, objects, settings.checkpoint_config
+        )
+
+    model.train()
+    while state["step"] < total_steps:
+        epoch_start = state["samples_in_epoch"]
+        for batch in epoch_batches(state):
+            if state["step"] >= total_steps:  # checked before training, so a schedule ending with an epoch ends it
+                break
+            hooks.before_micro_batch(state["step"])
+            with accelerator.accumulate(model):
+                loss, outputs = hooks.loss(model, batch)
+                accelerator.backward(loss) if prepared else loss.backward()
+                if accelerator.sync_gradients and settings.max_grad_norm:
+                    clip = accelerator.clip_grad_norm_ if prepared else nn.utils.clip_grad_norm_
+                    clip(model.parameters(), settings.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            check_finite(loss.detach(), state["step"], settings.output_dir)
+            counts = torch.tensor([len(batch[settings.count_key]), int(batch.get("skipped", 0))])
+            if settings.sharded:
+                counts = accelerator.reduce(counts.to(accelerator.device), "sum")
+            state["samples_in_epoch"] += int(counts[0])
+            state["samples_seen"] += int(counts[0])
+            state["skipped_images"] += int(counts[1])
+            window_loss, window_micro = window_loss + loss.item(), window_micro + 1
+            hooks.after_micro_batch(batch, outputs)
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            state["step"] += 1
+            state["train_seconds"] = seconds_at_start + time.perf_counter() - started
+            progress.update(1)
+            step = state["step"]
+            if step % settings.logging_steps == 0 or step == total_steps:
+                logs = {
+                    "loss": window_loss / window_micro,
+                    "lr": scheduler.get_last_lr()[-1],
+                    "img_per_s": (state["samples_seen"] - samples_at_start) / (time.perf_counter() - started),
+                    **hooks.log_values(),
+                }
+                progress.set_postfix(
+                    loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.1e}", img_s=f"{logs['img_per_s']:.0f}",
+                    **hooks.progress_values(),
+                )  # fmt: skip
+                accelerator.log(logs, step=step)
+                state["train_loss"] = logs["loss"]
+                window_loss, window_micro = 0.0, 0
+            hooks.after_step(step)
+            steps = settings.checkpointing_steps
+            if steps not in (None, "none", "epoch") and step % int(steps) == 0:
+                checkpoint()
+        else:  # the epoch ran to its end
+            if epoch_start == state["samples_in_epoch"] == 0:
+                raise SystemExit("error: the training split yielded no full batch of images")
+            state["epoch"] += 1
+            state["samples_in_epoch"] = 0
+            hooks.after_epoch(state)
+            if settings.checkpointing_steps == "epoch":
+                checkpoint()
+    progress.close()
+    return state
+
+
+def new_state() -> dict:
+    """The state of a run that has not trained yet."""
+    return {"step": 0, "epoch": 0, "samples_in_epoch": 0, "samples_seen": 0, "skipped_images": 0, "train_seconds": 0.0}

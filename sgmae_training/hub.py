@@ -1,0 +1,169 @@
+"""What a run leaves for users: a Hub-ready folder with its model card, and the upload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedConfig, PreTrainedModel, ViTImageProcessor
+
+from .data import DataArguments
+
+CHECKPOINT_TYPES = ("sgmae", "vit_mae")
+
+
+def check_checkpoint_kind(path: str, cache_dir: str | None = None) -> str:
+    """The checkpoint's model_type, or a clear error when it is not an SG-MAE or transformers ViTMAE checkpoint."""
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(path, cache_dir=cache_dir)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: cannot read a model configuration from {path!r}: {error}") from error
+    model_type = config_dict.get("model_type")
+    if model_type not in CHECKPOINT_TYPES:
+        raise SystemExit(
+            f"error: {path!r} is a {model_type!r} checkpoint; --model_name_or_path needs an SG-MAE (pre-training or "
+            "classification) or a transformers ViTMAE checkpoint"
+        )
+    return model_type
+
+
+def save_hub_folder(
+    model: PreTrainedModel, processor: ViTImageProcessor, output_dir: str | Path, model_card: str
+) -> None:
+    """Weights (safetensors), config with auto_map, the model's .py files, processor config and model card."""
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    Path(output_dir, "README.md").write_text(model_card, encoding="utf-8")
+
+
+def model_card(metadata: dict[str, Any], title: str, body: str) -> str:
+    """A model card: YAML front matter (library_name, pipeline_tag, tags, datasets, license, ...) and Markdown."""
+    import yaml
+
+    front = yaml.safe_dump(metadata, sort_keys=False).strip()
+    return f"---\n{front}\n---\n\n# {title}\n\n{body.strip()}\n"
+
+
+def push_to_hub(output_dir: str, hub_model_id: str, token: str | None = None) -> None:
+    """Upload the output folder (needs network access and a token)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(hub_model_id, exist_ok=True)
+    api.upload_folder(repo_id=hub_model_id, folder_path=output_dir, ignore_patterns=["checkpoint-*", ".tmp-*", "runs"])
+
+
+def dataset_id(data_args: DataArguments) -> str:
+    """A Hub-style dataset name for the card: the id itself, or a local folder's name."""
+    source = data_args.dataset_name or data_args.train_dir or "images"
+    return Path(source).name if Path(source).exists() else source
+
+
+def classification_card(model_args, data_args, args, model, results: dict) -> str:
+    config = model.config
+    protocol = {"finetune": "fine-tuning", "linear_probe": "linear probing"}[args.protocol]
+    name = args.hub_model_id or Path(args.output_dir).name
+    data_name = dataset_id(data_args)
+    metrics = [
+        {"type": "accuracy", "value": round(results["eval_top1"], 4), "name": f"Top-1 accuracy ({protocol})"},
+        {"type": "top_5_accuracy", "value": round(results["eval_top5"], 4), "name": f"Top-5 accuracy ({protocol})"},
+    ]
+    dataset = {"name": data_name, "type": data_name, "split": data_args.validation_split}
+    if data_args.dataset_config_name:
+        dataset["config"] = data_args.dataset_config_name
+    metadata = {
+        "library_name": "transformers",
+        "pipeline_tag": "image-classification",
+        "license": "apache-2.0",
+        "tags": ["sgmae", "mae", "image-classification", "vision", args.protocol.replace("_", "-")],
+        "datasets": [data_name],
+    }
+    base = model_args.model_name_or_path
+    if base and not Path(base).exists():
+        metadata["base_model"] = base
+    metadata["model-index"] = [
+        {
+            "name": name,
+            "results": [
+                {"task": {"type": "image-classification", "name": "Image Classification"}, "dataset": dataset,
+                 "metrics": metrics}
+            ],
+        }
+    ]  # fmt: skip
+    labels = ", ".join(config.id2label[i] for i in range(min(config.num_labels, 10)))
+    steps = f"{results.get('step', 0)} of {results.get('total_steps', 0)}"
+    image = config.image_size
+    body = f"""
+SG-MAE (Self-Guided Masked Autoencoder, Shin et al., NeurIPS 2024) encoder evaluated by {protocol} with
+`run_classification.py`. Use it with `trust_remote_code=True`:
+
+```python
+from transformers import pipeline
+classifier = pipeline("image-classification", model="{name}", trust_remote_code=True)
+```
+
+## Results on {data_name} ({data_args.validation_split}, {results["eval_samples"]} images)
+| top-1 | top-5 |
+|---|---|
+| {results["eval_top1"]:.4f} | {results["eval_top5"]:.4f} |
+
+## Training
+| | |
+|---|---|
+| protocol | {protocol} |
+| encoder | {model_args.model_name_or_path or "random init (" + str(model_args.config_name) + ")"} |
+| architecture | {config.num_hidden_layers} x {config.hidden_size}, patch {config.patch_size}, image {image} |
+| head | {config.classifier_pooling} pooling{" + LayerNorm" if config.classifier_pooling == "mean" else ""} |
+| classes | {config.num_labels} ({labels}{", ..." if config.num_labels > 10 else ""}) |
+| optimiser steps | {steps} |
+| base lr / weight decay | {args.base_learning_rate} / {args.weight_decay} |
+"""
+    if args.protocol == "finetune":
+        body += (
+            f"| layer decay / drop path | {args.layer_decay} / {config.drop_path_rate} |\n"
+            f"| label smoothing / mixup / cutmix | {args.label_smoothing} / {args.mixup} / {args.cutmix} |\n"
+        )
+    else:
+        body += "| head | BatchNorm1d (no affine) + Linear, folded into one Linear |\n"
+    return model_card(metadata, f"SG-MAE {protocol}: {Path(args.output_dir).name}", body)
+
+
+def pretraining_card(model_args, data_args, args, model, state, total_steps, demo: bool) -> str:
+    config = model.config
+    dataset = "scikit-image sample photographs (demo)" if demo else data_args.dataset_name or data_args.train_dir
+    metadata = {
+        "library_name": "transformers",
+        "pipeline_tag": "image-feature-extraction",
+        "license": "apache-2.0",
+        "tags": ["sgmae", "mae", "self-supervised-learning", "masked-image-modeling", "vision"],
+    }
+    if data_args.dataset_name:
+        metadata["datasets"] = [data_args.dataset_name]
+    strategy = "self-guided informed masking" if config.mask_strategy == "self_guided" else "random masking (MAE)"
+    start = model.informed_masking_start_step
+    final_loss = state.get("train_loss")
+    loss_text = f"{final_loss:.4f}" if final_loss is not None else "n/a"
+    body = f"""
+Self-Guided Masked Autoencoder (SG-MAE, Shin et al., NeurIPS 2024) pre-trained with `run_pretraining.py`
+({strategy}). Load it with `trust_remote_code=True`:
+
+```python
+from transformers import AutoModel, AutoImageProcessor
+model = AutoModel.from_pretrained("{args.hub_model_id or args.output_dir}", trust_remote_code=True)
+```
+
+## Training
+| | |
+|---|---|
+| data | {dataset} |
+| encoder | {config.num_hidden_layers} x {config.hidden_size}, patch {config.patch_size}, image {config.image_size} |
+| decoder | {config.decoder_num_hidden_layers} x {config.decoder_hidden_size} |
+| mask ratio | {config.mask_ratio} |
+| masking | {config.mask_strategy}; informed from step {start if start is not None else "n/a"} |
+| optimiser steps | {state["step"]} of {total_steps} (epochs: {state["epoch"]}) |
+| images seen | {state["samples_seen"]} |
+| global batch | {args.per_device_train_batch_size * args.gradient_accumulation_steps} per process |
+| base lr / weight decay | {args.base_learning_rate} / {args.weight_decay} |
+| final training loss | {loss_text} |
+"""
+    return model_card(metadata, f"SG-MAE: {Path(args.output_dir).name}", body)
