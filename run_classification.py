@@ -177,9 +177,7 @@ def build_model(
         config = SGMAEConfig.from_json_file(model_args.config_name)
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: cannot read --config_name {model_args.config_name!r}: {error}") from error
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    config.validate_fields()
+    config.update(overrides)
     return SGMAEForImageClassification(config)
 
 

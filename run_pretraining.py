@@ -130,11 +130,10 @@ def build_model(model_args: ModelArguments) -> SGMAEForPreTraining:
         return SGMAEForPreTraining.from_pretrained(model_args.model_name_or_path, **overrides)
     config_file = model_args.config_name or DEMO_CONFIG
     config = SGMAEConfig.from_json_file(config_file)
-    for key, value in overrides.items():
+    for key in overrides:
         if not hasattr(config, key):
             raise SystemExit(f"error: unknown config field {key!r} in --config_overrides")
-        setattr(config, key, value)
-    config.validate_fields()
+    config.update(overrides)
     return SGMAEForPreTraining(config)
 
 

@@ -67,6 +67,8 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from provenance import code_commit  # noqa: E402
+
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining  # noqa: E402
 from modeling_sgmae.masking_sgmae import MaskType  # noqa: E402
 
@@ -541,6 +543,7 @@ def main() -> None:
 
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": code_commit(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": threads,

@@ -26,6 +26,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from provenance import code_commit  # noqa: E402
+
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining  # noqa: E402
 from sgmae_training.optim import parameter_groups  # noqa: E402
 
@@ -91,6 +93,7 @@ def main() -> None:
         print(f"{label:<28}{medians[key]:>16.1f}   {', '.join(f'{rate:.1f}' for rate in rates[key])}")
     print(f"script / model = {ratio:.3f} (target >= 0.9)")
     record = {
+        "commit": code_commit(),
         "command": "python " + " ".join(sys.argv),
         "torch_threads": torch.get_num_threads(),
         "batch_size": args.batch_size,

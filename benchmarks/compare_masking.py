@@ -23,6 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from provenance import code_commit  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -260,7 +263,9 @@ def main() -> None:
         records = run_all(pool, lambda job: evaluate_checkpoint(args, *job, checkpoints[job]), jobs)
     order = {(name, seed): index for index, (name, _, seed) in enumerate(runs)}
     records.sort(key=lambda record: (order[record["variant"], record["seed"]], record["epoch"]))
-    (root / "compare_masking.json").write_text(json.dumps({"args": vars(args), "records": records}, indent=2))
+    (root / "compare_masking.json").write_text(
+        json.dumps({"args": vars(args), "commit": code_commit(), "records": records}, indent=2)
+    )
     header = f"{'variant':<12}{'seed':>5}{'epoch':>6}{'minutes':>9}{'kNN':>8}{'probe':>8}{'gap':>8}{'featvar':>8}"
     print(header)
     for r in records:

@@ -28,6 +28,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from provenance import code_commit  # noqa: E402
+
 from modeling_sgmae import SGMAEForPreTraining  # noqa: E402
 from modeling_sgmae.analysis import feature_statistics, full_image_encoding  # noqa: E402
 from sgmae_training.analyze import load_image_processor, probe_batch  # noqa: E402
@@ -85,7 +87,9 @@ def main() -> None:
         print(f"{r['checkpoint'][-44:]:<44}{epoch:>6}  {r['graph_edges']:<13}{r['foreground_rule']:<9}{gap:>8}"
               f"{size:>8}{centre:>8}{r['edge_density']:>7.3f}{r['num_images_without_cut']:>7}")  # fmt: skip
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({"command": "python " + " ".join(sys.argv), "records": records}, indent=2))
+    Path(args.output).write_text(
+        json.dumps({"command": "python " + " ".join(sys.argv), "commit": code_commit(), "records": records}, indent=2)
+    )
 
 
 if __name__ == "__main__":

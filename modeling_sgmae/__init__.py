@@ -15,9 +15,9 @@ from .modeling_sgmae import (
     SGMAEForPreTrainingOutput,
     SGMAEModel,
     SGMAEPreTrainedModel,
-    convert_vit_mae_state_dict,
 )
 from .trainer_callback import SGMAETrainerCallback
+from .vit_mae_conversion import convert_vit_mae_state_dict
 
 AutoConfig.register("sgmae", SGMAEConfig, exist_ok=True)
 AutoModel.register(SGMAEConfig, SGMAEModel, exist_ok=True)

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .configuration_sgmae import SGMAEConfig
-from .masking_sgmae import SelfGuidedMasking, mask_from_noise, num_masked_patches
+from .configuration_sgmae import SGMAEConfig, num_masked_patches
+from .masking_sgmae import SelfGuidedMasking, mask_from_noise
 from .modeling_sgmae import SGMAEForPreTraining, exploitation_rates, patch_mean_std, probe_noise
 
 MAE_IMAGE_MEAN = (0.485, 0.456, 0.406)  # MAE's (ImageNet) normalisation, the default of saved image processors

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
@@ -115,43 +117,41 @@ class SGMAEConfig(PreTrainedConfig):
         fiedler_power_steps: int = 16,
         **kwargs,
     ):
+        fields = {name: value for name, value in locals().items() if name in FIELD_NAMES}
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(**kwargs)
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.intermediate_size = intermediate_size
-        self.hidden_act = hidden_act
-        self.hidden_dropout_prob = hidden_dropout_prob
-        self.attention_probs_dropout_prob = attention_probs_dropout_prob
-        self.initializer_range = initializer_range
-        self.layer_norm_eps = layer_norm_eps
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.num_channels = num_channels
-        self.qkv_bias = qkv_bias
-        self.decoder_num_attention_heads = decoder_num_attention_heads
-        self.decoder_hidden_size = decoder_hidden_size
-        self.decoder_num_hidden_layers = decoder_num_hidden_layers
-        self.decoder_intermediate_size = decoder_intermediate_size
-        self.mask_ratio = mask_ratio
-        self.norm_pix_loss = norm_pix_loss
-        self.drop_path_rate = drop_path_rate
-        self.classifier_pooling = classifier_pooling
-        self.mask_strategy = mask_strategy
-        self.informed_masking_start = informed_masking_start
-        self.informed_masking_start_step = informed_masking_start_step
-        self.informed_masking_auto_start = informed_masking_auto_start
-        self.mask_feature_layer = mask_feature_layer
-        self.graph_edges = graph_edges
-        self.graph_threshold = graph_threshold
-        self.graph_eps = graph_eps
-        self.foreground_rule = foreground_rule
-        self.hint_ratio = hint_ratio
-        self.hint_sampling = hint_sampling
-        self.fiedler_solver = fiedler_solver
-        self.fiedler_power_steps = fiedler_power_steps
-        self.validate_fields()
+        for name, value in fields.items():  # the last of them completes the config and validates it
+            setattr(self, name, value)
+
+    def __setattr__(self, name: str, value) -> None:
+        """Every change of an SG-MAE field, once all are set, re-validates the whole config (fields depend on each
+        other: widths and heads, image and patch sizes, mask ratio and patch count); an invalid change is undone."""
+        if name not in FIELD_NAMES or not all(field in self.__dict__ for field in FIELD_NAMES - {name}):
+            super().__setattr__(name, value)
+            return
+        missing = object()
+        previous = self.__dict__.get(name, missing)
+        super().__setattr__(name, value)
+        try:
+            self.validate_fields()
+        except ValueError:
+            if previous is missing:
+                del self.__dict__[name]
+            else:
+                super().__setattr__(name, previous)
+            raise
+
+    def update(self, config_dict: dict) -> None:
+        """Change several fields at once: validated together, and all undone if the result is invalid."""
+        previous = dict(self.__dict__)
+        for name, value in config_dict.items():
+            PreTrainedConfig.__setattr__(self, name, value)
+        try:
+            self.validate_fields()
+        except ValueError:
+            self.__dict__.clear()
+            self.__dict__.update(previous)
+            raise
 
     @property
     def image_height_width(self) -> tuple[int, int]:
@@ -239,6 +239,13 @@ class SGMAEConfig(PreTrainedConfig):
                 f"SGMAEConfig.image_size {size!r} must be a positive multiple of patch_size ({self.patch_size})"
             )
         in_range("mask_ratio", 0.0, 1.0)
+        num_patches = (height // self.patch_size) * (width // self.patch_size)
+        num_masked = num_masked_patches(num_patches, self.mask_ratio)
+        if not 0 < num_masked < num_patches:
+            raise ValueError(
+                f"SGMAEConfig.mask_ratio {self.mask_ratio} masks {num_masked} of the {num_patches} patches of a "
+                f"{height}x{width} image (patch {self.patch_size}); at least one must be masked and one visible"
+            )
         in_range("hidden_dropout_prob", 0.0, 1.0)
         in_range("attention_probs_dropout_prob", 0.0, 1.0)
         in_range("drop_path_rate", 0.0, 1.0)
@@ -270,3 +277,11 @@ class SGMAEConfig(PreTrainedConfig):
 
 # Every save of a config writes this file beside config.json, so the folder loads with trust_remote_code.
 SGMAEConfig.register_for_auto_class()
+
+
+def num_masked_patches(num_patches: int, mask_ratio: float) -> int:
+    """K = N - int(N * (1 - r)): MAE's rounding, shared by every strategy."""
+    return num_patches - int(num_patches * (1 - mask_ratio))
+
+
+FIELD_NAMES = frozenset(inspect.signature(SGMAEConfig.__init__).parameters) - {"self", "kwargs"}

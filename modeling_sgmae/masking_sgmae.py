@@ -25,11 +25,6 @@ class MaskType(IntEnum):
     GIVEN = 3  # an explicit `mask` or `noise` was passed to forward
 
 
-def num_masked_patches(num_patches: int, mask_ratio: float) -> int:
-    """K = N - int(N * (1 - r)): MAE's rounding, shared by every strategy."""
-    return num_patches - int(num_patches * (1 - mask_ratio))
-
-
 def mask_from_noise(noise: torch.Tensor, num_masked: int) -> torch.Tensor:
     """MAE's random masking: the `num_masked` patches with the largest noise are masked. noise: [B, N]."""
     ids_shuffle = torch.argsort(noise, dim=1)

@@ -171,12 +171,7 @@ def train(
                 optimizer.step()
                 optimizer.zero_grad()
             check_finite(loss.detach(), state["step"], settings.output_dir)
-            counts = torch.tensor([len(batch[settings.count_key]), int(batch.get("skipped", 0))])
-            if settings.sharded:
-                counts = accelerator.reduce(counts.to(accelerator.device), "sum")
-            state["samples_in_epoch"] += int(counts[0])
-            state["samples_seen"] += int(counts[0])
-            state["skipped_images"] += int(counts[1])
+            count_samples(accelerator, batch, settings, state)
             window_loss, window_micro = window_loss + loss.item(), window_micro + 1
             hooks.after_micro_batch(batch, outputs)
             if not accelerator.sync_gradients:
@@ -187,12 +182,9 @@ def train(
             progress.update(1)
             step = state["step"]
             if step % settings.logging_steps == 0 or step == total_steps:
-                logs = {
-                    "loss": window_loss / window_micro,
-                    "lr": scheduler.get_last_lr()[-1],
-                    "img_per_s": (state["samples_seen"] - samples_at_start) / (time.perf_counter() - started),
-                    **hooks.log_values(),
-                }
+                images_per_second = (state["samples_seen"] - samples_at_start) / (time.perf_counter() - started)
+                logs = {"loss": window_loss / window_micro, "lr": scheduler.get_last_lr()[-1]}
+                logs |= {"img_per_s": images_per_second, **hooks.log_values()}
                 progress.set_postfix(
                     loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.1e}", img_s=f"{logs['img_per_s']:.0f}",
                     **hooks.progress_values(),
@@ -214,6 +206,16 @@ def train(
                 checkpoint()
     progress.close()
     return state
+
+
+def count_samples(accelerator: Accelerator, batch: dict, settings: LoopSettings, state: dict) -> None:
+    """Add a micro-batch's images (summed over processes when each has its own shard) and skipped images."""
+    counts = torch.tensor([len(batch[settings.count_key]), int(batch.get("skipped", 0))])
+    if settings.sharded:
+        counts = accelerator.reduce(counts.to(accelerator.device), "sum")
+    state["samples_in_epoch"] += int(counts[0])
+    state["samples_seen"] += int(counts[0])
+    state["skipped_images"] += int(counts[1])
 
 
 def new_state() -> dict:

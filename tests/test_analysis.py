@@ -28,7 +28,8 @@ from modeling_sgmae.analysis import (
     predicted_pixel_values,
     unnormalize,
 )
-from modeling_sgmae.masking_sgmae import SelfGuidedMasking, ncut_bipartition, num_masked_patches
+from modeling_sgmae.configuration_sgmae import num_masked_patches
+from modeling_sgmae.masking_sgmae import SelfGuidedMasking, ncut_bipartition
 from modeling_sgmae.modeling_sgmae import exploitation_rates
 from sgmae_training.analyze import load_image_processor
 from sgmae_training.analyze import main as analysis_main

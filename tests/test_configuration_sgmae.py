@@ -11,7 +11,7 @@ from transformers import AutoConfig, ViTMAEConfig
 
 import modeling_sgmae
 from modeling_sgmae import SGMAEConfig
-from modeling_sgmae.masking_sgmae import num_masked_patches
+from modeling_sgmae.configuration_sgmae import num_masked_patches
 
 INVALID_VALUES = [
     ("hidden_size", 0),
@@ -39,6 +39,8 @@ INVALID_VALUES = [
     ("mask_ratio", 1.0),
     ("mask_ratio", "0.75"),
     ("mask_ratio", float("nan")),
+    ("mask_ratio", 0.0),  # no patch masked: the loss would be 0 / 0
+    ("mask_ratio", 0.99),  # all 64 patches of the tiny config masked: nothing for the encoder
     ("hidden_dropout_prob", 1.0),
     ("attention_probs_dropout_prob", -0.5),
     ("drop_path_rate", 1.0),
@@ -94,7 +96,7 @@ def test_inconsistent_widths_raise_value_error_naming_the_field(overrides, field
 
 def test_valid_edge_values_are_accepted():
     config = tiny_config(
-        mask_ratio=0.0,
+        mask_ratio=0.02,  # 2 of 96 patches masked
         hint_ratio=0.5,
         informed_masking_start=1.0,
         informed_masking_start_step=0,
@@ -227,3 +229,35 @@ def test_auto_map_is_prefilled_for_every_auto_class():
     assert SGMAEConfig().auto_map["AutoModel"] == "modeling_sgmae.SGMAEModel"
     custom = {"AutoConfig": "user/repo--configuration_sgmae.SGMAEConfig"}
     assert SGMAEConfig(auto_map=custom).auto_map == custom
+
+
+def test_every_assignment_is_validated_and_an_invalid_one_undone():
+    config = tiny_config()
+    with pytest.raises(ValueError, match=r"SGMAEConfig\.mask_ratio"):
+        config.mask_ratio = 1.5
+    assert config.mask_ratio == 0.75
+    with pytest.raises(ValueError, match=r"SGMAEConfig\.hidden_size"):
+        config.num_attention_heads = 3  # 32 is not divisible by 3
+    assert config.num_attention_heads == 2
+    config.informed_masking_start_step = 7
+    assert config.informed_masking_start_step == 7
+
+
+def test_update_validates_several_fields_together():
+    config = tiny_config()
+    config.update({"image_size": 48, "patch_size": 6})  # 6 alone would not divide 32, 48 alone is fine
+    assert config.grid_size == (8, 8)
+    with pytest.raises(ValueError, match=r"SGMAEConfig\.image_size"):
+        config.update({"image_size": 50, "mask_ratio": 0.5})
+    assert config.image_size == 48 and config.mask_ratio == 0.75  # all of an invalid update is undone
+
+
+def test_loading_with_overrides_validates(tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"SGMAEConfig\.mask_ratio"):
+        SGMAEConfig.from_pretrained(tmp_path, mask_ratio=1.5)
+    from modeling_sgmae import SGMAEForPreTraining
+
+    SGMAEForPreTraining(tiny_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"SGMAEConfig\.mask_ratio"):
+        SGMAEForPreTraining.from_pretrained(tmp_path, mask_ratio=0.0)

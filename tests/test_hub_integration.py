@@ -35,7 +35,7 @@ from modeling_sgmae import SGMAEConfig, SGMAEForImageClassification, SGMAEForPre
 
 MAE_MEAN, MAE_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 LABELS = {0: "cat", 1: "dog", 2: "frog"}
-PACKAGE_FILES = ("configuration_sgmae.py", "masking_sgmae.py", "modeling_sgmae.py")
+PACKAGE_FILES = ("configuration_sgmae.py", "masking_sgmae.py", "modeling_sgmae.py", "vit_mae_conversion.py")
 
 
 def image_processor() -> ViTImageProcessor:

@@ -10,6 +10,7 @@ from conftest import tiny_config
 from torch import nn
 
 from modeling_sgmae import MaskType, SelfGuidedMasking, SGMAEForPreTraining
+from modeling_sgmae.configuration_sgmae import num_masked_patches
 from modeling_sgmae.masking_sgmae import (
     add_hints,
     affinity_graph,
@@ -17,7 +18,6 @@ from modeling_sgmae.masking_sgmae import (
     fiedler_vector_power,
     informed_mask,
     mask_from_noise,
-    num_masked_patches,
     object_part,
     object_similarity,
 )

@@ -15,7 +15,7 @@ import torch
 import transformers_common
 
 from modeling_sgmae import SGMAEConfig, SGMAEForImageClassification, SGMAEForPreTraining, SGMAEModel
-from modeling_sgmae.masking_sgmae import num_masked_patches
+from modeling_sgmae.configuration_sgmae import num_masked_patches
 
 try:
     common = transformers_common.load()
