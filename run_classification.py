@@ -14,7 +14,6 @@ validation split, each sample counted once). Arguments can also come from one JS
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -25,20 +24,31 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast
+from safetensors import SafetensorError
 from torch import nn
 from transformers import HfArgumentParser, ViTImageProcessor
 
 from modeling_sgmae import SGMAEConfig, SGMAEForImageClassification
 from modeling_sgmae.configuration_sgmae import CLASSIFIER_POOLINGS as POOLINGS
 from sgmae_training import data
-from sgmae_training.checkpoints import load_checkpoint, resolve_resume
-from sgmae_training.engine import LoopSettings, TrainingHooks, new_state, parse_script_args, start_run, train
+from sgmae_training.arguments import check_checkpointing_steps, check_positive, parse_script_args
+from sgmae_training.engine import LoopSettings, TrainingHooks, resume_state, start_run, train
 from sgmae_training.evaluation import Evaluation, gather_samples, knn_scores, local_pass
-from sgmae_training.hub import check_checkpoint_kind, classification_card, push_to_hub, save_hub_folder
+from sgmae_training.hub import (
+    check_checkpoint_kind,
+    classification_card,
+    push_to_hub,
+    save_hub_folder,
+    write_json_atomically,
+)
 from sgmae_training.optim import cosine_schedule, layer_decay_groups
 
 logger = logging.getLogger("run_classification")
 PROTOCOLS = ("finetune", "linear_probe", "knn")
+POSITIVE_ARGUMENTS = (
+    "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
+    "save_total_limit",
+)  # fmt: skip
 # MAE's recipes (FINETUNE.md / LINPROBE.md) where a protocol changes the default.
 DEFAULTS = {
     "finetune": {"base_learning_rate": 5e-4, "weight_decay": 0.05, "warmup_ratio": 0.05, "num_train_epochs": 100},
@@ -144,6 +154,11 @@ def validate_args(model_args: ModelArguments, data_args: ClassificationDataArgum
         raise SystemExit("error: --streaming is only supported with --protocol finetune")
     if args.knn_k < 1 or args.knn_temperature <= 0:
         raise SystemExit("error: --knn_k must be positive and --knn_temperature greater than 0")
+    check_positive(args, POSITIVE_ARGUMENTS)
+    check_positive(data_args, (*data.POSITIVE_ARGUMENTS, "per_device_eval_batch_size"))
+    check_checkpointing_steps(args.checkpointing_steps)
+    if data_args.dataloader_num_workers < 0:
+        raise SystemExit(f"error: --dataloader_num_workers must be 0 or more, got {data_args.dataloader_num_workers}")
     for name, value in DEFAULTS[args.protocol].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -169,15 +184,15 @@ def build_model(
             overrides["ignore_mismatched_sizes"] = True
         try:
             model = SGMAEForImageClassification.from_pretrained(path, cache_dir=cache_dir, **overrides)
-        except (OSError, ValueError, TypeError) as error:
+        except (OSError, ValueError, TypeError, SafetensorError) as error:
             raise SystemExit(f"error: cannot load {path!r} as an SG-MAE classifier: {error}") from error
         model.train()
         return model
     try:
         config = SGMAEConfig.from_json_file(model_args.config_name)
+        config.update(overrides)
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: cannot read --config_name {model_args.config_name!r}: {error}") from error
-    config.update(overrides)
     return SGMAEForImageClassification(config)
 
 
@@ -228,7 +243,7 @@ def load_data(data_args: ClassificationDataArguments) -> tuple[datasets.Dataset,
     """Training and evaluation splits (undecoded images, evaluation rows numbered), their columns, class names."""
     train_data = data.load_split(data_args, data_args.train_split, data_args.streaming)
     eval_data = data.load_split(data_args, data_args.validation_split, False)
-    image_column = data.find_column(train_data.features, data_args.image_column, data.IMAGE_COLUMNS, "image")
+    image_column = data.find_image_column(train_data.features, data_args.image_column)
     label_column = data.find_column(train_data.features, data_args.label_column, data.LABEL_COLUMNS, "label")
     for column in (image_column, label_column):
         data.find_column(eval_data.features, column, (), f"{data_args.validation_split} split's")
@@ -280,8 +295,8 @@ def main() -> None:
     if accelerator.is_main_process:
         output = Path(args.output_dir)
         if args.save_predictions:
-            (output / "eval_predictions.json").write_text(json.dumps(predictions_record(gathered)))
-        (output / "eval_results.json").write_text(json.dumps(results, indent=2))
+            write_json_atomically(output / "eval_predictions.json", predictions_record(gathered))
+        write_json_atomically(output / "eval_results.json", results)
         logger.info("eval: %s", {key: value for key, value in results.items() if key.startswith("eval_")})
         if model is not None:
             card = classification_card(model_args, data_args, args, model, results)
@@ -299,16 +314,6 @@ def predictions_record(gathered: dict[str, torch.Tensor]) -> dict[str, list]:
         "label": gathered["labels"].tolist(),
         "prediction": gathered["values"].argmax(dim=1).tolist(),
     }
-
-
-def resume_state(accelerator: Accelerator, args: ClassificationArguments, objects: dict) -> dict:
-    """A new run's state, or the state of the checkpoint `--resume_from_checkpoint` names (objects restored)."""
-    state = new_state()
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if resume_path is not None:
-        state |= load_checkpoint(accelerator, resume_path, objects)
-        logger.info("resumed from %s at step %d (epoch %d)", resume_path, state["step"], state["epoch"])
-    return state
 
 
 class FinetuneHooks(TrainingHooks):
@@ -357,7 +362,7 @@ def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict
     model, optimizer = accelerator.prepare(model, optimizer)
     objects = {"scheduler": scheduler}  # checkpointed beside Accelerate's state
     unwrapped: SGMAEForImageClassification = accelerator.unwrap_model(model)
-    state = resume_state(accelerator, args, objects)
+    state = resume_state(accelerator, args.output_dir, args.resume_from_checkpoint, objects, total_steps)
     if accelerator.is_main_process:
         accelerator.init_trackers("sgmae_classification", config={k: str(v) for k, v in asdict(args).items()})
     transform = data.finetune_transform(
@@ -479,7 +484,7 @@ def linear_probe(
         optimizer, cosine_schedule(round(args.warmup_ratio * total_steps), total_steps)
     )
     objects = {"probe": probe, "optimizer": optimizer, "scheduler": scheduler}
-    state = resume_state(accelerator, args, objects)
+    state = resume_state(accelerator, args.output_dir, args.resume_from_checkpoint, objects, total_steps)
     logger.info(
         "linear probe: %d steps of batch %d on %d features, lr %.2e (SGD, momentum 0.9)",
         total_steps, batch_size, len(features), learning_rate,

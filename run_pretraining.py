@@ -10,7 +10,6 @@ Arguments can also come from one JSON/YAML file: `python run_pretraining.py args
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -20,18 +19,35 @@ import datasets
 import torch
 from accelerate import Accelerator
 from PIL import Image
+from safetensors import SafetensorError
 from transformers import HfArgumentParser
 
 from modeling_sgmae import MaskType, SGMAEConfig, SGMAEForPreTraining
 from modeling_sgmae.analysis import figure_panel
+from modeling_sgmae.configuration_sgmae import FIELD_NAMES
 from sgmae_training import data
-from sgmae_training.checkpoints import load_checkpoint, resolve_resume
-from sgmae_training.engine import LoopSettings, TrainingHooks, new_state, parse_script_args, start_run, train
-from sgmae_training.hub import check_checkpoint_kind, pretraining_card, push_to_hub, save_hub_folder
+from sgmae_training.arguments import (
+    check_checkpointing_steps,
+    check_positive,
+    parse_config_overrides,
+    parse_script_args,
+)
+from sgmae_training.engine import LoopSettings, TrainingHooks, resume_state, start_run, train
+from sgmae_training.hub import (
+    check_checkpoint_kind,
+    pretraining_card,
+    push_to_hub,
+    save_hub_folder,
+    write_json_atomically,
+)
 from sgmae_training.optim import cosine_schedule, parameter_groups
 
 logger = logging.getLogger("run_pretraining")
 DEMO_CONFIG = Path(__file__).parent / "configuration" / "models" / "sgmae-vit-tiny-patch4-cifar.json"
+POSITIVE_ARGUMENTS = (
+    "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
+    "save_total_limit", "visualization_steps", "exploitation_check_steps",
+)  # fmt: skip
 
 
 @dataclass
@@ -45,7 +61,10 @@ class ModelArguments:
         default=None, metadata={"help": "Continue from an SG-MAE or transformers ViTMAE checkpoint."}
     )
     config_overrides: str | None = field(
-        default=None, metadata={"help": "Comma-separated config fields, e.g. 'hint_ratio=0.1,mask_feature_layer=6'."}
+        default=None,
+        metadata={
+            "help": "Config fields, comma-separated, e.g. 'hint_ratio=0.1,image_size=[64,64],norm_pix_loss=True'."
+        },
     )
     mask_strategy: str | None = field(default=None, metadata={"help": "random (MAE) or self_guided (SG-MAE)."})
     informed_masking_start: float | None = field(
@@ -95,7 +114,19 @@ class PretrainingArguments:
 
 
 def parse_args() -> tuple[ModelArguments, data.DataArguments, PretrainingArguments]:
-    return parse_script_args(HfArgumentParser((ModelArguments, data.DataArguments, PretrainingArguments)))
+    """The three argument groups, checked before anything is loaded."""
+    model_args, data_args, args = parse_script_args(
+        HfArgumentParser((ModelArguments, data.DataArguments, PretrainingArguments))
+    )
+    check_positive(args, POSITIVE_ARGUMENTS)
+    check_positive(data_args, data.POSITIVE_ARGUMENTS)
+    check_checkpointing_steps(args.checkpointing_steps)
+    if not args.num_train_epochs > 0:
+        raise SystemExit(f"error: --num_train_epochs must be positive, got {args.num_train_epochs}")
+    if data_args.dataloader_num_workers < 0:
+        raise SystemExit(f"error: --dataloader_num_workers must be 0 or more, got {data_args.dataloader_num_workers}")
+    parse_config_overrides(model_args.config_overrides)  # a malformed item is an error now, not after loading data
+    return model_args, data_args, args
 
 
 def demo_dataset() -> datasets.Dataset:
@@ -106,7 +137,6 @@ def demo_dataset() -> datasets.Dataset:
         raise SystemExit(
             "error: the demo needs scikit-image (`pip install .[demo]`) or pass --dataset_name"
         ) from error
-    from PIL import Image
 
     names = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina"]
     images = [Image.fromarray(getattr(samples, name)()).convert("RGB") for name in names]
@@ -115,25 +145,27 @@ def demo_dataset() -> datasets.Dataset:
 
 
 def build_model(model_args: ModelArguments) -> SGMAEForPreTraining:
-    overrides = {}
-    if model_args.config_overrides:
-        for item in model_args.config_overrides.split(","):
-            key, _, value = item.partition("=")
-            overrides[key.strip()] = json.loads(value) if value.strip()[:1] in "0123456789-[{tfn" else value.strip()
+    """A new model from --config_name (the demo preset by default) or one loaded from --model_name_or_path, with the
+    config overrides and masking arguments applied; a clear error for a field that does not exist or a bad value."""
+    overrides = parse_config_overrides(model_args.config_overrides)
     for name in ("mask_strategy", "informed_masking_start", "informed_masking_start_step"):
         if getattr(model_args, name) is not None:
             overrides[name] = getattr(model_args, name)
     if model_args.informed_masking_auto_start:
         overrides["informed_masking_auto_start"] = True
-    if model_args.model_name_or_path:
-        check_checkpoint_kind(model_args.model_name_or_path)
-        return SGMAEForPreTraining.from_pretrained(model_args.model_name_or_path, **overrides)
-    config_file = model_args.config_name or DEMO_CONFIG
-    config = SGMAEConfig.from_json_file(config_file)
-    for key in overrides:
-        if not hasattr(config, key):
-            raise SystemExit(f"error: unknown config field {key!r} in --config_overrides")
-    config.update(overrides)
+    unknown = sorted(set(overrides) - FIELD_NAMES)
+    if unknown:
+        raise SystemExit(f"error: --config_overrides names fields SGMAEConfig does not have: {unknown}")
+    path = model_args.model_name_or_path
+    try:
+        if path:
+            check_checkpoint_kind(path)
+            return SGMAEForPreTraining.from_pretrained(path, **overrides)
+        config = SGMAEConfig.from_json_file(model_args.config_name or DEMO_CONFIG)
+        config.update(overrides)
+    except (OSError, ValueError, SafetensorError) as error:
+        source = path or model_args.config_name or DEMO_CONFIG
+        raise SystemExit(f"error: cannot build the model from {str(source)!r}: {error}") from error
     return SGMAEForPreTraining(config)
 
 
@@ -145,9 +177,11 @@ def load_data(data_args: data.DataArguments) -> tuple[datasets.Dataset | dataset
         data_args.streaming = False
     else:
         train_data = data.load_split(data_args, data_args.train_split, data_args.streaming)
-        has_eval = data_args.dataset_name or data_args.validation_dir
-        eval_data = data.load_split(data_args, data_args.validation_split, False) if has_eval else None
-    image_column = data.find_column(train_data.features, data_args.image_column, data.IMAGE_COLUMNS, "image")
+        eval_split = data.evaluation_split(data_args, data_args.validation_split)
+        eval_data = data.load_split(data_args, eval_split, False) if eval_split else None
+        if eval_data is None:
+            logger.info("the probe images (mask panels, exploitation rates) come from the training split")
+    image_column = data.find_image_column(train_data.features, data_args.image_column)
     train_data = data.prepare_images(data.limit_samples(train_data, data_args.max_train_samples), image_column)
     probe_source = eval_data if eval_data is not None else (None if data_args.streaming else train_data)
     probe_rows = [probe_source[index] for index in range(min(8, len(probe_source)))] if probe_source else None
@@ -212,8 +246,7 @@ class PretrainingHooks(TrainingHooks):
         """Input, random mask, NCut bi-partition, informed mask, with hints, reconstruction: one row per image."""
         if self.accelerator.is_main_process:
             pixel_values = self.probe["pixel_values"].to(self.accelerator.device)
-            panel = figure_panel(self.model, pixel_values, self.processor.image_mean, self.processor.image_std)
-            Image.fromarray(panel.grid()).save(path)
+            figure_panel(self.model, pixel_values, self.processor.image_mean, self.processor.image_std).save(path)
 
 
 def main() -> None:
@@ -221,10 +254,10 @@ def main() -> None:
     accelerator = start_run(
         args.output_dir, args.seed, args.gradient_accumulation_steps, args.mixed_precision, args.report_to
     )
+    model = build_model(model_args)  # first: a bad config value stops the run before any data is read
     train_data, probe_rows, image_column = load_data(data_args)
 
-    # ----- model, optimiser, schedule -----
-    model = build_model(model_args)
+    # ----- optimiser, schedule -----
     config = model.config
     processor = data.image_processor_for(config)
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -244,11 +277,7 @@ def main() -> None:
     model, optimizer = accelerator.prepare(model, optimizer)
     objects = {"scheduler": scheduler}  # checkpointed beside Accelerate's state
     unwrapped: SGMAEForPreTraining = accelerator.unwrap_model(model)
-    state = new_state()
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if resume_path is not None:
-        state |= load_checkpoint(accelerator, resume_path, objects)
-        logger.info("resumed from %s at step %d (epoch %d)", resume_path, state["step"], state["epoch"])
+    state = resume_state(accelerator, args.output_dir, args.resume_from_checkpoint, objects, total_steps)
     unwrapped.set_training_progress(state["step"], total_steps)
     if accelerator.is_main_process:
         accelerator.init_trackers("sgmae_pretraining", config={k: str(v) for k, v in asdict(args).items()})
@@ -285,7 +314,7 @@ def main() -> None:
         summary = {key: value for key, value in state.items() if key != "train_loss"}
         summary |= {"total_steps": total_steps, "num_processes": accelerator.num_processes}
         summary["final_loss"] = state.get("train_loss")
-        (Path(args.output_dir) / "train_results.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomically(Path(args.output_dir) / "train_results.json", summary)
         logger.info("saved the model to %s", args.output_dir)
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)

@@ -24,18 +24,17 @@ setup(
         "pillow>=10",
         "tqdm>=4.66",
         "pyyaml>=6",
+        "matplotlib>=3.8",  # mask panels with column titles, written by every pre-training run
     ],
     extras_require={
         "demo": ["scikit-image>=0.22"],
         "tensorboard": ["tensorboard>=2.15"],
-        "analysis": ["matplotlib>=3.8"],
         "dev": [
             "pytest>=8",
             "parameterized>=0.9",
             "ruff>=0.6",
             "scikit-image>=0.22",
             "tensorboard>=2.15",
-            "matplotlib>=3.8",
         ],
     },
 )

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 from transformers import HfArgumentParser, ViTImageProcessor
 from transformers.utils import cached_file
@@ -22,7 +21,7 @@ from transformers.utils import cached_file
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining
 from modeling_sgmae.analysis import MAE_IMAGE_MEAN, MAE_IMAGE_STD, analyse, figure_panel
 
-from .data import IMAGE_COLUMNS, find_column
+from .data import IMAGE_COLUMNS, DataArguments, evaluation_split, find_image_column, load_split
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ def load_image_processor(model_path: str, config: SGMAEConfig):
 
 def probe_batch(dataset, image_column: str | None, num_images: int, processor, config: SGMAEConfig):
     """The first `num_images` images of a `datasets.Dataset` as normalised pixels [B, C, H, W], and the column used."""
-    column = find_column(dataset.features, image_column, IMAGE_COLUMNS, "image")
+    column = find_image_column(dataset.features, image_column)
     images = dataset.select(range(min(num_images, len(dataset))))[column]
     images = [image.convert("RGB") if config.num_channels == 3 else image for image in images]
     return processor(images, return_tensors="pt")["pixel_values"], column
@@ -85,7 +84,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # data: the fixed probe batch
     model = SGMAEForPreTraining.from_pretrained(args.model).to(device)
     processor = load_image_processor(args.model, model.config)
-    dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.split)
+    data_args = DataArguments(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name)
+    split = evaluation_split(data_args, args.split) or data_args.train_split
+    dataset = load_split(data_args, split, streaming=False)
     pixel_values, column = probe_batch(dataset, args.image_column, args.num_images, processor, model.config)
 
     # metrics and figure
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metrics = {
         "model": args.model,
         "dataset": args.dataset_name,
-        "split": args.split,
+        "split": split,
         "image_column": column,
         **metrics,
     }

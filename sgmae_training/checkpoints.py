@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
@@ -10,9 +11,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 
 STATE_FILE = "trainer_state.json"
 OBJECTS_FILE = "training_objects.pt"  # state_dicts of what Accelerate does not prepare (scheduler, probe)
+# Written once the loss computed from a checkpoint's weights was seen finite and not exploding: resuming from such a
+# checkpoint is known to train on.
+VERIFIED_FILE = "next_loss.json"
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -58,21 +63,58 @@ def save_checkpoint(
     if accelerator.is_main_process and temporary.exists():
         shutil.rmtree(temporary)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(temporary))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            torch.save({name: value.state_dict() for name, value in objects.items()}, temporary / OBJECTS_FILE)
+            if config is not None:
+                config.save_pretrained(temporary)
+            (temporary / STATE_FILE).write_text(json.dumps(state, indent=2))
+    except (OSError, RuntimeError, SafetensorError) as error:
+        if not disk_is_full(error, output_dir):
+            raise
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise SystemExit(
+            f"error: the disk is full: {final.name} could not be written to {output_dir}; the checkpoints written "
+            "before it are intact. Free space, then resume with --resume_from_checkpoint latest"
+        ) from error
     if accelerator.is_main_process:
-        torch.save({name: value.state_dict() for name, value in objects.items()}, temporary / OBJECTS_FILE)
-        if config is not None:
-            config.save_pretrained(temporary)
-        (temporary / STATE_FILE).write_text(json.dumps(state, indent=2))
         if final.exists():
             shutil.rmtree(final)
         temporary.rename(final)
-        if save_total_limit:
-            for old in checkpoint_dirs(output_dir)[:-save_total_limit]:
-                shutil.rmtree(old)
+        prune_checkpoints(output_dir, save_total_limit, keep_last_good=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def prune_checkpoints(output_dir: str | Path, save_total_limit: int | None, keep_last_good: bool) -> None:
+    """Keep the newest `save_total_limit` checkpoints (all if None); while training, also the last good one, which
+    a divergence message would name."""
+    if not save_total_limit:
+        return
+    keep = last_good_checkpoint(output_dir) if keep_last_good else None
+    for old in checkpoint_dirs(output_dir)[:-save_total_limit]:
+        if old != keep:
+            shutil.rmtree(old)
+
+
+def mark_verified(path: Path, next_loss: float) -> None:
+    """Record that training from `path`'s weights gave a healthy loss."""
+    (path / VERIFIED_FILE).write_text(json.dumps({"next_loss": next_loss}))
+
+
+def last_good_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose weights are known to train on (see VERIFIED_FILE), or None."""
+    verified = [path for path in checkpoint_dirs(output_dir) if (path / VERIFIED_FILE).is_file()]
+    return verified[-1] if verified else None
+
+
+def disk_is_full(error: BaseException, folder: str | Path) -> bool:
+    """Whether a failed write failed for lack of space (torch and safetensors do not always keep the errno)."""
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error):
+        return True
+    return shutil.disk_usage(folder).free < 2**20
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, objects: dict[str, Any]) -> dict:

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
 LABEL_COLUMNS = ("label", "labels", "fine_label")
+POSITIVE_ARGUMENTS = ("max_train_samples", "max_eval_samples", "num_train_samples", "shuffle_buffer_size")
 INDEX_COLUMN = "__sample_index__"  # a row's number, its identity across processes during evaluation
 
 
@@ -89,6 +90,38 @@ def find_column(features: datasets.Features | None, given: str | None, candidate
     raise SystemExit(f"error: no {kind} column found among {names}; pass --{kind}_column")
 
 
+def find_image_column(features: datasets.Features | None, given: str | None) -> str:
+    """`find_column` for images, and a clear error when the column holds something else (e.g. the labels)."""
+    column = find_column(features, given, IMAGE_COLUMNS, "image")
+    feature = (features or {}).get(column)
+    if feature is not None and not isinstance(feature, datasets.Image):
+        images = [name for name, value in features.items() if isinstance(value, datasets.Image)]
+        raise SystemExit(
+            f"error: column {column!r} holds {type(feature).__name__} values, not images; "
+            f"pass --image_column with an image column (this dataset's: {images or 'none'})"
+        )
+    return column
+
+
+def evaluation_split(data_args: DataArguments, wanted: str) -> str | None:
+    """The split to take evaluation (or probe) images from: `wanted` if the dataset has it, else its `validation`
+    or `test` split (said in the log), else None. Image folders use --validation_dir."""
+    if not data_args.dataset_name:
+        return wanted if data_args.validation_dir else None
+    try:
+        names = datasets.get_dataset_split_names(data_args.dataset_name, data_args.dataset_config_name)
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError):
+        return wanted  # let load_split say what is wrong
+    if wanted in names:
+        return wanted
+    for name in ("validation", "test", "val"):
+        if name in names:
+            logger.warning("the dataset has no %r split: using its %r split instead", wanted, name)
+            return name
+    logger.warning("the dataset has no %r split (it has %s)", wanted, names)
+    return None
+
+
 def prepare_images(dataset, image_column: str):
     """Keep images undecoded so a corrupt file can be skipped at collate time instead of killing the run."""
     return dataset.cast_column(image_column, datasets.Image(decode=False))
@@ -105,7 +138,8 @@ def decode_image(value: Any) -> Image.Image | None:
             image = Image.open(value["path"] if isinstance(value, dict) else value)
         image.load()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        logger.warning("skipping a corrupt image: %s", error)
+        name = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+        logger.warning("skipping a corrupt image (%s): %s", name or "no file name", error)
         return None
     return image if image.mode == "RGB" else image.convert("RGB")
 

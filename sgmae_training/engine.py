@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,9 +22,22 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, PreTrainedConfig
+from transformers import PreTrainedConfig
 
-from .checkpoints import checkpoint_dirs, save_checkpoint
+from .checkpoints import (
+    checkpoint_dirs,
+    last_good_checkpoint,
+    load_checkpoint,
+    mark_verified,
+    prune_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
+
+# A loss this many times the one before a checkpoint, right after it, means training diverged from its weights.
+EXPLODING_LOSS_FACTOR = 100.0
+
+logger = logging.getLogger(__name__)
 
 
 def start_run(
@@ -62,24 +74,72 @@ def check_launch(accelerator: Accelerator) -> None:
         )
 
 
-def parse_script_args(parser: HfArgumentParser) -> tuple:
-    """Dataclasses from the command line, or from a single .json / .yaml file argument."""
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(sys.argv[1])
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(sys.argv[1])
-    return parser.parse_args_into_dataclasses()
+def divergence_advice(output_dir: str) -> str:
+    """Which checkpoint to go back to after a divergence, and how: the newest one from which training was seen to
+    go on with a finite, non-exploding loss."""
+    good = last_good_checkpoint(output_dir)
+    if good is None:
+        written = (
+            "; the checkpoints written were not followed by a healthy loss" if checkpoint_dirs(output_dir) else ""
+        )
+        return f"No checkpoint is known to be good{written}: restart with a lower learning rate or --max_grad_norm."
+    return (
+        f"The last good checkpoint is {good}: resume from it with a lower learning rate (e.g. a tenth of "
+        f"--base_learning_rate) or --max_grad_norm 1.0, adding --resume_from_checkpoint {good}"
+    )
 
 
 def check_finite(loss: torch.Tensor, step: int, output_dir: str) -> None:
     """Stop with a clear message on a NaN/inf loss; checkpoints already written are left untouched."""
     if not torch.isfinite(loss).item():
-        found = checkpoint_dirs(output_dir)
-        last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
         raise SystemExit(
-            f"error: the loss became {loss.item()} at step {step}; stopping ({last}). "
-            "Lower the learning rate, enable --max_grad_norm or use bf16 instead of fp16."
+            f"error: the loss became {loss.item()} at step {step}; stopping. {divergence_advice(output_dir)}"
         )
+
+
+def all_finite(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every weight, floating-point buffer and optimizer-state tensor (e.g. Adam's moments) is finite."""
+    tensors = [*model.parameters(), *(buffer for buffer in model.buffers() if buffer.is_floating_point())]
+    tensors += [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
+    return bool(torch.stack([torch.isfinite(tensor).all() for tensor in tensors]).all())
+
+
+def resume_state(
+    accelerator: Accelerator, output_dir: str, resume_from_checkpoint: str | None, objects: dict, total_steps: int
+) -> dict:
+    """The state to start from: a new run's, or that of the checkpoint `resume_from_checkpoint` names (`latest`: the
+    newest in output_dir). A resumed run keeps the checkpoint's weights, optimizer moments, RNG states and data
+    position, and takes its learning rate and schedule length from this run's arguments (`objects["scheduler"]` was
+    built from them); the log says which of those differ from the checkpoint's."""
+    state = new_state() | {"total_steps": total_steps}
+    path = resolve_resume(output_dir, resume_from_checkpoint)
+    if path is None:
+        if resume_from_checkpoint == "latest":
+            logger.info("no checkpoint in %s yet: starting from scratch", output_dir)
+        return state
+    scheduler = objects["scheduler"]
+    learning_rates = list(scheduler.base_lrs)
+    saved = load_checkpoint(accelerator, path, objects)
+    saved_rates, saved_total = list(scheduler.base_lrs), saved.get("total_steps", total_steps)
+    scheduler.base_lrs = learning_rates
+    groups = scheduler.optimizer.param_groups
+    for group, rate, factor in zip(groups, learning_rates, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = rate
+        group["lr"] = rate * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    state |= saved | {"total_steps": total_steps}
+    changed = []
+    if saved_rates != learning_rates:
+        changed.append(f"peak learning rate {max(learning_rates):.3g} (checkpoint: {max(saved_rates):.3g})")
+    if saved_total != total_steps:
+        changed.append(f"schedule length {total_steps} steps (checkpoint: {saved_total})")
+    logger.info(
+        "resumed from %s at step %d (epoch %d): weights, optimizer moments, RNG states and data position from the "
+        "checkpoint; %s",
+        path, state["step"], state["epoch"],
+        "from this run's arguments: " + ", ".join(changed) if changed else "learning rate and schedule unchanged",
+    )  # fmt: skip
+    return state
 
 
 class TrainingHooks:
@@ -150,10 +210,21 @@ def train(
     window_loss, window_micro = 0.0, 0
     started, samples_at_start, seconds_at_start = time.perf_counter(), state["samples_seen"], state["train_seconds"]
 
+    unverified: tuple[Path, float] | None = None  # the newest checkpoint, and the loss just before it
+    loss_value = state.get("train_loss") or float("inf")
+
     def checkpoint() -> None:
-        save_checkpoint(
+        nonlocal unverified
+        if not all_finite(model, optimizer):  # never keep diverged weights
+            advice = divergence_advice(settings.output_dir)
+            raise SystemExit(
+                f"error: the weights or optimizer state became non-finite by step {state['step']} (last logged loss "
+                f"{state.get('train_loss')}); no checkpoint was written for it. {advice}"
+            )
+        path = save_checkpoint(
             accelerator, settings.output_dir, state, settings.save_total_limit, objects, settings.checkpoint_config
         )
+        unverified = (path, loss_value)
 
     model.train()
     while state["step"] < total_steps:
@@ -172,7 +243,12 @@ def train(
                 optimizer.zero_grad()
             check_finite(loss.detach(), state["step"], settings.output_dir)
             count_samples(accelerator, batch, settings, state)
-            window_loss, window_micro = window_loss + loss.item(), window_micro + 1
+            loss_value = loss.item()
+            if unverified is not None:  # the first loss computed from the newest checkpoint's weights
+                if accelerator.is_main_process and loss_value <= EXPLODING_LOSS_FACTOR * abs(unverified[1]) + 1e-6:
+                    mark_verified(unverified[0], loss_value)
+                unverified = None
+            window_loss, window_micro = window_loss + loss_value, window_micro + 1
             hooks.after_micro_batch(batch, outputs)
             if not accelerator.sync_gradients:
                 continue
@@ -205,6 +281,8 @@ def train(
             if settings.checkpointing_steps == "epoch":
                 checkpoint()
     progress.close()
+    if accelerator.is_main_process:  # trained to the end: the last good checkpoint need not outlive the limit
+        prune_checkpoints(settings.output_dir, settings.save_total_limit, keep_last_good=False)
     return state
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,10 @@ def check_checkpoint_kind(path: str, cache_dir: str | None = None) -> str:
     try:
         config_dict, _ = PreTrainedConfig.get_config_dict(path, cache_dir=cache_dir)
     except (OSError, ValueError) as error:
-        raise SystemExit(f"error: cannot read a model configuration from {path!r}: {error}") from error
+        reason = " ".join(str(error).split())  # one line
+        if not Path(path).exists():
+            reason = f"no such local folder, and it could not be fetched from the Hub ({reason})"
+        raise SystemExit(f"error: cannot read a model configuration from {path!r}: {reason}") from error
     model_type = config_dict.get("model_type")
     if model_type not in CHECKPOINT_TYPES:
         raise SystemExit(
@@ -30,10 +36,26 @@ def check_checkpoint_kind(path: str, cache_dir: str | None = None) -> str:
 def save_hub_folder(
     model: PreTrainedModel, processor: ViTImageProcessor, output_dir: str | Path, model_card: str
 ) -> None:
-    """Weights (safetensors), config with auto_map, the model's .py files, processor config and model card."""
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    Path(output_dir, "README.md").write_text(model_card, encoding="utf-8")
+    """Weights (safetensors), config with auto_map, the model's .py files, processor config and model card.
+
+    Written to a temporary folder first and moved in file by file (each move atomic), so a run killed while saving
+    leaves no truncated file; the output folder's checkpoints are left alone.
+    """
+    staging = Path(output_dir) / ".tmp-final"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    (staging / "README.md").write_text(model_card, encoding="utf-8")
+    for path in staging.iterdir():
+        os.replace(path, Path(output_dir) / path.name)
+    staging.rmdir()
+
+
+def write_json_atomically(path: str | Path, record: dict) -> None:
+    """A results file that is either complete or absent, whatever moment the run is killed at."""
+    temporary = Path(path).with_name(f".tmp-{Path(path).name}")
+    temporary.write_text(json.dumps(record, indent=2))
+    os.replace(temporary, path)
 
 
 def model_card(metadata: dict[str, Any], title: str, body: str) -> str:

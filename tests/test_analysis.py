@@ -346,3 +346,16 @@ def test_cli_end_to_end(model, image_dataset_dir, tmp_path):
     assert 0 < metrics["feature_variance"] <= 1 and math.isfinite(metrics["reconstruction_loss"])
     assert len(metrics["attention_distance"]) == 2 and len(metrics["exploitation_rate_mask"]) == 1
     assert Image.open(output_dir / "figure_panel.png").size == (6 * 150, 2 * 150 + 30)
+
+
+def test_cli_on_a_dataset_without_the_asked_split_uses_what_it_has(model, tmp_path):
+    import datasets
+
+    model.save_pretrained(tmp_path / "model")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
+    (tmp_path / "data" / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict({"image": images}).to_parquet(str(tmp_path / "data" / "data" / "train-00000.parquet"))
+    arguments = ["--model", str(tmp_path / "model"), "--dataset_name", str(tmp_path / "data"), "--split", "test"]
+    metrics = analysis_main([*arguments, "--num_images", "4", "--figure_images", "0", "--output_dir", str(tmp_path)])
+    assert metrics["split"] == "train" and metrics["num_images"] == 4

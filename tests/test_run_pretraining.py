@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import datasets
 import numpy as np
@@ -19,6 +23,11 @@ import torch
 from conftest import REPO_ROOT, check_folder_in_fresh_process, tiny_config
 from PIL import Image
 from safetensors.torch import load_file
+
+from modeling_sgmae import SGMAEForPreTraining
+
+sys.path.insert(0, str(REPO_ROOT))
+import run_pretraining
 
 SCRIPT = str(REPO_ROOT / "run_pretraining.py")
 
@@ -57,11 +66,12 @@ def pretraining_args(dataset: Path | str, output_dir: Path, config_file: str, *e
     ]  # fmt: skip
 
 
-def run(args: list[str], num_processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        launch_command(num_processes) + args, env=script_env(), capture_output=True, text=True, timeout=timeout
-    )
-    return result
+def run(
+    args: list[str], num_processes: int = 1, timeout: int = 300, plain_python: bool = False
+) -> subprocess.CompletedProcess:
+    """The script through `accelerate launch` (or plain python, quicker, for runs that fail before training)."""
+    command = [sys.executable, SCRIPT] if plain_python else launch_command(num_processes)
+    return subprocess.run(command + args, env=script_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def check_ok(result: subprocess.CompletedProcess) -> None:
@@ -90,7 +100,7 @@ def test_two_processes_cross_into_informed_masking_and_publish(image_dataset_dir
     assert [path.name for path in output.glob("checkpoint-*")] == ["checkpoint-12"]
     assert (output / "masks-step4.png").is_file() and (output / "masks.png").is_file()
     # one row per probe image; columns: input, random mask, bi-partition, informed mask, with hints, reconstruction
-    assert Image.open(output / "masks.png").size == (6 * 32, 8 * 32)
+    assert Image.open(output / "masks.png").size == (6 * 150, 8 * 150 + 30)  # the analysis panel, titled columns
     card = (output / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-feature-extraction")
     assert str(image_dataset_dir) in card and "| optimiser steps | 12 of 12" in card
@@ -146,12 +156,12 @@ def test_streaming_and_in_memory_epochs_see_the_same_images(image_dataset_dir, c
     assert seen["memory"] == seen["stream"] == 64
 
 
-def write_dataset(root: Path, images: list[dict]) -> Path:
+def write_dataset(root: Path, images: list[dict], splits: tuple[str, ...] = ("train", "test")) -> Path:
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
     data = datasets.Dataset.from_dict(
         {"image": images, "label": [i % 2 for i in range(len(images))]}, features=features
     )
-    for split in ("train", "test"):
+    for split in splits:
         (root / "data").mkdir(parents=True, exist_ok=True)
         data.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
     return root
@@ -167,7 +177,7 @@ def test_corrupt_and_grayscale_images_are_handled(config_file, tmp_path):
     rng = np.random.default_rng(0)
     images = [png_bytes(Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))) for _ in range(14)]
     images.append(png_bytes(Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8))))  # 1 channel
-    images.append({"bytes": b"this is not an image", "path": None})
+    images.append({"bytes": b"this is not an image", "path": "broken-photo.jpg"})
     dataset = write_dataset(tmp_path / "data", images)
     output = tmp_path / "out"
     result = run(
@@ -176,7 +186,24 @@ def test_corrupt_and_grayscale_images_are_handled(config_file, tmp_path):
     check_ok(result)
     summary = json.loads((output / "train_results.json").read_text())
     assert summary["skipped_images"] == 1 and summary["samples_seen"] == 15
-    assert "skipping a corrupt image" in result.stderr
+    assert "skipping a corrupt image (broken-photo.jpg)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--image_column", "label"), "column 'label' holds ClassLabel values, not images"),
+        (("--config_overrides", "mask_ratio=0.99"), "masks 64 of the 64 patches"),
+        (("--checkpointing_steps", "foo"), "--checkpointing_steps must be a positive integer, 'epoch' or 'none'"),
+        (("--model_name_or_path", "facebook/vit-mae-base"), "could not be fetched from the Hub"),
+    ],
+)
+def test_bad_arguments_give_clear_errors(image_dataset_dir, config_file, tmp_path, extra, message):
+    result = run(pretraining_args(image_dataset_dir, tmp_path / "out", config_file, *extra), plain_python=True)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr  # one line that says what is wrong, not a stack
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize(
@@ -184,12 +211,45 @@ def test_corrupt_and_grayscale_images_are_handled(config_file, tmp_path):
     [
         (("--image_column", "photo"), "image column 'photo' not in the dataset"),
         (("--mask_strategy", "clever"), "mask_strategy must be one of"),
+        (("--config_overrides", "mask_ratio=1.5"), "SGMAEConfig.mask_ratio must be in"),
+        (("--config_overrides", "mask_ratio=0.0"), "SGMAEConfig.mask_ratio 0.0 masks 0 of the 64 patches"),
+        (("--config_overrides", "no_such_field=1"), "names fields SGMAEConfig does not have: ['no_such_field']"),
+        (("--config_overrides", "hint_ratio="), "--config_overrides gives no value for 'hint_ratio'"),
+        (("--config_overrides", "hint_ratio"), "--config_overrides item 'hint_ratio' is not name=value"),
+        (("--checkpointing_steps", "0"), "--checkpointing_steps must be a positive integer"),
+        (("--logging_steps", "0"), "--logging_steps must be a positive integer, got 0"),
+        (("--per_device_train_batch_size", "0"), "--per_device_train_batch_size must be a positive integer"),
+        (("--gradient_accumulation_steps", "0"), "--gradient_accumulation_steps must be a positive integer"),
+        (("--max_train_steps", "0"), "--max_train_steps must be a positive integer, got 0"),
     ],
 )
-def test_bad_arguments_give_clear_errors(image_dataset_dir, config_file, tmp_path, extra, message):
-    result = run(pretraining_args(image_dataset_dir, tmp_path / "out", config_file, *extra))
-    assert result.returncode != 0
-    assert message in result.stderr
+def test_bad_arguments_are_refused_before_any_data_is_read(image_dataset_dir, config_file, tmp_path, extra, message):
+    """The script's own checks, called in this process (the subprocess test above shows they reach the user)."""
+    argv = ["run_pretraining.py", *pretraining_args(image_dataset_dir, tmp_path / "out", config_file, *extra)]
+    with mock.patch.object(sys, "argv", argv), pytest.raises(SystemExit, match=re.escape(message)):
+        model_args, data_args, _ = run_pretraining.parse_args()
+        run_pretraining.build_model(model_args)
+        run_pretraining.load_data(data_args)
+
+
+def test_config_overrides_take_lists_booleans_and_none(image_dataset_dir, config_file, tmp_path):
+    overrides = "image_size=[32,32],norm_pix_loss=False,mask_feature_layer=None, graph_edges=binary_mean"
+    result = run(pretraining_args(image_dataset_dir, tmp_path / "out", config_file, "--max_train_steps", "1",
+                                  "--config_overrides", overrides), plain_python=True)  # fmt: skip
+    check_ok(result)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["image_size"] == [32, 32] and config["norm_pix_loss"] is False
+    assert config["mask_feature_layer"] is None and config["graph_edges"] == "binary_mean"
+
+
+def test_a_damaged_checkpoint_gives_a_clear_error(config_file, tmp_path):
+    folder = tmp_path / "damaged"
+    SGMAEForPreTraining(tiny_config()).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a download cut short
+    result = run(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "out")], plain_python=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"error: cannot build the model from '{folder}'" in result.stderr
 
 
 def test_missing_dataset_gives_a_clear_error(config_file, tmp_path):
@@ -198,20 +258,90 @@ def test_missing_dataset_gives_a_clear_error(config_file, tmp_path):
     assert "error: cannot load split 'train'" in result.stderr
 
 
-def test_nan_loss_stops_the_run_and_keeps_checkpoints(image_dataset_dir, config_file, tmp_path):
+def test_divergence_names_a_checkpoint_that_trains_on_and_its_advice_works(image_dataset_dir, config_file, tmp_path):
+    output = tmp_path / "out"
+    common = ("--checkpointing_steps", "1", "--warmup_ratio", "0", "--save_total_limit", "2")
+
+    def pretrain(*extra: str) -> subprocess.CompletedProcess:
+        return run(pretraining_args(image_dataset_dir, output, config_file, *common, *extra), plain_python=True)
+
+    check_ok(pretrain("--max_train_steps", "3"))
+    final_model = (output / "model.safetensors").read_bytes()
+    # The same run, resumed with an absurd learning rate: it blows up within a few steps.
+    blown = pretrain("--max_train_steps", "12", "--base_learning_rate", "1e30", "--resume_from_checkpoint", "latest")
+    assert blown.returncode != 0 and "Traceback" not in blown.stderr
+    assert "error: the loss became" in blown.stderr or "became non-finite" in blown.stderr
+    named = re.search(r"The last good checkpoint is (\S+): resume from it", blown.stderr)
+    assert named, blown.stderr[-2000:]
+    good = Path(named.group(1))
+    assert good.name in {"checkpoint-2", "checkpoint-3", "checkpoint-4"} and (good / "next_loss.json").is_file()
+    for checkpoint in output.glob("checkpoint-*"):  # nothing non-finite was ever written
+        assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values())
+    assert (output / "model.safetensors").read_bytes() == final_model and not list(output.glob(".tmp-*"))
+    # Following the advice: back to that checkpoint with a sane learning rate trains on with finite losses.
+    resumed = pretrain("--max_train_steps", "12", "--resume_from_checkpoint", str(good))
+    check_ok(resumed)
+    summary = json.loads((output / "train_results.json").read_text())
+    assert summary["step"] == 12 and math.isfinite(summary["final_loss"])
+    assert f"resumed from {good} at step" in resumed.stderr
+
+
+def test_resume_takes_the_new_learning_rate_and_schedule_length(image_dataset_dir, config_file, tmp_path):
+    common = ("--checkpointing_steps", "3", "--max_train_steps", "6", "--warmup_ratio", "0")
+    straight = tmp_path / "straight"
+    check_ok(run(pretraining_args(image_dataset_dir, straight, config_file, *common)))
+    faster = tmp_path / "faster"
+    faster.mkdir()
+    shutil.copytree(straight / "checkpoint-3", faster / "checkpoint-3")
+    result = run(pretraining_args(image_dataset_dir, faster, config_file, *common, "--base_learning_rate", "1.5e-2",
+                                  "--resume_from_checkpoint", "latest"))  # fmt: skip
+    check_ok(result)
+    assert "peak learning rate 0.000469 (checkpoint: 4.69e-06)" in result.stderr
+    weights, reference = load_file(faster / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert not torch.equal(weights["vit.layers.0.mlp.fc1.weight"], reference["vit.layers.0.mlp.fc1.weight"])
+
+    longer = tmp_path / "longer"
+    longer.mkdir()
+    shutil.copytree(straight / "checkpoint-6", longer / "checkpoint-6")
+    args = [*common[:2], "--max_train_steps", "9", "--warmup_ratio", "0", "--resume_from_checkpoint", "latest"]
+    result = run(pretraining_args(image_dataset_dir, longer, config_file, *args))
+    check_ok(result)
+    assert "schedule length 9 steps (checkpoint: 6)" in result.stderr
+    summary = json.loads((longer / "train_results.json").read_text())
+    assert summary["step"] == 9 and summary["total_steps"] == 9
+
+
+def test_resuming_a_finished_run_keeps_its_final_loss(image_dataset_dir, config_file, tmp_path):
     output = tmp_path / "out"
     args = pretraining_args(
-        image_dataset_dir, output, config_file, "--max_train_steps", "8", "--checkpointing_steps", "1",
-        "--base_learning_rate", "1e30", "--warmup_ratio", "0",
-    )  # fmt: skip
-    result = run(args)
-    assert result.returncode != 0
-    assert "the loss became nan" in result.stderr or "the loss became inf" in result.stderr
-    checkpoints = sorted(output.glob("checkpoint-*"))
-    assert checkpoints, "the steps before the NaN should have been checkpointed"
-    assert "the last good checkpoint is" in result.stderr
-    assert not (output / "model.safetensors").exists()
-    assert not list(output.glob(".tmp-checkpoint-*"))
+        image_dataset_dir, output, config_file, "--max_train_steps", "4", "--checkpointing_steps", "4"
+    )
+    check_ok(run(args))
+    first = json.loads((output / "train_results.json").read_text())
+    again = run([*args, "--resume_from_checkpoint", "latest"])
+    check_ok(again)
+    assert json.loads((output / "train_results.json").read_text())["final_loss"] == first["final_loss"]
+    assert first["final_loss"] is not None
+    empty = tmp_path / "empty"
+    fresh = run(pretraining_args(image_dataset_dir, empty, config_file, "--max_train_steps", "1",
+                                 "--resume_from_checkpoint", "latest"), plain_python=True)  # fmt: skip
+    check_ok(fresh)
+    assert f"no checkpoint in {empty} yet: starting from scratch" in fresh.stderr
+
+
+def test_a_dataset_without_a_test_split_uses_what_it_has(config_file, tmp_path):
+    rng = np.random.default_rng(0)
+    images = [png_bytes(Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))) for _ in range(16)]
+    dataset = write_dataset(tmp_path / "data", images, splits=("train", "validation"))
+    result = run(pretraining_args(dataset, tmp_path / "out", config_file, "--max_train_steps", "1"), plain_python=True)
+    check_ok(result)
+    assert "has no 'test' split: using its 'validation' split instead" in result.stderr
+    only_train = write_dataset(tmp_path / "train-only", images, splits=("train",))
+    result = run(
+        pretraining_args(only_train, tmp_path / "out2", config_file, "--max_train_steps", "1"), plain_python=True
+    )
+    check_ok(result)
+    assert "the probe images (mask panels, exploitation rates) come from the training split" in result.stderr
 
 
 def test_checkpoint_objects_round_trip_and_pickled_code_in_them_is_refused(tmp_path):

@@ -1,0 +1,81 @@
+"""Script arguments: from the command line or one JSON/YAML file, checked before anything runs."""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+
+from transformers import HfArgumentParser
+
+
+def parse_script_args(parser: HfArgumentParser) -> tuple:
+    """Dataclasses from the command line, or from a single .json / .yaml file argument."""
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(sys.argv[1])
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(sys.argv[1])
+    return parser.parse_args_into_dataclasses()
+
+
+def check_positive(arguments: object, names: tuple[str, ...]) -> None:
+    """A clear error, before anything runs, for an argument that must be a positive integer (or None) and is not."""
+    for name in names:
+        value = getattr(arguments, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise SystemExit(f"error: --{name} must be a positive integer, got {value!r}")
+
+
+def check_checkpointing_steps(value: str | None) -> None:
+    """--checkpointing_steps is N (a positive integer), 'epoch' or 'none'."""
+    if value in (None, "none", "epoch"):
+        return
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"error: --checkpointing_steps must be a positive integer, 'epoch' or 'none', got {value!r}")
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """`--config_overrides "hint_ratio=0.1,image_size=[64,64],norm_pix_loss=True,mask_feature_layer=None"` as a dict.
+
+    Items are split at commas outside brackets and quotes; a value is read as JSON, else as a Python literal (True,
+    None, 'text'), else kept as a plain string. An item without `name=` or without a value is a clear error.
+    """
+    if not text or not text.strip():
+        return {}
+    overrides = {}
+    for item in _split_at_top_level_commas(text):
+        name, equals, value = (part.strip() for part in item.partition("="))
+        if not name or not equals:
+            raise SystemExit(f"error: --config_overrides item {item.strip()!r} is not name=value")
+        if not value:
+            raise SystemExit(f"error: --config_overrides gives no value for {name!r}")
+        overrides[name] = _literal(value)
+    return overrides
+
+
+def _split_at_top_level_commas(text: str) -> list[str]:
+    items, depth, quote, start = [], 0, None, 0
+    for index, char in enumerate(text):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(text[start:index])
+            start = index + 1
+    return [*items, text[start:]]
+
+
+def _literal(value: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
