@@ -185,6 +185,40 @@ class LoopSettings:
     sharded: bool = True  # each process trains on its own shard: sample counts are summed over processes
 
 
+class Checkpointer:
+    """Writes the run's checkpoints, only ever from finite weights, buffers and optimizer state, and marks the newest
+    one verified once the first loss computed from its weights is finite and not exploding."""
+
+    def __init__(self, accelerator, model, optimizer, settings: LoopSettings, objects: dict, last_loss: float | None):
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.settings, self.objects = settings, objects
+        self.last_loss = last_loss if last_loss is not None else float("inf")
+        self.unverified: tuple[Path, float] | None = None  # the newest checkpoint, and the loss just before it
+
+    def save(self, state: dict) -> None:
+        settings = self.settings
+        if not all_finite(self.model, self.optimizer):
+            advice = divergence_advice(settings.output_dir)
+            raise SystemExit(
+                f"error: the weights or optimizer state became non-finite by step {state['step']} (last logged loss "
+                f"{state.get('train_loss')}); no checkpoint was written for it. {advice}"
+            )
+        path = save_checkpoint(
+            self.accelerator, settings.output_dir, state, settings.save_total_limit, self.objects,
+            settings.checkpoint_config,
+        )  # fmt: skip
+        self.unverified = (path, self.last_loss)
+
+    def saw_loss(self, loss: float) -> None:
+        """A finite loss of the current weights (the first after a checkpoint verifies it, if it is healthy)."""
+        if self.unverified is not None:
+            path, loss_before = self.unverified
+            if self.accelerator.is_main_process and loss <= EXPLODING_LOSS_FACTOR * abs(loss_before) + 1e-6:
+                mark_verified(path, loss)
+            self.unverified = None
+        self.last_loss = loss
+
+
 def train(
     accelerator: Accelerator,
     model: nn.Module,
@@ -210,22 +244,7 @@ def train(
     window_loss, window_micro = 0.0, 0
     started, samples_at_start, seconds_at_start = time.perf_counter(), state["samples_seen"], state["train_seconds"]
 
-    unverified: tuple[Path, float] | None = None  # the newest checkpoint, and the loss just before it
-    loss_value = state.get("train_loss") or float("inf")
-
-    def checkpoint() -> None:
-        nonlocal unverified
-        if not all_finite(model, optimizer):  # never keep diverged weights
-            advice = divergence_advice(settings.output_dir)
-            raise SystemExit(
-                f"error: the weights or optimizer state became non-finite by step {state['step']} (last logged loss "
-                f"{state.get('train_loss')}); no checkpoint was written for it. {advice}"
-            )
-        path = save_checkpoint(
-            accelerator, settings.output_dir, state, settings.save_total_limit, objects, settings.checkpoint_config
-        )
-        unverified = (path, loss_value)
-
+    checkpoints = Checkpointer(accelerator, model, optimizer, settings, objects, state.get("train_loss"))
     model.train()
     while state["step"] < total_steps:
         epoch_start = state["samples_in_epoch"]
@@ -244,10 +263,7 @@ def train(
             check_finite(loss.detach(), state["step"], settings.output_dir)
             count_samples(accelerator, batch, settings, state)
             loss_value = loss.item()
-            if unverified is not None:  # the first loss computed from the newest checkpoint's weights
-                if accelerator.is_main_process and loss_value <= EXPLODING_LOSS_FACTOR * abs(unverified[1]) + 1e-6:
-                    mark_verified(unverified[0], loss_value)
-                unverified = None
+            checkpoints.saw_loss(loss_value)
             window_loss, window_micro = window_loss + loss_value, window_micro + 1
             hooks.after_micro_batch(batch, outputs)
             if not accelerator.sync_gradients:
@@ -271,7 +287,7 @@ def train(
             hooks.after_step(step)
             steps = settings.checkpointing_steps
             if steps not in (None, "none", "epoch") and step % int(steps) == 0:
-                checkpoint()
+                checkpoints.save(state)
         else:  # the epoch ran to its end
             if epoch_start == state["samples_in_epoch"] == 0:
                 raise SystemExit("error: the training split yielded no full batch of images")
@@ -279,7 +295,7 @@ def train(
             state["samples_in_epoch"] = 0
             hooks.after_epoch(state)
             if settings.checkpointing_steps == "epoch":
-                checkpoint()
+                checkpoints.save(state)
     progress.close()
     if accelerator.is_main_process:  # trained to the end: the last good checkpoint need not outlive the limit
         prune_checkpoints(settings.output_dir, settings.save_total_limit, keep_last_good=False)
