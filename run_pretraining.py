@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -32,6 +33,7 @@ from sgmae_training.arguments import (
     parse_config_overrides,
     parse_script_args,
 )
+from sgmae_training.augment import BatchAugmentation
 from sgmae_training.engine import LoopSettings, TrainingHooks, resume_state, start_run, train
 from sgmae_training.hub import (
     check_checkpoint_kind,
@@ -46,8 +48,9 @@ logger = logging.getLogger("run_pretraining")
 DEMO_CONFIG = Path(__file__).parent / "configuration" / "models" / "sgmae-vit-tiny-patch4-cifar.json"
 POSITIVE_ARGUMENTS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
-    "save_total_limit", "visualization_steps", "exploitation_check_steps",
+    "save_total_limit", "visualization_steps", "exploitation_check_steps", "storage_size",
 )  # fmt: skip
+INPUT_PATHS = ("workers", "decode_once")
 
 
 @dataclass
@@ -104,6 +107,17 @@ class PretrainingArguments:
     visualization_steps: int | None = field(
         default=None, metadata={"help": "Write a mask/reconstruction PNG every N steps (always at the end)."}
     )
+    input_path: str = field(
+        default="workers",
+        metadata={
+            "help": "workers: decode and augment each image in DataLoader workers; decode_once: decode the split once "
+            "into memory (uint8, --storage_size) and augment whole batches on the training device."
+        },
+    )
+    storage_size: int | None = field(
+        default=None, metadata={"help": "decode_once: side of the stored square (default 1.15 x the image size)."}
+    )
+    decode_once_max_gib: float = field(default=32.0, metadata={"help": "decode_once: memory budget in GiB."})
     exploitation_check_steps: int | None = field(
         default=None, metadata={"help": "Measure decoder exploitation rates every N steps (default: 4 per epoch)."}
     )
@@ -125,6 +139,8 @@ def parse_args() -> tuple[ModelArguments, data.DataArguments, PretrainingArgumen
         raise SystemExit(f"error: --num_train_epochs must be positive, got {args.num_train_epochs}")
     if data_args.dataloader_num_workers < 0:
         raise SystemExit(f"error: --dataloader_num_workers must be 0 or more, got {data_args.dataloader_num_workers}")
+    if args.input_path not in INPUT_PATHS:
+        raise SystemExit(f"error: --input_path must be one of {INPUT_PATHS}, got {args.input_path!r}")
     parse_config_overrides(model_args.config_overrides)  # a malformed item is an error now, not after loading data
     return model_args, data_args, args
 
@@ -284,15 +300,11 @@ def main() -> None:
     log_plan(config, unwrapped, total_steps, steps_per_epoch, global_batch, learning_rate)
 
     # ----- training -----
-    collate = data.ImageCollator(data.train_transform(processor), image_column)
     probe = data.ImageCollator(data.eval_transform(processor), image_column)(probe_rows) if probe_rows else None
     args.exploitation_check_steps = args.exploitation_check_steps or max(steps_per_epoch // 4, 1)
     hooks = PretrainingHooks(accelerator, unwrapped, total_steps, args, probe, processor)
 
-    def epoch_batches(state: dict):
-        batch_size = args.per_device_train_batch_size
-        loader = data.epoch_loader(train_data, accelerator, state, data_args, batch_size, collate, args.seed)
-        return data.synchronized_batches(loader, accelerator)
+    epoch_batches = input_path(args, data_args, accelerator, train_data, image_column, processor, config)
 
     settings = LoopSettings(
         total_steps, args.output_dir, args.logging_steps, args.checkpointing_steps, args.save_total_limit,
@@ -319,6 +331,29 @@ def main() -> None:
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
     accelerator.end_training()
+
+
+def input_path(args, data_args, accelerator: Accelerator, train_data, image_column: str, processor, config):
+    """`epoch_batches(state)` for the engine: images decoded and augmented in DataLoader workers, or decoded once into
+    memory and augmented a whole batch at a time on the device (`--input_path decode_once`)."""
+    batch_size = args.per_device_train_batch_size
+    if args.input_path == "decode_once":
+        storage = args.storage_size or round(1.15 * max(config.image_height_width))
+        if storage < max(config.image_height_width):
+            raise SystemExit(f"error: --storage_size {storage} is smaller than the model's images")
+        images, _ = data.decode_all(
+            train_data, image_column, storage, data_args.dataloader_num_workers, args.decode_once_max_gib
+        )
+        augment = BatchAugmentation(config.image_height_width, processor.image_mean, processor.image_std)
+        return partial(data.decoded_epoch_batches, images, accelerator=accelerator, batch_size=batch_size,
+                       seed=args.seed, augment=augment)  # fmt: skip
+    collate = data.ImageCollator(data.train_transform(processor), image_column)
+
+    def epoch_batches(state: dict):
+        loader = data.epoch_loader(train_data, accelerator, state, data_args, batch_size, collate, args.seed)
+        return data.synchronized_batches(loader, accelerator)
+
+    return epoch_batches
 
 
 def log_plan(config: SGMAEConfig, model: SGMAEForPreTraining, total_steps, steps_per_epoch, global_batch, lr) -> None:

@@ -259,6 +259,69 @@ def epoch_loader(
     )
 
 
+def storage_transform(size: int) -> v2.Compose:
+    """What decode-once keeps of an image: shorter side resized to `size` (bicubic), the central square, uint8."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(size),
+        ]
+    )
+
+
+def decode_all(
+    dataset: datasets.Dataset, image_column: str, size: int, num_workers: int, max_gib: float
+) -> tuple[torch.Tensor, int]:
+    """Decode every image of a map-style split once: a uint8 tensor [N, 3, size, size] in host memory (the central
+    square of each image, shorter side `size`), and the number of corrupt images left out.
+
+    Refuses, before decoding, a split that would not fit in `max_gib` GiB."""
+    if not isinstance(dataset, datasets.Dataset):
+        raise SystemExit("error: --input_path decode_once needs a map-style split; drop --streaming")
+    needed = len(dataset) * 3 * size * size / 2**30
+    if needed > max_gib:
+        raise SystemExit(
+            f"error: decoding {len(dataset)} images at {size}x{size} takes {needed:.1f} GiB, more than "
+            f"--decode_once_max_gib {max_gib}; lower --storage_size, raise the budget or use --input_path workers"
+        )
+    images = torch.empty(len(dataset), 3, size, size, dtype=torch.uint8)
+    collate = ImageCollator(storage_transform(size), image_column)
+    # A generator of its own: building the loader must draw nothing from the global RNG (masks use it).
+    loader = DataLoader(dataset, 256, collate_fn=collate, num_workers=num_workers, generator=torch.Generator())
+    kept = skipped = 0
+    for batch in loader:
+        images[kept : kept + len(batch["pixel_values"])] = batch["pixel_values"]
+        kept += len(batch["pixel_values"])
+        skipped += int(batch["skipped"])
+    logger.info(
+        "decoded %d images once into %.2f GiB (%d corrupt ones left out)", kept, kept * 3 * size**2 / 2**30, skipped
+    )
+    return images[:kept], skipped
+
+
+def decoded_epoch_batches(
+    images: torch.Tensor, state: dict, accelerator: Accelerator, batch_size: int, seed: int, augment: Callable
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This process's batches of the epoch in `state` from decoded images, augmented on the device.
+
+    The epoch's order is a seeded permutation, cut into equal shards (one per process), so every process has as many
+    full batches; each batch's augmentation draws from a generator seeded by (seed, epoch, position), so a resumed
+    run sees the same crops and flips as an uninterrupted one.
+    """
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + state["epoch"]))
+    processes = accelerator.num_processes
+    shard = order[: len(order) // processes * processes][accelerator.process_index :: processes]
+    for start in range(state["samples_in_epoch"] // processes, len(shard) - batch_size + 1, batch_size):
+        rows = shard[start : start + batch_size]
+        generator = torch.Generator(device=accelerator.device)
+        generator.manual_seed(
+            (seed * 1_000_003 + state["epoch"]) * 1_000_003 + start * processes + accelerator.process_index
+        )
+        pixels = images[rows].to(accelerator.device, non_blocking=True)
+        yield {"pixel_values": augment(pixels, generator), "skipped": torch.tensor(0)}
+
+
 def synchronized_batches(loader, accelerator: Accelerator) -> Iterator[dict[str, torch.Tensor]]:
     """Yield batches on the device until any process runs out, so that ranks never wait on each other forever.
 

@@ -147,6 +147,26 @@ def test_killed_run_resumes_to_the_same_weights(image_dataset_dir, config_file, 
         assert summary["step"] == 12 and summary["samples_seen"] == 12 * 8
 
 
+def test_decode_once_resumes_exactly_with_two_processes(image_dataset_dir, config_file, tmp_path):
+    """Decoded once, augmented on the device: a run resumed from its checkpoint ends with the same weights."""
+    common = ("--max_train_steps", "8", "--checkpointing_steps", "4", "--input_path", "decode_once")
+    common += ("--informed_masking_start_step", "3", "--per_device_train_batch_size", "4")
+    straight = tmp_path / "straight"
+    check_ok(run(pretraining_args(image_dataset_dir, straight, config_file, *common), num_processes=2))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-4", resumed / "checkpoint-4")
+    args = pretraining_args(image_dataset_dir, resumed, config_file, *common, "--resume_from_checkpoint", "latest")
+    result = run(args, num_processes=2)
+    check_ok(result)
+    assert "decoded 64 images once" in result.stderr and "resumed from" in result.stderr
+    expected, actual = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+    summary = json.loads((resumed / "train_results.json").read_text())
+    assert summary["num_processes"] == 2 and summary["samples_seen"] == 8 * 2 * 4
+
+
 def test_streaming_and_in_memory_epochs_see_the_same_images(image_dataset_dir, config_file, tmp_path):
     seen = {}
     for mode, extra in (("memory", ()), ("stream", ("--streaming",))):

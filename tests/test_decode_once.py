@@ -1,0 +1,83 @@
+"""Decode-once input path: the stored images, the memory budget, corrupt files, and the epochs' batches."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional
+
+from sgmae_training.data import decode_all, decode_image, decoded_epoch_batches, prepare_images
+
+
+def image_split(count: int, corrupt: int = 0) -> datasets.Dataset:
+    rng = np.random.default_rng(0)
+    cells = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        cells.append({"bytes": buffer.getvalue(), "path": None})
+    cells += [{"bytes": b"not an image", "path": "broken.png"}] * corrupt
+    data = datasets.Dataset.from_dict({"image": cells}, features=datasets.Features({"image": datasets.Image()}))
+    return prepare_images(data, "image")
+
+
+def test_decoded_images_are_the_decoding_paths_images():
+    split = image_split(5, corrupt=1)
+    images, skipped = decode_all(split, "image", size=32, num_workers=0, max_gib=1.0)
+    assert images.dtype == torch.uint8 and images.shape == (5, 3, 32, 32) and skipped == 1
+    for index in range(5):  # at the images' own size, storing changes nothing
+        assert torch.equal(images[index], functional.pil_to_tensor(decode_image(split[index]["image"])))
+    smaller, _ = decode_all(split, "image", size=16, num_workers=0, max_gib=1.0)
+    assert smaller.shape == (5, 3, 16, 16)
+
+
+def test_a_split_over_the_memory_budget_is_refused_before_decoding():
+    with pytest.raises(SystemExit, match=r"decoding 5 images at 224x224 takes 0.0 GiB, more than --decode_once_max"):
+        decode_all(image_split(5), "image", size=224, num_workers=0, max_gib=1e-6)
+    with pytest.raises(SystemExit, match="needs a map-style split"):
+        decode_all(image_split(2).to_iterable_dataset(), "image", size=32, num_workers=0, max_gib=1.0)
+
+
+def batches(images, state, process_index, processes=2, batch_size=3):
+    accelerator = SimpleNamespace(num_processes=processes, process_index=process_index, device=torch.device("cpu"))
+
+    def identity(pixels, generator):
+        return pixels
+
+    return list(decoded_epoch_batches(images, state, accelerator, batch_size, seed=7, augment=identity))
+
+
+def test_processes_get_disjoint_equal_shards_and_a_resume_continues_exactly():
+    images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).expand(20, 3, 2, 2).contiguous()
+    state = {"epoch": 1, "samples_in_epoch": 0}
+    seen = [torch.cat([b["pixel_values"][:, 0, 0, 0] for b in batches(images, state, rank)]) for rank in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 9  # 10 rows each, full batches of 3
+    assert not set(seen[0].tolist()) & set(seen[1].tolist())
+    resumed = batches(images, {"epoch": 1, "samples_in_epoch": 2 * 3}, 0)  # after one batch on both processes
+    assert torch.equal(torch.cat([b["pixel_values"][:, 0, 0, 0] for b in resumed]), seen[0][3:])
+    other_epoch = batches(images, {"epoch": 2, "samples_in_epoch": 0}, 0)
+    assert not torch.equal(torch.cat([b["pixel_values"][:, 0, 0, 0] for b in other_epoch]), seen[0])
+
+
+def test_augmented_batches_are_the_same_after_a_resume():
+    from sgmae_training.augment import BatchAugmentation
+
+    images = torch.randint(0, 256, (12, 3, 20, 20), dtype=torch.uint8)
+    accelerator = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"))
+    augment = BatchAugmentation((16, 16), (0.5,) * 3, (0.25,) * 3)
+
+    def epoch(samples_in_epoch):
+        state = {"epoch": 0, "samples_in_epoch": samples_in_epoch}
+        return list(decoded_epoch_batches(images, state, accelerator, 4, seed=1, augment=augment))
+
+    straight, resumed = epoch(0), epoch(4)
+    assert len(straight) == 3 and len(resumed) == 2
+    for first, second in zip(straight[1:], resumed, strict=True):
+        assert torch.equal(first["pixel_values"], second["pixel_values"])
+    assert not torch.equal(straight[0]["pixel_values"], straight[1]["pixel_values"])
