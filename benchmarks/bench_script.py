@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Does data loading starve the model? The step rate of the full `run_pretraining.py` (data loading, decoding,
-augmentation, logging) against the model's own training-step rate on an in-memory batch, same config and batch.
+augmentation, logging) against the model's own training-step rate on an in-memory batch, same config and batch, for
+each input path: `workers` (decode and augment each image in DataLoader workers) and `decode_once` (decode the split
+once, augment whole batches on the device).
 
     python benchmarks/bench_script.py --dataset_name ../shared/data/cifar10
 
 Both sides use random masking (the data path is the same for both strategies), the CIFAR preset, batch 64, and the
-same threads; runs alternate (model, script, model, script, ...) and the table reports medians. Target: script / model
->= 0.9. Writes benchmarks/results/bench_script.json.
+same threads; runs alternate (model, workers, decode_once, model, ...) and the table reports medians. Targets:
+script / model >= 0.9; decode_once no slower than workers. Writes benchmarks/results/bench_script.json.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="Timed steps per repeat (after 5 warm-up steps).")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--num_workers", type=int, default=1)
+    parser.add_argument("--input_paths", default="workers,decode_once", help="Comma-separated input paths to time.")
+    parser.add_argument("--max_train_samples", type=int, help="Use only the first N training images.")
     parser.add_argument("--output", default=str(REPO / "benchmarks/results/bench_script.json"))
     return parser.parse_args()
 
@@ -60,7 +64,7 @@ def model_rate(args: argparse.Namespace) -> float:
     return args.steps * args.batch_size / (time.perf_counter() - started)
 
 
-def script_rate(args: argparse.Namespace) -> float:
+def script_rate(args: argparse.Namespace, input_path: str) -> float:
     """Images/s of run_pretraining.py over its timed steps: two runs of 5 and 5 + N steps, so start-up and the
     first steps cancel out."""
     seconds, samples = {}, {}
@@ -71,8 +75,10 @@ def script_rate(args: argparse.Namespace) -> float:
                 "--config_name", args.config_name, "--mask_strategy", "random", "--output_dir", output,
                 "--max_train_steps", str(steps), "--per_device_train_batch_size", str(args.batch_size),
                 "--dataloader_num_workers", str(args.num_workers), "--checkpointing_steps", "none",
-                "--logging_steps", "10",
+                "--logging_steps", "10", "--input_path", input_path,
             ]  # fmt: skip
+            if args.max_train_samples:
+                command += ["--max_train_samples", str(args.max_train_samples)]
             env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
             subprocess.run(command, env=env, check=True, capture_output=True)
             result = json.loads((Path(output) / "train_results.json").read_text())
@@ -82,16 +88,20 @@ def script_rate(args: argparse.Namespace) -> float:
 
 def main() -> None:
     args = parse_args()
-    rates: dict[str, list[float]] = {"model": [], "script": []}
+    paths = args.input_paths.split(",")
+    rates: dict[str, list[float]] = {"model": [], **{path: [] for path in paths}}
     for _ in range(args.repeats):
         rates["model"].append(model_rate(args))
-        rates["script"].append(script_rate(args))
+        for path in paths:
+            rates[path].append(script_rate(args, path))
     medians = {key: statistics.median(values) for key, values in rates.items()}
-    ratio = medians["script"] / medians["model"]
-    print(f"{'':<28}{'img/s (median)':>16}   runs")
-    for key, label in (("model", "model step (in-memory batch)"), ("script", "run_pretraining.py")):
-        print(f"{label:<28}{medians[key]:>16.1f}   {', '.join(f'{rate:.1f}' for rate in rates[key])}")
-    print(f"script / model = {ratio:.3f} (target >= 0.9)")
+    ratio = {path: medians[path] / medians["model"] for path in paths}
+    print(f"{'':<40}{'img/s (median)':>16}   runs")
+    for key in rates:
+        label = "model step (in-memory batch)" if key == "model" else f"run_pretraining.py --input_path {key}"
+        print(f"{label:<40}{medians[key]:>16.1f}   {', '.join(f'{rate:.1f}' for rate in rates[key])}")
+    for path in paths:
+        print(f"script ({path}) / model = {ratio[path]:.3f} (target >= 0.9)")
     record = {
         "commit": code_commit(),
         "command": "python " + " ".join(sys.argv),
@@ -99,6 +109,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "steps": args.steps,
         "num_workers": args.num_workers,
+        "max_train_samples": args.max_train_samples,
         "rates": rates,
         "medians": medians,
         "script_over_model": ratio,
