@@ -211,7 +211,8 @@ class PretrainingHooks(TrainingHooks):
         self.accelerator, self.model, self.total_steps, self.args = accelerator, model, total_steps, args
         self.probe, self.processor = probe, processor
         self.exploitation_every = args.exploitation_check_steps
-        self.window = dict.fromkeys(("informed", "fallback", "images", "part", "density"), 0)
+        self.window: torch.Tensor | None = None  # informed, fallback, object-part patches, edge density: summed
+        self.window_images = 0
 
     def before_micro_batch(self, step: int) -> None:
         self.model.set_training_progress(step, self.total_steps)  # the model decides its masks from this
@@ -221,24 +222,29 @@ class PretrainingHooks(TrainingHooks):
         return outputs.loss, outputs
 
     def after_micro_batch(self, batch: dict[str, torch.Tensor], outputs) -> None:
-        window = self.window
-        window["images"] += len(outputs.mask_type)
-        window["informed"] += int((outputs.mask_type == MaskType.INFORMED).sum())
-        window["fallback"] += int((outputs.mask_type == MaskType.FALLBACK).sum())
-        informed = outputs.object_part_size >= 0
-        window["part"] += int(outputs.object_part_size[informed].sum())
-        window["density"] += float(outputs.edge_density[informed].sum())
+        """Mask statistics, summed on the device (read once per logging window)."""
+        used = outputs.object_part_size >= 0  # informed masks (a fallback image has no object part)
+        sums = torch.stack(
+            [
+                (outputs.mask_type == MaskType.INFORMED).sum().float(),
+                (outputs.mask_type == MaskType.FALLBACK).sum().float(),
+                (outputs.object_part_size * used).sum().float(),  # products, not masking: no data-dependent shape
+                (outputs.edge_density * used).sum().float(),
+            ]
+        )
+        self.window = sums if self.window is None else self.window + sums
+        self.window_images += len(outputs.mask_type)
 
     def log_values(self) -> dict[str, float]:
-        window, num_informed = self.window, max(self.window["informed"], 1)
-        values = {
-            "informed_share": window["informed"] / window["images"],
-            "fallback_share": window["fallback"] / window["images"],
-            "object_part_size": window["part"] / num_informed,
-            "edge_density": window["density"] / num_informed,
+        informed, fallback, part, density = self.window.tolist() if self.window is not None else [0.0] * 4
+        images, num_informed = max(self.window_images, 1), max(informed, 1)
+        self.window, self.window_images = None, 0
+        return {
+            "informed_share": informed / images,
+            "fallback_share": fallback / images,
+            "object_part_size": part / num_informed,
+            "edge_density": density / num_informed,
         }
-        self.window = dict.fromkeys(window, 0)
-        return values
 
     def progress_values(self) -> dict[str, str]:
         return {"phase": "informed" if self.model.informed_masking_active else "random"}

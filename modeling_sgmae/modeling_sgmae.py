@@ -346,6 +346,7 @@ class SGMAEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.total_training_steps)
             init.constant_(module.informed_masking_started_at, -1)
             init.zeros_(module.exploitation_rates)
+            module._schedule_cache.clear()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -508,6 +509,10 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         self.register_buffer("informed_masking_started_at", torch.full((), -1, dtype=torch.long))
         # Last exploitation-rate check, decoder mean: [visible share, mask share, mask share was ever behind].
         self.register_buffer("exploitation_rates", torch.zeros(3))
+        # Host copies of the schedule buffers, so deciding the masks never waits for the device; filled from the
+        # buffers on first use and emptied whenever a state dict is loaded into them.
+        self._schedule_cache: dict[str, int] = {}
+        self.register_load_state_dict_post_hook(lambda module, keys: module._schedule_cache.clear())
         self.post_init()
 
     # ----- schedule -----------------------------------------------------------------------------------------
@@ -517,6 +522,13 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
             raise ValueError(f"step and total_steps must be non-negative, got {step} and {total_steps}")
         self.training_step.fill_(step)
         self.total_training_steps.fill_(total_steps)
+        self._schedule_cache.update(training_step=step, total_training_steps=total_steps)
+
+    def _schedule(self, name: str) -> int:
+        """A schedule buffer's value, read from the device at most once."""
+        if name not in self._schedule_cache:
+            self._schedule_cache[name] = int(getattr(self, name))
+        return self._schedule_cache[name]
 
     @property
     def informed_masking_start_step(self) -> int | None:
@@ -525,11 +537,11 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         if config.mask_strategy != "self_guided":
             return None
         if config.informed_masking_auto_start:
-            started = int(self.informed_masking_started_at)
+            started = self._schedule("informed_masking_started_at")
             return started if started >= 0 else None
         if config.informed_masking_start_step is not None:
             return config.informed_masking_start_step
-        total = int(self.total_training_steps)
+        total = self._schedule("total_training_steps")
         if total == 0:
             return 0 if config.informed_masking_start == 0 else None
         return math.ceil(config.informed_masking_start * total)
@@ -537,7 +549,7 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
     @property
     def informed_masking_active(self) -> bool:
         start = self.informed_masking_start_step
-        return start is not None and int(self.training_step) >= start
+        return start is not None and self._schedule("training_step") >= start
 
     @torch.no_grad()
     def record_exploitation_rates(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -562,9 +574,10 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         rates = exploitation_rates(output.decoder_attentions, output.mask)
         visible, masked = rates.mean(dim=0).tolist()
         behind_before = bool(self.exploitation_rates[2])
-        waiting = self.config.informed_masking_auto_start and int(self.informed_masking_started_at) < 0
+        waiting = self.config.informed_masking_auto_start and self._schedule("informed_masking_started_at") < 0
         if waiting and behind_before and masked > visible:
-            self.informed_masking_started_at.fill_(int(self.training_step))
+            self.informed_masking_started_at.fill_(self._schedule("training_step"))
+            self._schedule_cache["informed_masking_started_at"] = self._schedule("training_step")
         self.exploitation_rates.copy_(torch.tensor([visible, masked, float(behind_before or masked < visible)]))
         return rates
 

@@ -212,7 +212,7 @@ class ImageCollator:
                 extras[key].append(row[self.extra_columns[key]])
         batch = {
             "pixel_values": torch.stack(pixels) if pixels else torch.empty(0),
-            "skipped": torch.tensor(len(rows) - len(pixels)),
+            "skipped": len(rows) - len(pixels),  # a plain int: counting never touches the device
         }
         return batch | {key: torch.tensor(values, dtype=torch.long) for key, values in extras.items()}
 
@@ -319,7 +319,7 @@ def decoded_epoch_batches(
             (seed * 1_000_003 + state["epoch"]) * 1_000_003 + start * processes + accelerator.process_index
         )
         pixels = images[rows].to(accelerator.device, non_blocking=True)
-        yield {"pixel_values": augment(pixels, generator), "skipped": torch.tensor(0)}
+        yield {"pixel_values": augment(pixels, generator), "skipped": 0}
 
 
 def synchronized_batches(loader, accelerator: Accelerator) -> Iterator[dict[str, torch.Tensor]]:
@@ -337,7 +337,8 @@ def synchronized_batches(loader, accelerator: Accelerator) -> Iterator[dict[str,
                 return
         elif batch is None:
             return
-        yield {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
+        yield {key: value if key == "skipped" else value.to(accelerator.device, non_blocking=True)
+               for key, value in batch.items()}  # fmt: skip
 
 
 def limit_samples(dataset, count: int | None):

@@ -8,6 +8,7 @@ checkpoints and resume, the NaN stop and the progress bar. What differs between 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -87,14 +88,6 @@ def divergence_advice(output_dir: str) -> str:
         f"The last good checkpoint is {good}: resume from it with a lower learning rate (e.g. a tenth of "
         f"--base_learning_rate) or --max_grad_norm 1.0, adding --resume_from_checkpoint {good}"
     )
-
-
-def check_finite(loss: torch.Tensor, step: int, output_dir: str) -> None:
-    """Stop with a clear message on a NaN/inf loss; checkpoints already written are left untouched."""
-    if not torch.isfinite(loss).item():
-        raise SystemExit(
-            f"error: the loss became {loss.item()} at step {step}; stopping. {divergence_advice(output_dir)}"
-        )
 
 
 def all_finite(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
@@ -192,7 +185,7 @@ class Checkpointer:
     def __init__(self, accelerator, model, optimizer, settings: LoopSettings, objects: dict, last_loss: float | None):
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.settings, self.objects = settings, objects
-        self.last_loss = last_loss if last_loss is not None else float("inf")
+        self.last_loss = torch.tensor(last_loss if last_loss is not None else float("inf"))
         self.unverified: tuple[Path, float] | None = None  # the newest checkpoint, and the loss just before it
 
     def save(self, state: dict) -> None:
@@ -207,16 +200,59 @@ class Checkpointer:
             self.accelerator, settings.output_dir, state, settings.save_total_limit, self.objects,
             settings.checkpoint_config,
         )  # fmt: skip
-        self.unverified = (path, self.last_loss)
+        self.unverified = (path, self.last_loss.item())
 
-    def saw_loss(self, loss: float) -> None:
-        """A finite loss of the current weights (the first after a checkpoint verifies it, if it is healthy)."""
+    def saw_loss(self, loss: torch.Tensor) -> None:
+        """The loss of the current weights (read from the device only when it verifies a checkpoint)."""
         if self.unverified is not None:
             path, loss_before = self.unverified
-            if self.accelerator.is_main_process and loss <= EXPLODING_LOSS_FACTOR * abs(loss_before) + 1e-6:
-                mark_verified(path, loss)
+            value = loss.item()
+            healthy = math.isfinite(value) and value <= EXPLODING_LOSS_FACTOR * abs(loss_before) + 1e-6
+            if self.accelerator.is_main_process and healthy:
+                mark_verified(path, value)
             self.unverified = None
         self.last_loss = loss
+
+
+class Window:
+    """What happened since the last logging step, kept where it was made: loss sums on the device (read once per
+    window), image counts on the host (summed over processes once per window, checkpoint or epoch)."""
+
+    def __init__(self, accelerator: Accelerator, settings: LoopSettings):
+        self.accelerator, self.settings = accelerator, settings
+        self.loss_sum, self.micro_batches = torch.zeros((), device=accelerator.device), 0
+        self.images = self.skipped = 0
+        self.first_step: int | None = None
+
+    def add(self, loss: torch.Tensor, batch: dict, step: int) -> None:
+        self.loss_sum += loss.detach().float()
+        self.micro_batches += 1
+        self.images += len(batch[self.settings.count_key])
+        self.skipped += batch.get("skipped", 0)  # an int: the collator counts on the host
+        self.first_step = step if self.first_step is None else self.first_step
+
+    def count_into(self, state: dict) -> None:
+        """Add the images counted so far to the state (summed over processes when each has its own shard)."""
+        images, skipped = self.images, self.skipped
+        if self.settings.sharded and self.accelerator.num_processes > 1:
+            counts = torch.tensor([images, skipped], device=self.accelerator.device)
+            images, skipped = self.accelerator.reduce(counts, "sum").tolist()
+        state["samples_in_epoch"] += images
+        state["samples_seen"] += images
+        state["skipped_images"] += skipped
+        self.images = self.skipped = 0
+
+    def mean_loss(self, step: int) -> float:
+        """The window's mean loss, with the NaN stop: a non-finite loss anywhere in the window ends the run."""
+        loss = self.loss_sum.item() / max(self.micro_batches, 1)
+        if not math.isfinite(loss):
+            raise SystemExit(
+                f"error: the loss became {loss} between steps {self.first_step} and {step}; stopping. "
+                f"{divergence_advice(self.settings.output_dir)}"
+            )
+        self.loss_sum.zero_()
+        self.micro_batches, self.first_step = 0, None
+        return loss
 
 
 def train(
@@ -235,16 +271,23 @@ def train(
     `epoch_batches(state)` yields this process's batches of the epoch in `state`, past the samples already trained on
     (so a resumed run continues exactly). `state` holds step, epoch, samples_in_epoch, samples_seen, skipped_images,
     train_seconds and, once logged, train_loss (the mean loss of the last logging window); it is saved in every
-    checkpoint with `objects` (state_dicts Accelerate does not hold, e.g. the scheduler).
+    checkpoint with `objects` (state_dicts Accelerate does not hold, e.g. the scheduler). Inside a step nothing is read
+    back from the device; losses and counts are read once per logging window, checkpoint and epoch.
     """
     # An optimizer Accelerate did not prepare (the linear probe's) steps on plain, unscaled gradients.
     prepared = isinstance(optimizer, AcceleratedOptimizer)
     total_steps = settings.total_steps
     progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_main_process)
-    window_loss, window_micro = 0.0, 0
+    window = Window(accelerator, settings)
     started, samples_at_start, seconds_at_start = time.perf_counter(), state["samples_seen"], state["train_seconds"]
-
     checkpoints = Checkpointer(accelerator, model, optimizer, settings, objects, state.get("train_loss"))
+
+    def checkpoint(step: int) -> None:
+        window.count_into(state)  # the data position must be exact in the checkpoint
+        if window.micro_batches:
+            state["train_loss"] = window.mean_loss(step)
+        checkpoints.save(state)
+
     model.train()
     while state["step"] < total_steps:
         epoch_start = state["samples_in_epoch"]
@@ -260,11 +303,8 @@ def train(
                     clip(model.parameters(), settings.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            check_finite(loss.detach(), state["step"], settings.output_dir)
-            count_samples(accelerator, batch, settings, state)
-            loss_value = loss.item()
-            checkpoints.saw_loss(loss_value)
-            window_loss, window_micro = window_loss + loss_value, window_micro + 1
+            window.add(loss, batch, state["step"])
+            checkpoints.saw_loss(loss.detach())
             hooks.after_micro_batch(batch, outputs)
             if not accelerator.sync_gradients:
                 continue
@@ -274,42 +314,34 @@ def train(
             progress.update(1)
             step = state["step"]
             if step % settings.logging_steps == 0 or step == total_steps:
+                window.count_into(state)
                 images_per_second = (state["samples_seen"] - samples_at_start) / (time.perf_counter() - started)
-                logs = {"loss": window_loss / window_micro, "lr": scheduler.get_last_lr()[-1]}
+                state["train_loss"] = window.mean_loss(step)
+                logs = {"loss": state["train_loss"], "lr": scheduler.get_last_lr()[-1]}
                 logs |= {"img_per_s": images_per_second, **hooks.log_values()}
                 progress.set_postfix(
                     loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.1e}", img_s=f"{logs['img_per_s']:.0f}",
                     **hooks.progress_values(),
                 )  # fmt: skip
                 accelerator.log(logs, step=step)
-                state["train_loss"] = logs["loss"]
-                window_loss, window_micro = 0.0, 0
             hooks.after_step(step)
             steps = settings.checkpointing_steps
             if steps not in (None, "none", "epoch") and step % int(steps) == 0:
-                checkpoints.save(state)
+                checkpoint(step)
         else:  # the epoch ran to its end
+            window.count_into(state)
             if epoch_start == state["samples_in_epoch"] == 0:
                 raise SystemExit("error: the training split yielded no full batch of images")
             state["epoch"] += 1
             state["samples_in_epoch"] = 0
             hooks.after_epoch(state)
             if settings.checkpointing_steps == "epoch":
-                checkpoints.save(state)
+                checkpoint(state["step"])
+    window.count_into(state)
     progress.close()
     if accelerator.is_main_process:  # trained to the end: the last good checkpoint need not outlive the limit
         prune_checkpoints(settings.output_dir, settings.save_total_limit, keep_last_good=False)
     return state
-
-
-def count_samples(accelerator: Accelerator, batch: dict, settings: LoopSettings, state: dict) -> None:
-    """Add a micro-batch's images (summed over processes when each has its own shard) and skipped images."""
-    counts = torch.tensor([len(batch[settings.count_key]), int(batch.get("skipped", 0))])
-    if settings.sharded:
-        counts = accelerator.reduce(counts.to(accelerator.device), "sum")
-    state["samples_in_epoch"] += int(counts[0])
-    state["samples_seen"] += int(counts[0])
-    state["skipped_images"] += int(counts[1])
 
 
 def new_state() -> dict:

@@ -890,3 +890,22 @@ def test_saved_config_names_the_pretraining_architecture(tmp_path, config):
     saved = json.loads(Path(tmp_path, "config.json").read_text())
     assert saved["architectures"] == ["SGMAEForPreTraining"]
     assert saved["model_type"] == "sgmae"
+
+
+@pytest.mark.parametrize("informed", [False, True])
+def test_choosing_the_masks_reads_nothing_back_from_the_device(config, informed, monkeypatch):
+    """The schedule lives on the host once set (or read once), so a training step does not wait for the device."""
+    model = SGMAEForPreTraining(config).train()
+    model.set_training_progress(1 if informed else 0, 8 if informed else 100)
+    reads = []
+    for name in ("__int__", "__bool__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a)
+        )
+    for step in range(3):
+        model.set_training_progress(step + (1 if informed else 0), 8 if informed else 100)
+        output = model(images())
+    monkeypatch.undo()
+    assert reads == []
+    assert output.mask_type.tolist() == [int(MaskType.INFORMED if informed else MaskType.RANDOM)] * 2

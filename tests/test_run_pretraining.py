@@ -309,12 +309,12 @@ def test_divergence_names_a_checkpoint_that_trains_on_and_its_advice_works(image
 def test_resume_takes_the_new_learning_rate_and_schedule_length(image_dataset_dir, config_file, tmp_path):
     common = ("--checkpointing_steps", "3", "--max_train_steps", "6", "--warmup_ratio", "0")
     straight = tmp_path / "straight"
-    check_ok(run(pretraining_args(image_dataset_dir, straight, config_file, *common)))
+    check_ok(run(pretraining_args(image_dataset_dir, straight, config_file, *common), plain_python=True))
     faster = tmp_path / "faster"
     faster.mkdir()
     shutil.copytree(straight / "checkpoint-3", faster / "checkpoint-3")
     result = run(pretraining_args(image_dataset_dir, faster, config_file, *common, "--base_learning_rate", "1.5e-2",
-                                  "--resume_from_checkpoint", "latest"))  # fmt: skip
+                                  "--resume_from_checkpoint", "latest"), plain_python=True)  # fmt: skip
     check_ok(result)
     assert "peak learning rate 0.000469 (checkpoint: 4.69e-06)" in result.stderr
     weights, reference = load_file(faster / "model.safetensors"), load_file(straight / "model.safetensors")
@@ -324,7 +324,7 @@ def test_resume_takes_the_new_learning_rate_and_schedule_length(image_dataset_di
     longer.mkdir()
     shutil.copytree(straight / "checkpoint-6", longer / "checkpoint-6")
     args = [*common[:2], "--max_train_steps", "9", "--warmup_ratio", "0", "--resume_from_checkpoint", "latest"]
-    result = run(pretraining_args(image_dataset_dir, longer, config_file, *args))
+    result = run(pretraining_args(image_dataset_dir, longer, config_file, *args), plain_python=True)
     check_ok(result)
     assert "schedule length 9 steps (checkpoint: 6)" in result.stderr
     summary = json.loads((longer / "train_results.json").read_text())
@@ -336,9 +336,9 @@ def test_resuming_a_finished_run_keeps_its_final_loss(image_dataset_dir, config_
     args = pretraining_args(
         image_dataset_dir, output, config_file, "--max_train_steps", "4", "--checkpointing_steps", "4"
     )
-    check_ok(run(args))
+    check_ok(run(args, plain_python=True))
     first = json.loads((output / "train_results.json").read_text())
-    again = run([*args, "--resume_from_checkpoint", "latest"])
+    again = run([*args, "--resume_from_checkpoint", "latest"], plain_python=True)
     check_ok(again)
     assert json.loads((output / "train_results.json").read_text())["final_loss"] == first["final_loss"]
     assert first["final_loss"] is not None

@@ -1,0 +1,60 @@
+"""The training engine: a step reads nothing back from the device; losses and counts are read once per window."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from conftest import REPO_ROOT, tiny_config
+
+from modeling_sgmae import SGMAEForPreTraining
+from sgmae_training.engine import LoopSettings, new_state, train
+
+sys.path.insert(0, str(REPO_ROOT))
+import run_pretraining
+
+OURS = (str(REPO_ROOT / "modeling_sgmae"), str(REPO_ROOT / "sgmae_training"), str(REPO_ROOT / "run_pretraining.py"))
+
+
+def reads_from_our_code(monkeypatch, steps: int, tmp_path: Path) -> list[str]:
+    """Values read back from tensors by this project's code (not torch's or Accelerate's) during a training run."""
+    accelerator = Accelerator(cpu=True)
+    model = SGMAEForPreTraining(tiny_config(informed_masking_start_step=1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    args = type("Args", (), {"exploitation_check_steps": 1000, "visualization_steps": None, "output_dir": tmp_path})
+    hooks = run_pretraining.PretrainingHooks(accelerator, model, steps, args, None, None)
+    generator = torch.Generator().manual_seed(0)
+
+    def epoch_batches(state):
+        for _ in range(steps):
+            yield {"pixel_values": torch.randn(4, 3, 32, 32, generator=generator), "skipped": 0}
+
+    reads = []
+    for name in ("__int__", "__float__", "__bool__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            caller = traceback.extract_stack(limit=2)[0].filename
+            if caller.startswith(OURS):
+                reads.append(f"{_name} in {Path(caller).name}")
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    settings = LoopSettings(
+        steps, str(tmp_path), logging_steps=1000, checkpointing_steps="none", save_total_limit=None, max_grad_norm=1.0
+    )
+    train(accelerator, model, optimizer, scheduler, epoch_batches, new_state(), settings, hooks, {})
+    monkeypatch.undo()
+    return reads
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch, tmp_path):
+    """Steps 1..N-1 neither log nor checkpoint: whatever is read is read once at the end, however many steps."""
+    short, long = reads_from_our_code(monkeypatch, 2, tmp_path), reads_from_our_code(monkeypatch, 6, tmp_path)
+    assert sorted(short) == sorted(long)
+    assert sorted(long) == ["item in engine.py", "tolist in run_pretraining.py"]  # the final log: loss, mask stats
