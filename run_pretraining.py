@@ -107,6 +107,9 @@ class PretrainingArguments:
     visualization_steps: int | None = field(
         default=None, metadata={"help": "Write a mask/reconstruction PNG every N steps (always at the end)."}
     )
+    torch_compile: bool = field(
+        default=False, metadata={"help": "torch.compile the transformer blocks (slow to start, faster steps on GPUs)."}
+    )
     input_path: str = field(
         default="workers",
         metadata={
@@ -297,6 +300,8 @@ def main() -> None:
     )
     # The scheduler is stepped once per optimiser step by hand (a prepared one steps once per process).
     model, optimizer = accelerator.prepare(model, optimizer)
+    if args.torch_compile:
+        accelerator.unwrap_model(model).compile_blocks()
     objects = {"scheduler": scheduler}  # checkpointed beside Accelerate's state
     unwrapped: SGMAEForPreTraining = accelerator.unwrap_model(model)
     state = resume_state(accelerator, args.output_dir, args.resume_from_checkpoint, objects, total_steps)

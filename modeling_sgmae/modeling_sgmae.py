@@ -367,6 +367,13 @@ class SGMAEPreTrainedModel(PreTrainedModel):
         model.freeze_position_tables()  # loading recreates parameters as trainable
         return loaded
 
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """`torch.compile` every transformer block in place (encoder and decoder). Shapes stay static, because every
+        mask hides exactly K patches: a block sees the visible tokens, or all of them in the masking's feature pass."""
+        for module in self.modules():
+            if isinstance(module, SGMAELayer):
+                module.compile(**({"dynamic": False} | compile_kwargs))
+
     def freeze_position_tables(self) -> None:
         """Keep the fixed sin-cos tables out of training (MAE freezes them)."""
         for name, parameter in self.named_parameters():

@@ -909,3 +909,25 @@ def test_choosing_the_masks_reads_nothing_back_from_the_device(config, informed,
     monkeypatch.undo()
     assert reads == []
     assert output.mask_type.tolist() == [int(MaskType.INFORMED if informed else MaskType.RANDOM)] * 2
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients(config):
+    """torch.compile on the blocks (what --torch_compile does); tolerance 1e-5, as fused kernels may reorder sums."""
+    eager = SGMAEForPreTraining(config).train()
+    compiled = SGMAEForPreTraining(config).train()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_blocks()
+    pixel_values, noise = images(), torch.rand(2, NUM_PATCHES)
+    try:
+        loss = compiled(pixel_values, noise=noise).loss
+    except Exception as error:  # no C++ compiler, or an unsupported platform
+        pytest.skip(f"torch.compile does not work on this machine: {type(error).__name__}: {error}")
+    reference = eager(pixel_values, noise=noise).loss
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    reference.backward()
+    for (name, parameter), (_, expected) in zip(compiled.named_parameters(), eager.named_parameters(), strict=True):
+        if expected.grad is not None:
+            torch.testing.assert_close(parameter.grad, expected.grad, rtol=1e-4, atol=1e-5, msg=name)
+    compiled.set_training_progress(1, 1)  # informed masks: the feature pass runs the compiled blocks on all tokens
+    assert compiled(pixel_values).mask_type.tolist() == [int(MaskType.INFORMED)] * 2
