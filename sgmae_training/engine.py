@@ -188,7 +188,11 @@ class Checkpointer:
         self.last_loss = torch.tensor(last_loss if last_loss is not None else float("inf"))
         self.unverified: tuple[Path, float] | None = None  # the newest checkpoint, and the loss just before it
 
-    def save(self, state: dict) -> None:
+    def save(self, state: dict, window: Window) -> None:
+        """Checkpoint the state, with the data position made exact and the loss of the window so far."""
+        window.count_into(state)
+        if window.micro_batches:
+            state["train_loss"] = window.mean_loss(state["step"])
         settings = self.settings
         if not all_finite(self.model, self.optimizer):
             advice = divergence_advice(settings.output_dir)
@@ -269,10 +273,9 @@ def train(
     """Train until `settings.total_steps` optimiser steps; return the final `state`.
 
     `epoch_batches(state)` yields this process's batches of the epoch in `state`, past the samples already trained on
-    (so a resumed run continues exactly). `state` holds step, epoch, samples_in_epoch, samples_seen, skipped_images,
-    train_seconds and, once logged, train_loss (the mean loss of the last logging window); it is saved in every
-    checkpoint with `objects` (state_dicts Accelerate does not hold, e.g. the scheduler). Inside a step nothing is read
-    back from the device; losses and counts are read once per logging window, checkpoint and epoch.
+    (a resumed run continues exactly). `state` (step, epoch, sample counts, train_seconds, train_loss) is saved in
+    every checkpoint with `objects` (state_dicts Accelerate does not hold). Inside a step nothing is read back from
+    the device: losses and counts are read once per logging window, checkpoint and epoch.
     """
     # An optimizer Accelerate did not prepare (the linear probe's) steps on plain, unscaled gradients.
     prepared = isinstance(optimizer, AcceleratedOptimizer)
@@ -281,12 +284,6 @@ def train(
     window = Window(accelerator, settings)
     started, samples_at_start, seconds_at_start = time.perf_counter(), state["samples_seen"], state["train_seconds"]
     checkpoints = Checkpointer(accelerator, model, optimizer, settings, objects, state.get("train_loss"))
-
-    def checkpoint(step: int) -> None:
-        window.count_into(state)  # the data position must be exact in the checkpoint
-        if window.micro_batches:
-            state["train_loss"] = window.mean_loss(step)
-        checkpoints.save(state)
 
     model.train()
     while state["step"] < total_steps:
@@ -327,7 +324,7 @@ def train(
             hooks.after_step(step)
             steps = settings.checkpointing_steps
             if steps not in (None, "none", "epoch") and step % int(steps) == 0:
-                checkpoint(step)
+                checkpoints.save(state, window)
         else:  # the epoch ran to its end
             window.count_into(state)
             if epoch_start == state["samples_in_epoch"] == 0:
@@ -336,7 +333,7 @@ def train(
             state["samples_in_epoch"] = 0
             hooks.after_epoch(state)
             if settings.checkpointing_steps == "epoch":
-                checkpoint(state["step"])
+                checkpoints.save(state, window)
     window.count_into(state)
     progress.close()
     if accelerator.is_main_process:  # trained to the end: the last good checkpoint need not outlive the limit
