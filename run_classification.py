@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -155,10 +156,8 @@ def validate_args(model_args: ModelArguments, data_args: ClassificationDataArgum
     if args.knn_k < 1 or args.knn_temperature <= 0:
         raise SystemExit("error: --knn_k must be positive and --knn_temperature greater than 0")
     check_positive(args, POSITIVE_ARGUMENTS)
-    check_positive(data_args, (*data.POSITIVE_ARGUMENTS, "per_device_eval_batch_size"))
+    data.check_data_arguments(data_args, (*data.POSITIVE_ARGUMENTS, "per_device_eval_batch_size"))
     check_checkpointing_steps(args.checkpointing_steps)
-    if data_args.dataloader_num_workers < 0:
-        raise SystemExit(f"error: --dataloader_num_workers must be 0 or more, got {data_args.dataloader_num_workers}")
     for name, value in DEFAULTS[args.protocol].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -377,10 +376,8 @@ def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict
         args.layer_decay, unwrapped.config.drop_path_rate,
     )  # fmt: skip
 
-    def epoch_batches(state: dict):
-        batch_size = args.per_device_train_batch_size
-        loader = data.epoch_loader(train_data, accelerator, state, data_args, batch_size, collate, args.seed)
-        return data.synchronized_batches(loader, accelerator)
+    epoch_batches = partial(data.worker_epoch_batches, train_data, accelerator=accelerator, data_args=data_args,
+                            batch_size=args.per_device_train_batch_size, collate=collate, seed=args.seed)  # fmt: skip
 
     hooks = FinetuneHooks(task, unwrapped, total_steps)
     settings = LoopSettings(

@@ -136,12 +136,10 @@ def parse_args() -> tuple[ModelArguments, data.DataArguments, PretrainingArgumen
         HfArgumentParser((ModelArguments, data.DataArguments, PretrainingArguments))
     )
     check_positive(args, POSITIVE_ARGUMENTS)
-    check_positive(data_args, data.POSITIVE_ARGUMENTS)
+    data.check_data_arguments(data_args)
     check_checkpointing_steps(args.checkpointing_steps)
     if not args.num_train_epochs > 0:
         raise SystemExit(f"error: --num_train_epochs must be positive, got {args.num_train_epochs}")
-    if data_args.dataloader_num_workers < 0:
-        raise SystemExit(f"error: --dataloader_num_workers must be 0 or more, got {data_args.dataloader_num_workers}")
     if args.input_path not in INPUT_PATHS:
         raise SystemExit(f"error: --input_path must be one of {INPUT_PATHS}, got {args.input_path!r}")
     parse_config_overrides(model_args.config_overrides)  # a malformed item is an error now, not after loading data
@@ -226,13 +224,13 @@ class PretrainingHooks(TrainingHooks):
 
     def after_micro_batch(self, batch: dict[str, torch.Tensor], outputs) -> None:
         """Mask statistics, summed on the device (read once per logging window)."""
-        used = outputs.object_part_size >= 0  # informed masks (a fallback image has no object part)
+        informed = outputs.mask_type == MaskType.INFORMED  # only these have an object part and a graph
         sums = torch.stack(
             [
-                (outputs.mask_type == MaskType.INFORMED).sum().float(),
+                informed.sum().float(),
                 (outputs.mask_type == MaskType.FALLBACK).sum().float(),
-                (outputs.object_part_size * used).sum().float(),  # products, not masking: no data-dependent shape
-                (outputs.edge_density * used).sum().float(),
+                (outputs.object_part_size * informed).sum().float(),  # products, not masking: no data-dependent shape
+                (outputs.edge_density * informed).sum().float(),
             ]
         )
         self.window = sums if self.window is None else self.window + sums
@@ -352,19 +350,15 @@ def input_path(args, data_args, accelerator: Accelerator, train_data, image_colu
         storage = args.storage_size or round(1.15 * max(config.image_height_width))
         if storage < max(config.image_height_width):
             raise SystemExit(f"error: --storage_size {storage} is smaller than the model's images")
-        images, _ = data.decode_all(
+        images, left_out = data.decode_all(
             train_data, image_column, storage, data_args.dataloader_num_workers, args.decode_once_max_gib
         )
         augment = BatchAugmentation(config.image_height_width, processor.image_mean, processor.image_std)
         return partial(data.decoded_epoch_batches, images, accelerator=accelerator, batch_size=batch_size,
-                       seed=args.seed, augment=augment)  # fmt: skip
+                       seed=args.seed, augment=augment, left_out=left_out)  # fmt: skip
     collate = data.ImageCollator(data.train_transform(processor), image_column)
-
-    def epoch_batches(state: dict):
-        loader = data.epoch_loader(train_data, accelerator, state, data_args, batch_size, collate, args.seed)
-        return data.synchronized_batches(loader, accelerator)
-
-    return epoch_batches
+    return partial(data.worker_epoch_batches, train_data, accelerator=accelerator, data_args=data_args,
+                   batch_size=batch_size, collate=collate, seed=args.seed)  # fmt: skip
 
 
 def log_plan(config: SGMAEConfig, model: SGMAEForPreTraining, total_steps, steps_per_epoch, global_batch, lr) -> None:

@@ -21,6 +21,8 @@ from transformers import ViTImageProcessor
 
 from modeling_sgmae.analysis import MAE_IMAGE_MEAN, MAE_IMAGE_STD
 
+from .arguments import check_positive
+
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
@@ -75,6 +77,13 @@ def load_split(args: DataArguments, split: str, streaming: bool) -> datasets.Dat
         source = args.dataset_name or folder
         raise SystemExit(f"error: cannot load split {split!r} of {source!r}: {error}") from error
     return dataset
+
+
+def check_data_arguments(data_args: DataArguments, positive: tuple[str, ...] = POSITIVE_ARGUMENTS) -> None:
+    """Clear errors, before anything is loaded, for data arguments out of range."""
+    check_positive(data_args, positive)
+    if data_args.dataloader_num_workers < 0:
+        raise SystemExit(f"error: --dataloader_num_workers must be 0 or more, got {data_args.dataloader_num_workers}")
 
 
 def find_column(features: datasets.Features | None, given: str | None, candidates: tuple[str, ...], kind: str) -> str:
@@ -239,17 +248,18 @@ def skip_samples(dataset, count: int):
     return dataset.select(range(min(count, len(dataset)), len(dataset)))
 
 
-def epoch_loader(
-    train_data, accelerator: Accelerator, state: dict, data_args: DataArguments, batch_size: int, collate, seed: int
-) -> DataLoader:
-    """This process's loader for the epoch in `state`, past the samples it already trained on.
+def worker_epoch_batches(
+    train_data, state: dict, accelerator: Accelerator, data_args: DataArguments, batch_size: int, collate, seed: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This process's batches of the epoch in `state`, past the samples it already trained on, decoded and augmented
+    by `collate` in DataLoader workers, on the device.
 
     Full batches only (MAE's drop_last), and a generator of its own, so that building a loader draws nothing from
     the global RNG: a resumed run sees the same crops and masks as an uninterrupted one.
     """
     epoch_data = shard_for_process(train_data, accelerator, seed, state["epoch"], True, data_args.shuffle_buffer_size)
     epoch_data = skip_samples(epoch_data, state["samples_in_epoch"] // accelerator.num_processes)
-    return DataLoader(
+    loader = DataLoader(
         epoch_data,
         batch_size=batch_size,
         collate_fn=collate,
@@ -257,6 +267,7 @@ def epoch_loader(
         drop_last=True,
         generator=torch.Generator().manual_seed(seed + state["epoch"]),
     )
+    return synchronized_batches(loader, accelerator)
 
 
 def storage_transform(size: int) -> v2.Compose:
@@ -301,13 +312,20 @@ def decode_all(
 
 
 def decoded_epoch_batches(
-    images: torch.Tensor, state: dict, accelerator: Accelerator, batch_size: int, seed: int, augment: Callable
+    images: torch.Tensor,
+    state: dict,
+    accelerator: Accelerator,
+    batch_size: int,
+    seed: int,
+    augment: Callable,
+    left_out: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This process's batches of the epoch in `state` from decoded images, augmented on the device.
 
     The epoch's order is a seeded permutation, cut into equal shards (one per process), so every process has as many
     full batches; each batch's augmentation draws from a generator seeded by (seed, epoch, position), so a resumed
-    run sees the same crops and flips as an uninterrupted one.
+    run sees the same crops and flips as an uninterrupted one. The `left_out` corrupt images are counted as skipped
+    once per epoch (with the first batch of process 0), as the worker path counts them each time it meets them.
     """
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + state["epoch"]))
     processes = accelerator.num_processes
@@ -319,7 +337,8 @@ def decoded_epoch_batches(
             (seed * 1_000_003 + state["epoch"]) * 1_000_003 + start * processes + accelerator.process_index
         )
         pixels = images[rows].to(accelerator.device, non_blocking=True)
-        yield {"pixel_values": augment(pixels, generator), "skipped": 0}
+        skipped = left_out if start == 0 and accelerator.process_index == 0 else 0
+        yield {"pixel_values": augment(pixels, generator), "skipped": skipped}
 
 
 def synchronized_batches(loader, accelerator: Accelerator) -> Iterator[dict[str, torch.Tensor]]:

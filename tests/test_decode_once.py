@@ -44,13 +44,15 @@ def test_a_split_over_the_memory_budget_is_refused_before_decoding():
         decode_all(image_split(2).to_iterable_dataset(), "image", size=32, num_workers=0, max_gib=1.0)
 
 
-def batches(images, state, process_index, processes=2, batch_size=3):
+def batches(images, state, process_index, processes=2, batch_size=3, left_out=0):
     accelerator = SimpleNamespace(num_processes=processes, process_index=process_index, device=torch.device("cpu"))
 
     def identity(pixels, generator):
         return pixels
 
-    return list(decoded_epoch_batches(images, state, accelerator, batch_size, seed=7, augment=identity))
+    return list(
+        decoded_epoch_batches(images, state, accelerator, batch_size, seed=7, augment=identity, left_out=left_out)
+    )
 
 
 def test_processes_get_disjoint_equal_shards_and_a_resume_continues_exactly():
@@ -61,6 +63,10 @@ def test_processes_get_disjoint_equal_shards_and_a_resume_continues_exactly():
     assert not set(seen[0].tolist()) & set(seen[1].tolist())
     resumed = batches(images, {"epoch": 1, "samples_in_epoch": 2 * 3}, 0)  # after one batch on both processes
     assert torch.equal(torch.cat([b["pixel_values"][:, 0, 0, 0] for b in resumed]), seen[0][3:])
+    # Images left out at decoding count as skipped once per epoch over all processes, like the worker path's.
+    counted = [sum(b["skipped"] for b in batches(images, state, rank, left_out=2)) for rank in (0, 1)]
+    assert counted == [2, 0]
+    assert sum(b["skipped"] for b in batches(images, {"epoch": 1, "samples_in_epoch": 6}, 0, left_out=2)) == 0
     other_epoch = batches(images, {"epoch": 2, "samples_in_epoch": 0}, 0)
     assert not torch.equal(torch.cat([b["pixel_values"][:, 0, 0, 0] for b in other_epoch]), seen[0])
 
