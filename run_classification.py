@@ -5,6 +5,7 @@
         --model_name_or_path outputs/sgmae-cifar --output_dir outputs/sgmae-cifar-finetuned
     accelerate launch run_classification.py --protocol linear_probe ...   # frozen encoder, BN + linear head
     accelerate launch run_classification.py --protocol knn ...            # frozen encoder, weighted cosine kNN
+    accelerate launch run_classification.py --protocol frozen ...         # kNN + probe, [CLS] + mean, one pass
 
 `finetune` and `linear_probe` save a Hub-ready SGMAEForImageClassification folder (pipeline("image-classification",
 trust_remote_code=True) works on it); every protocol writes eval_results.json (top-1/top-5 over the whole
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -45,10 +47,9 @@ from sgmae_training.hub import (
 from sgmae_training.optim import cosine_schedule, layer_decay_groups
 
 logger = logging.getLogger("run_classification")
-PROTOCOLS = ("finetune", "linear_probe", "knn")
+PROTOCOLS = ("finetune", "linear_probe", "knn", "frozen")
 POSITIVE_ARGUMENTS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
-    "save_total_limit",
 )  # fmt: skip
 # MAE's recipes (FINETUNE.md / LINPROBE.md) where a protocol changes the default.
 DEFAULTS = {
@@ -56,6 +57,7 @@ DEFAULTS = {
     "linear_probe": {"base_learning_rate": 0.1, "weight_decay": 0.0, "warmup_ratio": 0.1, "num_train_epochs": 90},
     "knn": {},
 }
+DEFAULTS["frozen"] = DEFAULTS["linear_probe"]
 
 
 @dataclass
@@ -73,7 +75,8 @@ class ModelArguments:
         default=None, metadata={"help": "finetune: 'mean' (patch mean + LayerNorm, MAE) or 'cls' (default: config)."}
     )
     probe_pooling: str = field(
-        default="cls", metadata={"help": "linear_probe/knn feature: 'cls' (MAE, DINO) or 'mean' of the patch tokens."}
+        default="cls",
+        metadata={"help": "linear_probe/knn feature: 'cls' (MAE, DINO) or 'mean' of the patch tokens (frozen: both)."},
     )
     drop_path: float = field(default=0.1, metadata={"help": "finetune: stochastic-depth rate (MAE: 0.1)."})
 
@@ -119,7 +122,9 @@ class ClassificationArguments:
     mixed_precision: str | None = field(default=None, metadata={"help": "no, bf16 or fp16 (default: launcher's)."})
     eval_every_epoch: bool = field(default=True, metadata={"help": "Evaluate after every epoch (always at the end)."})
     checkpointing_steps: str | None = field(default="epoch", metadata={"help": "N (steps), 'epoch' or 'none'."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Keep only the newest N checkpoints."})
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "Keep only the newest N checkpoints (0: keep all)."}
+    )
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "Checkpoint folder or 'latest'."})
     save_predictions: bool = field(
         default=False, metadata={"help": "Also write eval_predictions.json (index, label, prediction per sample)."}
@@ -151,11 +156,14 @@ def validate_args(model_args: ModelArguments, data_args: ClassificationDataArgum
         )
     if not (model_args.model_name_or_path or model_args.config_name):
         raise SystemExit("error: give --model_name_or_path (a checkpoint) or --config_name (a from-scratch baseline)")
+    if args.save_predictions and args.protocol == "frozen":
+        raise SystemExit("error: --save_predictions is not available with --protocol frozen (it scores four ways)")
     if data_args.streaming and args.protocol != "finetune":
         raise SystemExit("error: --streaming is only supported with --protocol finetune")
     if args.knn_k < 1 or args.knn_temperature <= 0:
         raise SystemExit("error: --knn_k must be positive and --knn_temperature greater than 0")
     check_positive(args, POSITIVE_ARGUMENTS)
+    check_positive(args, ("save_total_limit",), minimum=0)
     data.check_data_arguments(data_args, (*data.POSITIVE_ARGUMENTS, "per_device_eval_batch_size"))
     check_checkpointing_steps(args.checkpointing_steps)
     for name, value in DEFAULTS[args.protocol].items():
@@ -175,7 +183,7 @@ def build_model(
             overrides["classifier_pooling"] = model_args.classifier_pooling
     else:  # frozen encoder: the head reads the probe's feature, nothing is dropped
         overrides["drop_path_rate"] = 0.0
-        overrides["classifier_pooling"] = model_args.probe_pooling
+        overrides["classifier_pooling"] = "mean" if args.protocol == "frozen" else model_args.probe_pooling
     if model_args.model_name_or_path:
         path = model_args.model_name_or_path
         model_type = check_checkpoint_kind(path, cache_dir)
@@ -241,16 +249,19 @@ class Task:
 def load_data(data_args: ClassificationDataArguments) -> tuple[datasets.Dataset, datasets.Dataset, str, str, list]:
     """Training and evaluation splits (undecoded images, evaluation rows numbered), their columns, class names."""
     train_data = data.load_split(data_args, data_args.train_split, data_args.streaming)
-    eval_data = data.load_split(data_args, data_args.validation_split, False)
+    eval_split = data.evaluation_split(data_args, data_args.validation_split)
+    if eval_split is None:
+        raise SystemExit("error: the dataset has no split to evaluate on; name one with --validation_split")
+    eval_data = data.load_split(data_args, eval_split, False)
     image_column = data.find_image_column(train_data.features, data_args.image_column)
     label_column = data.find_column(train_data.features, data_args.label_column, data.LABEL_COLUMNS, "label")
     for column in (image_column, label_column):
-        data.find_column(eval_data.features, column, (), f"{data_args.validation_split} split's")
+        data.find_column(eval_data.features, column, (), f"{eval_split} split's")
     names = data.class_names(train_data.features, label_column, train_data)
     train_data = data.limit_samples(train_data, data_args.max_train_samples)
     eval_data = data.limit_samples(eval_data, data_args.max_eval_samples)
     if not len(eval_data):
-        raise SystemExit(f"error: the {data_args.validation_split!r} split is empty")
+        raise SystemExit(f"error: the {eval_split!r} split is empty")
     train_data = data.prepare_images(train_data, image_column)
     eval_data = data.with_index(data.prepare_images(eval_data, image_column))
     return train_data, eval_data, image_column, label_column, names
@@ -278,7 +289,7 @@ def main() -> None:
     task = Task(
         accelerator, data_args, args, processor, train_data, evaluation, image_column, label_column, len(names)
     )
-    protocol = {"finetune": finetune, "linear_probe": linear_probe, "knn": knn}[args.protocol]
+    protocol = {"finetune": finetune, "linear_probe": linear_probe, "knn": knn, "frozen": frozen}[args.protocol]
     results, gathered, state, model = protocol(task, model)
 
     # ----- output -----
@@ -286,7 +297,7 @@ def main() -> None:
         "protocol": args.protocol,
         "num_processes": accelerator.num_processes,
         "model_name_or_path": model_args.model_name_or_path or model_args.config_name,
-        "pooling": model_args.probe_pooling if model is None else model.config.classifier_pooling,
+        "pooling": pooling_of(args.protocol, model_args, model),
         **results,
         **{key: value for key, value in state.items() if key not in ("samples_in_epoch", "train_seconds")},
     }
@@ -304,6 +315,12 @@ def main() -> None:
             if args.push_to_hub:
                 push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
     accelerator.end_training()
+
+
+def pooling_of(protocol: str, model_args: ModelArguments, model: SGMAEForImageClassification | None) -> str:
+    if protocol == "frozen":
+        return "cls,mean"
+    return model_args.probe_pooling if model is None else model.config.classifier_pooling
 
 
 def predictions_record(gathered: dict[str, torch.Tensor]) -> dict[str, list]:
@@ -394,9 +411,11 @@ def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict
     return hooks.results, hooks.gathered, state, unwrapped
 
 
-def train_features(task: Task, model: SGMAEForImageClassification) -> dict[str, torch.Tensor]:
-    """Frozen features ("values") and labels of the whole training split (no augmentation), each process
-    extracting its shard, gathered onto every process. The model is frozen here."""
+def train_features(
+    task: Task, model: SGMAEForImageClassification, compute: Callable, width: int
+) -> dict[str, torch.Tensor]:
+    """Frozen features `compute(pixels)` -> [B, width] ("values") and labels of the whole training split (no
+    augmentation), each process extracting its shard, gathered onto every process. The model is frozen here."""
     accelerator, data_args = task.accelerator, task.data_args
     model.to(accelerator.device).eval().requires_grad_(False)
     started = time.perf_counter()
@@ -406,8 +425,8 @@ def train_features(task: Task, model: SGMAEForImageClassification) -> dict[str, 
         data.ImageCollator(data.eval_transform(task.processor), task.image_column, task.label_column),
         data_args.per_device_eval_batch_size,
         data_args.dataloader_num_workers,
-        lambda pixels: frozen_features(model, pixels),
-        model.config.hidden_size,
+        compute,
+        width,
     )
     skipped = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device), "sum"))
     if skipped:
@@ -448,20 +467,22 @@ class ProbeHooks(TrainingHooks):
             )
 
 
-def linear_probe(
-    task: Task, model: SGMAEForImageClassification
-) -> tuple[dict, dict, dict, SGMAEForImageClassification]:
-    """MAE's linear probe on the frozen encoder: BatchNorm1d(affine=False) + Linear on cached features.
+def train_probe(
+    task: Task,
+    cached: dict[str, torch.Tensor],
+    eval_local: dict[str, torch.Tensor],
+    eval_skipped: int,
+    output_dir: str,
+) -> tuple[nn.Sequential, dict, dict, dict]:
+    """MAE's linear probe, BatchNorm1d(affine=False) + Linear, trained by the shared loop on cached features.
 
-    Features are extracted once (no augmentation); the head trains with SGD + momentum 0.9 (instead of MAE's LARS)
-    and a cosine schedule, on every process over all features with the global batch, then rank 0's head is
-    broadcast. The trained head is folded into the model's classifier (see `fold_probe`).
+    The head trains with SGD + momentum 0.9 (instead of MAE's LARS) and a cosine schedule, on every process over all
+    features with the global batch; rank 0's head is then broadcast. Checkpoints (and resume) in `output_dir`.
+    Returns the head, its validation results and scores, and the loop's state.
     """
-    accelerator, args, evaluation, width = task.accelerator, task.args, task.evaluation, model.config.hidden_size
-    cached = train_features(task, model)
-    eval_local, eval_skipped = evaluation.local(lambda pixels: frozen_features(model, pixels), width)
+    accelerator, args = task.accelerator, task.args
     features, labels = cached["values"], cached["labels"]
-
+    width = features.shape[1]
     probe = nn.Sequential(nn.BatchNorm1d(width, affine=False, eps=1e-6), nn.Linear(width, task.num_classes))
     torch.manual_seed(args.seed)
     nn.init.trunc_normal_(probe[1].weight, std=0.01)  # MAE's probe head init
@@ -481,7 +502,7 @@ def linear_probe(
         optimizer, cosine_schedule(round(args.warmup_ratio * total_steps), total_steps)
     )
     objects = {"probe": probe, "optimizer": optimizer, "scheduler": scheduler}
-    state = resume_state(accelerator, args.output_dir, args.resume_from_checkpoint, objects, total_steps)
+    state = resume_state(accelerator, output_dir, args.resume_from_checkpoint, objects, total_steps)
     logger.info(
         "linear probe: %d steps of batch %d on %d features, lr %.2e (SGD, momentum 0.9)",
         total_steps, batch_size, len(features), learning_rate,
@@ -496,38 +517,88 @@ def linear_probe(
 
     hooks = ProbeHooks(task, probe, eval_local)
     settings = LoopSettings(
-        total_steps, args.output_dir, args.logging_steps, args.checkpointing_steps, args.save_total_limit,
+        total_steps, output_dir, args.logging_steps, args.checkpointing_steps, args.save_total_limit,
         args.max_grad_norm, count_key="features", sharded=False,
     )  # fmt: skip
     state = train(accelerator, probe, optimizer, scheduler, epoch_batches, state, settings, hooks, objects)
 
-    # every process trained the same head; make it bit-identical (GPU kernels need not be), then fold it
+    # every process trained the same head; make it bit-identical (GPU kernels need not be)
     for tensor in [*probe.parameters(), *probe.buffers()]:
         tensor.data.copy_(broadcast(tensor.data.clone(), from_process=0))
-    probe_results, probe_gathered = evaluation.finish(
+    results, gathered = task.evaluation.finish(
         {**eval_local, "values": hooks.scores(eval_local["values"])}, eval_skipped
+    )
+    state |= {"total_steps": total_steps, "train_features": len(features)}
+    return probe, results, gathered, state
+
+
+def linear_probe(
+    task: Task, model: SGMAEForImageClassification
+) -> tuple[dict, dict, dict, SGMAEForImageClassification]:
+    """MAE's linear probe on the frozen encoder (see `train_probe`); features are extracted once (no augmentation)
+    and the trained head is folded into the model's classifier (see `fold_probe`)."""
+    compute, width = partial(frozen_features, model), model.config.hidden_size
+    cached = train_features(task, model, compute, width)
+    eval_local, eval_skipped = task.evaluation.local(compute, width)
+    probe, probe_results, probe_gathered, state = train_probe(
+        task, cached, eval_local, eval_skipped, task.args.output_dir
     )
     fold_probe(model, probe[0], probe[1])
     model.eval()
-    results, gathered = evaluation.run(lambda pixels: model(pixels).logits, task.num_classes)
+    results, gathered = task.evaluation.run(lambda pixels: model(pixels).logits, task.num_classes)
     # the folded classifier must predict what the probe predicted on the cached features
     agree = (gathered["values"].argmax(1) == probe_gathered["values"].argmax(1)).float().mean().item()
     results |= {"probe_eval_top1": probe_results.get("eval_top1"), "probe_agreement": agree}
-    state |= {"total_steps": total_steps, "train_features": len(features)}
     return results, gathered, state, model
+
+
+def knn_results(
+    task: Task, cached: dict[str, torch.Tensor], eval_local: dict[str, torch.Tensor], eval_skipped: int
+) -> tuple[dict, dict]:
+    """DINO's weighted cosine kNN of the validation features among the cached training features."""
+    args = task.args
+    scores = knn_scores(
+        cached["values"], cached["labels"], eval_local["values"], task.num_classes, args.knn_k, args.knn_temperature
+    )
+    results, gathered = task.evaluation.finish({**eval_local, "values": scores}, eval_skipped)
+    results |= {"knn_k": args.knn_k, "knn_temperature": args.knn_temperature, "train_features": len(cached["values"])}
+    return results, gathered
 
 
 def knn(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict, dict, None]:
     """DINO's weighted cosine kNN on frozen, L2-normalised features; nothing is trained and no model is saved."""
-    args = task.args
-    cached = train_features(task, model)
-    local, skipped = task.evaluation.local(lambda pixels: frozen_features(model, pixels), model.config.hidden_size)
-    local["values"] = knn_scores(
-        cached["values"], cached["labels"], local["values"], task.num_classes, args.knn_k, args.knn_temperature
-    )
-    results, gathered = task.evaluation.finish(local, skipped)
-    results |= {"knn_k": args.knn_k, "knn_temperature": args.knn_temperature, "train_features": len(cached["values"])}
+    compute, width = partial(frozen_features, model), model.config.hidden_size
+    cached = train_features(task, model, compute, width)
+    results, gathered = knn_results(task, cached, *task.evaluation.local(compute, width))
     return results, gathered, {}, None
+
+
+def both_poolings(model: SGMAEForImageClassification, pixel_values: torch.Tensor) -> torch.Tensor:
+    """[CLS] and mean-pooled features side by side, [B, 2D]: what `frozen_features` gives for each pooling (the
+    model is built with mean pooling, so `fc_norm` is its LayerNorm and [CLS] is the last state's first token)."""
+    last_hidden_state = model.vit(pixel_values).last_hidden_state
+    return torch.cat([last_hidden_state[:, 0], model.fc_norm(last_hidden_state[:, 1:].mean(dim=1))], dim=1)
+
+
+def frozen(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict, dict, None]:
+    """kNN and the linear probe on [CLS] and on mean-pooled features, from one feature pass over each split (the
+    price of one evaluation for four); writes `{pooling}_{knn,linear_probe}_top{1,5}`, saves no model."""
+    compute, width = partial(both_poolings, model), model.config.hidden_size
+    cached = train_features(task, model, compute, 2 * width)
+    eval_local, eval_skipped = task.evaluation.local(compute, 2 * width)
+    results, state = {}, {}
+    for index, pooling in enumerate(("cls", "mean")):
+        columns = slice(index * width, (index + 1) * width)
+        pooled_train = {**cached, "values": cached["values"][:, columns]}
+        pooled_eval = {**eval_local, "values": eval_local["values"][:, columns]}
+        knn_result, _ = knn_results(task, pooled_train, pooled_eval, eval_skipped)
+        probe_output = str(Path(task.args.output_dir) / f"probe-{pooling}")
+        _, probe_result, _, state = train_probe(task, pooled_train, pooled_eval, eval_skipped, probe_output)
+        for protocol, result in (("knn", knn_result), ("linear_probe", probe_result)):
+            results |= {f"{pooling}_{protocol}_{key[5:]}": result.get(key) for key in ("eval_top1", "eval_top5")}
+    counts = ("eval_samples", "eval_duplicates_dropped", "eval_expected_samples", "eval_skipped_images")
+    results |= {key: knn_result[key] for key in (*counts, "knn_k", "knn_temperature", "train_features")}
+    return results, {}, state, None
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ logger = logging.getLogger("run_pretraining")
 DEMO_CONFIG = Path(__file__).parent / "configuration" / "models" / "sgmae-vit-tiny-patch4-cifar.json"
 POSITIVE_ARGUMENTS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
-    "save_total_limit", "visualization_steps", "exploitation_check_steps", "storage_size",
+    "visualization_steps", "exploitation_check_steps", "storage_size",
 )  # fmt: skip
 INPUT_PATHS = ("workers", "decode_once")
 
@@ -101,7 +101,9 @@ class PretrainingArguments:
     max_grad_norm: float | None = field(default=None, metadata={"help": "Clip gradients to this norm."})
     mixed_precision: str | None = field(default=None, metadata={"help": "no, bf16 or fp16 (default: launcher's)."})
     checkpointing_steps: str | None = field(default="epoch", metadata={"help": "N (steps), 'epoch' or 'none'."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Keep only the newest N checkpoints."})
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "Keep only the newest N checkpoints (0: keep all)."}
+    )
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "Checkpoint folder or 'latest'."})
     logging_steps: int = field(default=10, metadata={"help": "Log loss, lr and masking statistics every N steps."})
     visualization_steps: int | None = field(
@@ -136,6 +138,7 @@ def parse_args() -> tuple[ModelArguments, data.DataArguments, PretrainingArgumen
         HfArgumentParser((ModelArguments, data.DataArguments, PretrainingArguments))
     )
     check_positive(args, POSITIVE_ARGUMENTS)
+    check_positive(args, ("save_total_limit",), minimum=0)
     data.check_data_arguments(data_args)
     check_checkpointing_steps(args.checkpointing_steps)
     if not args.num_train_epochs > 0:

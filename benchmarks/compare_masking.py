@@ -4,10 +4,11 @@ seed, data order and crops, then evaluate kNN and linear-probe accuracy at sever
 
     python benchmarks/compare_masking.py --dataset_name ../shared/data/cifar10 --epochs 10 --eval_epochs 2,4,6,8,10
 
-Each run is a plain `run_pretraining.py` process (so this measures what users run); every epoch's checkpoint is then
-evaluated with `run_classification.py --protocol knn` and `--protocol linear_probe` on frozen features, and with the
-analysis toolkit (bi-partition gap, feature variance, attention distance, exploitation rates). Writes
-`compare_masking.json`, prints a table and draws accuracy against epoch and against wall-clock time.
+Each run is a plain `run_pretraining.py` process (so this measures what users run); every evaluated checkpoint then
+gets `run_classification.py --protocol frozen` (kNN and linear probe on [CLS] and on mean-pooled features, from one
+feature pass) and the analysis toolkit (bi-partition gap, feature variance, attention distance, exploitation rates,
+informed-mask centre share, Figure-1 panel). Writes `compare_masking.json` (every record, and per variant and epoch
+the mean and spread over seeds), prints both tables and draws the learning curves against epoch and wall-clock time.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from statistics import fmean
 
 REPO = Path(__file__).resolve().parents[1]
+POOLED = [(protocol, pooling) for protocol in ("knn", "linear_probe") for pooling in ("cls", "mean")]
+ACCURACIES = [f"{protocol}_{pooling}" for protocol, pooling in POOLED]
+SUMMARISED = (*ACCURACIES, "train_minutes", "centre_masked_share", "bipartition_gap", "attention_distance_last")
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from provenance import code_commit  # noqa: E402
@@ -31,6 +36,7 @@ from provenance import code_commit  # noqa: E402
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset_name", required=True, help="Dataset in the Hub layout with train/test splits.")
+    parser.add_argument("--dataset_config_name", default=None, help="The dataset's configuration (e.g. 112px).")
     parser.add_argument("--config_name", default=str(REPO / "configuration/models/sgmae-vit-tiny-patch4-cifar.json"))
     parser.add_argument("--config_overrides", default=None, help="Passed to run_pretraining.py for every run.")
     parser.add_argument(
@@ -51,9 +57,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--probe_train_samples", type=int, default=10_000, help="Training images for kNN/probe.")
     parser.add_argument("--probe_eval_samples", type=int, default=None, help="Test images (default: all).")
     parser.add_argument("--probe_epochs", type=int, default=30, help="Linear-probe epochs on cached features.")
-    parser.add_argument("--probe_pooling", default="cls", choices=("cls", "mean"), help="kNN/probe features.")
+    parser.add_argument(
+        "--probe_pooling", default="mean", choices=("cls", "mean"), help="The pooling the tables lead with (both run)."
+    )
     parser.add_argument("--mixed_precision", default="bf16")
     parser.add_argument("--num_workers", type=int, default=1)
+    parser.add_argument(
+        "--input_path", default="workers", choices=("workers", "decode_once"), help="run_pretraining.py's input path."
+    )
     parser.add_argument(
         "--parallel_runs",
         type=int,
@@ -134,8 +145,9 @@ def pretrain(args: argparse.Namespace, name: str, extra: str, seed: int, output:
         "--base_learning_rate", str(args.base_learning_rate), "--warmup_ratio", str(args.warmup_ratio),
         "--mixed_precision", args.mixed_precision, "--dataloader_num_workers", str(args.num_workers),
         "--checkpointing_steps", "epoch", "--save_total_limit", "0", "--logging_steps", "50",
-        "--resume_from_checkpoint", "latest",
+        "--resume_from_checkpoint", "latest", "--input_path", args.input_path,
     ]  # fmt: skip
+    command += dataset_config(args)
     extra_arguments, variant_overrides = split_config_overrides(extra)
     command += extra_arguments
     overrides = [value for value in (args.config_overrides, variant_overrides) if value]
@@ -146,27 +158,31 @@ def pretrain(args: argparse.Namespace, name: str, extra: str, seed: int, output:
     run(command, output / f"pretrain-{name}-seed{seed}.log")
 
 
-def evaluate(args: argparse.Namespace, checkpoint: Path, protocol: str) -> float | None:
-    """Top-1 accuracy in percent; None under --collect_only when the checkpoint has no such evaluation."""
-    output = checkpoint / (f"eval-{protocol}" + ("" if args.probe_pooling == "cls" else "-mean"))
+def dataset_config(args: argparse.Namespace) -> list[str]:
+    return ["--dataset_config_name", args.dataset_config_name] if args.dataset_config_name else []
+
+
+def evaluate(args: argparse.Namespace, checkpoint: Path) -> dict[str, float | None]:
+    """Top-1 accuracies in percent, `{knn,linear_probe}_{cls,mean}`; None under --collect_only when missing."""
+    output = checkpoint / "eval-frozen"
     results = output / "eval_results.json"
     if not results.is_file():
         if args.collect_only:
-            return None
+            return dict.fromkeys(ACCURACIES)
         command = [
-            sys.executable, str(REPO / "run_classification.py"), "--protocol", protocol,
+            sys.executable, str(REPO / "run_classification.py"), "--protocol", "frozen",
             "--model_name_or_path", str(checkpoint), "--dataset_name", args.dataset_name,
             "--output_dir", str(output), "--max_train_samples", str(args.probe_train_samples),
             "--dataloader_num_workers", "0", "--per_device_eval_batch_size", "256", "--seed", "0",
-            "--probe_pooling", args.probe_pooling,
+            "--num_train_epochs", str(args.probe_epochs), "--per_device_train_batch_size", "256",
         ]  # fmt: skip
+        command += dataset_config(args)
         if args.probe_eval_samples:
             command += ["--max_eval_samples", str(args.probe_eval_samples)]
-        if protocol == "linear_probe":
-            command += ["--num_train_epochs", str(args.probe_epochs), "--per_device_train_batch_size", "256"]
         output.mkdir(parents=True, exist_ok=True)
         run(command, output / "log.txt")
-    return 100 * json.loads(results.read_text())["eval_top1"]
+    written = json.loads(results.read_text())
+    return {f"{protocol}_{pooling}": 100 * written[f"{pooling}_{protocol}_top1"] for protocol, pooling in POOLED}
 
 
 def analyse(args: argparse.Namespace, checkpoint: Path) -> dict:
@@ -178,6 +194,7 @@ def analyse(args: argparse.Namespace, checkpoint: Path) -> dict:
             sys.executable, "-m", "sgmae_training.analyze", "--model", str(checkpoint),
             "--dataset_name", args.dataset_name, "--num_images", "512", "--output_dir", str(output),
         ]  # fmt: skip
+        command += dataset_config(args)
         output.mkdir(parents=True, exist_ok=True)
         run(command, output / "log.txt")
     return json.loads((output / "analysis.json").read_text())
@@ -188,46 +205,109 @@ def cell(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def plot(records: list[dict], path: Path) -> None:
+def summarise(records: list[dict], headline: str) -> dict:
+    """Per variant and epoch, each SUMMARISED value's mean, min and max over seeds and, for the accuracies, the
+    difference of means from the first variant; per variant, when its mean `headline` probe first reaches the first
+    variant's final one (epoch, pre-training minutes, and those minutes over the first variant's total)."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["variant"], record["epoch"]), []).append(record)
+    rows = []
+    for (variant, epoch), group in groups.items():
+        row = {"variant": variant, "epoch": epoch, "seeds": [record["seed"] for record in group]}
+        for key in SUMMARISED:
+            values = [record[key] for record in group if record.get(key) is not None]
+            row[key] = {"mean": fmean(values), "min": min(values), "max": max(values)} if values else None
+        rows.append(row)
+    reference = records[0]["variant"]
+    means = {(row["variant"], row["epoch"], key): row[key]["mean"] for row in rows for key in SUMMARISED if row[key]}
+    for row in rows:
+        for key in ACCURACIES:
+            if (row["variant"], row["epoch"], key) in means and (reference, row["epoch"], key) in means:
+                row[f"delta_{key}"] = means[row["variant"], row["epoch"], key] - means[reference, row["epoch"], key]
+    probe = f"linear_probe_{headline}"
+    reference_rows = [row for row in rows if row["variant"] == reference and row[probe] and row["train_minutes"]]
+    reached = {}
+    if reference_rows:
+        final = max(reference_rows, key=lambda row: row["epoch"])
+        for variant in dict.fromkeys(row["variant"] for row in rows):
+            curve = sorted((row for row in rows if row["variant"] == variant and row[probe]), key=lambda r: r["epoch"])
+            first = next((row for row in curve if row[probe]["mean"] >= final[probe]["mean"]), None)
+            reached[variant] = first and {
+                "epoch": first["epoch"],
+                "train_minutes": first["train_minutes"]["mean"],
+                "time_ratio": first["train_minutes"]["mean"] / final["train_minutes"]["mean"],
+            }
+    return {"reference": reference, "target": f"{reference}'s final {probe}", "rows": rows, "reached": reached}
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Learning curves: mean over seeds, the band spanning the seeds; mean pooling solid, [CLS] dashed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(11, 7))
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, 2)
-    variants = list(dict.fromkeys(r["variant"] for r in records))
-    seeds = sorted({r["seed"] for r in records})
+    variants = list(dict.fromkeys(row["variant"] for row in summary["rows"]))
     for variant_index, name in enumerate(variants):
-        for seed_index, seed in enumerate(seeds):
-            runs = [r for r in records if r["variant"] == name and r["seed"] == seed]
-            style = ["-", "--", ":", "-."][seed_index % 4]
-            for row, metric in enumerate(("linear_probe", "knn")):
-                points = [r for r in runs if r[metric] is not None]
-                for column, x_key in enumerate(("epoch", "train_minutes")):
-                    axis = axes[row, column]
-                    axis.plot([r[x_key] for r in points], [r[metric] for r in points], style, marker="o",
-                              color=f"C{variant_index % 10}", label=f"{name} seed {seed}")  # fmt: skip
-                    axis.set_xlabel("epoch" if x_key == "epoch" else "pre-training wall-clock (min)")
-                    axis.set_ylabel(f"{metric} top-1 (%)")
+        rows = sorted((row for row in summary["rows"] if row["variant"] == name), key=lambda row: row["epoch"])
+        color = f"C{variant_index % 10}"
+        for pooling, style in (("mean", "-"), ("cls", "--")):
+            for row_index, protocol in enumerate(("linear_probe", "knn")):
+                key = f"{protocol}_{pooling}"
+                points = [row for row in rows if row[key] and row["train_minutes"]]
+                for column, x_of in enumerate((lambda r: r["epoch"], lambda r: r["train_minutes"]["mean"])):
+                    axis = axes[row_index, column]
+                    x = [x_of(row) for row in points]
+                    axis.plot(x, [row[key]["mean"] for row in points], style, marker="o", color=color,
+                              label=f"{name}, {pooling}")  # fmt: skip
+                    axis.fill_between(x, [row[key]["min"] for row in points], [row[key]["max"] for row in points],
+                                      color=color, alpha=0.15)  # fmt: skip
+                    axis.set_xlabel("epoch" if column == 0 else "pre-training wall-clock (min)")
+                    axis.set_ylabel(f"{protocol} top-1 (%)")
                     axis.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(str(path), dpi=110)
 
 
+def print_tables(records: list[dict], summary: dict, headline: str) -> None:
+    other = "cls" if headline == "mean" else "mean"
+    keys = (f"knn_{headline}", f"linear_probe_{headline}", f"knn_{other}", f"linear_probe_{other}")
+    keys += ("centre_masked_share",)
+    names = ("kNN", "probe", "kNN*", "probe*", "centre")
+    print(f"per run ({headline} pooling; * the other pooling)")
+    print(f"{'variant':<12}{'seed':>5}{'epoch':>6}{'minutes':>9}" + "".join(f"{name:>8}" for name in names))
+    for r in records:
+        cells = [cell(r[key], ".3f" if key == "centre_masked_share" else ".2f") for key in keys]
+        print(f"{r['variant']:<12}{r['seed']:>5}{r['epoch']:>6}{r['train_minutes']:>9.1f}"
+              + "".join(f"{c:>8}" for c in cells))  # fmt: skip
+    print(f"\nmean over seeds [min, max]; delta: minus {summary['reference']} at the same epoch")
+    print(f"{'variant':<12}{'epoch':>6}{'probe':>22}{'delta':>8}{'kNN':>22}{'delta':>8}")
+    for row in summary["rows"]:
+        cells = []
+        for key in (f"linear_probe_{headline}", f"knn_{headline}"):
+            value = row[key]
+            cells.append(f"{value['mean']:.2f} [{value['min']:.2f}, {value['max']:.2f}]" if value else "-")
+            cells.append(cell(row.get(f"delta_{key}"), "+.2f"))
+        print(f"{row['variant']:<12}{row['epoch']:>6}" + "".join(f"{c:>22}" if i % 2 == 0 else f"{c:>8}"
+                                                         for i, c in enumerate(cells)))  # fmt: skip
+    print(f"\nfirst reaching {summary['target']}: {json.dumps(summary['reached'])}")
+
+
 def evaluate_checkpoint(args: argparse.Namespace, name: str, seed: int, epoch: int, checkpoint: Path) -> dict:
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     metrics = analyse(args, checkpoint)
     mask_shares = metrics.get("exploitation_rate_mask")
+    accuracies = evaluate(args, checkpoint)
     return {
         "variant": name,
         "seed": seed,
         "epoch": epoch,
         "step": state["step"],
-        "probe_pooling": args.probe_pooling,
         "train_minutes": state["train_seconds"] / 60,
-        "knn": evaluate(args, checkpoint, "knn"),
-        "linear_probe": evaluate(args, checkpoint, "linear_probe"),
+        **accuracies,
         "bipartition_gap": metrics.get("bipartition_gap"),
         "cosine_gap": metrics.get("bipartition_cosine_gap"),
         "feature_variance": metrics.get("feature_variance"),
@@ -263,24 +343,13 @@ def main() -> None:
         records = run_all(pool, lambda job: evaluate_checkpoint(args, *job, checkpoints[job]), jobs)
     order = {(name, seed): index for index, (name, _, seed) in enumerate(runs)}
     records.sort(key=lambda record: (order[record["variant"], record["seed"]], record["epoch"]))
+    summary = summarise(records, args.probe_pooling) if records else {"rows": [], "reached": {}}
     (root / "compare_masking.json").write_text(
-        json.dumps({"args": vars(args), "commit": code_commit(), "records": records}, indent=2)
+        json.dumps({"args": vars(args), "commit": code_commit(), "records": records, "summary": summary}, indent=2)
     )
-    header = f"{'variant':<12}{'seed':>5}{'epoch':>6}{'minutes':>9}{'kNN':>8}{'probe':>8}{'gap':>8}{'featvar':>8}"
-    print(header)
-    for r in records:
-        cells = [
-            cell(r[key], spec)
-            for key, spec in (
-                ("knn", ".2f"),
-                ("linear_probe", ".2f"),
-                ("bipartition_gap", ".3f"),
-                ("feature_variance", ".3f"),
-            )
-        ]
-        print(f"{r['variant']:<12}{r['seed']:>5}{r['epoch']:>6}{r['train_minutes']:>9.1f}"
-              + "".join(f"{c:>8}" for c in cells))  # fmt: skip
-    plot(records, root / "compare_masking.png")
+    if records:
+        print_tables(records, summary, args.probe_pooling)
+        plot(summary, root / "compare_masking.png")
 
 
 if __name__ == "__main__":

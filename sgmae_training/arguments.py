@@ -18,12 +18,13 @@ def parse_script_args(parser: HfArgumentParser) -> tuple:
     return parser.parse_args_into_dataclasses()
 
 
-def check_positive(arguments: object, names: tuple[str, ...]) -> None:
-    """A clear error, before anything runs, for an argument that must be a positive integer (or None) and is not."""
+def check_positive(arguments: object, names: tuple[str, ...], minimum: int = 1) -> None:
+    """A clear error, before anything runs, for an argument that must be an integer >= `minimum` (or None)."""
+    kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
     for name in names:
         value = getattr(arguments, name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise SystemExit(f"error: --{name} must be a positive integer, got {value!r}")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+            raise SystemExit(f"error: --{name} must be {kind}, got {value!r}")
 
 
 def check_checkpointing_steps(value: str | None) -> None:

@@ -192,6 +192,33 @@ def test_linear_probe_with_two_processes_counts_each_sample_once_and_folds_exact
     )
 
 
+def test_frozen_scores_both_poolings_as_knn_and_the_probe_do_from_one_feature_pass(
+    image_dataset_dir, pretrained, tmp_path
+):
+    def run(protocol: str, *extra: str) -> dict:
+        output = tmp_path / f"{protocol}{'-'.join(extra)}"
+        arguments = common_args(image_dataset_dir, output, protocol, pretrained, "--num_train_epochs", "3", *extra)
+        arguments.remove("--save_predictions")
+        launch(arguments, plain_python=True)
+        return json.loads((output / "eval_results.json").read_text())
+
+    frozen = run("frozen")
+    assert frozen["pooling"] == "cls,mean" and frozen["eval_samples"] == EVAL_SAMPLES
+    assert frozen["train_features"] == 64
+    knn_cls = run("knn", "--probe_pooling", "cls")
+    probe_mean = run("linear_probe", "--probe_pooling", "mean")
+    assert frozen["cls_knn_top1"] == pytest.approx(knn_cls["eval_top1"], abs=1e-9)
+    assert frozen["cls_knn_top5"] == pytest.approx(knn_cls["eval_top5"], abs=1e-9)
+    assert frozen["mean_linear_probe_top1"] == pytest.approx(probe_mean["probe_eval_top1"], abs=1e-9)
+    for pooling in ("cls", "mean"):
+        for protocol in ("knn", "linear_probe"):
+            assert 0.0 <= frozen[f"{pooling}_{protocol}_top1"] <= frozen[f"{pooling}_{protocol}_top5"] <= 1.0
+    # each pooling's probe trained in its own folder; no model is saved
+    output = tmp_path / "frozen"
+    assert not (output / "model.safetensors").exists()
+    assert (output / "probe-cls").is_dir() and (output / "probe-mean").is_dir()
+
+
 def test_knn_end_to_end_on_a_transformers_vit_mae_checkpoint(image_dataset_dir, tmp_path):
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
