@@ -34,7 +34,12 @@ from transformers import HfArgumentParser, ViTImageProcessor
 from modeling_sgmae import SGMAEConfig, SGMAEForImageClassification
 from modeling_sgmae.configuration_sgmae import CLASSIFIER_POOLINGS as POOLINGS
 from sgmae_training import data
-from sgmae_training.arguments import check_checkpointing_steps, check_positive, parse_script_args
+from sgmae_training.arguments import (
+    check_checkpointing_steps,
+    check_mixed_precision,
+    check_positive,
+    parse_script_args,
+)
 from sgmae_training.engine import LoopSettings, TrainingHooks, resume_state, start_run, train
 from sgmae_training.evaluation import Evaluation, gather_samples, knn_scores, local_pass
 from sgmae_training.hub import (
@@ -119,7 +124,9 @@ class ClassificationArguments:
     crop_scale_min: float = field(default=0.08, metadata={"help": "finetune: RandomResizedCrop minimum scale."})
     knn_k: int = field(default=20, metadata={"help": "knn: neighbours (DINO: 20)."})
     knn_temperature: float = field(default=0.07, metadata={"help": "knn: vote weight exp(cosine / T) (DINO: 0.07)."})
-    mixed_precision: str | None = field(default=None, metadata={"help": "no, bf16 or fp16 (default: launcher's)."})
+    mixed_precision: str = field(
+        default="auto", metadata={"help": "no, bf16, fp16 or auto (bf16 on a GPU unless the launcher chose a mode)."}
+    )
     eval_every_epoch: bool = field(default=True, metadata={"help": "Evaluate after every epoch (always at the end)."})
     checkpointing_steps: str | None = field(default="epoch", metadata={"help": "N (steps), 'epoch' or 'none'."})
     save_total_limit: int | None = field(
@@ -166,6 +173,7 @@ def validate_args(model_args: ModelArguments, data_args: ClassificationDataArgum
     check_positive(args, ("save_total_limit",), minimum=0)
     data.check_data_arguments(data_args, (*data.POSITIVE_ARGUMENTS, "per_device_eval_batch_size"))
     check_checkpointing_steps(args.checkpointing_steps)
+    check_mixed_precision(args.mixed_precision)
     for name, value in DEFAULTS[args.protocol].items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -29,6 +29,7 @@ from modeling_sgmae.configuration_sgmae import FIELD_NAMES
 from sgmae_training import data
 from sgmae_training.arguments import (
     check_checkpointing_steps,
+    check_mixed_precision,
     check_positive,
     parse_config_overrides,
     parse_script_args,
@@ -99,7 +100,9 @@ class PretrainingArguments:
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (beta1 is 0.9)."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Share of the schedule in linear warm-up (MAE: 0.1)."})
     max_grad_norm: float | None = field(default=None, metadata={"help": "Clip gradients to this norm."})
-    mixed_precision: str | None = field(default=None, metadata={"help": "no, bf16 or fp16 (default: launcher's)."})
+    mixed_precision: str = field(
+        default="auto", metadata={"help": "no, bf16, fp16 or auto (bf16 on a GPU unless the launcher chose a mode)."}
+    )
     checkpointing_steps: str | None = field(default="epoch", metadata={"help": "N (steps), 'epoch' or 'none'."})
     save_total_limit: int | None = field(
         default=2, metadata={"help": "Keep only the newest N checkpoints (0: keep all)."}
@@ -141,6 +144,7 @@ def parse_args() -> tuple[ModelArguments, data.DataArguments, PretrainingArgumen
     check_positive(args, ("save_total_limit",), minimum=0)
     data.check_data_arguments(data_args)
     check_checkpointing_steps(args.checkpointing_steps)
+    check_mixed_precision(args.mixed_precision)
     if not args.num_train_epochs > 0:
         raise SystemExit(f"error: --num_train_epochs must be positive, got {args.num_train_epochs}")
     if args.input_path not in INPUT_PATHS:

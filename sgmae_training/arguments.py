@@ -27,6 +27,14 @@ def check_positive(arguments: object, names: tuple[str, ...], minimum: int = 1) 
             raise SystemExit(f"error: --{name} must be {kind}, got {value!r}")
 
 
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16", "fp8")
+
+
+def check_mixed_precision(value: str) -> None:
+    if value not in MIXED_PRECISIONS:
+        raise SystemExit(f"error: --mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, got {value!r}")
+
+
 def check_checkpointing_steps(value: str | None) -> None:
     """--checkpointing_steps is N (a positive integer), 'epoch' or 'none'."""
     if value in (None, "none", "epoch"):

@@ -48,7 +48,7 @@ def start_run(
     output folder made."""
     accelerator = Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
-        mixed_precision=mixed_precision,
+        mixed_precision=resolve_mixed_precision(mixed_precision),
         log_with=None if report_to == "none" else report_to,
         project_dir=output_dir,
     )
@@ -62,6 +62,17 @@ def start_run(
     set_seed(seed)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     return accelerator
+
+
+def resolve_mixed_precision(requested: str | None) -> str | None:
+    """`auto`: the launcher's mode if it chose one other than `no`; else bf16 autocast on a CUDA device that
+    supports it (a GPU's default) and full precision elsewhere (on CPUs bf16 autocast slows MAE's step)."""
+    if requested != "auto":
+        return requested
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher != "no":
+        return launcher
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def check_launch(accelerator: Accelerator) -> None:

@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from conftest import REPO_ROOT, tiny_config
 
 from modeling_sgmae import SGMAEForPreTraining
+from sgmae_training import engine
 from sgmae_training.engine import LoopSettings, new_state, train
 
 sys.path.insert(0, str(REPO_ROOT))
@@ -58,3 +59,17 @@ def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch, tmp_pat
     short, long = reads_from_our_code(monkeypatch, 2, tmp_path), reads_from_our_code(monkeypatch, 6, tmp_path)
     assert sorted(short) == sorted(long)
     assert sorted(long) == ["item in engine.py", "tolist in run_pretraining.py"]  # the final log: loss, mask stats
+
+
+def test_auto_mixed_precision_is_bf16_on_a_bf16_gpu_and_defers_to_a_launcher_that_chose(monkeypatch) -> None:
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert engine.resolve_mixed_precision("auto") == "no"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert engine.resolve_mixed_precision("auto") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert engine.resolve_mixed_precision("auto") == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert engine.resolve_mixed_precision("auto") == "fp16"
+    assert engine.resolve_mixed_precision("no") == "no"  # an explicit choice wins

@@ -241,6 +241,8 @@ def test_bad_arguments_give_clear_errors(image_dataset_dir, config_file, tmp_pat
         (("--per_device_train_batch_size", "0"), "--per_device_train_batch_size must be a positive integer"),
         (("--gradient_accumulation_steps", "0"), "--gradient_accumulation_steps must be a positive integer"),
         (("--max_train_steps", "0"), "--max_train_steps must be a positive integer, got 0"),
+        (("--save_total_limit", "-1"), "--save_total_limit must be an integer >= 0, got -1"),
+        (("--mixed_precision", "fp12"), "--mixed_precision must be one of auto, no, bf16, fp16, fp8, got 'fp12'"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_data_is_read(image_dataset_dir, config_file, tmp_path, extra, message):
