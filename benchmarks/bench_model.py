@@ -1,12 +1,19 @@
 """Training-step benchmark of SG-MAE: against transformers' ViTMAE, and the price of self-guided masking.
 
-Three measurements per config and device, each a full training step (forward + backward + AdamW step):
+Three measurements per config and device, each a full training step (forward + backward + AdamW step), all
+variants in one precision (`--precision`: bf16 autocast by default on a GPU, float32 on the CPU):
 
 1. **SG-MAE vs ViTMAE.** `SGMAEForPreTraining` (mask_strategy="random") against
    `transformers.ViTMAEForPreTraining` with the same config fields and the *same weights* (ours is loaded from the
    saved ViTMAE checkpoint by `SGMAEForPreTraining.from_pretrained`, which converts it) and the same noise each
-   step. Before timing, the two losses on one batch are compared (they must agree). Target: SG-MAE ≥ 1.0x the
-   ViTMAE throughput (aim 1.15x).
+   step: ViTMAE with eager and with SDPA attention (what a user would run instead), ours as it loads (SDPA) and
+   ours with `compile_blocks()` (unless `--no-compile`). Before timing, the losses on one batch are compared (they
+   must agree). Target: SG-MAE ≥ 1.0x ViTMAE-SDPA's throughput (aim 1.15x; on an H200 in bf16 the target is 1.3x).
+   Reported next to images/s: model-FLOP utilisation (MFU: the cost model's training FLOPs, 3x the forward, over
+   the device's matmul rate in the step's precision, measured here on square matmuls) and, on a GPU, each
+   variant's peak memory above what was allocated before its step. On a GPU, one step of ours (random, and
+   self-guided in measurement 2) also runs under `torch.cuda.set_sync_debug_mode("error")`: any device-to-host
+   synchronisation inside the step is recorded.
 2. **Self-guided vs random step time**, with informed masking active from step 0 (`informed_masking_start=0.0`),
    for the features taken at the last encoder block (k = L) and at half depth (k = L/2), next to the floor ratio
    that token counts allow.
@@ -92,12 +99,17 @@ CONFIGS: dict[str, dict] = {
     # ViT-B/16 at 224 px with transformers' default 8 x 512 decoder (MAE's recipe: norm_pix_loss, eps 1e-6).
     "vitb": dict(layer_norm_eps=1e-6, norm_pix_loss=True),
 }
+CONFIGS["vit_tiny"] = dict(  # ViT-Tiny/16 at 224 px, transformers' default 8 x 512 decoder
+    hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, **CONFIGS["vitb"]
+)
 # (batch size, timed steps, warm-up rounds) per config and device.
 DEFAULTS = {
     ("cifar", "cpu"): (64, 20, 3),
     ("vitb", "cpu"): (8, 5, 1),
-    ("cifar", "cuda"): (256, 50, 10),
-    ("vitb", "cuda"): (64, 30, 5),
+    ("vit_tiny", "cpu"): (8, 4, 1),
+    ("cifar", "cuda"): (1024, 30, 10),
+    ("vitb", "cuda"): (256, 20, 5),
+    ("vit_tiny", "cuda"): (1024, 20, 5),
 }
 SPEEDUP_TARGET, SPEEDUP_AIM, FLOOR_TARGET, MASKING_SHARE_TARGET = 1.0, 1.15, 1.15, 0.10
 DISTURBED = 1.5  # a round whose step took more than this times the variant's fastest step is left out
@@ -133,6 +145,7 @@ def floor_ratio(config: SGMAEConfig, feature_layers: int) -> dict[str, float]:
         * block_flops_per_token(config.hidden_size, config.intermediate_size, num_patches + 1)
     )
     return {
+        "random_step_gflop_per_image": 3 * (encoder + decoder) / 1e9,
         "encoder_fwd_gflop_per_image": encoder / 1e9,
         "decoder_fwd_gflop_per_image": decoder / 1e9,
         "decoder_share_of_encoder": decoder / encoder,
@@ -155,6 +168,7 @@ class Variant:
     step: Callable[[torch.Tensor | None], None]
     times: list[float] = field(default_factory=list)
     cpu_times: list[float] = field(default_factory=list)  # process CPU time, all threads (CPU device only)
+    peak_bytes: int = 0  # GPU: most memory allocated during a step above what was allocated before it
 
 
 def alternate(variants: list[Variant], steps: int, warmup: int, noise_shape: tuple[int, int], device) -> None:
@@ -167,12 +181,17 @@ def alternate(variants: list[Variant], steps: int, warmup: int, noise_shape: tup
         noise = torch.rand(noise_shape, generator=generator).to(device)
         for variant in variants:
             synchronize(device)
+            if device.type == "cuda":
+                before = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
             start, cpu_start = time.perf_counter(), time.process_time()
             variant.step(noise)
             synchronize(device)
             if round_index >= warmup:
                 variant.times.append(time.perf_counter() - start)
                 variant.cpu_times.append(time.process_time() - cpu_start)
+            if device.type == "cuda":
+                variant.peak_bytes = max(variant.peak_bytes, torch.cuda.max_memory_allocated(device) - before)
 
 
 def undisturbed_rounds(variants: list[Variant]) -> list[int]:
@@ -218,15 +237,18 @@ def cpu_pressure() -> float | None:
 
 
 class Trainer:
-    """A model with MAE's AdamW (betas 0.9/0.95, weight decay 0.05); `step` is forward + backward + update."""
+    """A model with MAE's AdamW (betas 0.9/0.95, weight decay 0.05); `step` is forward + backward + update, the
+    forward under bf16 autocast when `bf16`."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, bf16: bool):
+        self.model, self.bf16 = model, bf16
         parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
         self.optimizer = torch.optim.AdamW(parameters, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
 
     def step(self, pixels: torch.Tensor, **forward_kwargs) -> None:
-        loss = self.model(pixel_values=pixels, **forward_kwargs).loss
+        device_type = next(self.model.parameters()).device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.model(pixel_values=pixels, **forward_kwargs).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -275,52 +297,98 @@ def random_pixels(config: SGMAEConfig | ViTMAEConfig, batch: int, device: torch.
 
 
 # ----- measurements -------------------------------------------------------------------------------------------
-def compare_with_vit_mae(fields: dict, batch: int, steps: int, warmup: int, device: torch.device) -> dict:
-    """Measurement 1: SG-MAE (random masks) vs ViTMAE, same weights, same noise, same optimiser settings."""
+def matmul_rate(device: torch.device, bf16: bool) -> float:
+    """FLOP/s of square matmuls on the device in the step's precision (the denominator of MFU); median of 10."""
+    size = 8192 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    left, right = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    times = []
+    for _ in range(13):
+        synchronize(device)
+        start = time.perf_counter()
+        left @ right
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times[3:])
+
+
+def host_syncs(device: torch.device, step: Callable[[], None]) -> str | None:
+    """On a GPU, run `step` with device-to-host synchronisation as an error: None if there was none, else what
+    synchronised (the error's first line). Not checked (None) on the CPU, where nothing waits on a device."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return None
+
+
+def compare_with_vit_mae(
+    fields: dict, batch: int, steps: int, warmup: int, device: torch.device, bf16: bool, compile_blocks: bool
+) -> dict:
+    """Measurement 1: SG-MAE (random masks) vs ViTMAE (eager and SDPA), same weights, noise and optimiser settings."""
     torch.manual_seed(0)
     vit_mae = ViTMAEForPreTraining(ViTMAEConfig(**fields))  # SDPA attention, transformers' default
     with tempfile.TemporaryDirectory() as directory:
         vit_mae.save_pretrained(directory)
-        ours = SGMAEForPreTraining.from_pretrained(directory, mask_strategy="random")  # converts the checkpoint
-    vit_mae.to(device).train()
-    ours.to(device).train()
-    pixels = random_pixels(ours.config, batch, device)
-    grid_h, grid_w = ours.config.grid_size
+        vit_mae_eager = ViTMAEForPreTraining.from_pretrained(directory, attn_implementation="eager")
+        models = {"vit_mae_eager": vit_mae_eager, "vit_mae": vit_mae}
+        models["sgmae_random"] = SGMAEForPreTraining.from_pretrained(directory, mask_strategy="random")  # converts
+        if compile_blocks:
+            models["sgmae_compiled"] = SGMAEForPreTraining.from_pretrained(directory, mask_strategy="random")
+            models["sgmae_compiled"].compile_blocks()
+    for model in models.values():
+        model.to(device).train()
+    config = models["sgmae_random"].config
+    pixels = random_pixels(config, batch, device)
+    grid_h, grid_w = config.grid_size
     noise_shape = (batch, grid_h * grid_w)
     noise = torch.rand(noise_shape, generator=torch.Generator().manual_seed(2)).to(device)
-    with torch.no_grad():
-        reference_loss = vit_mae(pixel_values=pixels, noise=noise).loss
-        loss_gap = float((reference_loss - ours(pixels, noise=noise).loss).abs())
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        losses = {name: float(model(pixel_values=pixels, noise=noise).loss) for name, model in models.items()}
+    loss_gap = max(abs(loss - losses["vit_mae"]) for loss in losses.values())
 
-    trainers = {"vit_mae": Trainer(vit_mae), "sgmae_random": Trainer(ours)}
+    trainers = {name: Trainer(model, bf16) for name, model in models.items()}
     variants = [
         Variant(name, lambda noise, trainer=trainer: trainer.step(pixels, noise=noise))
         for name, trainer in trainers.items()
     ]
     alternate(variants, steps, warmup, noise_shape, device)
-    reference, candidate = variants
+    reference = variants[1]  # ViTMAE with SDPA, transformers' default
     rounds = undisturbed_rounds(variants)
+    flops_per_image = floor_ratio(config, 0)["random_step_gflop_per_image"] * 1e9
+    rate = matmul_rate(device, bf16)
+    images_per_s = {v.name: batch / median_of(v.times, rounds) for v in variants}
+    ours = [v for v in variants if v.name.startswith("sgmae")]
     return {
-        "attn_implementation": vit_mae.config._attn_implementation,
+        "attn_implementation": {name: model.config._attn_implementation for name, model in models.items()},
         "trainable_parameters": {
             name: sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
             for name, trainer in trainers.items()
         },
         "loss_abs_difference_same_noise": loss_gap,
-        "loss": float(reference_loss),
+        "losses": losses,
         "rounds_used": rounds,
         "median_step_s": {v.name: median_of(v.times, rounds) for v in variants},
-        "images_per_s": {v.name: batch / median_of(v.times, rounds) for v in variants},
-        "speedup": paired_ratio(reference, candidate, rounds),
-        "speedup_of_medians": median_of(reference.times, rounds) / median_of(candidate.times, rounds),
-        "speedup_cpu_time": paired_ratio(reference, candidate, rounds, cpu=True),
-        "speedup_best": best_ratio(reference, candidate),
+        "images_per_s": images_per_s,
+        "matmul_tflops": rate / 1e12,
+        "mfu": {name: value * flops_per_image / rate for name, value in images_per_s.items()},
+        "peak_memory_gib": {v.name: v.peak_bytes / 2**30 for v in variants} if device.type == "cuda" else None,
+        "speedup": {v.name: paired_ratio(reference, v, rounds) for v in ours},
+        "speedup_over_eager": {v.name: paired_ratio(variants[0], v, rounds) for v in ours},
+        "speedup_cpu_time": {v.name: paired_ratio(reference, v, rounds, cpu=True) for v in ours},
+        "speedup_best": {v.name: best_ratio(reference, v) for v in ours},
+        "host_syncs_in_step": host_syncs(device, lambda: trainers["sgmae_random"].step(pixels, noise=noise)),
         "step_times_s": {v.name: v.times for v in variants},
         "step_cpu_times_s": {v.name: v.cpu_times for v in variants},
     }
 
 
-def measure_self_guided(fields: dict, batch: int, steps: int, warmup: int, device: torch.device) -> dict:
+def measure_self_guided(fields: dict, batch: int, steps: int, warmup: int, device: torch.device, bf16: bool) -> dict:
     """Measurements 2 and 3: random vs self-guided steps (k = L and L/2) in one model and optimiser.
 
     Forward hooks on `model.masking` time graph + solver + ranking + hints; a wrapper on `model.vit.encode` times
@@ -331,7 +399,7 @@ def measure_self_guided(fields: dict, batch: int, steps: int, warmup: int, devic
     model = SGMAEForPreTraining(config).to(device).train()
     if not model.informed_masking_active:
         raise RuntimeError("informed masking should be active from step 0 with informed_masking_start=0.0")
-    trainer = Trainer(model)
+    trainer = Trainer(model, bf16)
     pixels = random_pixels(config, batch, device)
     layers = config.num_hidden_layers
     depths = {"self_guided_last": layers, "self_guided_half": max(layers // 2, 1)}
@@ -395,7 +463,9 @@ def measure_self_guided(fields: dict, batch: int, steps: int, warmup: int, devic
             "step_times_s": variant.times,
             "step_cpu_times_s": variant.cpu_times,
         }
+    config.mask_feature_layer = None
     return {
+        "host_syncs_in_step": host_syncs(device, lambda: trainer.step(pixels)),
         "rounds_used": rounds,
         "random_median_step_s": median_of(random_variant.times, rounds),
         "random_images_per_s": batch / median_of(random_variant.times, rounds),
@@ -421,24 +491,36 @@ def cpu_ratio(row: dict, value: float) -> str:
 def print_table(rows: list[dict]) -> None:
     print("\n1. Training step, SG-MAE (random masks) vs transformers ViTMAE (same weights, same noise)")
     header = (
-        f"{'config':<7}{'device':<7}{'batch':>6}{'ViTMAE img/s':>14}{'SG-MAE img/s':>14}{'speedup':>9}"
-        f"{'(cpu time)':>11}{'(best)':>9}{'rounds':>8}{'loss diff':>11}  target"
+        f"{'config':<9}{'device':<7}{'prec':<6}{'batch':>6}{'variant':>16}{'img/s':>10}{'MFU':>7}{'peak GiB':>10}"
+        f"{'vs SDPA':>9}{'(cpu time)':>11}{'(best)':>9}{'rounds':>8}  target"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
         c = row["vs_vit_mae"]
-        target = f">= {SPEEDUP_TARGET:.2f} {verdict(c['speedup'] >= SPEEDUP_TARGET)}"
-        target += f", aim {SPEEDUP_AIM:.2f} {verdict(c['speedup'] >= SPEEDUP_AIM)}"
+        for name, images_per_s in c["images_per_s"].items():
+            peak = f"{c['peak_memory_gib'][name]:>10.2f}" if c["peak_memory_gib"] else f"{'-':>10}"
+            line = (
+                f"{row['config']:<9}{row['device']:<7}{row['precision']:<6}{row['batch_size']:>6}{name:>16}"
+                f"{images_per_s:>10.1f}{c['mfu'][name]:>7.1%}{peak}"
+            )
+            if name in c["speedup"]:
+                speedup = c["speedup"][name]
+                target = f">= {SPEEDUP_TARGET:.2f} {verdict(speedup >= SPEEDUP_TARGET)}"
+                target += f", aim {SPEEDUP_AIM:.2f} {verdict(speedup >= SPEEDUP_AIM)}"
+                line += (
+                    f"{speedup:>8.3f}x{cpu_ratio(row, c['speedup_cpu_time'][name])}{c['speedup_best'][name]:>8.3f}x"
+                    f"{rounds_used(c['rounds_used'], row['steps']):>8}  {target}"
+                )
+            print(line)
         print(
-            f"{row['config']:<7}{row['device']:<7}{row['batch_size']:>6}{c['images_per_s']['vit_mae']:>14.1f}"
-            f"{c['images_per_s']['sgmae_random']:>14.1f}{c['speedup']:>8.3f}x{cpu_ratio(row, c['speedup_cpu_time'])}"
-            f"{c['speedup_best']:>8.3f}x{rounds_used(c['rounds_used'], row['steps']):>8}"
-            f"{c['loss_abs_difference_same_noise']:>11.1e}  {target}"
+            f"{'':<9}matmul rate {c['matmul_tflops']:.2f} TFLOP/s; "
+            f"largest loss difference {c['loss_abs_difference_same_noise']:.1e}"
+            + ("" if row["device"] == "cpu" else f"; host syncs in our step: {c['host_syncs_in_step'] or 'none'}")
         )
     print("\n2./3. Self-guided vs random step (informed masking active), floor from token counts")
     header = (
-        f"{'config':<7}{'device':<7}{'k/L':>6}{'random ms':>11}{'SG ms':>10}{'ratio':>8}{'floor':>8}"
+        f"{'config':<9}{'device':<7}{'k/L':>6}{'random ms':>11}{'SG ms':>10}{'ratio':>8}{'floor':>8}"
         f"{'ratio/floor':>13}{'(cpu time)':>11}{'(best)':>9}{'rounds':>8}{'masking %':>11}{'encode %':>10}"
         f"  targets (ratio/floor <= {FLOOR_TARGET}, masking <= {MASKING_SHARE_TARGET:.0%})"
     )
@@ -453,7 +535,7 @@ def print_table(rows: list[dict]) -> None:
                 f"{verdict(result['masking_share'] <= MASKING_SHARE_TARGET)}"
             )
             print(
-                f"{row['config']:<7}{row['device']:<7}{depth:>6}{s['random_median_step_s'] * 1e3:>11.1f}"
+                f"{row['config']:<9}{row['device']:<7}{depth:>6}{s['random_median_step_s'] * 1e3:>11.1f}"
                 f"{result['median_step_s'] * 1e3:>10.1f}{result['ratio_vs_random']:>8.3f}"
                 f"{result['floor_ratio']:>8.3f}{result['ratio_over_floor']:>13.3f}"
                 f"{cpu_ratio(row, result['ratio_vs_random_cpu_time'] / result['floor_ratio'])}"
@@ -461,14 +543,17 @@ def print_table(rows: list[dict]) -> None:
                 f"{rounds_used(s['rounds_used'], row['steps']):>8}"
                 f"{result['masking_share'] * 100:>10.1f}%{result['encoder_calls_share'] * 100:>9.1f}%  {targets}"
             )
+        if row["device"] != "cpu":
+            print(f"{'':<9}host syncs in a self-guided step: {s['host_syncs_in_step'] or 'none'}")
     print(
-        "\nspeedup = median over rounds of ViTMAE step time / SG-MAE step time (wall clock); ratio = the same for "
-        "self-guided / random;\n'(cpu time)' = the same with process CPU time; '(best)' = ratio of the fastest "
+        "\nvs SDPA = median over rounds of ViTMAE (SDPA) step time / SG-MAE step time (wall clock); ratio = the same "
+        "for self-guided / random;\n'(cpu time)' = the same with process CPU time; '(best)' = ratio of the fastest "
         "steps; targets are judged on the wall-clock medians.\nrounds = timed rounds used: those in which no step "
         f"took over {DISTURBED}x its variant's fastest (bursts of load from other processes), all if too few.\n"
         "masking % = SelfGuidedMasking call (graph, solver, ranking, hints) in a self-guided step; encode % = no-grad "
         "feature pass + masked encoder forward;\nloss diff = |ViTMAE - SG-MAE| loss on one batch, same weights and "
-        "noise."
+        "noise;\nMFU = images/s x the cost model's training FLOPs per image / the measured matmul rate in the same "
+        "precision; peak GiB = most memory allocated during a step above what was allocated before it."
     )
     pressures = [
         f"{row['config']}/{row['device']} {max(row['cpu_pressure_avg60']):.0%}"
@@ -486,11 +571,16 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", help="cpu, cuda or cpu,cuda (default: cpu, plus cuda when available)")
-    parser.add_argument("--configs", default="cifar,vitb", help="comma-separated subset of: " + ",".join(CONFIGS))
+    parser.add_argument(
+        "--configs",
+        help="comma-separated subset of: " + ",".join(CONFIGS) + " (default: all with a GPU, else cifar,vitb)",
+    )
     parser.add_argument("--steps", type=int, help="timed steps per variant (default per config and device)")
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default per config and device)")
     parser.add_argument("--batch-size", type=int, help="images per step (default per config and device)")
     parser.add_argument("--threads", type=int, help="torch threads (default: the CPU cores this process may use)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), help="default: bf16 on a GPU, fp32 on the CPU")
+    parser.add_argument("--no-compile", action="store_true", help="leave out ours with compile_blocks()")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "bench_model.json")
     args = parser.parse_args()
 
@@ -502,7 +592,8 @@ def main() -> None:
         parser.error(f"--device takes cpu, cuda or both, got {args.device!r}")
     if "cuda" in devices and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but CUDA is not available")
-    configs = [name.strip() for name in args.configs.split(",") if name.strip()]
+    configs_text = args.configs or ("cifar,vitb,vit_tiny" if "cuda" in devices else "cifar,vitb")
+    configs = [name.strip() for name in configs_text.split(",") if name.strip()]
     unknown = sorted(set(configs) - set(CONFIGS))
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
@@ -516,6 +607,8 @@ def main() -> None:
         device = torch.device(device_name)
         for name in configs:
             batch, steps, warmup = DEFAULTS[(name, device.type)]
+            precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+            bf16 = precision == "bf16"
             batch = args.batch_size or batch
             steps = args.steps or steps
             warmup = args.warmup if args.warmup is not None else warmup
@@ -525,15 +618,16 @@ def main() -> None:
                 "config": name,
                 "device": device_name,
                 "batch_size": batch,
+                "precision": precision,
                 "steps": steps,
                 "warmup": warmup,
                 "fields": fields,
                 "num_hidden_layers": SGMAEConfig(**fields).num_hidden_layers,
             }
             pressure_before = cpu_pressure()
-            row["vs_vit_mae"] = compare_with_vit_mae(fields, batch, steps, warmup, device)
+            row["vs_vit_mae"] = compare_with_vit_mae(fields, batch, steps, warmup, device, bf16, not args.no_compile)
             gc.collect()
-            row["self_guided"] = measure_self_guided(fields, batch, steps, warmup, device)
+            row["self_guided"] = measure_self_guided(fields, batch, steps, warmup, device, bf16)
             row["cpu_pressure_avg60"] = [pressure_before, cpu_pressure()]
             gc.collect()
             if device.type == "cuda":

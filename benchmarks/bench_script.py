@@ -5,10 +5,14 @@ each input path: `workers` (decode and augment each image in DataLoader workers)
 once, augment whole batches on the device).
 
     python benchmarks/bench_script.py --dataset_name ../shared/data/cifar10
+    python benchmarks/bench_script.py --dataset_name ../shared/data/imagenette --config_name \
+        configuration/models/sgmae-vit-tiny-patch16-224.json --batch_size 32 --steps 10 --max_train_samples 2048 \
+        --output benchmarks/results/bench_script_imagenette.json
 
-Both sides use random masking (the data path is the same for both strategies), the CIFAR preset, batch 64, and the
-same threads; runs alternate (model, workers, decode_once, model, ...) and the table reports medians. Targets:
-script / model >= 0.9; decode_once no slower than workers. Writes benchmarks/results/bench_script.json.
+Both sides use random masking (the data path is the same for both strategies), the same config, batch, precision
+(`--mixed_precision auto`: bf16 autocast on a GPU, float32 on the CPU), device (a GPU when there is one) and threads;
+runs alternate (model, workers, decode_once, model, ...) and the table reports medians. Targets: script / model
+>= 0.9; decode_once no slower than workers. Writes benchmarks/results/bench_script.json.
 """
 
 from __future__ import annotations
@@ -31,13 +35,17 @@ sys.path.insert(0, str(REPO))
 from provenance import code_commit  # noqa: E402
 
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining  # noqa: E402
+from sgmae_training.arguments import MIXED_PRECISIONS  # noqa: E402
+from sgmae_training.engine import resolve_mixed_precision  # noqa: E402
 from sgmae_training.optim import parameter_groups  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset_name", required=True)
+    parser.add_argument("--dataset_config_name", default=None)
     parser.add_argument("--config_name", default=str(REPO / "configuration/models/sgmae-vit-tiny-patch4-cifar.json"))
+    parser.add_argument("--mixed_precision", default="auto", choices=MIXED_PRECISIONS)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30, help="Timed steps per repeat (after 5 warm-up steps).")
     parser.add_argument("--repeats", type=int, default=2)
@@ -48,19 +56,30 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def model_rate(args: argparse.Namespace) -> float:
-    """Images/s of forward + backward + AdamW on one fixed in-memory batch."""
+    """Images/s of forward + backward + AdamW on one fixed in-memory batch, in the script's precision and device."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = SGMAEConfig.from_json_file(args.config_name)
     config.mask_strategy = "random"
-    model = SGMAEForPreTraining(config).train()
+    model = SGMAEForPreTraining(config).to(device).train()
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
-    pixels = torch.randn(args.batch_size, config.num_channels, *config.image_height_width)
+    pixels = torch.randn(args.batch_size, config.num_channels, *config.image_height_width, device=device)
+    bf16 = resolve_mixed_precision(args.mixed_precision) == "bf16"
     for step in range(5 + args.steps):
         if step == 5:
+            synchronize(device)
             started = time.perf_counter()
-        model(pixels).loss.backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(pixels).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    synchronize(device)
     return args.steps * args.batch_size / (time.perf_counter() - started)
 
 
@@ -75,8 +94,10 @@ def script_rate(args: argparse.Namespace, input_path: str) -> float:
                 "--config_name", args.config_name, "--mask_strategy", "random", "--output_dir", output,
                 "--max_train_steps", str(steps), "--per_device_train_batch_size", str(args.batch_size),
                 "--dataloader_num_workers", str(args.num_workers), "--checkpointing_steps", "none",
-                "--logging_steps", "10", "--input_path", input_path,
+                "--logging_steps", "10", "--input_path", input_path, "--mixed_precision", args.mixed_precision,
             ]  # fmt: skip
+            if args.dataset_config_name:
+                command += ["--dataset_config_name", args.dataset_config_name]
             if args.max_train_samples:
                 command += ["--max_train_samples", str(args.max_train_samples)]
             env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
@@ -106,6 +127,10 @@ def main() -> None:
         "commit": code_commit(),
         "command": "python " + " ".join(sys.argv),
         "torch_threads": torch.get_num_threads(),
+        "config_name": args.config_name,
+        "dataset": [args.dataset_name, args.dataset_config_name],
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "mixed_precision": resolve_mixed_precision(args.mixed_precision),
         "batch_size": args.batch_size,
         "steps": args.steps,
         "num_workers": args.num_workers,
