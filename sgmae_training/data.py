@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -255,7 +256,9 @@ def worker_epoch_batches(
     by `collate` in DataLoader workers, on the device.
 
     Full batches only (MAE's drop_last), and a generator of its own, so that building a loader draws nothing from
-    the global RNG: a resumed run sees the same crops and masks as an uninterrupted one.
+    the global RNG: a resumed run sees the same crops and masks as an uninterrupted one. Every process stops after
+    as many batches as the shortest shard gives: counted up front for a map-style split (the shard lengths are
+    known), agreed on per batch for a stream.
     """
     epoch_data = shard_for_process(train_data, accelerator, seed, state["epoch"], True, data_args.shuffle_buffer_size)
     epoch_data = skip_samples(epoch_data, state["samples_in_epoch"] // accelerator.num_processes)
@@ -267,6 +270,10 @@ def worker_epoch_batches(
         drop_last=True,
         generator=torch.Generator().manual_seed(seed + state["epoch"]),
     )
+    if isinstance(train_data, datasets.Dataset):
+        processes = accelerator.num_processes
+        shortest = len(train_data) // processes - state["samples_in_epoch"] // processes
+        return (on_device(batch, accelerator) for batch in itertools.islice(loader, max(shortest, 0) // batch_size))
     return synchronized_batches(loader, accelerator)
 
 
@@ -341,6 +348,12 @@ def decoded_epoch_batches(
         yield {"pixel_values": augment(pixels, generator), "skipped": skipped}
 
 
+def on_device(batch: dict, accelerator: Accelerator) -> dict:
+    """The batch's tensors on the training device (the host-side skip count stays on the host)."""
+    return {key: value if key == "skipped" else value.to(accelerator.device, non_blocking=True)
+            for key, value in batch.items()}  # fmt: skip
+
+
 def synchronized_batches(loader, accelerator: Accelerator) -> Iterator[dict[str, torch.Tensor]]:
     """Yield batches on the device until any process runs out, so that ranks never wait on each other forever.
 
@@ -356,8 +369,7 @@ def synchronized_batches(loader, accelerator: Accelerator) -> Iterator[dict[str,
                 return
         elif batch is None:
             return
-        yield {key: value if key == "skipped" else value.to(accelerator.device, non_blocking=True)
-               for key, value in batch.items()}  # fmt: skip
+        yield on_device(batch, accelerator)
 
 
 def limit_samples(dataset, count: int | None):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional
 
-from sgmae_training.data import decode_all, decode_image, decoded_epoch_batches, prepare_images
+from sgmae_training.data import decode_all, decode_image, decoded_epoch_batches, prepare_images, worker_epoch_batches
 
 
 def image_split(count: int, corrupt: int = 0) -> datasets.Dataset:
@@ -87,3 +87,25 @@ def test_augmented_batches_are_the_same_after_a_resume():
     for first, second in zip(straight[1:], resumed, strict=True):
         assert torch.equal(first["pixel_values"], second["pixel_values"])
     assert not torch.equal(straight[0]["pixel_values"], straight[1]["pixel_values"])
+
+
+def test_the_worker_path_counts_its_batches_up_front_for_a_map_style_split():
+    """Uneven shards (11 and 10 rows): both processes stop after the shorter shard's full batches, with no collective
+    call per batch (the stub accelerator has no `reduce`), and they never share a row."""
+    dataset = datasets.Dataset.from_dict({"x": list(range(21))})
+    data_args = SimpleNamespace(shuffle_buffer_size=0, dataloader_num_workers=0)
+
+    def collate(rows: list[dict]) -> dict:
+        return {"pixel_values": torch.tensor([row["x"] for row in rows]), "skipped": 0}
+
+    def rows_of(process_index: int, samples_in_epoch: int) -> list[list[int]]:
+        accelerator = SimpleNamespace(num_processes=2, process_index=process_index, device=torch.device("cpu"))
+        state = {"epoch": 1, "samples_in_epoch": samples_in_epoch}
+        batches = worker_epoch_batches(dataset, state, accelerator, data_args, 4, collate, seed=0)
+        return [batch["pixel_values"].tolist() for batch in batches]
+
+    first, second = rows_of(0, 0), rows_of(1, 0)
+    assert len(first) == len(second) == 2 and all(len(batch) == 4 for batch in first + second)
+    assert not {row for batch in first for row in batch} & {row for batch in second for row in batch}
+    # resuming after one global batch of 8 leaves each process one full batch: its second
+    assert rows_of(0, 8) == first[1:] and rows_of(1, 8) == second[1:]
