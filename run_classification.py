@@ -583,9 +583,10 @@ def knn(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict, dic
 
 def both_poolings(model: SGMAEForImageClassification, pixel_values: torch.Tensor) -> torch.Tensor:
     """[CLS] and mean-pooled features side by side, [B, 2D]: what `frozen_features` gives for each pooling (the
-    model is built with mean pooling, so `fc_norm` is its LayerNorm and [CLS] is the last state's first token)."""
-    last_hidden_state = model.vit(pixel_values).last_hidden_state
-    return torch.cat([last_hidden_state[:, 0], model.fc_norm(last_hidden_state[:, 1:].mean(dim=1))], dim=1)
+    model is built with mean pooling, so `pooler_output` is the patch mean, `fc_norm` its LayerNorm, and [CLS] the
+    last state's first token)."""
+    outputs = model.vit(pixel_values)
+    return torch.cat([outputs.last_hidden_state[:, 0], model.fc_norm(outputs.pooler_output)], dim=1)
 
 
 def frozen(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict, dict, None]:

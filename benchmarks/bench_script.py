@@ -32,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_model import synchronize  # noqa: E402
 from provenance import code_commit  # noqa: E402
 
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining  # noqa: E402
@@ -54,11 +55,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max_train_samples", type=int, help="Use only the first N training images.")
     parser.add_argument("--output", default=str(REPO / "benchmarks/results/bench_script.json"))
     return parser.parse_args()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def model_rate(args: argparse.Namespace) -> float:

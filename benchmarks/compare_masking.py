@@ -220,11 +220,12 @@ def summarise(records: list[dict], headline: str) -> dict:
             row[key] = {"mean": fmean(values), "min": min(values), "max": max(values)} if values else None
         rows.append(row)
     reference = records[0]["variant"]
-    means = {(row["variant"], row["epoch"], key): row[key]["mean"] for row in rows for key in SUMMARISED if row[key]}
+    by_run = {(row["variant"], row["epoch"]): row for row in rows}
     for row in rows:
+        base = by_run.get((reference, row["epoch"]))
         for key in ACCURACIES:
-            if (row["variant"], row["epoch"], key) in means and (reference, row["epoch"], key) in means:
-                row[f"delta_{key}"] = means[row["variant"], row["epoch"], key] - means[reference, row["epoch"], key]
+            if row[key] and base and base[key]:
+                row[f"delta_{key}"] = row[key]["mean"] - base[key]["mean"]
     probe = f"linear_probe_{headline}"
     reference_rows = [row for row in rows if row["variant"] == reference and row[probe] and row["train_minutes"]]
     reached = {}
