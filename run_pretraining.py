@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -108,6 +109,13 @@ class PretrainingArguments:
         default=2, metadata={"help": "Keep only the newest N checkpoints (0: keep all)."}
     )
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "Checkpoint folder or 'latest'."})
+    stop_after_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stop at the last checkpoint that this many minutes allow (a sitting of a long run); the same "
+            "command with --resume_from_checkpoint latest continues it."
+        },
+    )
     logging_steps: int = field(default=10, metadata={"help": "Log loss, lr and masking statistics every N steps."})
     visualization_steps: int | None = field(
         default=None, metadata={"help": "Write a mask/reconstruction PNG every N steps (always at the end)."}
@@ -147,6 +155,9 @@ def parse_args() -> tuple[ModelArguments, data.DataArguments, PretrainingArgumen
     check_mixed_precision(args.mixed_precision)
     if not args.num_train_epochs > 0:
         raise SystemExit(f"error: --num_train_epochs must be positive, got {args.num_train_epochs}")
+    stop = args.stop_after_minutes
+    if stop is not None and (not stop > 0 or args.checkpointing_steps in (None, "none")):
+        raise SystemExit("error: --stop_after_minutes needs a positive value and checkpoints to stop at")
     if args.input_path not in INPUT_PATHS:
         raise SystemExit(f"error: --input_path must be one of {INPUT_PATHS}, got {args.input_path!r}")
     parse_config_overrides(model_args.config_overrides)  # a malformed item is an error now, not after loading data
@@ -281,6 +292,7 @@ class PretrainingHooks(TrainingHooks):
 
 def main() -> None:
     model_args, data_args, args = parse_args()
+    stop_at = None if args.stop_after_minutes is None else time.time() + 60 * args.stop_after_minutes
     accelerator = start_run(
         args.output_dir, args.seed, args.gradient_accumulation_steps, args.mixed_precision, args.report_to
     )
@@ -324,9 +336,16 @@ def main() -> None:
 
     settings = LoopSettings(
         total_steps, args.output_dir, args.logging_steps, args.checkpointing_steps, args.save_total_limit,
-        args.max_grad_norm, config,
+        args.max_grad_norm, config, stop_at=stop_at,
     )  # fmt: skip
     state = train(accelerator, model, optimizer, scheduler, epoch_batches, state, settings, hooks, objects)
+    if state["step"] < total_steps:
+        logger.info(
+            "stopped at step %d of %d (--stop_after_minutes); the same command with --resume_from_checkpoint latest "
+            "continues from its checkpoint", state["step"], total_steps,
+        )  # fmt: skip
+        accelerator.end_training()
+        return
     unwrapped.set_training_progress(state["step"], total_steps)  # the saved model says how far it was trained
     if state["skipped_images"]:
         logger.warning("skipped %d corrupt images", state["skipped_images"])

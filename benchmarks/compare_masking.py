@@ -4,22 +4,32 @@ seed, data order and crops, then evaluate kNN and linear-probe accuracy at sever
 
     python benchmarks/compare_masking.py --dataset_name ../shared/data/cifar10 --epochs 10 --eval_epochs 2,4,6,8,10
 
-Each run is a plain `run_pretraining.py` process (so this measures what users run); every evaluated checkpoint then
+Each run is a plain `run_pretraining.py` process (so this measures what users run); every evaluated checkpoint
 gets `run_classification.py --protocol frozen` (kNN and linear probe on [CLS] and on mean-pooled features, from one
 feature pass) and the analysis toolkit (bi-partition gap, feature variance, attention distance, exploitation rates,
-informed-mask centre share, Figure-1 panel). Writes `compare_masking.json` (every record, and per variant and epoch
-the mean and spread over seeds), prints both tables and draws the learning curves against epoch and wall-clock time.
+informed-mask centre share, object-part size, Figure-1 panel) as soon as it is written, while the run goes on.
+
+A comparison can take several sittings: checkpoints live in `--runs_dir` (outside the work tree), every finished
+evaluation is added to `OUTPUT_DIR/compare_masking.json` at once, and `--stop_after_minutes` ends a sitting at a
+checkpoint with its evaluations done. The same command continues: runs resume from their newest checkpoint, the
+evaluations in the JSON are kept, and a run whose checkpoints are gone restarts from its seed (bitwise the same run).
+The JSON holds every record and, per variant and epoch, the mean and spread over seeds; the tables are printed and
+the learning curves drawn against epoch and pre-training wall-clock time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import fmean
@@ -27,7 +37,19 @@ from statistics import fmean
 REPO = Path(__file__).resolve().parents[1]
 POOLED = [(protocol, pooling) for protocol in ("knn", "linear_probe") for pooling in ("cls", "mean")]
 ACCURACIES = [f"{protocol}_{pooling}" for protocol, pooling in POOLED]
-SUMMARISED = (*ACCURACIES, "train_minutes", "centre_masked_share", "bipartition_gap", "attention_distance_last")
+SUMMARISED = (
+    *ACCURACIES, "train_minutes", "centre_masked_share", "object_part_fraction", "bipartition_gap",
+    "attention_distance_last", "exploitation_mask_share",
+)  # fmt: skip
+# Arguments that do not change what is measured: a sitting may change them and keep the records of earlier ones.
+SITTING_ARGUMENTS = {
+    "output_dir", "runs_dir", "parallel_runs", "stop_after_minutes", "evaluate_only", "collect_only", "num_workers",
+    "panel_epochs",
+}  # fmt: skip
+# Minutes kept free at the end of a sitting for the evaluation of the last checkpoint (kNN, probe and analysis of
+# the 112 px Imagenette model take about 4 minutes on two CPU cores, next to a pre-training run).
+EVALUATION_MINUTES = 8.0
+POLL_SECONDS = 15.0
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from provenance import code_commit  # noqa: E402
@@ -60,7 +82,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--probe_pooling", default="mean", choices=("cls", "mean"), help="The pooling the tables lead with (both run)."
     )
-    parser.add_argument("--mixed_precision", default="bf16")
+    parser.add_argument("--mixed_precision", default="auto", help="run_pretraining.py's (auto: bf16 on a GPU).")
     parser.add_argument("--num_workers", type=int, default=1)
     parser.add_argument(
         "--input_path", default="workers", choices=("workers", "decode_once"), help="run_pretraining.py's input path."
@@ -83,21 +105,65 @@ def parse_args() -> argparse.Namespace:
         help="Run nothing: gather the evaluations already written (e.g. copied back from a GPU machine without the "
         "weights); missing ones are recorded as null.",
     )
-    parser.add_argument("--output_dir", default=str(REPO / "benchmarks/results/compare_masking"))
+    parser.add_argument(
+        "--output_dir",
+        default=str(REPO / "benchmarks/results/compare_masking"),
+        help="Where the JSON, the curves and the panels go (small: meant to be committed).",
+    )
+    parser.add_argument(
+        "--runs_dir",
+        default=None,
+        help="Where the runs' checkpoints and evaluations go (large); default: ~/.cache/sgmae/compare_masking/ and "
+        "the output folder's name ($XDG_CACHE_HOME instead of ~/.cache where it is set).",
+    )
+    parser.add_argument(
+        "--stop_after_minutes",
+        type=float,
+        default=None,
+        help="End this sitting in about this many minutes: runs stop at a checkpoint early enough for its "
+        "evaluation; the same command continues later.",
+    )
+    parser.add_argument(
+        "--panel_epochs", default=None, help="Epochs whose Figure-1 panels are copied to --output_dir (default: the "
+        "first and last of --eval_epochs).",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.parallel_runs < 1:
         parser.error("--parallel_runs must be at least 1")
+    if args.stop_after_minutes is not None and args.stop_after_minutes <= EVALUATION_MINUTES:
+        parser.error(f"--stop_after_minutes must leave time to evaluate: more than {EVALUATION_MINUTES:g}")
+    if args.runs_dir is None:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        args.runs_dir = str(cache / "sgmae" / "compare_masking" / Path(args.output_dir).resolve().name)
     return args
 
 
-def run(command: list[str], log: Path) -> None:
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    """The command in the background, offline, its output appended to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=python_path)
-    with log.open("w") as handle:
-        result = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        raise SystemExit(f"{command[1]} failed; see {log}")
+    with log.open("a") as handle:
+        return subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def finish(process: subprocess.Popen, log: Path) -> None:
+    if process.wait() != 0:
+        raise SystemExit(f"{process.args[1]} failed; see {log}")
+
+
+def run(command: list[str], log: Path) -> None:
+    finish(start(command, log), log)
+
+
+class Sitting:
+    """The time this invocation may use (unlimited without --stop_after_minutes)."""
+
+    def __init__(self, minutes: float | None):
+        self.end = None if minutes is None else time.time() + 60 * minutes
+
+    def minutes_left(self) -> float:
+        return math.inf if self.end is None else (self.end - time.time()) / 60
 
 
 def split_variants(text: str) -> list[tuple[str, str]]:
@@ -135,9 +201,8 @@ def run_all(pool: ThreadPoolExecutor, function, items: list) -> list:
         raise
 
 
-def pretrain(args: argparse.Namespace, name: str, extra: str, seed: int, output: Path) -> None:
-    if (output / "train_results.json").is_file():
-        return  # finished earlier: this benchmark resumes where it stopped
+def pretraining_command(args: argparse.Namespace, name: str, extra: str, seed: int, output: Path) -> list[str]:
+    """run_pretraining.py for one variant and seed; it resumes from the newest checkpoint in `output`."""
     command = [
         sys.executable, str(REPO / "run_pretraining.py"), "--dataset_name", args.dataset_name,
         "--config_name", args.config_name, "--output_dir", str(output), "--seed", str(seed),
@@ -155,7 +220,7 @@ def pretrain(args: argparse.Namespace, name: str, extra: str, seed: int, output:
         command += ["--config_overrides", ",".join(overrides)]
     if args.max_train_samples:
         command += ["--max_train_samples", str(args.max_train_samples)]
-    run(command, output / f"pretrain-{name}-seed{seed}.log")
+    return command
 
 
 def dataset_config(args: argparse.Namespace) -> list[str]:
@@ -315,42 +380,124 @@ def evaluate_checkpoint(args: argparse.Namespace, name: str, seed: int, epoch: i
         "attention_distance_last": metrics["attention_distance"][-1] if metrics else None,
         "exploitation_mask_share": sum(mask_shares) / len(mask_shares) if mask_shares else None,
         "centre_masked_share": metrics.get("informed_mask_centre_share"),
+        "object_part_fraction": metrics.get("object_part_fraction"),
         "reconstruction_loss": metrics.get("reconstruction_loss"),
     }
 
 
+class Records:
+    """The evaluations measured so far, in this sitting or an earlier one, written to the JSON after each new one."""
+
+    def __init__(self, args: argparse.Namespace, runs: list[tuple[str, str, int]]):
+        self.args, self.path = args, Path(args.output_dir) / "compare_masking.json"
+        self.order = {(name, seed): index for index, (name, _, seed) in enumerate(runs)}
+        self.lock = threading.Lock()
+        self.by_key: dict[tuple[str, int, int], dict] = {}
+        if self.path.is_file():
+            earlier = json.loads(self.path.read_text())
+            differing = sorted(
+                key for key, value in vars(args).items()
+                if key not in SITTING_ARGUMENTS and earlier["args"].get(key) != value
+            )  # fmt: skip
+            if differing:
+                raise SystemExit(
+                    f"error: {self.path} holds a comparison with other settings ({', '.join(differing)}); "
+                    "choose another --output_dir"
+                )
+            self.by_key = {(r["variant"], r["seed"], r["epoch"]): r for r in earlier["records"]}
+
+    def __contains__(self, key: tuple[str, int, int]) -> bool:
+        return key in self.by_key
+
+    def add(self, record: dict) -> None:
+        with self.lock:
+            self.by_key[record["variant"], record["seed"], record["epoch"]] = record
+            self.write()
+
+    def sorted(self) -> list[dict]:
+        key = lambda record: (self.order.get((record["variant"], record["seed"]), math.inf), record["epoch"])  # noqa: E731
+        return sorted(self.by_key.values(), key=key)
+
+    def write(self) -> dict:
+        records = self.sorted()
+        summary = summarise(records, self.args.probe_pooling) if records else {"rows": [], "reached": {}}
+        written = {"args": vars(self.args), "commit": code_commit(), "records": records, "summary": summary}
+        temporary = self.path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(written, indent=2))
+        temporary.replace(self.path)
+        return summary
+
+
+def epoch_checkpoints(folder: Path) -> dict[int, Path]:
+    """The complete checkpoints of a run by epoch (written at epoch ends by pretraining_command)."""
+    found = {}
+    for checkpoint in folder.glob("checkpoint-*"):
+        if (checkpoint / "trainer_state.json").is_file():
+            found[json.loads((checkpoint / "trainer_state.json").read_text())["epoch"]] = checkpoint
+    return found
+
+
+def run_and_evaluate(
+    args: argparse.Namespace, sitting: Sitting, records: Records, eval_epochs: list[int], run: tuple[str, str, int]
+) -> None:
+    """Pre-train one variant and seed (resuming), evaluating each evaluation epoch's checkpoint as soon as it is
+    written; within the sitting, leaving time for the last evaluation."""
+    name, extra, seed = run
+    folder = Path(args.runs_dir) / f"{name}-seed{seed}"
+    waiting = [epoch for epoch in eval_epochs if (name, seed, epoch) not in records]
+    process, log = None, folder / "pretrain.log"
+    minutes = sitting.minutes_left() - EVALUATION_MINUTES
+    trained = (folder / "train_results.json").is_file()
+    if waiting and not (trained or args.evaluate_only or args.collect_only) and minutes > 1:
+        command = pretraining_command(args, name, extra, seed, folder)
+        process = start(command + ([] if math.isinf(minutes) else ["--stop_after_minutes", f"{minutes:.1f}"]), log)
+    while True:
+        running = process is not None and process.poll() is None
+        checkpoints = epoch_checkpoints(folder)
+        for epoch in [epoch for epoch in waiting if epoch in checkpoints]:
+            if sitting.minutes_left() < EVALUATION_MINUTES / 2:
+                break
+            record = evaluate_checkpoint(args, name, seed, epoch, checkpoints[epoch])
+            if record["knn_mean"] is None:
+                continue  # --collect_only, and not evaluated where the run was
+            records.add(record)
+            waiting.remove(epoch)
+            copy_panel(args, name, seed, epoch, checkpoints[epoch])
+        if not running:
+            break
+        time.sleep(POLL_SECONDS)
+    if process is not None:
+        finish(process, log)
+    for epoch in waiting:
+        if args.collect_only or epoch not in epoch_checkpoints(folder):
+            print(f"not yet evaluated: {name} seed {seed} epoch {epoch}")
+
+
+def copy_panel(args: argparse.Namespace, name: str, seed: int, epoch: int, checkpoint: Path) -> None:
+    panel = checkpoint / "analysis" / "figure_panel.png"
+    if epoch in args.panel_epochs and panel.is_file():
+        shutil.copyfile(panel, Path(args.output_dir) / f"figure_panel_{name}_seed{seed}_epoch{epoch}.png")
+
+
 def main() -> None:
     args = parse_args()
-    root = Path(args.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     variants = split_variants(args.variants)
     runs = [(name, extra, int(seed)) for seed in args.seeds.split(",") for name, extra in variants]
     eval_epochs = [int(e) for e in args.eval_epochs.split(",")] if args.eval_epochs else range(1, args.epochs + 1)
     eval_epochs = list(dict.fromkeys(eval_epochs))
+    panel_epochs = args.panel_epochs.split(",") if args.panel_epochs else [eval_epochs[0], eval_epochs[-1]]
+    args.panel_epochs = [int(epoch) for epoch in panel_epochs]
+    records, sitting = Records(args, runs), Sitting(args.stop_after_minutes)
     with ThreadPoolExecutor(args.parallel_runs) as pool:
-        if not (args.evaluate_only or args.collect_only):
-            run_all(pool, lambda job: pretrain(args, job[0], job[1], job[2], root / f"{job[0]}-seed{job[2]}"), runs)
-        checkpoints = {}
-        for name, _, seed in runs:
-            for checkpoint in (root / f"{name}-seed{seed}").glob("checkpoint-*"):
-                epoch = json.loads((checkpoint / "trainer_state.json").read_text())["epoch"]
-                checkpoints[name, seed, epoch] = checkpoint
-        # Epoch-major, in the order given: an interrupted benchmark has evaluated every run at the first epochs.
-        jobs = [(name, seed, epoch) for epoch in eval_epochs for name, _, seed in runs]
-        for job in jobs:
-            if job not in checkpoints:
-                print(f"warning: no checkpoint of {job[0]} seed {job[1]} at epoch {job[2]}; not evaluated")
-        jobs = [job for job in jobs if job in checkpoints]
-        records = run_all(pool, lambda job: evaluate_checkpoint(args, *job, checkpoints[job]), jobs)
-    order = {(name, seed): index for index, (name, _, seed) in enumerate(runs)}
-    records.sort(key=lambda record: (order[record["variant"], record["seed"]], record["epoch"]))
-    summary = summarise(records, args.probe_pooling) if records else {"rows": [], "reached": {}}
-    (root / "compare_masking.json").write_text(
-        json.dumps({"args": vars(args), "commit": code_commit(), "records": records, "summary": summary}, indent=2)
-    )
-    if records:
-        print_tables(records, summary, args.probe_pooling)
-        plot(summary, root / "compare_masking.png")
+        run_all(pool, lambda run: run_and_evaluate(args, sitting, records, eval_epochs, run), runs)
+    summary = records.write()
+    missing = len(runs) * len(eval_epochs) - len(records.by_key)
+    if records.by_key:
+        print_tables(records.sorted(), summary, args.probe_pooling)
+        plot(summary, Path(args.output_dir) / "compare_masking.png")
+    if missing:
+        print(f"\n{missing} evaluations still to come; the same command continues (runs in {args.runs_dir})")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedConfig
@@ -187,6 +187,7 @@ class LoopSettings:
     checkpoint_config: PreTrainedConfig | None = None  # written into each checkpoint, so it loads with from_pretrained
     count_key: str = "pixel_values"  # the batch entry whose length counts the samples
     sharded: bool = True  # each process trains on its own shard: sample counts are summed over processes
+    stop_at: float | None = None  # wall-clock time (time.time()) before which to stop at a checkpoint
 
 
 class Checkpointer:
@@ -198,6 +199,7 @@ class Checkpointer:
         self.settings, self.objects = settings, objects
         self.last_loss = torch.tensor(last_loss if last_loss is not None else float("inf"))
         self.unverified: tuple[Path, float] | None = None  # the newest checkpoint, and the loss just before it
+        self.last_saved_at = time.time()
 
     def save(self, state: dict, window: Window) -> None:
         """Checkpoint the state, with the data position made exact and the loss of the window so far."""
@@ -216,6 +218,16 @@ class Checkpointer:
             settings.checkpoint_config,
         )  # fmt: skip
         self.unverified = (path, self.last_loss.item())
+
+    def time_is_up(self) -> bool:
+        """Whether the next checkpoint, as far away as the last one was, would come after `settings.stop_at`;
+        decided by the main process, so every process stops at the same checkpoint."""
+        now, since_last = time.time(), time.time() - self.last_saved_at
+        self.last_saved_at = now
+        if self.settings.stop_at is None:
+            return False
+        up = torch.tensor(float(now + since_last > self.settings.stop_at), device=self.accelerator.device)
+        return bool(broadcast(up).item())
 
     def saw_loss(self, loss: torch.Tensor) -> None:
         """The loss of the current weights (read from the device only when it verifies a checkpoint)."""
@@ -281,7 +293,8 @@ def train(
     hooks: TrainingHooks,
     objects: dict[str, Any],
 ) -> dict:
-    """Train until `settings.total_steps` optimiser steps; return the final `state`.
+    """Train until `settings.total_steps` optimiser steps, or until the checkpoint at which `settings.stop_at` is
+    near (the returned `state` then has fewer steps); return the final `state`.
 
     `epoch_batches(state)` yields this process's batches of the epoch in `state`, past the samples already trained on
     (a resumed run continues exactly). `state` (step, epoch, sample counts, train_seconds, train_loss) is saved in
@@ -297,7 +310,8 @@ def train(
     checkpoints = Checkpointer(accelerator, model, optimizer, settings, objects, state.get("train_loss"))
 
     model.train()
-    while state["step"] < total_steps:
+    stopping = False
+    while state["step"] < total_steps and not stopping:
         epoch_start = state["samples_in_epoch"]
         for batch in epoch_batches(state):
             if state["step"] >= total_steps:  # checked before training, so a schedule ending with an epoch ends it
@@ -336,6 +350,8 @@ def train(
             steps = settings.checkpointing_steps
             if steps not in (None, "none", "epoch") and step % int(steps) == 0:
                 checkpoints.save(state, window)
+                if stopping := checkpoints.time_is_up():
+                    break
         else:  # the epoch ran to its end
             window.count_into(state)
             if epoch_start == state["samples_in_epoch"] == 0:
@@ -345,9 +361,10 @@ def train(
             hooks.after_epoch(state)
             if settings.checkpointing_steps == "epoch":
                 checkpoints.save(state, window)
+                stopping = checkpoints.time_is_up()
     window.count_into(state)
     progress.close()
-    if accelerator.is_main_process:  # trained to the end: the last good checkpoint need not outlive the limit
+    if accelerator.is_main_process and not stopping:  # at the end: the last good checkpoint need not outlive the limit
         prune_checkpoints(settings.output_dir, settings.save_total_limit, keep_last_good=False)
     return state
 

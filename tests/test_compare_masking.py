@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,54 +36,64 @@ def test_split_variants_keeps_the_commas_of_config_overrides() -> None:
 
 
 def test_a_variants_config_overrides_come_after_the_common_ones(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    commands = []
-    monkeypatch.setattr(compare_masking, "run", lambda command, log: commands.append(command))
     args = parse(monkeypatch, "--config_overrides", "num_hidden_layers=4,hint_ratio=0.06")
-    compare_masking.pretrain(
+    hinted = compare_masking.pretraining_command(
         args, "hint", "--config_overrides hint_ratio=0.15 --informed_masking_start 0.4", 0, tmp_path
     )
-    compare_masking.pretrain(args, "plain", "--mask_strategy random", 0, tmp_path)
-    hinted, plain = commands
+    plain = compare_masking.pretraining_command(args, "plain", "--mask_strategy random", 0, tmp_path)
     assert hinted[hinted.index("--config_overrides") + 1] == "num_hidden_layers=4,hint_ratio=0.06,hint_ratio=0.15"
     assert hinted.count("--config_overrides") == 1
     assert hinted[hinted.index("--informed_masking_start") + 1] == "0.4"
     assert plain[plain.index("--config_overrides") + 1] == "num_hidden_layers=4,hint_ratio=0.06"
-    compare_masking.pretrain(args, "equals", "--config_overrides=hint_ratio=0.2", 0, tmp_path)
-    assert commands[-1][-2:] == ["--config_overrides", "num_hidden_layers=4,hint_ratio=0.06,hint_ratio=0.2"]
+    equals = compare_masking.pretraining_command(args, "equals", "--config_overrides=hint_ratio=0.2", 0, tmp_path)
+    assert equals[-2:] == ["--config_overrides", "num_hidden_layers=4,hint_ratio=0.06,hint_ratio=0.2"]
     with pytest.raises(SystemExit, match="without a value"):
-        compare_masking.pretrain(args, "broken", "--config_overrides", 0, tmp_path)
+        compare_masking.pretraining_command(args, "broken", "--config_overrides", 0, tmp_path)
 
 
-def test_collect_only_gathers_written_results_and_records_missing_ones_as_null(
+def write_checkpoint(run_dir: Path, epoch: int, top1: float | None, analysis: dict | None = None) -> Path:
+    """A checkpoint folder as run_pretraining.py writes it, with the evaluation files the benchmark reads."""
+    checkpoint = run_dir / f"checkpoint-{10 * epoch}"
+    (checkpoint / "eval-frozen").mkdir(parents=True)
+    state = {"epoch": epoch, "step": 10 * epoch, "train_seconds": 90 * epoch}
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    if top1 is not None:
+        written = {f"{pooling}_{protocol}_top1": top1 for protocol, pooling in compare_masking.POOLED}
+        (checkpoint / "eval-frozen/eval_results.json").write_text(json.dumps(written))
+    if analysis is not None:
+        (checkpoint / "analysis").mkdir()
+        (checkpoint / "analysis/analysis.json").write_text(json.dumps(analysis))
+    return checkpoint
+
+
+def test_collect_only_gathers_written_results_and_later_sittings_keep_them(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     def no_subprocess(command, log):
         raise AssertionError(f"--collect_only ran {command}")
 
     monkeypatch.setattr(compare_masking, "run", no_subprocess)
-    for seed, (variant, top1) in itertools.product((0, 1), (("mae", 0.40), ("sgmae", 0.42))):
-        checkpoint = tmp_path / f"{variant}-seed{seed}/checkpoint-10"
-        (checkpoint / "eval-frozen").mkdir(parents=True)
-        (checkpoint / "trainer_state.json").write_text(json.dumps({"epoch": 1, "step": 10, "train_seconds": 90}))
-        written = {f"{pooling}_{protocol}_top1": top1 + seed / 100 for protocol, pooling in compare_masking.POOLED}
-        if variant == "mae" or seed == 0:
-            (checkpoint / "eval-frozen/eval_results.json").write_text(json.dumps(written))
+    monkeypatch.setattr(compare_masking, "start", no_subprocess)
+    runs, output = tmp_path / "runs", tmp_path / "out"
     analysis = {"feature_variance": 0.5, "attention_distance": [3.0, 5.0], "exploitation_rate_mask": [0.4, 0.6]}
-    analysis |= {"reconstruction_loss": 0.7, "bipartition_gap": 0.2}
-    (tmp_path / "mae-seed0/checkpoint-10/analysis").mkdir()
-    (tmp_path / "mae-seed0/checkpoint-10/analysis/analysis.json").write_text(json.dumps(analysis))
-    monkeypatch.setattr(
-        "sys.argv",
-        ["compare_masking.py", "--dataset_name", "data", "--collect_only", "--seeds", "0,1",
-         "--epochs", "1", "--output_dir", str(tmp_path)],
-    )  # fmt: skip
+    analysis |= {"reconstruction_loss": 0.7, "bipartition_gap": 0.2, "object_part_fraction": 0.3}
+    for seed, (variant, top1) in itertools.product((0, 1), (("mae", 0.40), ("sgmae", 0.42))):
+        missing = variant == "sgmae" and seed == 1
+        found = None if missing else top1 + seed / 100
+        write_checkpoint(
+            runs / f"{variant}-seed{seed}", 1, found, analysis if variant == "mae" and seed == 0 else None
+        )
+    arguments = ["compare_masking.py", "--dataset_name", "data", "--collect_only", "--seeds", "0,1", "--epochs", "1",
+                 "--output_dir", str(output), "--runs_dir", str(runs)]  # fmt: skip
+    monkeypatch.setattr("sys.argv", arguments)
     compare_masking.main()
-    written = json.loads((tmp_path / "compare_masking.json").read_text())
-    mae, sgmae, mae_1, sgmae_1 = written["records"]
+    written = json.loads((output / "compare_masking.json").read_text())
+    mae, sgmae, mae_1 = written["records"]  # the one not evaluated is left for a later sitting
     assert (mae["variant"], mae["knn_mean"], mae["linear_probe_cls"], mae["train_minutes"]) == ("mae", 40.0, 40.0, 1.5)
     assert (mae["attention_distance_last"], mae["exploitation_mask_share"]) == (5.0, 0.5)
+    assert mae["object_part_fraction"] == 0.3
     assert sgmae["knn_cls"] == pytest.approx(42.0) and sgmae["feature_variance"] is None
-    assert sgmae_1["knn_cls"] is None and mae_1["knn_cls"] == pytest.approx(41.0)
+    assert (mae_1["seed"], mae_1["knn_cls"]) == (1, pytest.approx(41.0))
     # the summary: mean and spread over the seeds that have a value, and the difference from the first variant
     mae_row, sgmae_row = written["summary"]["rows"]
     assert mae_row["linear_probe_mean"] == pytest.approx({"mean": 40.5, "min": 40.0, "max": 41.0})
@@ -90,14 +102,66 @@ def test_collect_only_gathers_written_results_and_records_missing_ones_as_null(
     assert written["summary"]["reached"]["sgmae"] == pytest.approx(
         {"epoch": 1, "train_minutes": 1.5, "time_ratio": 1.0}
     )
-    assert (tmp_path / "compare_masking.png").stat().st_size > 0
+    assert (output / "compare_masking.png").stat().st_size > 0
+
+    # a later sitting: the checkpoints are gone, the records stay, and the missing evaluation is added
+    shutil.rmtree(runs)
+    write_checkpoint(runs / "sgmae-seed1", 1, 0.45)
+    compare_masking.main()
+    records = json.loads((output / "compare_masking.json").read_text())["records"]
+    assert records[:3] == written["records"]
+    assert (records[3]["variant"], records[3]["seed"], records[3]["knn_mean"]) == ("sgmae", 1, 45.0)
+
+    monkeypatch.setattr("sys.argv", [*arguments, "--batch_size", "64"])
+    with pytest.raises(SystemExit, match="holds a comparison with other settings \\(batch_size\\)"):
+        compare_masking.main()
+
+
+def test_checkpoints_are_evaluated_while_the_run_goes_on_and_the_run_leaves_time_for_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A sitting: pre-training gets the sitting's minutes less the evaluation reserve; each evaluation epoch is
+    evaluated as soon as its checkpoint appears, while the (here simulated) run is still going."""
+    runs, output = tmp_path / "runs", tmp_path / "out"
+    started, evaluated_while_running = [], []
+
+    def fake_start(command, log):
+        started.append(command)
+        run_dir = Path(command[command.index("--output_dir") + 1])
+        write_checkpoint(run_dir, 1, None)  # epoch 1 is written at once; epoch 2 after the first poll
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+
+    def fake_run(command, log):
+        checkpoint = Path(command[command.index("--model_name_or_path") + 1])
+        evaluated_while_running.append((checkpoint.name, started and not (checkpoint.parent / "done").exists()))
+        written = {f"{pooling}_{protocol}_top1": 0.5 for protocol, pooling in compare_masking.POOLED}
+        (checkpoint / "eval-frozen/eval_results.json").write_text(json.dumps(written))
+        if checkpoint.name == "checkpoint-10":
+            write_checkpoint(checkpoint.parent, 2, None)
+            (checkpoint.parent / "done").touch()
+
+    monkeypatch.setattr(compare_masking, "start", fake_start)
+    monkeypatch.setattr(compare_masking, "run", fake_run)
+    monkeypatch.setattr(compare_masking, "analyse", lambda args, checkpoint: {})
+    monkeypatch.setattr(compare_masking, "POLL_SECONDS", 0.2)
+    monkeypatch.setattr(
+        "sys.argv",
+        ["compare_masking.py", "--dataset_name", "data", "--variants", "mae:--mask_strategy random", "--epochs", "2",
+         "--output_dir", str(output), "--runs_dir", str(runs), "--stop_after_minutes", "30"],
+    )  # fmt: skip
+    compare_masking.main()
+    (command,) = started
+    minutes = float(command[command.index("--stop_after_minutes") + 1])
+    assert 30 - compare_masking.EVALUATION_MINUTES - 1 < minutes <= 30 - compare_masking.EVALUATION_MINUTES
+    assert evaluated_while_running[0] == ("checkpoint-10", True)
+    records = json.loads((output / "compare_masking.json").read_text())["records"]
+    assert [(record["epoch"], record["knn_mean"]) for record in records] == [(1, 50.0), (2, 50.0)]
+    assert (runs / "mae-seed0").is_dir() and not (output / "mae-seed0").exists()
 
 
 def test_the_pretraining_command_is_one_run_pretraining_accepts(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    commands = []
-    monkeypatch.setattr(compare_masking, "run", lambda command, log: commands.append(command))
     args = parse(monkeypatch, "--dataset_config_name", "112px", "--input_path", "decode_once")
-    compare_masking.pretrain(args, "sgmae", "--mask_strategy self_guided", 0, tmp_path)
+    commands = [compare_masking.pretraining_command(args, "sgmae", "--mask_strategy self_guided", 0, tmp_path)]
     spec = importlib.util.spec_from_file_location("run_pretraining", REPO_ROOT / "run_pretraining.py")
     run_pretraining = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "run_pretraining", run_pretraining)  # dataclasses look their module up

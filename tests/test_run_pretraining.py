@@ -112,7 +112,7 @@ def test_two_processes_cross_into_informed_masking_and_publish(image_dataset_dir
     assert report["features"] == [1, 65, 32] and report["pooled"] == [1, 32]
 
 
-def test_killed_run_resumes_to_the_same_weights(image_dataset_dir, config_file, tmp_path):
+def test_killed_or_stopped_run_resumes_to_the_same_weights(image_dataset_dir, config_file, tmp_path):
     common = ("--max_train_steps", "12", "--checkpointing_steps", "3", "--informed_masking_start_step", "5")
     straight = tmp_path / "straight"
     check_ok(run(pretraining_args(image_dataset_dir, straight, config_file, *common)))
@@ -138,11 +138,24 @@ def test_killed_run_resumes_to_the_same_weights(image_dataset_dir, config_file, 
     check_ok(resumed)
     assert "resumed from" in resumed.stderr
 
-    expected, actual = load_file(straight / "model.safetensors"), load_file(interrupted / "model.safetensors")
-    assert expected.keys() == actual.keys()
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
-    for name in ("straight", "interrupted"):
+    # a sitting out of time stops cleanly at its first checkpoint; the same command with resume continues it
+    stopped = tmp_path / "stopped"
+    sitting = run(pretraining_args(image_dataset_dir, stopped, config_file, *common, "--stop_after_minutes", "1e-5"))
+    check_ok(sitting)
+    assert "stopped at step 3 of 12 (--stop_after_minutes)" in sitting.stderr
+    assert [path.name for path in stopped.glob("checkpoint-*")] == ["checkpoint-3"]
+    assert not (stopped / "train_results.json").exists() and not (stopped / "model.safetensors").exists()
+    check_ok(
+        run(pretraining_args(image_dataset_dir, stopped, config_file, *common, "--resume_from_checkpoint", "latest"))
+    )
+
+    expected = load_file(straight / "model.safetensors")
+    for name in ("interrupted", "stopped"):
+        actual = load_file(tmp_path / name / "model.safetensors")
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=f"{name}: {key}")
+    for name in ("straight", "interrupted", "stopped"):
         summary = json.loads((tmp_path / name / "train_results.json").read_text())
         assert summary["step"] == 12 and summary["samples_seen"] == 12 * 8
 
