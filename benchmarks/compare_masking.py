@@ -43,12 +43,9 @@ SUMMARISED = (
 )  # fmt: skip
 # Arguments that do not change what is measured: a sitting may change them and keep the records of earlier ones.
 SITTING_ARGUMENTS = {
-    "output_dir", "runs_dir", "parallel_runs", "stop_after_minutes", "evaluate_only", "collect_only", "num_workers",
-    "panel_epochs",
+    "output_dir", "runs_dir", "parallel_runs", "stop_after_minutes", "evaluation_minutes", "evaluate_only",
+    "collect_only", "num_workers", "panel_epochs",
 }  # fmt: skip
-# Minutes kept free at the end of a sitting for the evaluation of the last checkpoint (kNN, probe and analysis of
-# the 112 px Imagenette model take about 4 minutes on two CPU cores, next to a pre-training run).
-EVALUATION_MINUTES = 8.0
 POLL_SECONDS = 15.0
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -124,14 +121,21 @@ def parse_args() -> argparse.Namespace:
         "evaluation; the same command continues later.",
     )
     parser.add_argument(
+        "--evaluation_minutes",
+        type=float,
+        default=8.0,
+        help="Minutes a sitting keeps free at its end for the last checkpoint's evaluation (kNN, probe and analysis "
+        "of the 112 px Imagenette model take about 4 on two CPU cores next to a pre-training run; under 1 on a GPU).",
+    )
+    parser.add_argument(
         "--panel_epochs", default=None, help="Epochs whose Figure-1 panels are copied to --output_dir (default: the "
         "first and last of --eval_epochs).",
     )  # fmt: skip
     args = parser.parse_args()
     if args.parallel_runs < 1:
         parser.error("--parallel_runs must be at least 1")
-    if args.stop_after_minutes is not None and args.stop_after_minutes <= EVALUATION_MINUTES:
-        parser.error(f"--stop_after_minutes must leave time to evaluate: more than {EVALUATION_MINUTES:g}")
+    if args.stop_after_minutes is not None and args.stop_after_minutes <= args.evaluation_minutes:
+        parser.error(f"--stop_after_minutes must leave time to evaluate: more than {args.evaluation_minutes:g}")
     if args.runs_dir is None:
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         args.runs_dir = str(cache / "sgmae" / "compare_masking" / Path(args.output_dir).resolve().name)
@@ -392,12 +396,14 @@ class Records:
         self.args, self.path = args, Path(args.output_dir) / "compare_masking.json"
         self.order = {(name, seed): index for index, (name, _, seed) in enumerate(runs)}
         self.lock = threading.Lock()
+        self.command = shlex.join(["python", *sys.argv])
+        self.device = device_name()
         self.by_key: dict[tuple[str, int, int], dict] = {}
         if self.path.is_file():
             earlier = json.loads(self.path.read_text())
             differing = sorted(
                 key for key, value in vars(args).items()
-                if key not in SITTING_ARGUMENTS and earlier["args"].get(key) != value
+                if key not in SITTING_ARGUMENTS and key in earlier["args"] and earlier["args"][key] != value
             )  # fmt: skip
             if differing:
                 raise SystemExit(
@@ -421,11 +427,19 @@ class Records:
     def write(self) -> dict:
         records = self.sorted()
         summary = summarise(records, self.args.probe_pooling) if records else {"rows": [], "reached": {}}
-        written = {"args": vars(self.args), "commit": code_commit(), "records": records, "summary": summary}
+        written = {"command": self.command, "device": self.device, "args": vars(self.args), "commit": code_commit()}
+        written |= {"records": records, "summary": summary}
         temporary = self.path.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(written, indent=2))
         temporary.replace(self.path)
         return summary
+
+
+def device_name() -> str:
+    """The accelerator the runs train on (the pre-training script takes a GPU when there is one), or the CPU's."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
 
 
 def epoch_checkpoints(folder: Path) -> dict[int, Path]:
@@ -446,7 +460,7 @@ def run_and_evaluate(
     folder = Path(args.runs_dir) / f"{name}-seed{seed}"
     waiting = [epoch for epoch in eval_epochs if (name, seed, epoch) not in records]
     process, log = None, folder / "pretrain.log"
-    minutes = sitting.minutes_left() - EVALUATION_MINUTES
+    minutes = sitting.minutes_left() - args.evaluation_minutes
     trained = (folder / "train_results.json").is_file()
     if waiting and not (trained or args.evaluate_only or args.collect_only) and minutes > 1:
         command = pretraining_command(args, name, extra, seed, folder)
@@ -455,7 +469,7 @@ def run_and_evaluate(
         running = process is not None and process.poll() is None
         checkpoints = epoch_checkpoints(folder)
         for epoch in [epoch for epoch in waiting if epoch in checkpoints]:
-            if sitting.minutes_left() < EVALUATION_MINUTES / 2:
+            if sitting.minutes_left() < args.evaluation_minutes / 2:
                 break
             record = evaluate_checkpoint(args, name, seed, epoch, checkpoints[epoch])
             if record["knn_mean"] is None:

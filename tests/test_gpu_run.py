@@ -1,0 +1,59 @@
+"""benchmarks/gpu_run.sh: it refuses to run without a GPU, and its --smoke setting runs every step on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+
+SCRIPT = str(REPO_ROOT / "benchmarks" / "gpu_run.sh")
+spec = importlib.util.spec_from_file_location("gpu_plan", REPO_ROOT / "benchmarks/gpu_plan.py")
+gpu_plan = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_plan)
+
+
+def test_the_plan_fits_the_runs_into_the_time_left() -> None:
+    # 6 runs x 1.4 x 73 steps x 128 images at 12,800 img/s: 6.132 s per epoch of all runs
+    epochs, evaluations, epoch_seconds = gpu_plan.plan(12_800, 90 + 400, 6, 73, 128, 100)
+    assert epoch_seconds == pytest.approx(6.132)
+    assert (epochs, evaluations) == (60, [6, 15, 30, 45, 60])  # 65 fit; rounded down to tens
+    assert gpu_plan.plan(1e6, 1e6, 6, 73, 128, 100)[0] == 100  # never past the schedule asked for
+    assert gpu_plan.plan(12_800, 90 + 40, 6, 73, 128, 100)[:2] == (6, [1, 2, 3, 4, 6])
+    assert gpu_plan.plan(10, 100, 6, 73, 128, 100)[:2] == (1, [1])  # at least one epoch
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_a_gpu_it_says_so_in_one_line_and_exits_non_zero(tmp_path) -> None:
+    result = subprocess.run(["bash", SCRIPT, "--output", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: no CUDA GPU is visible; gpu_run.sh measures a GPU (--smoke runs the same path on the CPU)"
+    ]
+    assert not list(tmp_path.iterdir())
+
+
+def test_smoke_runs_every_step_and_writes_results_with_device_commit_and_command(image_dataset_dir, tmp_path) -> None:
+    output = tmp_path / "results"
+    env = dict(os.environ, RUNS_DIR=str(tmp_path / "runs"), OMP_NUM_THREADS="1")
+    command = ["bash", SCRIPT, "--smoke", "--data", str(image_dataset_dir), "--output", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "plan: model step" in result.stderr and "gpu_run.sh: done" in result.stdout
+
+    model = json.loads((output / "bench_model_gpu.json").read_text())
+    assert model["commit"] and "bench_model.py" in model["command"] and model["results"][0]["config"] == "cifar"
+    script = json.loads((output / "bench_script_gpu.json").read_text())
+    assert script["device"] == "cpu" and script["commit"] and script["medians"]["model"] > 0
+    comparison = json.loads((output / "imagenette196_gpu/compare_masking.json").read_text())
+    assert comparison["device"].startswith("cpu") and comparison["commit"]
+    assert "compare_masking.py" in comparison["command"] and "--stop_after_minutes" in comparison["command"]
+    epochs = int(comparison["args"]["epochs"])
+    assert {(record["variant"], record["epoch"]) for record in comparison["records"]} == {
+        (variant, epoch) for variant in ("mae", "sgmae") for epoch in range(1, epochs + 1)
+    }
+    assert all(record["linear_probe_mean"] is not None for record in comparison["records"])
