@@ -35,6 +35,7 @@ setup(
             "ruff>=0.6",
             "scikit-image>=0.22",
             "tensorboard>=2.15",
+            "timm>=1.0.9",  # the export tests load exported encoders into timm
         ],
     },
 )

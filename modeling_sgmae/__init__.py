@@ -1,6 +1,7 @@
 """SG-MAE: Self-Guided Masked Autoencoder (Shin et al., NeurIPS 2024) for Hugging Face Transformers."""
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoModel,
     AutoModelForImageClassification,
@@ -10,6 +11,7 @@ from transformers import (
 from .configuration_sgmae import SGMAEConfig
 from .masking_sgmae import MaskType, SelfGuidedMasking
 from .modeling_sgmae import (
+    SGMAEBackbone,
     SGMAEForImageClassification,
     SGMAEForPreTraining,
     SGMAEForPreTrainingOutput,
@@ -23,9 +25,11 @@ AutoConfig.register("sgmae", SGMAEConfig, exist_ok=True)
 AutoModel.register(SGMAEConfig, SGMAEModel, exist_ok=True)
 AutoModelForPreTraining.register(SGMAEConfig, SGMAEForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(SGMAEConfig, SGMAEForImageClassification, exist_ok=True)
+AutoBackbone.register(SGMAEConfig, SGMAEBackbone, exist_ok=True)
 
 __all__ = [
     "MaskType",
+    "SGMAEBackbone",
     "SGMAEConfig",
     "SGMAEForImageClassification",
     "SGMAEForPreTraining",

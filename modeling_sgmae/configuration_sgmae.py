@@ -7,6 +7,11 @@ import inspect
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
+try:  # its home since transformers 5.x; earlier releases kept it under utils
+    from transformers.backbone_utils import BackboneConfigMixin
+except ImportError:  # pragma: no cover - older transformers
+    from transformers.utils.backbone_utils import BackboneConfigMixin
+
 MASK_STRATEGIES = ("random", "self_guided")
 GRAPH_EDGES = ("similarity", "binary_fixed", "binary_mean")
 FOREGROUND_RULES = ("max_abs", "smaller")
@@ -19,10 +24,11 @@ AUTO_MAP = {
     "AutoModel": "modeling_sgmae.SGMAEModel",
     "AutoModelForPreTraining": "modeling_sgmae.SGMAEForPreTraining",
     "AutoModelForImageClassification": "modeling_sgmae.SGMAEForImageClassification",
+    "AutoBackbone": "modeling_sgmae.SGMAEBackbone",
 }
 
 
-class SGMAEConfig(PreTrainedConfig):
+class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""Configuration of an SG-MAE model (a ViT-MAE whose masks become self-guided after a warm-up).
 
     Architecture fields have the names, meaning and defaults of `transformers.ViTMAEConfig`, so a ViTMAE config
@@ -75,6 +81,10 @@ class SGMAEConfig(PreTrainedConfig):
             `"eigh"` (`torch.linalg.eigh`, the reference).
         fiedler_power_steps: Squarings of the power solver (the operator is raised to the power 2**steps); 16
             matches `eigh`'s bi-partitions on near-complete feature graphs with N = 64 and 196 patches.
+        out_features / out_indices: `SGMAEBackbone`'s outputs (transformers' Backbone API): stages `"stem"` (the
+            embedded patches) and `"stage1"`..`"stageL"` (the output of each encoder block); the last by default.
+        apply_layernorm: `SGMAEBackbone` applies the encoder's final LayerNorm to every feature map it returns.
+        reshape_hidden_states: `SGMAEBackbone` returns [B, D, H/p, W/p] maps ([CLS] dropped) instead of [B, 1+N, D].
     """
 
     model_type = "sgmae"
@@ -115,13 +125,44 @@ class SGMAEConfig(PreTrainedConfig):
         hint_sampling: str = "similarity",
         fiedler_solver: str = "power",
         fiedler_power_steps: int = 16,
+        apply_layernorm: bool = True,
+        reshape_hidden_states: bool = True,
         **kwargs,
     ):
         fields = {name: value for name, value in locals().items() if name in FIELD_NAMES}
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        kwargs.pop("stage_names", None)  # derived from num_hidden_layers
+        out_features, out_indices = kwargs.pop("out_features", None), kwargs.pop("out_indices", None)
         super().__init__(**kwargs)
         for name, value in fields.items():  # the last of them completes the config and validates it
             setattr(self, name, value)
+        self._out_features = self._out_indices = None
+        if out_features is not None or out_indices is not None:
+            self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+
+    @property
+    def stage_names(self) -> list[str]:
+        """The backbone's stages: the embeddings, then one per encoder block."""
+        return ["stem"] + [f"stage{index}" for index in range(1, self.num_hidden_layers + 1)]
+
+    # Unset, the backbone's output is the last stage of the current depth (a stored default would go stale when
+    # num_hidden_layers changes).
+    @property
+    def out_features(self) -> list[str]:
+        return self._out_features or [self.stage_names[-1]]
+
+    @out_features.setter
+    def out_features(self, out_features: list[str] | None) -> None:
+        self.set_output_features_output_indices(out_features=out_features, out_indices=None)
+
+    @property
+    def out_indices(self) -> list[int]:
+        return self._out_indices or [len(self.stage_names) - 1]
+
+    @out_indices.setter
+    def out_indices(self, out_indices: list[int] | tuple[int, ...] | None) -> None:
+        out_indices = list(out_indices) if out_indices is not None else None
+        self.set_output_features_output_indices(out_features=None, out_indices=out_indices)
 
     def __setattr__(self, name: str, value) -> None:
         """Every change of an SG-MAE field, once all are set, re-validates the whole config (fields depend on each
@@ -258,7 +299,13 @@ class SGMAEConfig(PreTrainedConfig):
             raise ValueError(f"SGMAEConfig.layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
             raise ValueError(f"SGMAEConfig.hidden_act must name a transformers activation, got {self.hidden_act!r}")
-        for name in ("qkv_bias", "norm_pix_loss", "informed_masking_auto_start"):
+        for name in (
+            "qkv_bias",
+            "norm_pix_loss",
+            "informed_masking_auto_start",
+            "apply_layernorm",
+            "reshape_hidden_states",
+        ):
             boolean(name)
         one_of("mask_strategy", MASK_STRATEGIES)
         one_of("graph_edges", GRAPH_EDGES)
@@ -268,6 +315,8 @@ class SGMAEConfig(PreTrainedConfig):
         one_of("classifier_pooling", CLASSIFIER_POOLINGS)
         optional_int("informed_masking_start_step", 0)
         optional_int("mask_feature_layer", 1, self.num_hidden_layers)
+        if self.__dict__.get("_out_features") is not None:  # chosen stages must still exist after a change
+            self.verify_out_features_out_indices()
 
     @property
     def feature_layer(self) -> int:

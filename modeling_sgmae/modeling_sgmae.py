@@ -11,9 +11,14 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
+
+try:  # its home since transformers 5.x; earlier releases kept it under utils
+    from transformers.backbone_utils import BackboneMixin
+except ImportError:  # pragma: no cover - older transformers
+    from transformers.utils.backbone_utils import BackboneMixin
 
 from .configuration_sgmae import AUTO_MAP, SGMAEConfig, num_masked_patches
 from .masking_sgmae import MaskingResult, MaskType, SelfGuidedMasking
@@ -305,7 +310,7 @@ class SGMAEPreTrainedModel(PreTrainedModel):
     def register_for_auto_class(cls, auto_class: str | type = "AutoModel") -> None:
         """Make `save_pretrained` copy this code next to the weights (Hub remote code), under its own auto class.
 
-        `config.auto_map` already maps all four auto classes, so registering any SG-MAE model is enough; the class is
+        `config.auto_map` already maps every auto class, so registering any SG-MAE model is enough; the class is
         always registered under its own auto class, because transformers writes `auto_map[auto_class] = this class`
         and e.g. the default "AutoModel" on `SGMAEForPreTraining` would send `AutoModel` to the pre-training model.
         """
@@ -785,7 +790,75 @@ class SGMAEForImageClassification(SGMAEPreTrainedModel):
         return nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
+class SGMAEBackbone(BackboneMixin, SGMAEPreTrainedModel):
+    """The SG-MAE encoder as a transformers backbone for dense heads (UperNet, DPT, ...): the chosen stages'
+    hidden states (`config.out_features`; "stem" is the embedded patches, "stageN" block N's output), with the final
+    LayerNorm (`apply_layernorm`), as [B, D, H/p, W/p] maps (`reshape_hidden_states`)."""
+
+    def __init__(self, config: SGMAEConfig):
+        super().__init__(config)
+        self.vit = SGMAEModel(config)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+        self.post_init()
+
+    # The config's own properties, which default to the last stage (BackboneMixin reads the raw stored fields).
+    @property
+    def out_features(self) -> list[str]:
+        return self.config.out_features
+
+    @out_features.setter
+    def out_features(self, out_features: list[str]) -> None:
+        self.config.out_features = out_features
+
+    @property
+    def out_indices(self) -> list[int]:
+        return self.config.out_indices
+
+    @out_indices.setter
+    def out_indices(self, out_indices: list[int]) -> None:
+        self.config.out_indices = out_indices
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> BackboneOutput | tuple:
+        config = self.config
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        )
+        outputs = self.vit(
+            pixel_values,
+            output_hidden_states=True,
+            output_attentions=output_attentions,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+        )
+        height, width = (side // config.patch_size for side in pixel_values.shape[2:])
+        feature_maps = ()
+        for stage, hidden_state in zip(self.stage_names, outputs.hidden_states, strict=True):
+            if stage not in self.out_features:
+                continue
+            if config.apply_layernorm:
+                hidden_state = self.vit.layernorm(hidden_state)
+            if config.reshape_hidden_states:
+                hidden_state = hidden_state[:, 1:].reshape(len(hidden_state), height, width, -1)
+                hidden_state = hidden_state.permute(0, 3, 1, 2).contiguous()
+            feature_maps += (hidden_state,)
+        output = BackboneOutput(
+            feature_maps=feature_maps,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
 # Every save (save_pretrained, push_to_hub, Trainer, the scripts) copies the model's code beside the weights, so the
 # folder loads with trust_remote_code in a process that never imported this package.
-for _model_class in (SGMAEModel, SGMAEForPreTraining, SGMAEForImageClassification):
+for _model_class in (SGMAEModel, SGMAEForPreTraining, SGMAEForImageClassification, SGMAEBackbone):
     _model_class.register_for_auto_class()

@@ -15,7 +15,7 @@ from .data import DataArguments
 CHECKPOINT_TYPES = ("sgmae", "vit_mae")
 
 
-def check_checkpoint_kind(path: str, cache_dir: str | None = None) -> str:
+def check_checkpoint_kind(path: str, cache_dir: str | None = None, argument: str = "--model_name_or_path") -> str:
     """The checkpoint's model_type, or a clear error when it is not an SG-MAE or transformers ViTMAE checkpoint."""
     try:
         config_dict, _ = PreTrainedConfig.get_config_dict(path, cache_dir=cache_dir)
@@ -27,7 +27,7 @@ def check_checkpoint_kind(path: str, cache_dir: str | None = None) -> str:
     model_type = config_dict.get("model_type")
     if model_type not in CHECKPOINT_TYPES:
         raise SystemExit(
-            f"error: {path!r} is a {model_type!r} checkpoint; --model_name_or_path needs an SG-MAE (pre-training or "
+            f"error: {path!r} is a {model_type!r} checkpoint; {argument} needs an SG-MAE (pre-training or "
             "classification) or a transformers ViTMAE checkpoint"
         )
     return model_type

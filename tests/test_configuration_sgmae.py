@@ -213,12 +213,14 @@ def test_auto_map_is_prefilled_for_every_auto_class():
         "AutoModel",
         "AutoModelForPreTraining",
         "AutoModelForImageClassification",
+        "AutoBackbone",
     }
     expected_classes = {
         "AutoConfig": modeling_sgmae.SGMAEConfig,
         "AutoModel": modeling_sgmae.SGMAEModel,
         "AutoModelForPreTraining": modeling_sgmae.SGMAEForPreTraining,
         "AutoModelForImageClassification": modeling_sgmae.SGMAEForImageClassification,
+        "AutoBackbone": modeling_sgmae.SGMAEBackbone,
     }
     for auto_class, reference in config.auto_map.items():
         module_name, class_name = reference.rsplit(".", 1)

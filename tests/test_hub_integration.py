@@ -1,7 +1,7 @@
 """A saved SG-MAE folder works on the Hub stack: remote code in a fresh process, in-process registration, pipelines.
 
 What it takes to make such a folder (the classes register themselves for the auto classes at import, so every
-save copies the 4 .py files; auto_map lists all four auto classes):
+save copies the 4 .py files; auto_map lists all five auto classes):
     model.save_pretrained(output_dir)
     image_processor.save_pretrained(output_dir)  # preprocessor_config.json, needed by pipelines
 """
@@ -107,6 +107,7 @@ def test_saved_folder_is_self_contained(hub_folders):
             "AutoModel": "modeling_sgmae.SGMAEModel",
             "AutoModelForPreTraining": "modeling_sgmae.SGMAEForPreTraining",
             "AutoModelForImageClassification": "modeling_sgmae.SGMAEForImageClassification",
+            "AutoBackbone": "modeling_sgmae.SGMAEBackbone",
         }
         processor = json.loads((folder / "preprocessor_config.json").read_text())
         assert processor["size"] == {"height": 32, "width": 32}

@@ -25,7 +25,12 @@ from types import ModuleType
 import transformers
 
 PACKAGE = "transformers_common_tests"
-COMMON_FILES = ("test_modeling_common.py", "test_configuration_common.py", "test_pipeline_mixin.py")
+COMMON_FILES = (
+    "test_modeling_common.py",
+    "test_configuration_common.py",
+    "test_pipeline_mixin.py",
+    "test_backbone_common.py",
+)
 STAND_INS = {
     "exporters/test_export.py": '''
 class ExportTesterMixin:
