@@ -306,6 +306,10 @@ class SGMAEPreTrainedModel(PreTrainedModel):
         r"^(training_step|total_training_steps|informed_masking_started_at|exploitation_rates)$",
     ]
 
+    def __init__(self, config: SGMAEConfig, *inputs, **kwargs):
+        config.validate()  # each field was checked when set; the rules between fields run before any weight exists
+        super().__init__(config, *inputs, **kwargs)
+
     @classmethod
     def register_for_auto_class(cls, auto_class: str | type = "AutoModel") -> None:
         """Make `save_pretrained` copy this code next to the weights (Hub remote code), under its own auto class.

@@ -11,11 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from modeling_sgmae import SGMAEConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+# What an invalid config value raises: transformers' strict configs wrap a field check's ValueError in their own error.
+INVALID_CONFIG = (ValueError, StrictDataclassError)
 
 
 def tiny_config(**overrides) -> SGMAEConfig:

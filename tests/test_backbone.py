@@ -11,7 +11,7 @@ import unittest
 import pytest
 import torch
 import transformers_common
-from conftest import tiny_config
+from conftest import INVALID_CONFIG, tiny_config
 from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation
 
 from modeling_sgmae import SGMAEBackbone, SGMAEConfig, SGMAEModel
@@ -114,10 +114,12 @@ def test_upernet_trains_on_the_backbone() -> None:
 
 
 def test_stages_must_exist() -> None:
-    with pytest.raises(ValueError, match="out_features must be a subset of stage_names"):
+    with pytest.raises(INVALID_CONFIG, match="out_features must be a subset of stage_names"):
         tiny_config(out_features=["stage9"])
     config = tiny_config(out_features=["stage2"])
-    with pytest.raises(ValueError, match="subset of stage_names"):
-        config.num_hidden_layers = 1  # would leave stage2 behind
-    assert config.num_hidden_layers == 2
+    config.num_hidden_layers = 1  # would leave stage2 behind: a rule between fields, checked by validate()
+    with pytest.raises(INVALID_CONFIG, match="subset of stage_names"):
+        config.validate()
+    with pytest.raises(INVALID_CONFIG, match="subset of stage_names"):
+        SGMAEBackbone(config)
     assert tiny_config(num_hidden_layers=2).out_features == ["stage2"]  # unset: the last stage of the depth

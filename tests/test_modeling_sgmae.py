@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import INVALID_CONFIG, tiny_config
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
@@ -409,7 +409,7 @@ def test_model_builds_on_the_meta_device_and_materialises_with_its_init(config):
 def test_layer_norm_eps_accepts_any_positive_value():
     assert tiny_config(layer_norm_eps=1.0).layer_norm_eps == 1.0  # transformers' common tests set it
     for bad in (0.0, -1e-6):
-        with pytest.raises(ValueError, match="layer_norm_eps"):
+        with pytest.raises(INVALID_CONFIG, match="layer_norm_eps"):
             tiny_config(layer_norm_eps=bad)
 
 
@@ -440,7 +440,7 @@ def test_sincos_table_for_a_non_square_grid_matches_mae_formula():
     table = sincos_position_table(16, 3, 5)
     assert table.shape == (1, 16, 16)
     assert torch.allclose(table[0], torch.from_numpy(mae_sincos_table(16, 3, 5)).float(), atol=1e-6)
-    with pytest.raises(ValueError, match="divisible by 4"):
+    with pytest.raises(INVALID_CONFIG, match="divisible by 4"):
         sincos_position_table(18, 2, 2)
 
 
