@@ -19,7 +19,6 @@ from .modeling_sgmae import (
     SGMAEPreTrainedModel,
 )
 from .trainer_callback import SGMAETrainerCallback
-from .vit_mae_conversion import convert_vit_mae_state_dict
 
 AutoConfig.register("sgmae", SGMAEConfig, exist_ok=True)
 AutoModel.register(SGMAEConfig, SGMAEModel, exist_ok=True)
@@ -38,5 +37,4 @@ __all__ = [
     "SGMAEPreTrainedModel",
     "SGMAETrainerCallback",
     "SelfGuidedMasking",
-    "convert_vit_mae_state_dict",
 ]

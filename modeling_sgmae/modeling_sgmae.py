@@ -7,22 +7,18 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
-try:  # its home since transformers 5.x; earlier releases kept it under utils
-    from transformers.backbone_utils import BackboneMixin
-except ImportError:  # pragma: no cover - older transformers
-    from transformers.utils.backbone_utils import BackboneMixin
-
 from .configuration_sgmae import AUTO_MAP, SGMAEConfig, num_masked_patches
 from .masking_sgmae import MaskingResult, MaskType, SelfGuidedMasking
-from .vit_mae_conversion import from_vit_mae_checkpoint
+from .vit_mae_conversion import sgmae_config_for
 
 logger = logging.get_logger(__name__)
 
@@ -359,22 +355,21 @@ class SGMAEPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """Load an SG-MAE checkpoint, or convert a transformers ViTMAE one (`facebook/vit-mae-*`) on the fly."""
-        hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-        hub_kwargs = {key: kwargs[key] for key in hub_keys if key in kwargs}
-        # The checkpoint's own config decides whether its weights need converting, even when `config=` is given.
-        try:
-            config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
-        except OSError:
-            if not isinstance(kwargs.get("config"), PreTrainedConfig):
-                raise
-            config_dict = {}
-        if config_dict.get("model_type") == "vit_mae":
-            return from_vit_mae_checkpoint(cls, pretrained_model_name_or_path, config_dict, hub_kwargs, kwargs)
+        """Load an SG-MAE checkpoint, or a transformers ViTMAE one (`facebook/vit-mae-*`), whose config becomes an
+        SGMAEConfig and whose weights the loader converts as vit_mae_conversion.py declares."""
+        config, kwargs = sgmae_config_for(pretrained_model_name_or_path, kwargs.pop("config", None), kwargs)
+        if config is not None:
+            kwargs["config"] = config
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
         model.freeze_position_tables()  # loading recreates parameters as trainable
         return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Weights in SG-MAE's own layout (fused qkv): the declared ViTMAE conversion is for reading checkpoints,
+        not a format to write back (transformers reverts declared conversions on save unless told otherwise)."""
+        kwargs.setdefault("save_original_format", False)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def compile_blocks(self, **compile_kwargs) -> None:
         """`torch.compile` every transformer block in place (encoder and decoder). Shapes stay static, because every

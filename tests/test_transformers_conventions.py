@@ -7,12 +7,14 @@ does not apply to this model it is overridden below with the project's own asser
 from __future__ import annotations
 
 import os
+import tempfile
 import unittest
 from contextlib import contextmanager
 
 import pytest
 import torch
 import transformers_common
+from safetensors.torch import load_file
 
 from modeling_sgmae import SGMAEConfig, SGMAEForImageClassification, SGMAEForPreTraining, SGMAEModel
 from modeling_sgmae.configuration_sgmae import num_masked_patches
@@ -141,6 +143,22 @@ class SGMAECommonModelTest(ModelTesterMixin, unittest.TestCase):
             embeddings = model.get_input_embeddings()
             self.assertIsInstance(embeddings.projection, torch.nn.Conv2d)
             self.assertIsNone(model.get_output_embeddings())
+
+    def test_reverse_loading_mapping(self):
+        """The declared conversion (vit_mae_conversion.py) reads transformers' ViTMAE layouts and is not reverted on
+        save: SG-MAE writes its own layout (fused qkv), which loads back unchanged. Reading the ViTMAE layouts is
+        tested against ViTMAEForPreTraining itself in test_modeling_sgmae.py (test_vit_mae_checkpoint_*)."""
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        for model_class in self.all_model_classes:
+            model = model_class(config).eval()
+            with tempfile.TemporaryDirectory() as folder:
+                model.save_pretrained(folder)
+                self.assertEqual(
+                    sorted(load_file(os.path.join(folder, "model.safetensors"))), sorted(model.state_dict())
+                )
+                reloaded = model_class.from_pretrained(folder)
+            for name, tensor in model.state_dict().items():
+                torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
 
     def test_torch_export(self):
         """Stands in for transformers' ExportTesterMixin (not in the sdist): every model exports with torch.export
