@@ -18,7 +18,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_sgmae import AUTO_MAP, SGMAEConfig, num_masked_patches
 from .masking_sgmae import MaskingResult, MaskType, SelfGuidedMasking
-from .vit_mae_conversion import sgmae_config_for
+from .vit_mae_conversion import LEGACY_SCHEDULE_KEYS, sgmae_config_for
 
 logger = logging.get_logger(__name__)
 
@@ -297,10 +297,7 @@ class SGMAEPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
     _no_split_modules = ["SGMAELayer"]
     # A pre-training checkpoint loaded as a backbone or classifier: its decoder and schedule state are dropped.
-    _keys_to_ignore_on_load_unexpected = [
-        r"^decoder\.",
-        r"^(training_step|total_training_steps|informed_masking_started_at|exploitation_rates)$",
-    ]
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^schedule\.", rf"^({'|'.join(LEGACY_SCHEDULE_KEYS)})$"]
 
     def __init__(self, config: SGMAEConfig, *inputs, **kwargs):
         config.validate()  # each field was checked when set; the rules between fields run before any weight exists
@@ -346,12 +343,12 @@ class SGMAEPreTrainedModel(PreTrainedModel):
             init.normal_(module.mask_token, std=config.initializer_range)
             table = sincos_position_table(config.decoder_hidden_size, *config.grid_size)
             init.copy_(module.decoder_pos_embed, table)
-        elif isinstance(module, SGMAEForPreTraining):
+        elif isinstance(module, InformedMaskingSchedule):
             init.zeros_(module.training_step)
             init.zeros_(module.total_training_steps)
-            init.constant_(module.informed_masking_started_at, -1)
-            init.zeros_(module.exploitation_rates)
-            module._schedule_cache.clear()
+            init.constant_(module.started_at, -1)
+            init.zeros_(module.last_check)
+            module.host.clear()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -503,6 +500,77 @@ class SGMAEDecoder(nn.Module):
         return self.decoder_pred(self.decoder_norm(hidden_states))[:, 1:], attentions
 
 
+class InformedMaskingSchedule(nn.Module):
+    """When masks turn informed (docs/method.md §4): the optimiser step and schedule length, the start (from the
+    config, or found by the automatic rule from exploitation-rate checks) and the last check.
+
+    Buffers, so the schedule is saved and restored with the weights; read through host copies, so deciding a batch's
+    masks never waits for the device (each buffer is read at most once after a load).
+    """
+
+    def __init__(self, config: SGMAEConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("training_step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("total_training_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("started_at", torch.full((), -1, dtype=torch.long))  # the automatic start; -1: not yet
+        # The last check, decoder mean: [visible share, mask-token share, mask share was ever behind].
+        self.register_buffer("last_check", torch.zeros(3))
+        self.host: dict[str, int] = {}
+        self.register_load_state_dict_post_hook(lambda module, keys: module.host.clear())
+
+    def read(self, name: str) -> int:
+        if name not in self.host:
+            self.host[name] = int(getattr(self, name))
+        return self.host[name]
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        if step < 0 or total_steps < 0:
+            raise ValueError(f"step and total_steps must be non-negative, got {step} and {total_steps}")
+        self.training_step.fill_(step)
+        self.total_training_steps.fill_(total_steps)
+        self.host.update(training_step=step, total_training_steps=total_steps)
+
+    @property
+    def start_step(self) -> int | None:
+        """The step from which masks are informed; None while unknown (or not yet found by the automatic rule)."""
+        config = self.config
+        if config.mask_strategy != "self_guided":
+            return None
+        if config.informed_masking_auto_start:
+            started = self.read("started_at")
+            return started if started >= 0 else None
+        if config.informed_masking_start_step is not None:
+            return config.informed_masking_start_step
+        total = self.read("total_training_steps")
+        if total == 0:
+            return 0 if config.informed_masking_start == 0 else None
+        return math.ceil(config.informed_masking_start * total)
+
+    @property
+    def active(self) -> bool:
+        start = self.start_step
+        return start is not None and self.read("training_step") >= start
+
+    def record_check(self, visible: float, masked: float) -> None:
+        """An exploitation-rate check; with the automatic start, informed masking starts at the current step the first
+        time the mask-token share overtakes the visible share after having been behind it."""
+        behind_before = bool(self.last_check[2])
+        waiting = self.config.informed_masking_auto_start and self.read("started_at") < 0
+        if waiting and behind_before and masked > visible:
+            self.started_at.fill_(self.read("training_step"))
+            self.host["started_at"] = self.read("training_step")
+        self.last_check.copy_(torch.tensor([visible, masked, float(behind_before or masked < visible)]))
+
+
+def rename_legacy_schedule_keys(state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints written before the schedule had an owner keep its buffers at the top level (a load pre-hook, for
+    `load_state_dict` and Accelerate's resume; `from_pretrained` renames them through the declared conversion)."""
+    for old, new in LEGACY_SCHEDULE_KEYS.items():
+        if prefix + old in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+
 class SGMAEForPreTraining(SGMAEPreTrainedModel):
     """MAE pre-training with self-guided informed masking once the schedule reaches its start (docs/method.md §3-4).
 
@@ -515,62 +583,49 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         self.vit = SGMAEModel(config)
         self.decoder = SGMAEDecoder(config)
         self.masking = SelfGuidedMasking(config)
-        self.register_buffer("training_step", torch.zeros((), dtype=torch.long))
-        self.register_buffer("total_training_steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("informed_masking_started_at", torch.full((), -1, dtype=torch.long))
-        # Last exploitation-rate check, decoder mean: [visible share, mask share, mask share was ever behind].
-        self.register_buffer("exploitation_rates", torch.zeros(3))
-        # Host copies of the schedule buffers, so deciding the masks never waits for the device; filled from the
-        # buffers on first use and emptied whenever a state dict is loaded into them.
-        self._schedule_cache: dict[str, int] = {}
-        self.register_load_state_dict_post_hook(lambda module, keys: module._schedule_cache.clear())
+        self.schedule = InformedMaskingSchedule(config)
+        self._register_load_state_dict_pre_hook(rename_legacy_schedule_keys)
         self.post_init()
 
-    # ----- schedule -----------------------------------------------------------------------------------------
+    # ----- schedule (owned by self.schedule) --------------------------------------------------------------
     def set_training_progress(self, step: int, total_steps: int) -> None:
         """Tell the model where training stands (optimiser step and schedule length); it decides the masking."""
-        if step < 0 or total_steps < 0:
-            raise ValueError(f"step and total_steps must be non-negative, got {step} and {total_steps}")
-        self.training_step.fill_(step)
-        self.total_training_steps.fill_(total_steps)
-        self._schedule_cache.update(training_step=step, total_training_steps=total_steps)
-
-    def _schedule(self, name: str) -> int:
-        """A schedule buffer's value, read from the device at most once."""
-        if name not in self._schedule_cache:
-            self._schedule_cache[name] = int(getattr(self, name))
-        return self._schedule_cache[name]
+        self.schedule.set_progress(step, total_steps)
 
     @property
     def informed_masking_start_step(self) -> int | None:
-        """The step from which masks are informed, or None while it is not known (or not yet reached in auto mode)."""
-        config = self.config
-        if config.mask_strategy != "self_guided":
-            return None
-        if config.informed_masking_auto_start:
-            started = self._schedule("informed_masking_started_at")
-            return started if started >= 0 else None
-        if config.informed_masking_start_step is not None:
-            return config.informed_masking_start_step
-        total = self._schedule("total_training_steps")
-        if total == 0:
-            return 0 if config.informed_masking_start == 0 else None
-        return math.ceil(config.informed_masking_start * total)
+        return self.schedule.start_step
 
     @property
     def informed_masking_active(self) -> bool:
-        start = self.informed_masking_start_step
-        return start is not None and self._schedule("training_step") >= start
+        return self.schedule.active
+
+    def schedule_step(
+        self, step: int, total_steps: int, probe_pixel_values: torch.Tensor | None = None, check_every: int = 0
+    ) -> dict[str, float]:
+        """After an optimiser step: the schedule's new position and, every `check_every` steps with a probe batch,
+        the exploitation-rate check that the automatic start waits for. Returns what to log: the check's mean shares,
+        and `informed_start` (the step) when this check started informed masking. The one call that the training
+        script and `SGMAETrainerCallback` make."""
+        self.set_training_progress(step, total_steps)
+        due = probe_pixel_values is not None and check_every and step % check_every == 0
+        if not due or self.config.mask_strategy != "self_guided":
+            return {}
+        waiting = self.informed_masking_start_step is None
+        visible, masked = self.record_exploitation_rates(probe_pixel_values).mean(dim=0).tolist()
+        logs = {"exploitation_visible": visible, "exploitation_mask": masked}
+        if waiting and self.informed_masking_start_step is not None:
+            logs["informed_start"] = self.informed_masking_start_step
+        return logs
 
     @torch.no_grad()
     def record_exploitation_rates(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Measure the decoder's exploitation rates on a probe batch (random masks) and update the auto start.
+        """Measure the decoder's exploitation rates on a probe batch (random masks) and record the check.
 
         Returns [num_decoder_layers, 2]: the share of the attention that queries at masked positions give to
-        visible keys ([CLS] included) and to mask-token keys. In auto-start mode, informed masking starts at the
-        current step the first time the mean mask share overtakes the visible share after having been behind it.
-        `noise` ([B, N]) sets the probe's random masks; by default every check uses the same seeded masks and draws
-        nothing from the global RNG, so checks never change what training samples.
+        visible keys ([CLS] included) and to mask-token keys. `noise` ([B, N]) sets the probe's random masks; by
+        default every check uses the same seeded masks and draws nothing from the global RNG, so checks never change
+        what training samples.
         """
         if noise is None:
             patch = self.config.patch_size
@@ -583,13 +638,7 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         output = self(pixel_values, noise=noise, random_masking=True, output_decoder_attentions=True)
         self.train(was_training)
         rates = exploitation_rates(output.decoder_attentions, output.mask)
-        visible, masked = rates.mean(dim=0).tolist()
-        behind_before = bool(self.exploitation_rates[2])
-        waiting = self.config.informed_masking_auto_start and self._schedule("informed_masking_started_at") < 0
-        if waiting and behind_before and masked > visible:
-            self.informed_masking_started_at.fill_(self._schedule("training_step"))
-            self._schedule_cache["informed_masking_started_at"] = self._schedule("training_step")
-        self.exploitation_rates.copy_(torch.tensor([visible, masked, float(behind_before or masked < visible)]))
+        self.schedule.record_check(*rates.mean(dim=0).tolist())
         return rates
 
     # ----- pixels ---------------------------------------------------------------------------------------------
@@ -639,14 +688,16 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         mask: torch.Tensor | None = None,
         random_masking: bool = False,
         generator: torch.Generator | None = None,
+        num_masked: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Choose this batch's masks: given mask > given noise > informed (when due) > random.
+        """Choose this batch's masks (`num_masked` per image; from the config by default): given mask > given noise
+        > informed (when due) > random.
 
         Returns `ids_shuffle` [B, N] (visible patches first; for noise, ViTMAE's ascending-noise order), the mask
         types [B], and for informed masks the object-part sizes [B] and edge densities [B].
         """
         batch_size, num_patches, _ = patch_tokens.shape
-        num_masked = num_masked_patches(num_patches, self.config.mask_ratio)
+        num_masked = num_masked if num_masked is not None else num_masked_patches(num_patches, self.config.mask_ratio)
         mask_type = torch.full((batch_size,), int(MaskType.GIVEN), device=patch_tokens.device)
         if mask is not None:
             mask = self._check_mask(mask, batch_size, num_patches, num_masked)
@@ -656,7 +707,7 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
                 raise ValueError(f"noise must have shape {(batch_size, num_patches)}, got {tuple(noise.shape)}")
             return torch.argsort(noise.to(patch_tokens.device), dim=1), mask_type, None, None
         if not random_masking and self.informed_masking_active:
-            result = self.informed_masking(patch_tokens, cls_token, generator)
+            result = self.informed_masking(patch_tokens, cls_token, generator, num_masked)
             ids_shuffle = torch.argsort(result.mask.to(torch.int8), dim=1, stable=True)
             return ids_shuffle, result.mask_type, result.object_part_size, result.edge_density
         noise = torch.rand(batch_size, num_patches, device=patch_tokens.device, generator=generator)
@@ -664,12 +715,19 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
 
     @torch.no_grad()
     def informed_masking(
-        self, patch_tokens: torch.Tensor, cls_token: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        patch_tokens: torch.Tensor,
+        cls_token: torch.Tensor,
+        generator: torch.Generator | None = None,
+        num_masked: int | None = None,
     ) -> MaskingResult:
         """The self-guided masks of embedded images (docs/method.md §3): the full image's patch features after
         `feature_layer` blocks, cut and ranked by `self.masking`. patch_tokens: [B, N, D] with positions."""
         features = self.vit.patch_features(patch_tokens.detach(), cls_token.detach(), self.config.feature_layer)[0]
-        return self.masking(features, num_masked_patches(patch_tokens.shape[1], self.config.mask_ratio), generator)
+        num_masked = (
+            num_masked if num_masked is not None else num_masked_patches(patch_tokens.shape[1], self.config.mask_ratio)
+        )
+        return self.masking(features, num_masked, generator)
 
     def forward(
         self,
@@ -701,11 +759,12 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         patch_tokens, cls_token, grid = self.vit.embeddings(pixel_values, interpolate_pos_encoding)
+        num_patches = patch_tokens.shape[1]
+        num_masked = num_masked_patches(num_patches, self.config.mask_ratio)  # once: every mask hides exactly this
         ids_shuffle, mask_type, part_size, density = self.build_mask(
-            patch_tokens, cls_token, noise, mask, random_masking, generator
+            patch_tokens, cls_token, noise, mask, random_masking, generator, num_masked
         )
-        num_patches = ids_shuffle.shape[1]
-        num_visible = num_patches - num_masked_patches(num_patches, self.config.mask_ratio)
+        num_visible = num_patches - num_masked
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :num_visible, None].expand(-1, -1, patch_tokens.shape[2])
         visible = patch_tokens.gather(1, ids_keep)  # the encoder sees the first `num_visible` of the shuffle

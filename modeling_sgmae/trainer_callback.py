@@ -46,15 +46,10 @@ class SGMAETrainerCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model: SGMAEForPreTraining = kwargs["model"]
-        model.set_training_progress(state.global_step, state.max_steps)
-        due = self.exploitation_rate_steps and state.global_step % self.exploitation_rate_steps == 0
-        if not due or model.config.mask_strategy != "self_guided":
-            return
-        waiting = model.informed_masking_start_step is None
-        device = next(model.parameters()).device
-        rates = model.record_exploitation_rates(self.probe_pixel_values.to(device)).mean(dim=0)
-        state.log_history.append(
-            {"exploitation_visible": float(rates[0]), "exploitation_mask": float(rates[1]), "step": state.global_step}
-        )
-        if waiting and model.informed_masking_start_step is not None:
-            logger.info("automatic start: informed masks from step %d", model.informed_masking_start_step)
+        probe = self.probe_pixel_values
+        probe = probe.to(next(model.parameters()).device) if probe is not None else None
+        logs = model.schedule_step(state.global_step, state.max_steps, probe, self.exploitation_rate_steps)
+        if "informed_start" in logs:
+            logger.info("automatic start: informed masks from step %d", logs.pop("informed_start"))
+        if logs:
+            state.log_history.append(logs | {"step": state.global_step})

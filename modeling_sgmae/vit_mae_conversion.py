@@ -1,5 +1,6 @@
-"""transformers' ViTMAE checkpoints as SG-MAE models through transformers' own loader: the key layouts ViTMAE has
-used are declared as a conversion (renames, q/k/v fused into qkv), and a ViTMAE config becomes an SGMAEConfig."""
+"""Checkpoint layouts other than today's, read through transformers' own loader: transformers' ViTMAE checkpoints (the
+key layouts ViTMAE has used, declared as a conversion: renames, q/k/v fused into qkv; a ViTMAE config becomes an
+SGMAEConfig) and SG-MAE checkpoints written before the masking schedule had an owner."""
 
 from transformers import PreTrainedConfig
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
@@ -7,6 +8,13 @@ from transformers.core_model_loading import Concatenate, WeightConverter, Weight
 
 from .configuration_sgmae import SGMAEConfig
 
+# Where the schedule's state lived before `InformedMaskingSchedule` owned it (top-level buffers).
+LEGACY_SCHEDULE_KEYS = {
+    "training_step": "schedule.training_step",
+    "total_training_steps": "schedule.total_training_steps",
+    "informed_masking_started_at": "schedule.started_at",
+    "exploitation_rates": "schedule.last_check",
+}
 # Hub ViTMAE checkpoints (`encoder.layer.N.attention.attention.query`), the 5.9+ layout (`layers.N.attention.q_proj`)
 # and what transformers 5.2x writes for the decoder (`decoder_encoder.layer.N`) all map to our names. Registered for
 # the model type, so the loader applies it to every SG-MAE class, remote code included.
@@ -25,6 +33,7 @@ VIT_MAE_CONVERSION = [
         )
         for kind in ("weight", "bias")
     ),
+    *(WeightRenaming(rf"^{old}$", new) for old, new in LEGACY_SCHEDULE_KEYS.items()),
 ]
 register_checkpoint_conversion_mapping("sgmae", VIT_MAE_CONVERSION, overwrite=True)
 

@@ -51,7 +51,6 @@ RENAMES = (
     (r"\.attention\.o_proj\.", ".attn.proj."),
     (r"^classifier\.", "head."),
 )
-SCHEDULE_BUFFERS = ("training_step", "total_training_steps", "informed_masking_started_at", "exploitation_rates")
 TIMM_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base", (1024, 24, 16): "large"}
 
 
@@ -66,7 +65,7 @@ def exported_state_dict(model: SGMAEModel | SGMAEForPreTraining | SGMAEForImageC
     return {
         their_name(name): tensor.detach().contiguous()
         for name, tensor in model.state_dict().items()
-        if name not in SCHEDULE_BUFFERS
+        if not name.startswith("schedule.")  # training state, not weights
     }
 
 
@@ -199,7 +198,7 @@ def import_checkpoint(path: Path, overrides: dict) -> SGMAEModel | SGMAEForPreTr
     state = read_checkpoint(path)
     config = config_from_weights(state, overrides)
     model = SGMAEForPreTraining(config) if "decoder_embed.weight" in state else SGMAEModel(config)
-    names = {their_name(name): name for name in model.state_dict() if name not in SCHEDULE_BUFFERS}
+    names = {their_name(name): name for name in model.state_dict() if not name.startswith("schedule.")}
     ignored = sorted(name for name in state if name not in names)
     missing = sorted(name for name in names if name not in state)
     if missing:

@@ -166,7 +166,7 @@ REMOTE_SCRIPT = textwrap.dedent(
         assert torch.allclose(loss, expected["loss"], atol=1e-6)
         logits = classifier(expected["processed"]).logits
         assert torch.allclose(logits, expected["classifier_logits"], atol=1e-6)
-    report["training_step"] = int(pretraining.training_step)
+    report["training_step"] = int(pretraining.schedule.training_step)
     report["frozen"] = [n for n, p in pretraining.named_parameters() if not p.requires_grad]
     for name, tensor in backbone.state_dict().items():
         assert torch.equal(fresh_head.vit.state_dict()[name], tensor), name

@@ -253,14 +253,14 @@ def test_exploitation_rates_measure_attention_shares():
     assert rates.shape == (2, 2)
     mask_share = NUM_MASKED / (NUM_PATCHES + 1)  # uniform attention over [CLS] + N keys, K of them mask tokens
     assert torch.allclose(rates, torch.tensor([[1 - mask_share, mask_share]] * 2), atol=1e-5)
-    assert torch.allclose(model.exploitation_rates, torch.tensor([1 - mask_share, mask_share, 0.0]), atol=1e-5)
+    assert torch.allclose(model.schedule.last_check, torch.tensor([1 - mask_share, mask_share, 0.0]), atol=1e-5)
     # The mask share is ahead but was never behind: nothing has overtaken yet.
-    assert int(model.informed_masking_started_at) == -1 and not model.informed_masking_active
+    assert int(model.schedule.started_at) == -1 and not model.informed_masking_active
     assert model.training  # the probe does not leave the model in eval mode
     # Once the buffer says the mask share was behind, the next check where it leads starts informed masking.
-    model.exploitation_rates[2] = 1.0
+    model.schedule.last_check[2] = 1.0
     model.record_exploitation_rates(images())
-    assert int(model.informed_masking_started_at) == 3
+    assert int(model.schedule.started_at) == 3
     assert model.informed_masking_active
 
 
@@ -286,7 +286,7 @@ def test_auto_start_begins_when_the_mask_share_overtakes_the_visible_share(monke
     for step in (10, 20, 30, 40, 50, 60):
         model.set_training_progress(step, 100)
         rates = model.record_exploitation_rates(images())
-        started.append(int(model.informed_masking_started_at))
+        started.append(int(model.schedule.started_at))
         if step == 30:
             assert rates.tolist() == [[1.0, 0.0]]
             assert not model.informed_masking_active  # the fraction (0.0) does not apply in auto mode
@@ -298,21 +298,44 @@ def test_auto_start_begins_when_the_mask_share_overtakes_the_visible_share(monke
 def test_schedule_state_is_saved_and_restored(tmp_path):
     model = SGMAEForPreTraining(tiny_config(informed_masking_auto_start=True))
     model.set_training_progress(37, 1000)
-    model.informed_masking_started_at.fill_(30)
-    model.exploitation_rates.copy_(torch.tensor([0.4, 0.6, 1.0]))
+    model.schedule.started_at.fill_(30)
+    model.schedule.last_check.copy_(torch.tensor([0.4, 0.6, 1.0]))
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
-    for name in ("training_step", "total_training_steps", "informed_masking_started_at", "exploitation_rates"):
-        assert name in saved
+    for name in ("training_step", "total_training_steps", "started_at", "last_check"):
+        assert f"schedule.{name}" in saved
     loaded = SGMAEForPreTraining.from_pretrained(tmp_path)
-    assert int(loaded.training_step) == 37 and int(loaded.total_training_steps) == 1000
-    assert int(loaded.informed_masking_started_at) == 30
-    assert torch.equal(loaded.exploitation_rates, torch.tensor([0.4, 0.6, 1.0]))
-    assert loaded.informed_masking_active
+    assert_schedule(loaded, 37, 1000, 30, [0.4, 0.6, 1.0])
     assert loaded(images()).mask_type.tolist() == [int(MaskType.INFORMED)] * 2
     # A fresh model starts from the beginning of the schedule.
     fresh = SGMAEForPreTraining(tiny_config(informed_masking_auto_start=True))
-    assert int(fresh.training_step) == 0 and int(fresh.informed_masking_started_at) == -1
+    assert int(fresh.schedule.training_step) == 0 and int(fresh.schedule.started_at) == -1
+
+
+def assert_schedule(model: SGMAEForPreTraining, step: int, total: int, started: int, check: list[float]) -> None:
+    schedule = model.schedule
+    assert (int(schedule.training_step), int(schedule.total_training_steps), int(schedule.started_at)) == (
+        step, total, started,
+    )  # fmt: skip
+    assert torch.equal(schedule.last_check, torch.tensor(check))
+    assert model.informed_masking_active == (started >= 0 and step >= started)
+
+
+def test_checkpoints_written_before_the_schedule_had_an_owner_still_load(tmp_path):
+    """Top-level schedule buffers (today's older checkpoints): through from_pretrained (the declared conversion) and
+    through load_state_dict (Accelerate's resume)."""
+    model = SGMAEForPreTraining(tiny_config(informed_masking_auto_start=True))
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items() if not name.startswith("schedule.")}
+    state |= {"training_step": torch.tensor(37), "total_training_steps": torch.tensor(1000)}
+    state |= {"informed_masking_started_at": torch.tensor(30), "exploitation_rates": torch.tensor([0.4, 0.6, 1.0])}
+    tiny_config(informed_masking_auto_start=True).save_pretrained(tmp_path)
+    save_file(state, tmp_path / "model.safetensors")
+    assert_schedule(SGMAEForPreTraining.from_pretrained(tmp_path), 37, 1000, 30, [0.4, 0.6, 1.0])
+    resumed = SGMAEForPreTraining(tiny_config(informed_masking_auto_start=True))
+    resumed.load_state_dict(dict(state), strict=True)
+    assert_schedule(resumed, 37, 1000, 30, [0.4, 0.6, 1.0])
+    for name, tensor in SGMAEForPreTraining.from_pretrained(tmp_path).state_dict().items():
+        torch.testing.assert_close(tensor, resumed.state_dict()[name], rtol=0, atol=0, msg=name)
 
 
 def test_fraction_schedule_resumes_in_the_same_phase(tmp_path):
@@ -402,7 +425,7 @@ def test_model_builds_on_the_meta_device_and_materialises_with_its_init(config):
     for name, tensor in reference.state_dict().items():
         if name.endswith(("pos_embed", "position_embeddings")) or "layernorm" in name or tensor.dtype == torch.long:
             assert torch.equal(model.state_dict()[name], tensor), name
-    assert int(model.informed_masking_started_at) == -1
+    assert int(model.schedule.started_at) == -1
     check_fresh_init(model, config)
 
 
@@ -836,7 +859,7 @@ def test_classifier_from_pretraining_checkpoint(tmp_path, pooling):
     for name, tensor in pretrained.vit.state_dict().items():
         assert torch.equal(model.vit.state_dict()[name], tensor), name
     assert not any(name.startswith("decoder") for name in model.state_dict())
-    assert "training_step" not in model.state_dict()
+    assert not any(name.startswith("schedule.") for name in model.state_dict())
     weight = model.classifier.weight
     assert weight.shape == (5, 32)
     assert 0 < weight.std() < 1e-3 and torch.equal(model.classifier.bias, torch.zeros(5))  # MAE's small head

@@ -56,7 +56,7 @@ def test_trainer_crosses_into_informed_masking_and_saves_a_loadable_folder(tmp_p
     trainer.train()
     random, informed = [int(MaskType.RANDOM)] * 4, [int(MaskType.INFORMED)] * 4
     assert mask_types == [random] * 4 + [informed] * 4  # informed from step 4 of 8
-    assert int(model.training_step) == 8 and int(model.total_training_steps) == 8
+    assert int(model.schedule.training_step) == 8 and int(model.schedule.total_training_steps) == 8
     checks = [entry for entry in trainer.state.log_history if "exploitation_mask" in entry]
     assert [entry["step"] for entry in checks] == [4, 8]
     assert all(0 < entry["exploitation_mask"] < 1 for entry in checks)
