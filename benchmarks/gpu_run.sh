@@ -7,12 +7,14 @@
 #      the step rate bench_script.py just measured (benchmarks/gpu_plan.py says how it counts).
 # Every JSON lands in $OUTPUT (default benchmarks/results/) with the device, the commit and the command in it.
 #
+#   bash benchmarks/gpu_run.sh --prepare                       # here, before: .data/imagenette and .whl/ (ignored)
 #   bash benchmarks/gpu_run.sh [--data DIR] [--output DIR]     # a GPU (exits 2 without one)
 #   bash benchmarks/gpu_run.sh --smoke --data DIR --output DIR  # the same path on a CPU: tiny model, a few steps
 #
 # The data folder must travel with the code: ../shared/data/imagenette (the 112px config) when it is beside the
-# checkout, else .data/imagenette (copy it there; 47 MB). Missing Python packages (datasets, evaluate) are installed
-# from .whl/ when that folder holds wheels (the device machine cannot reach PyPI).
+# checkout, else .data/imagenette. Missing Python packages (datasets, evaluate) are installed from .whl/ when that
+# folder holds wheels (a GPU machine that cannot reach PyPI). --prepare makes both from this machine's copies
+# (48 MB in all), for a device that receives the checkout with them (e.g. carry: [".data", ".whl"]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +24,15 @@ OUTPUT=benchmarks/results
 BUDGET_MINUTES=${GPU_RUN_MINUTES:-9}
 while [ $# -gt 0 ]; do
   case "$1" in
+    --prepare)
+      mkdir -p .data/imagenette
+      cp -r ../shared/data/imagenette/112px ../shared/data/imagenette/README.md .data/imagenette/
+      versions=$(python3 -m pip list --format=freeze 2>/dev/null | grep -iE "^(datasets|evaluate|dill|multiprocess)==")
+      # shellcheck disable=SC2086
+      python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $versions
+      echo "prepared .data/imagenette and .whl ($(du -sh .data .whl | awk '{print $1}' | paste -sd+))"
+      exit 0 ;;
     --smoke) SMOKE=1 ;;
     --data) DATA=$2; shift ;;
     --output) OUTPUT=$2; shift ;;
