@@ -102,6 +102,13 @@ def centre_patches(grid: tuple[int, int]) -> torch.Tensor:
     return (row_inside[:, None] & column_inside[None, :]).flatten()
 
 
+def centre_masked_share(mask: torch.Tensor, has_cut: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[B] share of the central patches (`centre_patches`) that `mask` [B, N] hides; NaN where `has_cut` is False."""
+    centre = centre_patches(grid).to(mask.device)
+    share = mask[:, centre].float().mean(dim=1)
+    return torch.where(has_cut, share, torch.tensor(float("nan"), device=mask.device))
+
+
 @torch.no_grad()
 def feature_statistics(
     features: torch.Tensor, config: SGMAEConfig, grid: tuple[int, int] | None = None
@@ -131,8 +138,7 @@ def feature_statistics(
     gap = torch.where(cut.has_cut, _pair_mean(cut.weights, within) - _pair_mean(cut.weights, across), nan)
     cosine_gap = torch.where(cut.has_cut, _pair_mean(similarity, within) - _pair_mean(similarity, across), nan)
     part_size = torch.where(cut.has_cut, cut.object_part.sum(dim=1), -1)
-    centre = centre_patches(grid or config.grid_size).to(unit.device)
-    centre_share = torch.where(cut.has_cut, masking.informed_mask[:, centre].float().mean(dim=1), nan)
+    centre_share = centre_masked_share(masking.informed_mask, cut.has_cut, grid or config.grid_size)
     return FeatureStatistics(
         feature_variance=feature_variance,
         similarity_variance=similarity_variance,
@@ -259,17 +265,40 @@ def unnormalize(pixel_values: torch.Tensor, image_mean: tuple[float, ...], image
     return images.clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
+def visible_patch_statistics(
+    patches: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each patch's mean and std [B, N, 1] (`patch_mean_std`) as far as the visible patches tell.
+
+    A visible patch keeps its own; a masked patch gets the visible patches' values averaged with weights
+    1 / distance² (Shepard interpolation over the patch grid), so it takes mostly its nearest visible neighbours'
+    brightness and contrast. patches: [B, N, p*p*C]; mask: [B, N] bool, True = masked.
+    """
+    mean, std = patch_mean_std(patches)
+    distances = patch_distances(grid, 1, patches.device).fill_diagonal_(float("inf"))
+    weights = (~mask)[:, None, :] / distances.square()  # [B, masked query, visible key]; no self-weight
+    weights = weights / weights.sum(dim=2, keepdim=True)
+    own = ~mask[:, :, None]
+    return torch.where(own, mean, weights @ mean), torch.where(own, std, weights @ std)
+
+
 def predicted_pixel_values(
-    model: SGMAEForPreTraining, logits: torch.Tensor, pixel_values: torch.Tensor
+    model: SGMAEForPreTraining, logits: torch.Tensor, pixel_values: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The decoder's prediction [B, N, p*p*C] as normalised images [B, C, H, W] (the space of `pixel_values`).
 
     With `norm_pix_loss` the prediction is in normalised-patch space: each patch is de-normalised with the mean
-    and std of the corresponding target patch, as MAE's visualisation does.
+    and std of the corresponding target patch, as MAE's visualisation does (for a masked patch, values the model
+    never saw), or, given `mask` ([B, N], True = masked), with those of `visible_patch_statistics`.
     """
     logits = logits.float()
     if model.config.norm_pix_loss:
-        mean, std = patch_mean_std(model.patchify(pixel_values.float()))
+        patches = model.patchify(pixel_values.float())
+        if mask is None:
+            mean, std = patch_mean_std(patches)
+        else:
+            grid = (pixel_values.shape[2] // model.config.patch_size, pixel_values.shape[3] // model.config.patch_size)
+            mean, std = visible_patch_statistics(patches, mask.bool(), grid)
         logits = logits * std + mean
     return model.unpatchify(logits, tuple(pixel_values.shape[2:]))
 
@@ -294,10 +323,15 @@ HINT_GREEN = (0.1, 0.85, 0.1)
 
 @dataclass
 class FigurePanel:
-    """The paper's Figure-1 columns for a few images, as float RGB arrays [B, H, W, 3] in [0, 1]."""
+    """The paper's Figure-1 columns for a few images, as float RGB arrays [B, H, W, 3] in [0, 1], and what the
+    masking saw in each image (arrays [B])."""
 
     columns: dict[str, np.ndarray] = field(default_factory=dict)  # column title -> images
-    has_cut: np.ndarray | None = None  # [B] bool; False where training would use a random mask instead
+    has_cut: np.ndarray | None = None  # bool; False where training would use a random mask instead
+    mask_type: np.ndarray | None = None  # MaskType of the last two columns' mask: INFORMED, or FALLBACK (random)
+    object_part_size: np.ndarray | None = None  # patches in the object part; -1 where the mask is a fallback
+    edge_density: np.ndarray | None = None  # share of real edges in the affinity graph
+    centre_masked_share: np.ndarray | None = None  # central patches the informed mask (no hints) hides; NaN: no cut
 
     def grid(self) -> np.ndarray:
         """All columns side by side, one image per row: a uint8 array [B * H, columns * W, 3] (e.g. for logging)."""
@@ -336,13 +370,16 @@ def figure_panel(
     image_mean: tuple[float, ...] = MAE_IMAGE_MEAN,
     image_std: tuple[float, ...] = MAE_IMAGE_STD,
     seed: int = 0,
+    visible_statistics: bool = False,
 ) -> FigurePanel:
     """Figure-1 columns for images [B, C, H, W] (normalised with image_mean / image_std).
 
     input; a random mask; the NCut bi-partition (object part in red); the informed mask before hints; the
     informed mask with hints (hints in green); the reconstruction under that mask, visible patches pasted in.
     The masks are the ones training builds (`SGMAEForPreTraining.informed_masking`); an image without a usable cut
-    gets training's fallback random mask in the last two columns.
+    gets training's fallback random mask in the last two columns. With `norm_pix_loss`, `visible_statistics`
+    de-normalises the predicted patches with the visible patches' statistics (`visible_patch_statistics`) instead
+    of each hidden patch's own.
     """
     config = model.config
     was_training = model.training
@@ -357,7 +394,7 @@ def figure_panel(
         noise = torch.rand(hinted.shape, generator=generator, device=model.device)
         random = mask_from_noise(noise, num_masked)
         output = model(pixel_values, mask=hinted, return_dict=True)
-        predicted = predicted_pixel_values(model, output.logits, pixel_values)
+        predicted = predicted_pixel_values(model, output.logits, pixel_values, hinted if visible_statistics else None)
     finally:
         model.train(was_training)
 
@@ -374,4 +411,11 @@ def figure_panel(
         "informed + hints": _tint(_tint(images, hinted_map, MASKED_GREY, 0.85), hints_map, HINT_GREEN, 0.45),
         "reconstruction": hinted_map * reconstruction + (1 - hinted_map) * images,
     }
-    return FigurePanel({name: array.astype(np.float32) for name, array in columns.items()}, cut.has_cut.cpu().numpy())
+    return FigurePanel(
+        columns={name: array.astype(np.float32) for name, array in columns.items()},
+        has_cut=cut.has_cut.cpu().numpy(),
+        mask_type=masking.mask_type.cpu().numpy(),
+        object_part_size=masking.object_part_size.cpu().numpy(),
+        edge_density=masking.edge_density.float().cpu().numpy(),
+        centre_masked_share=centre_masked_share(informed, cut.has_cut, grid).cpu().numpy(),
+    )

@@ -15,7 +15,7 @@ import torch
 from conftest import REPO_ROOT, tiny_config
 from PIL import Image
 
-from modeling_sgmae import SGMAEForPreTraining
+from modeling_sgmae import MaskType, SGMAEForPreTraining
 from modeling_sgmae.analysis import (
     MAE_IMAGE_MEAN,
     MAE_IMAGE_STD,
@@ -27,6 +27,7 @@ from modeling_sgmae.analysis import (
     full_image_encoding,
     predicted_pixel_values,
     unnormalize,
+    visible_patch_statistics,
 )
 from modeling_sgmae.configuration_sgmae import num_masked_patches
 from modeling_sgmae.masking_sgmae import SelfGuidedMasking, ncut_bipartition
@@ -267,6 +268,60 @@ def test_a_perfect_prediction_reconstructs_the_input(norm_pix_loss):
     if norm_pix_loss:
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
     torch.testing.assert_close(predicted_pixel_values(model, target, images), images, atol=1e-4, rtol=1e-4)
+
+
+def test_visible_statistics_interpolate_the_visible_patches_and_never_read_a_hidden_one():
+    # a 1 x 4 grid of 2-value patches: the first and last visible, the two in the middle masked
+    patches = torch.tensor([[[0.0, 2.0], [50.0, 90.0], [-7.0, 7.0], [10.0, 10.0]]])
+    mask = torch.tensor([[False, True, True, False]])
+    mean, std = visible_patch_statistics(patches, mask, (1, 4))
+
+    own_mean, own_std = patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + 1e-6) ** 0.5
+    torch.testing.assert_close(mean[:, [0, 3]], own_mean[:, [0, 3]])
+    torch.testing.assert_close(std[:, [0, 3]], own_std[:, [0, 3]])
+    # patch 1 is 1 patch from the first (mean 1) and 2 from the last (mean 10): weights 1 and 1/4
+    torch.testing.assert_close(mean[0, 1, 0], torch.tensor((1.0 + 10.0 / 4) / 1.25))
+    torch.testing.assert_close(mean[0, 2, 0], torch.tensor((1.0 / 4 + 10.0) / 1.25))
+    hidden_changed = patches.clone()
+    hidden_changed[:, 1:3] = torch.randn(2, 2) * 100
+    for ours, theirs in zip((mean, std), visible_patch_statistics(hidden_changed, mask, (1, 4)), strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_a_reconstruction_from_visible_statistics_is_the_input_where_visible_and_blind_where_masked():
+    model = SGMAEForPreTraining(tiny_config(norm_pix_loss=True))
+    images = _probe_images(2)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[:, 16:40] = True  # rows 2-4 of the 8 x 8 patch grid
+    target = model.patchify(images)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    reconstruction = model.patchify(predicted_pixel_values(model, target, images, mask))
+
+    torch.testing.assert_close(reconstruction[~mask], model.patchify(images)[~mask], atol=1e-4, rtol=1e-4)
+    changed = images.clone()
+    changed[:, :, 8:20] += 3.0  # the pixels of those rows only
+    assert torch.equal(model.patchify(changed)[~mask], model.patchify(images)[~mask])
+    torch.testing.assert_close(model.patchify(predicted_pixel_values(model, target, changed, mask)), reconstruction)
+
+
+def test_figure_panel_reports_what_the_masking_saw(model):
+    images = _probe_images(3)
+    panel = figure_panel(model, images, seed=5)
+    generator = torch.Generator().manual_seed(5)
+    patch_tokens, cls_token, _ = model.vit.embeddings(images)
+    masking = model.informed_masking(patch_tokens, cls_token, generator)
+    features, _, _ = full_image_encoding(model, images, model.config.feature_layer)
+    statistics = feature_statistics(features, model.config)
+
+    assert set(panel.mask_type) <= {int(MaskType.INFORMED), int(MaskType.FALLBACK)}
+    np.testing.assert_array_equal(panel.mask_type, masking.mask_type.numpy())
+    np.testing.assert_array_equal(panel.object_part_size, masking.object_part_size.numpy())
+    np.testing.assert_allclose(panel.edge_density, masking.edge_density.numpy())
+    np.testing.assert_allclose(panel.centre_masked_share, statistics.centre_masked_share.numpy(), equal_nan=True)
+    # visible statistics change only how the predicted patches are de-normalised
+    honest = figure_panel(model, images, seed=5, visible_statistics=True)
+    for name, column in panel.columns.items():
+        assert np.array_equal(honest.columns[name], column) == (name != "reconstruction"), name
 
 
 def test_figure_panel_columns_and_png(model, tmp_path):
