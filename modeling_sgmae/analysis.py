@@ -239,7 +239,7 @@ def analyse(
     rate_means = weighted(rates)
     return {
         "num_images": int(pixel_values.shape[0]),
-        "training_step": int(model.training_step),
+        "training_step": model.schedule.read("training_step"),
         "informed_masking_active": bool(model.informed_masking_active),
         "feature_layer": feature_layer or config.num_hidden_layers,
         "graph_edges": config.graph_edges,

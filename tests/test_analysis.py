@@ -218,7 +218,7 @@ def test_exploitation_rates_match_the_model_method_without_its_side_effects(mode
     assert all(torch.equal(buffer, buffers[name]) for name, buffer in model.named_buffers())
 
     torch.testing.assert_close(rates, model.record_exploitation_rates(images, noise=noise))
-    assert not torch.equal(model.exploitation_rates, buffers["exploitation_rates"])  # the method does mutate
+    assert not torch.equal(model.schedule.last_check, buffers["schedule.last_check"])  # the method does record
 
 
 # ----- all metrics ------------------------------------------------------------------------------------------------
