@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -49,7 +49,8 @@ from sgmae_training.hub import (
     save_hub_folder,
     write_json_atomically,
 )
-from sgmae_training.optim import cosine_schedule, layer_decay_groups
+from sgmae_training.optim import cosine_scheduler, layer_decay_groups
+from sgmae_training.training_state import TrainingState
 
 logger = logging.getLogger("run_classification")
 PROTOCOLS = ("finetune", "linear_probe", "knn", "frozen")
@@ -63,6 +64,8 @@ DEFAULTS = {
     "knn": {},
 }
 DEFAULTS["frozen"] = DEFAULTS["linear_probe"]
+# Training-state fields left out of eval_results.json, so a resumed run's file equals an uninterrupted run's.
+UNREPRODUCIBLE = ("samples_in_epoch", "train_seconds")
 
 
 @dataclass
@@ -307,7 +310,7 @@ def main() -> None:
         "model_name_or_path": model_args.model_name_or_path or model_args.config_name,
         "pooling": pooling_of(args.protocol, model_args, model),
         **results,
-        **{key: value for key, value in state.items() if key not in ("samples_in_epoch", "train_seconds")},
+        **{key: value for key, value in (state.state_dict().items() if state else ()) if key not in UNREPRODUCIBLE},
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -363,10 +366,10 @@ class FinetuneHooks(TrainingHooks):
         self.task.accelerator.log({k: v for k, v in self.results.items() if k.startswith("eval_top")}, step=step)
         self.evaluated_at = step
 
-    def after_epoch(self, state: dict) -> None:
-        if self.task.args.eval_every_epoch or state["step"] >= self.total_steps:
-            self.evaluate(state["step"])
-            logger.info("epoch %d: top-1 %.4f", state["epoch"], self.results.get("eval_top1", float("nan")))
+    def after_epoch(self, state: TrainingState) -> None:
+        if self.task.args.eval_every_epoch or state.step >= self.total_steps:
+            self.evaluate(state.step)
+            logger.info("epoch %d: top-1 %.4f", state.epoch, self.results.get("eval_top1", float("nan")))
 
 
 def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict, dict, SGMAEForImageClassification]:
@@ -380,13 +383,10 @@ def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict
     optimizer = torch.optim.AdamW(
         layer_decay_groups(model, learning_rate, args.weight_decay, args.layer_decay), betas=(0.9, args.adam_beta2)
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_schedule(round(args.warmup_ratio * total_steps), total_steps)
-    )
     model, optimizer = accelerator.prepare(model, optimizer)
-    objects = {"scheduler": scheduler}  # checkpointed beside Accelerate's state
     unwrapped: SGMAEForImageClassification = accelerator.unwrap_model(model)
-    state = resume_state(accelerator, args.output_dir, args.resume_from_checkpoint, objects, total_steps)
+    state = resume_state(accelerator, optimizer, args.output_dir, args.resume_from_checkpoint, {}, total_steps)
+    scheduler = cosine_scheduler(optimizer, args.warmup_ratio, total_steps, state.step)
     if accelerator.is_main_process:
         accelerator.init_trackers("sgmae_classification", config={k: str(v) for k, v in asdict(args).items()})
     transform = data.finetune_transform(
@@ -406,16 +406,15 @@ def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict
 
     hooks = FinetuneHooks(task, unwrapped, total_steps)
     settings = LoopSettings(
-        total_steps, args.output_dir, args.logging_steps, args.checkpointing_steps, args.save_total_limit,
-        args.max_grad_norm, unwrapped.config,
+        args.output_dir, args.logging_steps, args.checkpointing_steps, args.save_total_limit, args.max_grad_norm,
+        unwrapped.config,
     )  # fmt: skip
-    state = train(accelerator, model, optimizer, scheduler, epoch_batches, state, settings, hooks, objects)
-    if state["skipped_images"]:
-        logger.warning("skipped %d corrupt training images", state["skipped_images"])
-    if hooks.evaluated_at != state["step"]:
-        hooks.evaluate(state["step"])
+    state = train(accelerator, model, optimizer, scheduler, epoch_batches, state, settings, hooks, {})
+    if state.skipped_images:
+        logger.warning("skipped %d corrupt training images", state.skipped_images)
+    if hooks.evaluated_at != state.step:
+        hooks.evaluate(state.step)
     unwrapped.eval()
-    state["total_steps"] = total_steps
     return hooks.results, hooks.gathered, state, unwrapped
 
 
@@ -465,14 +464,12 @@ class ProbeHooks(TrainingHooks):
         self.probe.train()
         return scores
 
-    def after_epoch(self, state: dict) -> None:
+    def after_epoch(self, state: TrainingState) -> None:
         if self.task.args.eval_every_epoch:
             results, _ = self.task.evaluation.finish(
                 {**self.eval_local, "values": self.scores(self.eval_local["values"])}, 0
             )
-            self.task.accelerator.log(
-                {k: v for k, v in results.items() if k.startswith("eval_top")}, step=state["step"]
-            )
+            self.task.accelerator.log({k: v for k, v in results.items() if k.startswith("eval_top")}, step=state.step)
 
 
 def train_probe(
@@ -506,27 +503,25 @@ def train_probe(
     total_steps = args.max_train_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
     learning_rate = args.base_learning_rate * batch_size / 256
     optimizer = torch.optim.SGD(probe.parameters(), lr=learning_rate, momentum=0.9, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_schedule(round(args.warmup_ratio * total_steps), total_steps)
-    )
-    objects = {"probe": probe, "optimizer": optimizer, "scheduler": scheduler}
-    state = resume_state(accelerator, output_dir, args.resume_from_checkpoint, objects, total_steps)
+    objects = {"probe": probe, "optimizer": optimizer}
+    state = resume_state(accelerator, optimizer, output_dir, args.resume_from_checkpoint, objects, total_steps)
+    scheduler = cosine_scheduler(optimizer, args.warmup_ratio, total_steps, state.step)
     logger.info(
         "linear probe: %d steps of batch %d on %d features, lr %.2e (SGD, momentum 0.9)",
         total_steps, batch_size, len(features), learning_rate,
     )  # fmt: skip
 
-    def epoch_batches(state: dict):
+    def epoch_batches(state: TrainingState) -> Iterator[dict[str, torch.Tensor]]:
         """Every process trains the same head on all features: a seeded permutation per epoch."""
-        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(args.seed + state["epoch"]))
-        for batch_index in range(state["samples_in_epoch"] // batch_size, steps_per_epoch):
+        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(args.seed + state.epoch))
+        for batch_index in range(state.samples_in_epoch // batch_size, steps_per_epoch):
             rows = order[batch_index * batch_size : (batch_index + 1) * batch_size].to(accelerator.device)
             yield {"features": features[rows], "labels": labels[rows]}
 
     hooks = ProbeHooks(task, probe, eval_local)
     settings = LoopSettings(
-        total_steps, output_dir, args.logging_steps, args.checkpointing_steps, args.save_total_limit,
-        args.max_grad_norm, count_key="features", sharded=False,
+        output_dir, args.logging_steps, args.checkpointing_steps, args.save_total_limit, args.max_grad_norm,
+        count_key="features", sharded=False,
     )  # fmt: skip
     state = train(accelerator, probe, optimizer, scheduler, epoch_batches, state, settings, hooks, objects)
 
@@ -536,7 +531,6 @@ def train_probe(
     results, gathered = task.evaluation.finish(
         {**eval_local, "values": hooks.scores(eval_local["values"])}, eval_skipped
     )
-    state |= {"total_steps": total_steps, "train_features": len(features)}
     return probe, results, gathered, state
 
 
@@ -557,6 +551,7 @@ def linear_probe(
     # the folded classifier must predict what the probe predicted on the cached features
     agree = (gathered["values"].argmax(1) == probe_gathered["values"].argmax(1)).float().mean().item()
     results |= {"probe_eval_top1": probe_results.get("eval_top1"), "probe_agreement": agree}
+    results["train_features"] = len(cached["values"])
     return results, gathered, state, model
 
 
@@ -578,7 +573,7 @@ def knn(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict, dic
     compute, width = partial(frozen_features, model), model.config.hidden_size
     cached = train_features(task, model, compute, width)
     results, gathered = knn_results(task, cached, *task.evaluation.local(compute, width))
-    return results, gathered, {}, None
+    return results, gathered, None, None
 
 
 def both_poolings(model: SGMAEForImageClassification, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -595,7 +590,7 @@ def frozen(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict, 
     compute, width = partial(both_poolings, model), model.config.hidden_size
     cached = train_features(task, model, compute, 2 * width)
     eval_local, eval_skipped = task.evaluation.local(compute, 2 * width)
-    results, state = {}, {}
+    results = {}
     for index, pooling in enumerate(("cls", "mean")):
         columns = slice(index * width, (index + 1) * width)
         pooled_train = {**cached, "values": cached["values"][:, columns]}

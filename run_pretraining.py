@@ -44,7 +44,7 @@ from sgmae_training.hub import (
     save_hub_folder,
     write_json_atomically,
 )
-from sgmae_training.optim import cosine_schedule, parameter_groups
+from sgmae_training.optim import cosine_scheduler, parameter_groups
 
 logger = logging.getLogger("run_pretraining")
 DEMO_CONFIG = Path(__file__).parent / "configuration" / "models" / "sgmae-vit-tiny-patch4-cifar.json"
@@ -312,17 +312,14 @@ def main() -> None:
     optimizer = torch.optim.AdamW(
         parameter_groups(model, args.weight_decay), lr=learning_rate, betas=(0.9, args.adam_beta2)
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_schedule(round(args.warmup_ratio * total_steps), total_steps)
-    )
-    # The scheduler is stepped once per optimiser step by hand (a prepared one steps once per process).
     model, optimizer = accelerator.prepare(model, optimizer)
     if args.torch_compile:
         accelerator.unwrap_model(model).compile_blocks()
-    objects = {"scheduler": scheduler}  # checkpointed beside Accelerate's state
     unwrapped: SGMAEForPreTraining = accelerator.unwrap_model(model)
-    state = resume_state(accelerator, args.output_dir, args.resume_from_checkpoint, objects, total_steps)
-    unwrapped.set_training_progress(state["step"], total_steps)
+    state = resume_state(accelerator, optimizer, args.output_dir, args.resume_from_checkpoint, {}, total_steps)
+    # Not prepared: the engine steps it once per optimiser step (a prepared one steps once per process).
+    scheduler = cosine_scheduler(optimizer, args.warmup_ratio, total_steps, state.step)
+    unwrapped.set_training_progress(state.step, total_steps)
     if accelerator.is_main_process:
         accelerator.init_trackers("sgmae_pretraining", config={k: str(v) for k, v in asdict(args).items()})
     log_plan(config, unwrapped, total_steps, steps_per_epoch, global_batch, learning_rate)
@@ -335,20 +332,20 @@ def main() -> None:
     epoch_batches = input_path(args, data_args, accelerator, train_data, image_column, processor, config)
 
     settings = LoopSettings(
-        total_steps, args.output_dir, args.logging_steps, args.checkpointing_steps, args.save_total_limit,
-        args.max_grad_norm, config, stop_at=stop_at,
+        args.output_dir, args.logging_steps, args.checkpointing_steps, args.save_total_limit, args.max_grad_norm,
+        config, stop_at=stop_at,
     )  # fmt: skip
-    state = train(accelerator, model, optimizer, scheduler, epoch_batches, state, settings, hooks, objects)
-    if state["step"] < total_steps:
+    state = train(accelerator, model, optimizer, scheduler, epoch_batches, state, settings, hooks, {})
+    if state.step < total_steps:
         logger.info(
             "stopped at step %d of %d (--stop_after_minutes); the same command with --resume_from_checkpoint latest "
-            "continues from its checkpoint", state["step"], total_steps,
+            "continues from its checkpoint", state.step, total_steps,
         )  # fmt: skip
         accelerator.end_training()
         return
-    unwrapped.set_training_progress(state["step"], total_steps)  # the saved model says how far it was trained
-    if state["skipped_images"]:
-        logger.warning("skipped %d corrupt images", state["skipped_images"])
+    unwrapped.set_training_progress(state.step, total_steps)  # the saved model says how far it was trained
+    if state.skipped_images:
+        logger.warning("skipped %d corrupt images", state.skipped_images)
 
     # ----- output -----
     accelerator.wait_for_everyone()
@@ -356,11 +353,10 @@ def main() -> None:
         if probe is not None:
             hooks.save_panel(Path(args.output_dir) / "masks.png")
         demo = not (data_args.dataset_name or data_args.train_dir)
-        card = pretraining_card(model_args, data_args, args, unwrapped, state, total_steps, demo)
+        card = pretraining_card(model_args, data_args, args, unwrapped, state, demo)
         save_hub_folder(unwrapped, processor, args.output_dir, card)
-        summary = {key: value for key, value in state.items() if key != "train_loss"}
-        summary |= {"total_steps": total_steps, "num_processes": accelerator.num_processes}
-        summary["final_loss"] = state.get("train_loss")
+        summary = {key: value for key, value in state.state_dict().items() if key != "train_loss"}
+        summary |= {"num_processes": accelerator.num_processes, "final_loss": state.train_loss}
         write_json_atomically(Path(args.output_dir) / "train_results.json", summary)
         logger.info("saved the model to %s", args.output_dir)
         if args.push_to_hub:

@@ -13,8 +13,10 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
-STATE_FILE = "trainer_state.json"
-OBJECTS_FILE = "training_objects.pt"  # state_dicts of what Accelerate does not prepare (scheduler, probe)
+from .training_state import TrainingState
+
+STATE_FILE = "trainer_state.json"  # TrainingState.state_dict()
+OBJECTS_FILE = "training_objects.pt"  # state_dicts of what Accelerate does not prepare (the probe and its optimizer)
 # Written once the loss computed from a checkpoint's weights was seen finite and not exploding: resuming from such a
 # checkpoint is known to train on.
 VERIFIED_FILE = "next_loss.json"
@@ -46,20 +48,20 @@ def resolve_resume(output_dir: str, resume_from_checkpoint: str | None) -> Path 
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: str,
-    state: dict,
+    state: TrainingState,
     save_total_limit: int | None,
     objects: dict[str, Any],
     config=None,
 ) -> Path:
     """Write `checkpoint-<step>` atomically: everything goes to a temporary folder that is renamed when complete.
 
-    Accelerate saves what it prepared (model, optimizer) and the RNG states; `objects` (scheduler, probe, ...) are
+    Accelerate saves what it prepared (model, optimizer) and the RNG states; `objects` (the probe, ...) are
     saved by state_dict to OBJECTS_FILE, which `load_checkpoint` reads with `weights_only=True`, unlike Accelerate's
     `register_for_checkpointing` files. With `config`, its config.json is written too, so the checkpoint also loads
     with `from_pretrained`.
     """
-    final = Path(output_dir) / f"checkpoint-{state['step']}"
-    temporary = Path(output_dir) / f".tmp-checkpoint-{state['step']}"
+    final = Path(output_dir) / f"checkpoint-{state.step}"
+    temporary = Path(output_dir) / f".tmp-checkpoint-{state.step}"
     if accelerator.is_main_process and temporary.exists():
         shutil.rmtree(temporary)
     accelerator.wait_for_everyone()
@@ -70,7 +72,7 @@ def save_checkpoint(
             torch.save({name: value.state_dict() for name, value in objects.items()}, temporary / OBJECTS_FILE)
             if config is not None:
                 config.save_pretrained(temporary)
-            (temporary / STATE_FILE).write_text(json.dumps(state, indent=2))
+            (temporary / STATE_FILE).write_text(json.dumps(state.state_dict(), indent=2))
     except (OSError, RuntimeError, SafetensorError) as error:
         if not disk_is_full(error, output_dir):
             raise
@@ -117,8 +119,9 @@ def disk_is_full(error: BaseException, folder: str | Path) -> bool:
     return shutil.disk_usage(folder).free < 2**20
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, objects: dict[str, Any]) -> dict:
-    """Restore model, optimizer, RNG states and `objects`; return the saved trainer state."""
+def load_checkpoint(accelerator: Accelerator, path: Path, objects: dict[str, Any]) -> TrainingState:
+    """Restore model, optimizer, RNG states and `objects`; return the saved training state. A name in OBJECTS_FILE
+    that `objects` lacks is not restored (older checkpoints also hold the scheduler, now rebuilt from the step)."""
     if not (path / OBJECTS_FILE).is_file():
         raise SystemExit(
             f"error: {path} has no {OBJECTS_FILE}: it was written by an older version, whose scheduler state only "
@@ -128,4 +131,6 @@ def load_checkpoint(accelerator: Accelerator, path: Path, objects: dict[str, Any
     saved = torch.load(path / OBJECTS_FILE, map_location="cpu", weights_only=True)
     for name, value in objects.items():
         value.load_state_dict(saved[name])
-    return json.loads((path / STATE_FILE).read_text())
+    state = TrainingState()
+    state.load_state_dict(json.loads((path / STATE_FILE).read_text()))
+    return state

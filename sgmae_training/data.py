@@ -23,6 +23,7 @@ from transformers import ViTImageProcessor
 from modeling_sgmae.analysis import MAE_IMAGE_MEAN, MAE_IMAGE_STD
 
 from .arguments import check_positive
+from .training_state import TrainingState
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +251,13 @@ def skip_samples(dataset, count: int):
 
 
 def worker_epoch_batches(
-    train_data, state: dict, accelerator: Accelerator, data_args: DataArguments, batch_size: int, collate, seed: int
+    train_data,
+    state: TrainingState,
+    accelerator: Accelerator,
+    data_args: DataArguments,
+    batch_size: int,
+    collate,
+    seed: int,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This process's batches of the epoch in `state`, past the samples it already trained on, decoded and augmented
     by `collate` in DataLoader workers, on the device.
@@ -260,19 +267,19 @@ def worker_epoch_batches(
     as many batches as the shortest shard gives: counted up front for a map-style split (the shard lengths are
     known), agreed on per batch for a stream.
     """
-    epoch_data = shard_for_process(train_data, accelerator, seed, state["epoch"], True, data_args.shuffle_buffer_size)
-    epoch_data = skip_samples(epoch_data, state["samples_in_epoch"] // accelerator.num_processes)
+    epoch_data = shard_for_process(train_data, accelerator, seed, state.epoch, True, data_args.shuffle_buffer_size)
+    epoch_data = skip_samples(epoch_data, state.samples_in_epoch // accelerator.num_processes)
     loader = DataLoader(
         epoch_data,
         batch_size=batch_size,
         collate_fn=collate,
         num_workers=data_args.dataloader_num_workers,
         drop_last=True,
-        generator=torch.Generator().manual_seed(seed + state["epoch"]),
+        generator=torch.Generator().manual_seed(seed + state.epoch),
     )
     if isinstance(train_data, datasets.Dataset):
         processes = accelerator.num_processes
-        shortest = len(train_data) // processes - state["samples_in_epoch"] // processes
+        shortest = len(train_data) // processes - state.samples_in_epoch // processes
         return (on_device(batch, accelerator) for batch in itertools.islice(loader, max(shortest, 0) // batch_size))
     return synchronized_batches(loader, accelerator)
 
@@ -320,7 +327,7 @@ def decode_all(
 
 def decoded_epoch_batches(
     images: torch.Tensor,
-    state: dict,
+    state: TrainingState,
     accelerator: Accelerator,
     batch_size: int,
     seed: int,
@@ -334,14 +341,14 @@ def decoded_epoch_batches(
     run sees the same crops and flips as an uninterrupted one. The `left_out` corrupt images are counted as skipped
     once per epoch (with the first batch of process 0), as the worker path counts them each time it meets them.
     """
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + state["epoch"]))
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + state.epoch))
     processes = accelerator.num_processes
     shard = order[: len(order) // processes * processes][accelerator.process_index :: processes]
-    for start in range(state["samples_in_epoch"] // processes, len(shard) - batch_size + 1, batch_size):
+    for start in range(state.samples_in_epoch // processes, len(shard) - batch_size + 1, batch_size):
         rows = shard[start : start + batch_size]
         generator = torch.Generator(device=accelerator.device)
         generator.manual_seed(
-            (seed * 1_000_003 + state["epoch"]) * 1_000_003 + start * processes + accelerator.process_index
+            (seed * 1_000_003 + state.epoch) * 1_000_003 + start * processes + accelerator.process_index
         )
         pixels = images[rows].to(accelerator.device, non_blocking=True)
         skipped = left_out if start == 0 and accelerator.process_index == 0 else 0

@@ -34,6 +34,7 @@ from .checkpoints import (
     resolve_resume,
     save_checkpoint,
 )
+from .training_state import TrainingState
 
 # A loss this many times the one before a checkpoint, right after it, means training diverged from its weights.
 EXPLODING_LOSS_FACTOR = 100.0
@@ -109,38 +110,41 @@ def all_finite(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
 
 
 def resume_state(
-    accelerator: Accelerator, output_dir: str, resume_from_checkpoint: str | None, objects: dict, total_steps: int
-) -> dict:
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    output_dir: str,
+    resume_from_checkpoint: str | None,
+    objects: dict[str, Any],
+    total_steps: int,
+) -> TrainingState:
     """The state to start from: a new run's, or that of the checkpoint `resume_from_checkpoint` names (`latest`: the
-    newest in output_dir). A resumed run keeps the checkpoint's weights, optimizer moments, RNG states and data
-    position, and takes its learning rate and schedule length from this run's arguments (`objects["scheduler"]` was
-    built from them); the log says which of those differ from the checkpoint's."""
-    state = new_state() | {"total_steps": total_steps}
+    newest in output_dir), with `optimizer` and `objects` restored from it.
+
+    A resumed run keeps the checkpoint's weights, optimizer moments, RNG states and data position, and takes its
+    learning rate and schedule length from this run's arguments: each optimizer group's `initial_lr` goes back to
+    this run's rate, and the scheduler is built afterwards at the returned step (`optim.cosine_scheduler`). The log
+    says which of those differ from the checkpoint's.
+    """
     path = resolve_resume(output_dir, resume_from_checkpoint)
     if path is None:
         if resume_from_checkpoint == "latest":
             logger.info("no checkpoint in %s yet: starting from scratch", output_dir)
-        return state
-    scheduler = objects["scheduler"]
-    learning_rates = list(scheduler.base_lrs)
-    saved = load_checkpoint(accelerator, path, objects)
-    saved_rates, saved_total = list(scheduler.base_lrs), saved.get("total_steps", total_steps)
-    scheduler.base_lrs = learning_rates
-    groups = scheduler.optimizer.param_groups
-    for group, rate, factor in zip(groups, learning_rates, scheduler.lr_lambdas, strict=True):
+        return TrainingState(total_steps=total_steps)
+    learning_rates = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+    state = load_checkpoint(accelerator, path, objects)
+    saved_rates = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+    for group, rate in zip(optimizer.param_groups, learning_rates, strict=True):
         group["initial_lr"] = rate
-        group["lr"] = rate * factor(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
-    state |= saved | {"total_steps": total_steps}
     changed = []
     if saved_rates != learning_rates:
         changed.append(f"peak learning rate {max(learning_rates):.3g} (checkpoint: {max(saved_rates):.3g})")
-    if saved_total != total_steps:
-        changed.append(f"schedule length {total_steps} steps (checkpoint: {saved_total})")
+    if state.total_steps and state.total_steps != total_steps:  # 0: a checkpoint that did not record it
+        changed.append(f"schedule length {total_steps} steps (checkpoint: {state.total_steps})")
+    state.total_steps = total_steps
     logger.info(
         "resumed from %s at step %d (epoch %d): weights, optimizer moments, RNG states and data position from the "
         "checkpoint; %s",
-        path, state["step"], state["epoch"],
+        path, state.step, state.epoch,
         "from this run's arguments: " + ", ".join(changed) if changed else "learning rate and schedule unchanged",
     )  # fmt: skip
     return state
@@ -170,15 +174,14 @@ class TrainingHooks:
     def after_step(self, step: int) -> None:
         """Called after each optimiser step (and its logging), before a step checkpoint."""
 
-    def after_epoch(self, state: dict) -> None:
+    def after_epoch(self, state: TrainingState) -> None:
         """Called when an epoch has run to its end, before an epoch checkpoint."""
 
 
 @dataclass
 class LoopSettings:
-    """How long to train and what to keep: the loop's share of a script's arguments."""
+    """What to log and keep: the loop's share of a script's arguments (how long to train is the state's)."""
 
-    total_steps: int
     output_dir: str
     logging_steps: int
     checkpointing_steps: str | None  # N (steps), "epoch" or "none"
@@ -201,17 +204,17 @@ class Checkpointer:
         self.unverified: tuple[Path, float] | None = None  # the newest checkpoint, and the loss just before it
         self.last_saved_at = time.time()
 
-    def save(self, state: dict, window: Window) -> None:
+    def save(self, state: TrainingState, window: Window) -> None:
         """Checkpoint the state, with the data position made exact and the loss of the window so far."""
         window.count_into(state)
         if window.micro_batches:
-            state["train_loss"] = window.mean_loss(state["step"])
+            state.train_loss = window.mean_loss(state.step)
         settings = self.settings
         if not all_finite(self.model, self.optimizer):
             advice = divergence_advice(settings.output_dir)
             raise SystemExit(
-                f"error: the weights or optimizer state became non-finite by step {state['step']} (last logged loss "
-                f"{state.get('train_loss')}); no checkpoint was written for it. {advice}"
+                f"error: the weights or optimizer state became non-finite by step {state.step} (last logged loss "
+                f"{state.train_loss}); no checkpoint was written for it. {advice}"
             )
         path = save_checkpoint(
             self.accelerator, settings.output_dir, state, settings.save_total_limit, self.objects,
@@ -258,15 +261,15 @@ class Window:
         self.skipped += batch.get("skipped", 0)  # an int: the collator counts on the host
         self.first_step = step if self.first_step is None else self.first_step
 
-    def count_into(self, state: dict) -> None:
+    def count_into(self, state: TrainingState) -> None:
         """Add the images counted so far to the state (summed over processes when each has its own shard)."""
         images, skipped = self.images, self.skipped
         if self.settings.sharded and self.accelerator.num_processes > 1:
             counts = torch.tensor([images, skipped], device=self.accelerator.device)
             images, skipped = self.accelerator.reduce(counts, "sum").tolist()
-        state["samples_in_epoch"] += images
-        state["samples_seen"] += images
-        state["skipped_images"] += skipped
+        state.samples_in_epoch += images
+        state.samples_seen += images
+        state.skipped_images += skipped
         self.images = self.skipped = 0
 
     def mean_loss(self, step: int) -> float:
@@ -287,36 +290,36 @@ def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    epoch_batches: Callable[[dict], Iterable[dict[str, torch.Tensor]]],
-    state: dict,
+    epoch_batches: Callable[[TrainingState], Iterable[dict[str, torch.Tensor]]],
+    state: TrainingState,
     settings: LoopSettings,
     hooks: TrainingHooks,
     objects: dict[str, Any],
-) -> dict:
-    """Train until `settings.total_steps` optimiser steps, or until the checkpoint at which `settings.stop_at` is
+) -> TrainingState:
+    """Train until `state.total_steps` optimiser steps, or until the checkpoint at which `settings.stop_at` is
     near (the returned `state` then has fewer steps); return the final `state`.
 
     `epoch_batches(state)` yields this process's batches of the epoch in `state`, past the samples already trained on
-    (a resumed run continues exactly). `state` (step, epoch, sample counts, train_seconds, train_loss) is saved in
-    every checkpoint with `objects` (state_dicts Accelerate does not hold). Inside a step nothing is read back from
+    (a resumed run continues exactly). `state` is saved in every checkpoint with `objects` (state_dicts Accelerate
+    does not hold). Inside a step nothing is read back from
     the device: losses and counts are read once per logging window, checkpoint and epoch.
     """
     # An optimizer Accelerate did not prepare (the linear probe's) steps on plain, unscaled gradients.
     prepared = isinstance(optimizer, AcceleratedOptimizer)
-    total_steps = settings.total_steps
-    progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_main_process)
+    total_steps = state.total_steps
+    progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process)
     window = Window(accelerator, settings)
-    started, samples_at_start, seconds_at_start = time.perf_counter(), state["samples_seen"], state["train_seconds"]
-    checkpoints = Checkpointer(accelerator, model, optimizer, settings, objects, state.get("train_loss"))
+    started, samples_at_start, seconds_at_start = time.perf_counter(), state.samples_seen, state.train_seconds
+    checkpoints = Checkpointer(accelerator, model, optimizer, settings, objects, state.train_loss)
 
     model.train()
     stopping = False
-    while state["step"] < total_steps and not stopping:
-        epoch_start = state["samples_in_epoch"]
+    while state.step < total_steps and not stopping:
+        epoch_start = state.samples_in_epoch
         for batch in epoch_batches(state):
-            if state["step"] >= total_steps:  # checked before training, so a schedule ending with an epoch ends it
+            if state.step >= total_steps:  # checked before training, so a schedule ending with an epoch ends it
                 break
-            hooks.before_micro_batch(state["step"])
+            hooks.before_micro_batch(state.step)
             with accelerator.accumulate(model):
                 loss, outputs = hooks.loss(model, batch)
                 accelerator.backward(loss) if prepared else loss.backward()
@@ -325,21 +328,21 @@ def train(
                     clip(model.parameters(), settings.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            window.add(loss, batch, state["step"])
+            window.add(loss, batch, state.step)
             checkpoints.saw_loss(loss.detach())
             hooks.after_micro_batch(batch, outputs)
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
-            state["step"] += 1
-            state["train_seconds"] = seconds_at_start + time.perf_counter() - started
+            state.step += 1
+            state.train_seconds = seconds_at_start + time.perf_counter() - started
             progress.update(1)
-            step = state["step"]
+            step = state.step
             if step % settings.logging_steps == 0 or step == total_steps:
                 window.count_into(state)
-                images_per_second = (state["samples_seen"] - samples_at_start) / (time.perf_counter() - started)
-                state["train_loss"] = window.mean_loss(step)
-                logs = {"loss": state["train_loss"], "lr": scheduler.get_last_lr()[-1]}
+                images_per_second = (state.samples_seen - samples_at_start) / (time.perf_counter() - started)
+                state.train_loss = window.mean_loss(step)
+                logs = {"loss": state.train_loss, "lr": optimizer.param_groups[-1]["lr"]}
                 logs |= {"img_per_s": images_per_second, **hooks.log_values()}
                 progress.set_postfix(
                     loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.1e}", img_s=f"{logs['img_per_s']:.0f}",
@@ -354,10 +357,10 @@ def train(
                     break
         else:  # the epoch ran to its end
             window.count_into(state)
-            if epoch_start == state["samples_in_epoch"] == 0:
+            if epoch_start == state.samples_in_epoch == 0:
                 raise SystemExit("error: the training split yielded no full batch of images")
-            state["epoch"] += 1
-            state["samples_in_epoch"] = 0
+            state.epoch += 1
+            state.samples_in_epoch = 0
             hooks.after_epoch(state)
             if settings.checkpointing_steps == "epoch":
                 checkpoints.save(state, window)
@@ -367,8 +370,3 @@ def train(
     if accelerator.is_main_process and not stopping:  # at the end: the last good checkpoint need not outlive the limit
         prune_checkpoints(settings.output_dir, settings.save_total_limit, keep_last_good=False)
     return state
-
-
-def new_state() -> dict:
-    """The state of a run that has not trained yet."""
-    return {"step": 0, "epoch": 0, "samples_in_epoch": 0, "samples_seen": 0, "skipped_images": 0, "train_seconds": 0.0}

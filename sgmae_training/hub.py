@@ -11,6 +11,7 @@ from typing import Any
 from transformers import PreTrainedConfig, PreTrainedModel, ViTImageProcessor
 
 from .data import DataArguments
+from .training_state import TrainingState
 
 CHECKPOINT_TYPES = ("sgmae", "vit_mae")
 
@@ -150,7 +151,7 @@ classifier = pipeline("image-classification", model="{name}", trust_remote_code=
     return model_card(metadata, f"SG-MAE {protocol}: {Path(args.output_dir).name}", body)
 
 
-def pretraining_card(model_args, data_args, args, model, state, total_steps, demo: bool) -> str:
+def pretraining_card(model_args, data_args, args, model, state: TrainingState, demo: bool) -> str:
     config = model.config
     dataset = "scikit-image sample photographs (demo)" if demo else data_args.dataset_name or data_args.train_dir
     metadata = {
@@ -163,8 +164,7 @@ def pretraining_card(model_args, data_args, args, model, state, total_steps, dem
         metadata["datasets"] = [data_args.dataset_name]
     strategy = "self-guided informed masking" if config.mask_strategy == "self_guided" else "random masking (MAE)"
     start = model.informed_masking_start_step
-    final_loss = state.get("train_loss")
-    loss_text = f"{final_loss:.4f}" if final_loss is not None else "n/a"
+    loss_text = f"{state.train_loss:.4f}" if state.train_loss is not None else "n/a"
     body = f"""
 Self-Guided Masked Autoencoder (SG-MAE, Shin et al., NeurIPS 2024) pre-trained with `run_pretraining.py`
 ({strategy}). Load it with `trust_remote_code=True`:
@@ -182,8 +182,8 @@ model = AutoModel.from_pretrained("{args.hub_model_id or args.output_dir}", trus
 | decoder | {config.decoder_num_hidden_layers} x {config.decoder_hidden_size} |
 | mask ratio | {config.mask_ratio} |
 | masking | {config.mask_strategy}; informed from step {start if start is not None else "n/a"} |
-| optimiser steps | {state["step"]} of {total_steps} (epochs: {state["epoch"]}) |
-| images seen | {state["samples_seen"]} |
+| optimiser steps | {state.step} of {state.total_steps} (epochs: {state.epoch}) |
+| images seen | {state.samples_seen} |
 | global batch | {args.per_device_train_batch_size * args.gradient_accumulation_steps} per process |
 | base lr / weight decay | {args.base_learning_rate} / {args.weight_decay} |
 | final training loss | {loss_text} |

@@ -7,6 +7,8 @@ import re
 from collections.abc import Callable
 
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 
 from modeling_sgmae import SGMAEForImageClassification
 
@@ -21,6 +23,17 @@ def cosine_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], floa
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
+
+
+def cosine_scheduler(optimizer: Optimizer, warmup_ratio: float, total_steps: int, step: int = 0) -> LambdaLR:
+    """`cosine_schedule` over the optimizer's groups (warm-up: that share of the steps), positioned after `step`
+    optimiser steps.
+
+    The rate is a pure function of the step (each group's `initial_lr` x factor(step)), so a resumed run builds its
+    scheduler from the checkpoint's step instead of loading one; `engine.resume_state` sets `initial_lr` first.
+    """
+    factor = cosine_schedule(round(warmup_ratio * total_steps), total_steps)
+    return LambdaLR(optimizer, factor, last_epoch=step - 1)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional
 
 from sgmae_training.data import decode_all, decode_image, decoded_epoch_batches, prepare_images, worker_epoch_batches
+from sgmae_training.training_state import TrainingState
 
 
 def image_split(count: int, corrupt: int = 0) -> datasets.Dataset:
@@ -57,17 +58,17 @@ def batches(images, state, process_index, processes=2, batch_size=3, left_out=0)
 
 def test_processes_get_disjoint_equal_shards_and_a_resume_continues_exactly():
     images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).expand(20, 3, 2, 2).contiguous()
-    state = {"epoch": 1, "samples_in_epoch": 0}
+    state = TrainingState(epoch=1, samples_in_epoch=0)
     seen = [torch.cat([b["pixel_values"][:, 0, 0, 0] for b in batches(images, state, rank)]) for rank in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 9  # 10 rows each, full batches of 3
     assert not set(seen[0].tolist()) & set(seen[1].tolist())
-    resumed = batches(images, {"epoch": 1, "samples_in_epoch": 2 * 3}, 0)  # after one batch on both processes
+    resumed = batches(images, TrainingState(epoch=1, samples_in_epoch=2 * 3), 0)  # after one batch on both processes
     assert torch.equal(torch.cat([b["pixel_values"][:, 0, 0, 0] for b in resumed]), seen[0][3:])
     # Images left out at decoding count as skipped once per epoch over all processes, like the worker path's.
     counted = [sum(b["skipped"] for b in batches(images, state, rank, left_out=2)) for rank in (0, 1)]
     assert counted == [2, 0]
-    assert sum(b["skipped"] for b in batches(images, {"epoch": 1, "samples_in_epoch": 6}, 0, left_out=2)) == 0
-    other_epoch = batches(images, {"epoch": 2, "samples_in_epoch": 0}, 0)
+    assert sum(b["skipped"] for b in batches(images, TrainingState(epoch=1, samples_in_epoch=6), 0, left_out=2)) == 0
+    other_epoch = batches(images, TrainingState(epoch=2, samples_in_epoch=0), 0)
     assert not torch.equal(torch.cat([b["pixel_values"][:, 0, 0, 0] for b in other_epoch]), seen[0])
 
 
@@ -79,7 +80,7 @@ def test_augmented_batches_are_the_same_after_a_resume():
     augment = BatchAugmentation((16, 16), (0.5,) * 3, (0.25,) * 3)
 
     def epoch(samples_in_epoch):
-        state = {"epoch": 0, "samples_in_epoch": samples_in_epoch}
+        state = TrainingState(epoch=0, samples_in_epoch=samples_in_epoch)
         return list(decoded_epoch_batches(images, state, accelerator, 4, seed=1, augment=augment))
 
     straight, resumed = epoch(0), epoch(4)
@@ -100,7 +101,7 @@ def test_the_worker_path_counts_its_batches_up_front_for_a_map_style_split():
 
     def rows_of(process_index: int, samples_in_epoch: int) -> list[list[int]]:
         accelerator = SimpleNamespace(num_processes=2, process_index=process_index, device=torch.device("cpu"))
-        state = {"epoch": 1, "samples_in_epoch": samples_in_epoch}
+        state = TrainingState(epoch=1, samples_in_epoch=samples_in_epoch)
         batches = worker_epoch_batches(dataset, state, accelerator, data_args, 4, collate, seed=0)
         return [batch["pixel_values"].tolist() for batch in batches]
 

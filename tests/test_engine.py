@@ -12,7 +12,8 @@ from conftest import REPO_ROOT, tiny_config
 
 from modeling_sgmae import SGMAEForPreTraining
 from sgmae_training import engine
-from sgmae_training.engine import LoopSettings, new_state, train
+from sgmae_training.engine import LoopSettings, train
+from sgmae_training.training_state import TrainingState
 
 sys.path.insert(0, str(REPO_ROOT))
 import run_pretraining
@@ -47,9 +48,11 @@ def reads_from_our_code(monkeypatch, steps: int, tmp_path: Path) -> list[str]:
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     settings = LoopSettings(
-        steps, str(tmp_path), logging_steps=1000, checkpointing_steps="none", save_total_limit=None, max_grad_norm=1.0
+        str(tmp_path), logging_steps=1000, checkpointing_steps="none", save_total_limit=None, max_grad_norm=1.0
     )
-    train(accelerator, model, optimizer, scheduler, epoch_batches, new_state(), settings, hooks, {})
+    train(
+        accelerator, model, optimizer, scheduler, epoch_batches, TrainingState(total_steps=steps), settings, hooks, {}
+    )
     monkeypatch.undo()
     return reads
 

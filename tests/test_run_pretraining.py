@@ -383,20 +383,30 @@ def test_checkpoint_objects_round_trip_and_pickled_code_in_them_is_refused(tmp_p
     from accelerate import Accelerator
 
     from sgmae_training.checkpoints import OBJECTS_FILE, load_checkpoint, save_checkpoint
+    from sgmae_training.training_state import TrainingState
 
     accelerator = Accelerator()  # as the scripts build it: one process here
-    layer = torch.nn.Linear(2, 2)
-    _, optimizer = accelerator.prepare(layer, torch.optim.SGD(layer.parameters(), lr=1.0))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+
+    def probe_and_optimizer() -> dict:  # what the linear probe checkpoints beside Accelerate's state
+        probe = torch.nn.Linear(2, 2)
+        return {"probe": probe, "optimizer": torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9)}
+
+    objects = probe_and_optimizer()
     for _ in range(3):
-        optimizer.step()
-        scheduler.step()
-    path = save_checkpoint(accelerator, str(tmp_path), {"step": 3}, None, {"scheduler": scheduler})
+        objects["probe"](torch.ones(1, 2)).sum().backward()
+        objects["optimizer"].step()
+    state = TrainingState(step=3, epoch=1, samples_seen=24, train_loss=0.5, total_steps=9)
+    path = save_checkpoint(accelerator, str(tmp_path), state, None, objects)
     assert not list(path.glob("custom_checkpoint_*")), "Accelerate unpickles these without weights_only"
 
-    restored = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
-    assert load_checkpoint(accelerator, path, {"scheduler": restored}) == {"step": 3}
-    assert restored.last_epoch == 3 and restored.get_last_lr() == scheduler.get_last_lr()
+    restored = probe_and_optimizer()
+    assert load_checkpoint(accelerator, path, restored) == state
+    torch.testing.assert_close(restored["probe"].weight, objects["probe"].weight, rtol=0, atol=0)
+    moments = [
+        torch.equal(mine["momentum_buffer"], theirs["momentum_buffer"])
+        for mine, theirs in zip(restored["optimizer"].state.values(), objects["optimizer"].state.values(), strict=True)
+    ]
+    assert moments == [True, True]
 
     marker = tmp_path / "code-ran"
 
@@ -404,14 +414,14 @@ def test_checkpoint_objects_round_trip_and_pickled_code_in_them_is_refused(tmp_p
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    torch.save({"scheduler": Payload()}, path / OBJECTS_FILE)
+    torch.save({"probe": Payload()}, path / OBJECTS_FILE)
     with pytest.raises(Exception, match="Weights only load failed"):
-        load_checkpoint(accelerator, path, {"scheduler": restored})
+        load_checkpoint(accelerator, path, restored)
     assert not marker.exists()
 
     (path / OBJECTS_FILE).unlink()  # a checkpoint written before OBJECTS_FILE existed
     with pytest.raises(SystemExit, match="written by an older version"):
-        load_checkpoint(accelerator, path, {"scheduler": restored})
+        load_checkpoint(accelerator, path, restored)
 
 
 def test_demo_runs_without_a_dataset(tmp_path):
