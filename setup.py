@@ -27,7 +27,7 @@ setup(
         "matplotlib>=3.8",  # mask panels with column titles, written by every pre-training run
     ],
     extras_require={
-        "demo": ["scikit-image>=0.22"],
+        "demo": ["scikit-image>=0.22", "gradio>=6.31,<7"],  # app.py
         "tensorboard": ["tensorboard>=2.15"],
         "dev": [
             "pytest>=8",
@@ -36,6 +36,8 @@ setup(
             "scikit-image>=0.22",
             "tensorboard>=2.15",
             "timm>=1.0.9",  # the export tests load exported encoders into timm
+            "gradio>=6.31,<7",  # the demo's tests
+            "selenium>=4.20,<5",  # drives headless Chromium in the demo's browser test
         ],
     },
 )
