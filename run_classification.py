@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
@@ -41,7 +42,7 @@ from sgmae_training.arguments import (
     parse_script_args,
 )
 from sgmae_training.engine import LoopSettings, TrainingHooks, resume_state, start_run, train
-from sgmae_training.evaluation import Evaluation, gather_samples, knn_scores, local_pass
+from sgmae_training.evaluation import Evaluation, EvaluationResult, gather_samples, knn_scores, local_pass
 from sgmae_training.hub import (
     check_checkpoint_kind,
     classification_card,
@@ -242,6 +243,16 @@ def fold_probe(model: SGMAEForImageClassification, norm: nn.BatchNorm1d, linear:
 
 
 @dataclass
+class ProtocolResult:
+    """What a protocol hands back to main()."""
+
+    metrics: dict[str, Any]  # its entries of eval_results.json
+    gathered: dict[str, torch.Tensor]  # per validation sample: "index", "labels", scores "values" (frozen: none)
+    state: TrainingState | None = None  # the training loop's final state (None: nothing was trained)
+    model: SGMAEForImageClassification | None = None  # the classifier to save (None: no model is saved)
+
+
+@dataclass
 class Task:
     """What main() prepared for a protocol."""
 
@@ -301,27 +312,28 @@ def main() -> None:
         accelerator, data_args, args, processor, train_data, evaluation, image_column, label_column, len(names)
     )
     protocol = {"finetune": finetune, "linear_probe": linear_probe, "knn": knn, "frozen": frozen}[args.protocol]
-    results, gathered, state, model = protocol(task, model)
+    result = protocol(task, model)
 
     # ----- output -----
+    state = result.state.state_dict() if result.state is not None else {}
     results = {
         "protocol": args.protocol,
         "num_processes": accelerator.num_processes,
         "model_name_or_path": model_args.model_name_or_path or model_args.config_name,
-        "pooling": pooling_of(args.protocol, model_args, model),
-        **results,
-        **{key: value for key, value in (state.state_dict().items() if state else ()) if key not in UNREPRODUCIBLE},
+        "pooling": pooling_of(args.protocol, model_args, result.model),
+        **result.metrics,
+        **{key: value for key, value in state.items() if key not in UNREPRODUCIBLE},
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output = Path(args.output_dir)
         if args.save_predictions:
-            write_json_atomically(output / "eval_predictions.json", predictions_record(gathered))
+            write_json_atomically(output / "eval_predictions.json", predictions_record(result.gathered))
         write_json_atomically(output / "eval_results.json", results)
-        logger.info("eval: %s", {key: value for key, value in results.items() if key.startswith("eval_")})
-        if model is not None:
-            card = classification_card(model_args, data_args, args, model, results)
-            save_hub_folder(model, processor, output, card)
+        logger.info("results: %s", result.metrics)
+        if result.model is not None:
+            card = classification_card(model_args, data_args, args, result.model, results)
+            save_hub_folder(result.model, processor, output, card)
             logger.info("saved the classifier to %s", output)
             if args.push_to_hub:
                 push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
@@ -348,7 +360,8 @@ class FinetuneHooks(TrainingHooks):
 
     def __init__(self, task: Task, model: SGMAEForImageClassification, total_steps: int):
         self.task, self.model, self.total_steps = task, model, total_steps
-        self.results, self.gathered, self.evaluated_at = {}, {}, -1
+        self.result: EvaluationResult | None = None
+        self.evaluated_at = -1
 
     def loss(self, model, batch: dict[str, torch.Tensor]):
         logits = model(batch["pixel_values"]).logits
@@ -359,20 +372,19 @@ class FinetuneHooks(TrainingHooks):
 
     def evaluate(self, step: int) -> None:
         self.model.eval()
-        self.results, self.gathered = self.task.evaluation.run(
-            lambda pixels: self.model(pixels).logits, self.task.num_classes
-        )
+        self.result = self.task.evaluation.run(lambda pixels: self.model(pixels).logits, self.task.num_classes)
         self.model.train()
-        self.task.accelerator.log({k: v for k, v in self.results.items() if k.startswith("eval_top")}, step=step)
+        self.task.accelerator.log(self.result.accuracies(), step=step)
         self.evaluated_at = step
 
     def after_epoch(self, state: TrainingState) -> None:
         if self.task.args.eval_every_epoch or state.step >= self.total_steps:
             self.evaluate(state.step)
-            logger.info("epoch %d: top-1 %.4f", state.epoch, self.results.get("eval_top1", float("nan")))
+            top1 = self.result.top1
+            logger.info("epoch %d: top-1 %s", state.epoch, "n/a" if top1 is None else f"{top1:.4f}")
 
 
-def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict, dict, SGMAEForImageClassification]:
+def finetune(task: Task, model: SGMAEForImageClassification) -> ProtocolResult:
     """End-to-end fine-tuning (MAE recipe): layer-wise lr decay, drop-path, MixUp/CutMix, label smoothing."""
     accelerator, data_args, args, train_data = task.accelerator, task.data_args, task.args, task.train_data
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -415,7 +427,7 @@ def finetune(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict
     if hooks.evaluated_at != state.step:
         hooks.evaluate(state.step)
     unwrapped.eval()
-    return hooks.results, hooks.gathered, state, unwrapped
+    return ProtocolResult(hooks.result.metrics(), hooks.result.gathered, state, unwrapped)
 
 
 def train_features(
@@ -466,10 +478,9 @@ class ProbeHooks(TrainingHooks):
 
     def after_epoch(self, state: TrainingState) -> None:
         if self.task.args.eval_every_epoch:
-            results, _ = self.task.evaluation.finish(
-                {**self.eval_local, "values": self.scores(self.eval_local["values"])}, 0
-            )
-            self.task.accelerator.log({k: v for k, v in results.items() if k.startswith("eval_top")}, step=state.step)
+            scores = self.scores(self.eval_local["values"])
+            result = self.task.evaluation.finish({**self.eval_local, "values": scores}, 0)
+            self.task.accelerator.log(result.accuracies(), step=state.step)
 
 
 def train_probe(
@@ -478,12 +489,12 @@ def train_probe(
     eval_local: dict[str, torch.Tensor],
     eval_skipped: int,
     output_dir: str,
-) -> tuple[nn.Sequential, dict, dict, dict]:
+) -> tuple[nn.Sequential, EvaluationResult, TrainingState]:
     """MAE's linear probe, BatchNorm1d(affine=False) + Linear, trained by the shared loop on cached features.
 
     The head trains with SGD + momentum 0.9 (instead of MAE's LARS) and a cosine schedule, on every process over all
     features with the global batch; rank 0's head is then broadcast. Checkpoints (and resume) in `output_dir`.
-    Returns the head, its validation results and scores, and the loop's state.
+    Returns the head, its scoring of the validation split, and the loop's state.
     """
     accelerator, args = task.accelerator, task.args
     features, labels = cached["values"], cached["labels"]
@@ -528,52 +539,49 @@ def train_probe(
     # every process trained the same head; make it bit-identical (GPU kernels need not be)
     for tensor in [*probe.parameters(), *probe.buffers()]:
         tensor.data.copy_(broadcast(tensor.data.clone(), from_process=0))
-    results, gathered = task.evaluation.finish(
-        {**eval_local, "values": hooks.scores(eval_local["values"])}, eval_skipped
-    )
-    return probe, results, gathered, state
+    result = task.evaluation.finish({**eval_local, "values": hooks.scores(eval_local["values"])}, eval_skipped)
+    return probe, result, state
 
 
-def linear_probe(
-    task: Task, model: SGMAEForImageClassification
-) -> tuple[dict, dict, dict, SGMAEForImageClassification]:
+def linear_probe(task: Task, model: SGMAEForImageClassification) -> ProtocolResult:
     """MAE's linear probe on the frozen encoder (see `train_probe`); features are extracted once (no augmentation)
     and the trained head is folded into the model's classifier (see `fold_probe`)."""
     compute, width = partial(frozen_features, model), model.config.hidden_size
     cached = train_features(task, model, compute, width)
     eval_local, eval_skipped = task.evaluation.local(compute, width)
-    probe, probe_results, probe_gathered, state = train_probe(
-        task, cached, eval_local, eval_skipped, task.args.output_dir
-    )
+    probe, probe_result, state = train_probe(task, cached, eval_local, eval_skipped, task.args.output_dir)
     fold_probe(model, probe[0], probe[1])
     model.eval()
-    results, gathered = task.evaluation.run(lambda pixels: model(pixels).logits, task.num_classes)
+    folded = task.evaluation.run(lambda pixels: model(pixels).logits, task.num_classes)
     # the folded classifier must predict what the probe predicted on the cached features
-    agree = (gathered["values"].argmax(1) == probe_gathered["values"].argmax(1)).float().mean().item()
-    results |= {"probe_eval_top1": probe_results.get("eval_top1"), "probe_agreement": agree}
-    results["train_features"] = len(cached["values"])
-    return results, gathered, state, model
+    folded_predictions = folded.gathered["values"].argmax(1)
+    agree = (folded_predictions == probe_result.gathered["values"].argmax(1)).float().mean().item()
+    metrics = folded.metrics() | {"probe_eval_top1": probe_result.top1, "probe_agreement": agree}
+    return ProtocolResult(metrics | {"train_features": len(cached["values"])}, folded.gathered, state, model)
 
 
-def knn_results(
+def knn_evaluation(
     task: Task, cached: dict[str, torch.Tensor], eval_local: dict[str, torch.Tensor], eval_skipped: int
-) -> tuple[dict, dict]:
+) -> EvaluationResult:
     """DINO's weighted cosine kNN of the validation features among the cached training features."""
     args = task.args
     scores = knn_scores(
         cached["values"], cached["labels"], eval_local["values"], task.num_classes, args.knn_k, args.knn_temperature
     )
-    results, gathered = task.evaluation.finish({**eval_local, "values": scores}, eval_skipped)
-    results |= {"knn_k": args.knn_k, "knn_temperature": args.knn_temperature, "train_features": len(cached["values"])}
-    return results, gathered
+    return task.evaluation.finish({**eval_local, "values": scores}, eval_skipped)
 
 
-def knn(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict, dict, None]:
+def knn_settings(args: ClassificationArguments, cached: dict[str, torch.Tensor]) -> dict[str, float | int]:
+    """What eval_results.json records beside kNN accuracies: the vote's settings and the bank's size."""
+    return {"knn_k": args.knn_k, "knn_temperature": args.knn_temperature, "train_features": len(cached["values"])}
+
+
+def knn(task: Task, model: SGMAEForImageClassification) -> ProtocolResult:
     """DINO's weighted cosine kNN on frozen, L2-normalised features; nothing is trained and no model is saved."""
     compute, width = partial(frozen_features, model), model.config.hidden_size
     cached = train_features(task, model, compute, width)
-    results, gathered = knn_results(task, cached, *task.evaluation.local(compute, width))
-    return results, gathered, None, None
+    result = knn_evaluation(task, cached, *task.evaluation.local(compute, width))
+    return ProtocolResult(result.metrics() | knn_settings(task.args, cached), result.gathered)
 
 
 def both_poolings(model: SGMAEForImageClassification, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -584,25 +592,23 @@ def both_poolings(model: SGMAEForImageClassification, pixel_values: torch.Tensor
     return torch.cat([outputs.last_hidden_state[:, 0], model.fc_norm(outputs.pooler_output)], dim=1)
 
 
-def frozen(task: Task, model: SGMAEForImageClassification) -> tuple[dict, dict, dict, None]:
+def frozen(task: Task, model: SGMAEForImageClassification) -> ProtocolResult:
     """kNN and the linear probe on [CLS] and on mean-pooled features, from one feature pass over each split (the
     price of one evaluation for four); writes `{pooling}_{knn,linear_probe}_top{1,5}`, saves no model."""
     compute, width = partial(both_poolings, model), model.config.hidden_size
     cached = train_features(task, model, compute, 2 * width)
     eval_local, eval_skipped = task.evaluation.local(compute, 2 * width)
-    results = {}
+    metrics = {}
     for index, pooling in enumerate(("cls", "mean")):
         columns = slice(index * width, (index + 1) * width)
         pooled_train = {**cached, "values": cached["values"][:, columns]}
         pooled_eval = {**eval_local, "values": eval_local["values"][:, columns]}
-        knn_result, _ = knn_results(task, pooled_train, pooled_eval, eval_skipped)
+        knn_result = knn_evaluation(task, pooled_train, pooled_eval, eval_skipped)
         probe_output = str(Path(task.args.output_dir) / f"probe-{pooling}")
-        _, probe_result, _, state = train_probe(task, pooled_train, pooled_eval, eval_skipped, probe_output)
-        for protocol, result in (("knn", knn_result), ("linear_probe", probe_result)):
-            results |= {f"{pooling}_{protocol}_{key[5:]}": result.get(key) for key in ("eval_top1", "eval_top5")}
-    counts = ("eval_samples", "eval_duplicates_dropped", "eval_expected_samples", "eval_skipped_images")
-    results |= {key: knn_result[key] for key in (*counts, "knn_k", "knn_temperature", "train_features")}
-    return results, {}, state, None
+        _, probe_result, state = train_probe(task, pooled_train, pooled_eval, eval_skipped, probe_output)
+        metrics |= knn_result.accuracies(f"{pooling}_knn_") | probe_result.accuracies(f"{pooling}_linear_probe_")
+    metrics |= knn_result.counts() | knn_settings(task.args, cached)
+    return ProtocolResult(metrics, {}, state)  # the state of the last probe trained
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -77,6 +78,32 @@ def score_metric(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]
     return metric.compute(predictions=scores.cpu().numpy(), references=labels.cpu().numpy(), top_k=[5])
 
 
+@dataclass
+class EvaluationResult:
+    """One scoring of the validation split across processes, each sample counted once."""
+
+    samples: int  # distinct samples scored
+    duplicates_dropped: int  # rows that the sharding gave to two processes, counted once
+    expected_samples: int  # rows in the split
+    skipped_images: int  # corrupt images left out
+    top1: float | None  # accuracies, on the main process (None elsewhere, and when no sample was scored)
+    top5: float | None
+    gathered: dict[str, torch.Tensor] = field(repr=False)  # per sample by index: "index", "labels", scores "values"
+
+    def accuracies(self, prefix: str = "eval_") -> dict[str, float | None]:
+        """`{prefix}top1` and `{prefix}top5`."""
+        return {f"{prefix}top1": self.top1, f"{prefix}top5": self.top5}
+
+    def counts(self) -> dict[str, int]:
+        """The sample counts as eval_results.json names them (`eval_<field>`)."""
+        names = ("samples", "duplicates_dropped", "expected_samples", "skipped_images")
+        return {f"eval_{name}": getattr(self, name) for name in names}
+
+    def metrics(self) -> dict[str, float | int | None]:
+        """Counts and accuracies, as eval_results.json names them."""
+        return self.counts() | self.accuracies()
+
+
 class Evaluation:
     """The validation split, sharded without overlap; `run` scores it once across processes."""
 
@@ -90,19 +117,19 @@ class Evaluation:
         args = (self.shard, self.collate, self.batch_size, self.num_workers, compute, width)
         return local_pass(self.accelerator, *args)
 
-    def finish(self, local: dict[str, torch.Tensor], skipped: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """Gather local scores ("values") with labels and indices; metrics and counts (on every process)."""
+    def finish(self, local: dict[str, torch.Tensor], skipped: int) -> EvaluationResult:
+        """Gather local scores ("values") with labels and indices; score them (counts on every process)."""
         gathered = gather_samples(self.accelerator, local)
         raw = int(self.accelerator.reduce(torch.tensor(len(local["index"]), device=self.accelerator.device), "sum"))
         skipped = int(self.accelerator.reduce(torch.tensor(skipped, device=self.accelerator.device), "sum"))
-        results = {"eval_samples": len(gathered["index"]), "eval_duplicates_dropped": raw - len(gathered["index"])}
-        results |= {"eval_expected_samples": self.expected, "eval_skipped_images": skipped}
-        if self.accelerator.is_main_process and len(gathered["index"]):
+        samples = len(gathered["index"])
+        top1 = top5 = None
+        if self.accelerator.is_main_process and samples:
             metrics = score_metric(gathered["values"], gathered["labels"])
-            results |= {"eval_top1": metrics["accuracy"], "eval_top5": metrics["top5_accuracy"]}
-        return results, gathered
+            top1, top5 = metrics["accuracy"], metrics["top5_accuracy"]
+        return EvaluationResult(samples, raw - samples, self.expected, skipped, top1, top5, gathered)
 
-    def run(self, compute: Callable, width: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    def run(self, compute: Callable, width: int) -> EvaluationResult:
         return self.finish(*self.local(compute, width))
 
 
