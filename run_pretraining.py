@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -45,6 +46,7 @@ from sgmae_training.hub import (
     write_json_atomically,
 )
 from sgmae_training.optim import cosine_scheduler, parameter_groups
+from sgmae_training.training_state import TrainingState
 
 logger = logging.getLogger("run_pretraining")
 DEMO_CONFIG = Path(__file__).parent / "configuration" / "models" / "sgmae-vit-tiny-patch4-cifar.json"
@@ -230,8 +232,9 @@ class PretrainingHooks(TrainingHooks):
         self.accelerator, self.model, self.total_steps, self.args = accelerator, model, total_steps, args
         self.probe, self.processor = probe, processor
         self.exploitation_every = args.exploitation_check_steps
-        self.window: torch.Tensor | None = None  # informed, fallback, object-part patches, edge density: summed
-        self.window_images = 0
+        # informed, fallback, object-part patches, edge density: summed over the logging window
+        self.mask_sums: torch.Tensor | None = None
+        self.mask_images = 0
 
     def before_micro_batch(self, step: int) -> None:
         self.model.set_training_progress(step, self.total_steps)  # the model decides its masks from this
@@ -251,13 +254,13 @@ class PretrainingHooks(TrainingHooks):
                 (outputs.edge_density * informed).sum().float(),
             ]
         )
-        self.window = sums if self.window is None else self.window + sums
-        self.window_images += len(outputs.mask_type)
+        self.mask_sums = sums if self.mask_sums is None else self.mask_sums + sums
+        self.mask_images += len(outputs.mask_type)
 
     def log_values(self) -> dict[str, float]:
-        informed, fallback, part, density = self.window.tolist() if self.window is not None else [0.0] * 4
-        images, num_informed = max(self.window_images, 1), max(informed, 1)
-        self.window, self.window_images = None, 0
+        informed, fallback, part, density = self.mask_sums.tolist() if self.mask_sums is not None else [0.0] * 4
+        images, num_informed = max(self.mask_images, 1), max(informed, 1)
+        self.mask_sums, self.mask_images = None, 0
         return {
             "informed_share": informed / images,
             "fallback_share": fallback / images,
@@ -329,7 +332,7 @@ def main() -> None:
     args.exploitation_check_steps = args.exploitation_check_steps or max(steps_per_epoch // 4, 1)
     hooks = PretrainingHooks(accelerator, unwrapped, total_steps, args, probe, processor)
 
-    epoch_batches = input_path(args, data_args, accelerator, train_data, image_column, processor, config)
+    epoch_batches = epoch_batch_factory(args, data_args, accelerator, train_data, image_column, processor, config)
 
     settings = LoopSettings(
         args.output_dir, args.logging_steps, args.checkpointing_steps, args.save_total_limit, args.max_grad_norm,
@@ -364,7 +367,9 @@ def main() -> None:
     accelerator.end_training()
 
 
-def input_path(args, data_args, accelerator: Accelerator, train_data, image_column: str, processor, config):
+def epoch_batch_factory(
+    args, data_args, accelerator: Accelerator, train_data, image_column: str, processor, config
+) -> Callable[[TrainingState], Iterator[dict[str, torch.Tensor]]]:
     """`epoch_batches(state)` for the engine: images decoded and augmented in DataLoader workers, or decoded once into
     memory and augmented a whole batch at a time on the device (`--input_path decode_once`)."""
     batch_size = args.per_device_train_batch_size

@@ -204,7 +204,7 @@ class Checkpointer:
         self.unverified: tuple[Path, float] | None = None  # the newest checkpoint, and the loss just before it
         self.last_saved_at = time.time()
 
-    def save(self, state: TrainingState, window: Window) -> None:
+    def save(self, state: TrainingState, window: LoggingWindow) -> None:
         """Checkpoint the state, with the data position made exact and the loss of the window so far."""
         window.count_into(state)
         if window.micro_batches:
@@ -244,7 +244,7 @@ class Checkpointer:
         self.last_loss = loss
 
 
-class Window:
+class LoggingWindow:
     """What happened since the last logging step, kept where it was made: loss sums on the device (read once per
     window), image counts on the host (summed over processes once per window, checkpoint or epoch)."""
 
@@ -308,7 +308,7 @@ def train(
     prepared = isinstance(optimizer, AcceleratedOptimizer)
     total_steps = state.total_steps
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process)
-    window = Window(accelerator, settings)
+    window = LoggingWindow(accelerator, settings)
     started, samples_at_start, seconds_at_start = time.perf_counter(), state.samples_seen, state.train_seconds
     checkpoints = Checkpointer(accelerator, model, optimizer, settings, objects, state.train_loss)
 
