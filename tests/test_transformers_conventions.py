@@ -19,15 +19,9 @@ from safetensors.torch import load_file
 from modeling_sgmae import SGMAEConfig, SGMAEForImageClassification, SGMAEForPreTraining, SGMAEModel
 from modeling_sgmae.configuration_sgmae import num_masked_patches
 
-try:
-    common = transformers_common.load()
-except Exception as error:  # no network to PyPI and no cached copy: skipped locally, a failure in CI
-    if os.environ.get("CI"):
-        raise
-    pytest.skip(f"transformers' common tests are unavailable: {error}", allow_module_level=True)
-
-from transformers_common_tests.test_configuration_common import ConfigTester
-from transformers_common_tests.test_modeling_common import ModelTesterMixin, floats_tensor
+transformers_common.load()  # without the fetched files: skipped here, a failure in CI
+from transformers_common_tests.test_configuration_common import ConfigTester  # noqa: E402
+from transformers_common_tests.test_modeling_common import ModelTesterMixin, floats_tensor  # noqa: E402
 
 
 class SGMAEModelTester:
@@ -173,3 +167,14 @@ class SGMAECommonModelTest(ModelTesterMixin, unittest.TestCase):
             for name in ("last_hidden_state", "pooler_output", "logits", "loss", "mask"):
                 if name in eager:
                     torch.testing.assert_close(exported[name], eager[name], msg=f"{model_class.__name__}.{name}")
+
+
+def test_without_the_fetched_files_the_common_tests_are_skipped_here_and_fail_in_ci(monkeypatch, tmp_path):
+    """The tests never download: a missing cache names the command that fills it."""
+    monkeypatch.setenv("SGMAE_TRANSFORMERS_TESTS", str(tmp_path))
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"are not in .*: run `python \.ci/fetch_transformers_tests\.py`"):
+        transformers_common.load()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"test_modeling_common\.py"):
+        transformers_common.load()
