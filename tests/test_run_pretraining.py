@@ -106,7 +106,7 @@ def test_two_processes_cross_into_informed_masking_and_publish(image_dataset_dir
     assert str(image_dataset_dir) in card and "| optimiser steps | 12 of 12" in card
     assert "final training loss | " in card and "n/a" not in card.split("final training loss")[1]
     state = load_file(output / "model.safetensors")
-    assert int(state["training_step"]) == 12 and int(state["total_training_steps"]) == 12
+    assert int(state["schedule.training_step"]) == 12 and int(state["schedule.total_training_steps"]) == 12
 
     report = check_folder_in_fresh_process(output, tmp_path)
     assert report["features"] == [1, 65, 32] and report["pooled"] == [1, 32]
