@@ -34,11 +34,11 @@ from transformers import ViTImageProcessor
 from modeling_sgmae import MaskType, SGMAEConfig, SGMAEForPreTraining
 from modeling_sgmae.analysis import FigurePanel, figure_panel
 from sgmae_training.analyze import load_image_processor
+from sgmae_training.data import DEMO_PHOTOS
 from sgmae_training.hub import check_checkpoint_kind
 
 DEFAULT_MODEL = "outputs/sgmae-demo"  # the folder the README's first command leaves
 MAKE_DEFAULT_MODEL = f"accelerate launch run_pretraining.py --output_dir {DEFAULT_MODEL}"
-EXAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 GRAPH_EDGES = ("similarity", "binary_fixed", "binary_mean")  # SGMAEConfig's choices (tests/test_app.py checks)
 FOREGROUND_RULES = ("max_abs", "smaller")
 PANEL_TITLES = ("input", "random mask", "NCut bi-partition", "informed mask", "informed + hints", "reconstruction")
@@ -109,7 +109,7 @@ def example_photos() -> list[str]:
     folder = Path(tempfile.gettempdir()) / "sgmae-demo-examples"  # Gradio serves examples from the temp dir
     folder.mkdir(exist_ok=True)
     paths = []
-    for name in EXAMPLE_PHOTOS:
+    for name in DEMO_PHOTOS:
         path = folder / f"{name}.png"
         if not path.exists():
             partial = path.with_suffix(f".{os.getpid()}.png")  # two apps starting at once never see half a file

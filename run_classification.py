@@ -28,6 +28,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from torch import nn
 from transformers import HfArgumentParser, ViTImageProcessor
@@ -203,15 +204,18 @@ def build_model(
             overrides["ignore_mismatched_sizes"] = True
         try:
             model = SGMAEForImageClassification.from_pretrained(path, cache_dir=cache_dir, **overrides)
-        except (OSError, ValueError, TypeError, SafetensorError) as error:
-            raise SystemExit(f"error: cannot load {path!r} as an SG-MAE classifier: {error}") from error
+        except (OSError, ValueError, TypeError, SafetensorError, StrictDataclassError) as error:
+            reason = " ".join(str(error).split())  # one line (strict config errors span two)
+            raise SystemExit(f"error: cannot load {path!r} as an SG-MAE classifier: {reason}") from error
         model.train()
         return model
     try:
         config = SGMAEConfig.from_json_file(model_args.config_name)
         config.update(overrides)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"error: cannot read --config_name {model_args.config_name!r}: {error}") from error
+        config.validate()  # the rules between fields, before any data is read
+    except (OSError, ValueError, StrictDataclassError) as error:
+        reason = " ".join(str(error).split())  # one line (strict config errors span two)
+        raise SystemExit(f"error: cannot read --config_name {model_args.config_name!r}: {reason}") from error
     return SGMAEForImageClassification(config)
 
 

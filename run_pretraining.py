@@ -21,6 +21,7 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
+from huggingface_hub.errors import StrictDataclassError
 from PIL import Image
 from safetensors import SafetensorError
 from transformers import HfArgumentParser
@@ -175,8 +176,7 @@ def demo_dataset() -> datasets.Dataset:
             "error: the demo needs scikit-image (`pip install .[demo]`) or pass --dataset_name"
         ) from error
 
-    names = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina"]
-    images = [Image.fromarray(getattr(samples, name)()).convert("RGB") for name in names]
+    images = [Image.fromarray(getattr(samples, name)()).convert("RGB") for name in data.DEMO_PHOTOS]
     images = [image.resize((128, 128 * image.height // image.width)) for image in images]
     return datasets.Dataset.from_dict({"image": images * 256})
 
@@ -200,9 +200,11 @@ def build_model(model_args: ModelArguments) -> SGMAEForPreTraining:
             return SGMAEForPreTraining.from_pretrained(path, **overrides)
         config = SGMAEConfig.from_json_file(model_args.config_name or DEMO_CONFIG)
         config.update(overrides)
-    except (OSError, ValueError, SafetensorError) as error:
+        config.validate()  # the rules between fields, before any data is read
+    except (OSError, ValueError, SafetensorError, StrictDataclassError) as error:
         source = path or model_args.config_name or DEMO_CONFIG
-        raise SystemExit(f"error: cannot build the model from {str(source)!r}: {error}") from error
+        reason = " ".join(str(error).split())  # one line (strict config errors span two)
+        raise SystemExit(f"error: cannot build the model from {str(source)!r}: {reason}") from error
     return SGMAEForPreTraining(config)
 
 
@@ -272,17 +274,15 @@ class PretrainingHooks(TrainingHooks):
         return {"phase": "informed" if self.model.informed_masking_active else "random"}
 
     def after_step(self, step: int) -> None:
-        model, probe = self.model, self.probe
-        if probe is not None and model.config.mask_strategy == "self_guided" and step % self.exploitation_every == 0:
-            waiting = model.informed_masking_start_step is None
-            rates = model.record_exploitation_rates(probe["pixel_values"].to(self.accelerator.device))
-            visible, masked = float(rates[:, 0].mean()), float(rates[:, 1].mean())
-            if waiting and model.informed_masking_start_step is not None:
-                logger.info(
-                    "automatic start: informed masks from step %d (decoder mask-token share %.3f > visible %.3f)",
-                    model.informed_masking_start_step, masked, visible,
-                )  # fmt: skip
-            self.accelerator.log({"exploitation_visible": visible, "exploitation_mask": masked}, step=step)
+        probe = None if self.probe is None else self.probe["pixel_values"].to(self.accelerator.device)
+        logs = self.model.schedule_step(step, self.total_steps, probe, self.exploitation_every)
+        if "informed_start" in logs:
+            logger.info(
+                "automatic start: informed masks from step %d (decoder mask-token share %.3f > visible %.3f)",
+                logs.pop("informed_start"), logs["exploitation_mask"], logs["exploitation_visible"],
+            )  # fmt: skip
+        if logs:
+            self.accelerator.log(logs, step=step)
         if probe is not None and self.args.visualization_steps and step % self.args.visualization_steps == 0:
             self.save_panel(Path(self.args.output_dir) / f"masks-step{step}.png")
 

@@ -32,6 +32,9 @@ LABEL_COLUMNS = ("label", "labels", "fine_label")
 POSITIVE_ARGUMENTS = ("max_train_samples", "max_eval_samples", "num_train_samples", "shuffle_buffer_size")
 INDEX_COLUMN = "__sample_index__"  # a row's number, its identity across processes during evaluation
 
+# scikit-image's photographs: the pre-training demo's data, and app.py's examples
+DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+
 
 @dataclass
 class DataArguments:
