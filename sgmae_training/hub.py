@@ -174,6 +174,12 @@ from transformers import AutoModel, AutoImageProcessor
 model = AutoModel.from_pretrained("{args.hub_model_id or args.output_dir}", trust_remote_code=True)
 ```
 
+**Try it on your own photos.** The SG-MAE repository's `app.py` opens this checkpoint in a browser page
+(`pip install -e ".[demo]"` in a clone, then `python app.py --model <model id>`): upload a photo and see the model's
+own masks, as pre-training builds them (the Normalized-Cut bi-partition of its patch features, the informed mask,
+the hints and the reconstruction), and move the mask ratio, hint ratio, feature layer, graph and object-part rule to
+see how each changes them.
+
 ## Training
 | | |
 |---|---|
