@@ -254,7 +254,7 @@ def evaluate(args: argparse.Namespace, checkpoint: Path) -> dict[str, float | No
     return {f"{protocol}_{pooling}": 100 * written[f"{pooling}_{protocol}_top1"] for protocol, pooling in POOLED}
 
 
-def analyse(args: argparse.Namespace, checkpoint: Path) -> dict:
+def run_analysis(args: argparse.Namespace, checkpoint: Path) -> dict:
     output = checkpoint / "analysis"
     if not (output / "analysis.json").is_file():
         if args.collect_only:
@@ -368,7 +368,7 @@ def print_tables(records: list[dict], summary: dict, headline: str) -> None:
 
 def evaluate_checkpoint(args: argparse.Namespace, name: str, seed: int, epoch: int, checkpoint: Path) -> dict:
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    metrics = analyse(args, checkpoint)
+    metrics = run_analysis(args, checkpoint)
     mask_shares = metrics.get("exploitation_rate_mask")
     accuracies = evaluate(args, checkpoint)
     return {

@@ -190,7 +190,7 @@ def attention_distance(attentions: tuple[torch.Tensor, ...], grid: tuple[int, in
 
 
 @torch.no_grad()
-def analyse(
+def analysis_metrics(
     model: SGMAEForPreTraining,
     pixel_values: torch.Tensor,
     batch_size: int = 64,

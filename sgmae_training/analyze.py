@@ -2,7 +2,7 @@
 
     python -m sgmae_training.analyze --model PATH --dataset_name PATH_OR_ID --split test --output_dir DIR
 
-writes `DIR/analysis.json` (the metrics of `modeling_sgmae.analysis.analyse`) and `DIR/figure_panel.png`
+writes `DIR/analysis.json` (the metrics of `modeling_sgmae.analysis.analysis_metrics`) and `DIR/figure_panel.png`
 (`modeling_sgmae.analysis.figure_panel`).
 """
 
@@ -19,7 +19,7 @@ from transformers import HfArgumentParser, ViTImageProcessor
 from transformers.utils import cached_file
 
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining
-from modeling_sgmae.analysis import MAE_IMAGE_MEAN, MAE_IMAGE_STD, analyse, figure_panel
+from modeling_sgmae.analysis import MAE_IMAGE_MEAN, MAE_IMAGE_STD, analysis_metrics, figure_panel
 
 from .data import IMAGE_COLUMNS, DataArguments, evaluation_split, find_image_column, load_split
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pixel_values, column = probe_batch(dataset, args.image_column, args.num_images, processor, model.config)
 
     # metrics and figure
-    metrics = analyse(model, pixel_values, args.batch_size, args.seed)
+    metrics = analysis_metrics(model, pixel_values, args.batch_size, args.seed)
     metrics = {
         "model": args.model,
         "dataset": args.dataset_name,

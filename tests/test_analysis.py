@@ -19,7 +19,7 @@ from modeling_sgmae import MaskType, SGMAEForPreTraining
 from modeling_sgmae.analysis import (
     MAE_IMAGE_MEAN,
     MAE_IMAGE_STD,
-    analyse,
+    analysis_metrics,
     attention_distance,
     centre_patches,
     feature_statistics,
@@ -230,7 +230,7 @@ def test_analyse_reports_finite_metrics_in_range_and_leaves_the_model_as_found(m
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     images = _probe_images(6)
 
-    metrics = analyse(model, images, batch_size=4)
+    metrics = analysis_metrics(model, images, batch_size=4)
 
     assert model.training
     assert all(torch.equal(buffer, buffers[name]) for name, buffer in model.named_buffers())
@@ -250,7 +250,7 @@ def test_analyse_reports_finite_metrics_in_range_and_leaves_the_model_as_found(m
     assert math.isfinite(metrics["reconstruction_loss"]) and metrics["reconstruction_loss"] > 0
 
     # the chunking does not change the numbers, and the probe masks are fixed by the seed
-    whole = analyse(model, images, batch_size=64)
+    whole = analysis_metrics(model, images, batch_size=64)
     for key in ("feature_variance", "bipartition_gap", "reconstruction_loss"):
         assert whole[key] == pytest.approx(metrics[key], rel=1e-4)
     assert whole["attention_distance"] == pytest.approx(metrics["attention_distance"], rel=1e-4)

@@ -142,7 +142,7 @@ def test_checkpoints_are_evaluated_while_the_run_goes_on_and_the_run_leaves_time
 
     monkeypatch.setattr(compare_masking, "start", fake_start)
     monkeypatch.setattr(compare_masking, "run", fake_run)
-    monkeypatch.setattr(compare_masking, "analyse", lambda args, checkpoint: {})
+    monkeypatch.setattr(compare_masking, "run_analysis", lambda args, checkpoint: {})
     monkeypatch.setattr(compare_masking, "POLL_SECONDS", 0.2)
     monkeypatch.setattr(
         "sys.argv",
