@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
@@ -24,11 +24,10 @@ from accelerate import Accelerator
 from huggingface_hub.errors import StrictDataclassError
 from PIL import Image
 from safetensors import SafetensorError
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, PreTrainedConfig
 
 from modeling_sgmae import MaskType, SGMAEConfig, SGMAEForPreTraining
 from modeling_sgmae.analysis import figure_panel
-from modeling_sgmae.configuration_sgmae import FIELD_NAMES
 from sgmae_training import data
 from sgmae_training.arguments import (
     check_checkpointing_steps,
@@ -190,7 +189,8 @@ def build_model(model_args: ModelArguments) -> SGMAEForPreTraining:
             overrides[name] = getattr(model_args, name)
     if model_args.informed_masking_auto_start:
         overrides["informed_masking_auto_start"] = True
-    unknown = sorted(set(overrides) - FIELD_NAMES)
+    own_fields = {f.name for f in fields(SGMAEConfig)} - {f.name for f in fields(PreTrainedConfig)}
+    unknown = sorted(set(overrides) - own_fields)
     if unknown:
         raise SystemExit(f"error: --config_overrides names fields SGMAEConfig does not have: {unknown}")
     path = model_args.model_name_or_path

@@ -15,7 +15,7 @@ setup(
     install_requires=[
         "torch>=2.4,<2.15",
         "torchvision>=0.19,<0.30",
-        "transformers>=5.4,<6",  # 5.4: strict dataclass configs (huggingface_hub.dataclasses.strict)
+        "transformers>=5.20,<6",  # strict configs with type_validators; 5.12 fails the config and ViTMAE tests
         "accelerate>=1.10,<2",
         "datasets>=4,<6",
         "evaluate>=0.4.6,<0.5",

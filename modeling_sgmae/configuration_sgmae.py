@@ -1,13 +1,11 @@
 """SG-MAE configuration: ViTMAE's architecture fields plus the self-guided masking choices of docs/method.md."""
 
-from collections.abc import Callable
-from dataclasses import fields
-from typing import Any
+from typing import Literal
 
-from huggingface_hub.dataclasses import strict, validated_field
+from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
-from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneConfigMixin
+from transformers.utils.type_validators import activation_fn_key, interval
 
 AUTO_MAP = {
     "AutoConfig": "configuration_sgmae.SGMAEConfig",
@@ -16,35 +14,10 @@ AUTO_MAP = {
     "AutoModelForImageClassification": "modeling_sgmae.SGMAEForImageClassification",
     "AutoBackbone": "modeling_sgmae.SGMAEBackbone",
 }
-CLASSIFIER_POOLINGS = ("mean", "cls")
 WIDTHS_AND_HEADS = (("hidden_size", "num_attention_heads"), ("decoder_hidden_size", "decoder_num_attention_heads"))
-
-
-Rule = tuple[Callable[[Any], bool], str]  # a check of one value (the annotation checks its type), its text
-POSITIVE: Rule = (lambda value: value >= 1, "a positive integer")
-
-
-def checked(name: str, default: Any, rule: Rule) -> Any:
-    """A field whose every assignment is checked (@strict), with a ValueError naming SGMAEConfig.<name>."""
-    allowed, wanted = rule
-
-    def validator(value: Any) -> None:
-        if not allowed(value):  # NaN fails every comparison
-            raise ValueError(f"SGMAEConfig.{name} must be {wanted}, got {value!r}")
-
-    return validated_field(validator, default=default)
-
-
-def interval(low: float, high: float, closed: bool = False) -> Rule:
-    return (lambda v: low <= v <= high if closed else low <= v < high), f"in [{low}, {high}{']' if closed else ')'}"
-
-
-def among(*allowed: str) -> Rule:
-    return (lambda value: value in allowed), f"one of {allowed}"
-
-
-def none_or_at_least(low: int) -> Rule:
-    return (lambda value: value is None or value >= low), f"None or an integer >= {low}"
+rate = interval(min=0.0, max=1.0, exclude_max=True)  # dropouts and the mask ratio: 1.0 would drop everything
+fraction = interval(min=0.0, max=1.0)
+at_least_one = interval(min=1)  # widths, depths, heads, patch size, channels
 
 
 @strict
@@ -78,40 +51,40 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
 
     model_type = "sgmae"
 
-    hidden_size: int = checked("hidden_size", 768, POSITIVE)
-    num_hidden_layers: int = checked("num_hidden_layers", 12, POSITIVE)
-    num_attention_heads: int = checked("num_attention_heads", 12, POSITIVE)
-    intermediate_size: int = checked("intermediate_size", 3072, POSITIVE)
-    hidden_act: str = checked("hidden_act", "gelu", ((lambda v: v in ACT2FN), "an ACT2FN name"))
-    hidden_dropout_prob: float | int = checked("hidden_dropout_prob", 0.0, interval(0.0, 1.0))
-    attention_probs_dropout_prob: float | int = checked("attention_probs_dropout_prob", 0.0, interval(0.0, 1.0))
-    initializer_range: float = checked("initializer_range", 0.02, interval(0.0, 1.0, closed=True))
-    layer_norm_eps: float = checked("layer_norm_eps", 1e-12, ((lambda v: v > 0), "positive"))
+    hidden_size: int = at_least_one(default=768)
+    num_hidden_layers: int = at_least_one(default=12)
+    num_attention_heads: int = at_least_one(default=12)
+    intermediate_size: int = at_least_one(default=3072)
+    hidden_act: str = activation_fn_key(default="gelu")
+    hidden_dropout_prob: float | int = rate(default=0.0)
+    attention_probs_dropout_prob: float | int = rate(default=0.0)
+    initializer_range: float = fraction(default=0.02)
+    layer_norm_eps: float = interval(min=0.0, exclude_min=True)(default=1e-12)
     image_size: int | list[int] | tuple[int, int] = 224
-    patch_size: int = checked("patch_size", 16, POSITIVE)
-    num_channels: int = checked("num_channels", 3, POSITIVE)
+    patch_size: int = at_least_one(default=16)
+    num_channels: int = at_least_one(default=3)
     qkv_bias: bool = True
-    decoder_num_attention_heads: int = checked("decoder_num_attention_heads", 16, POSITIVE)
-    decoder_hidden_size: int = checked("decoder_hidden_size", 512, POSITIVE)
-    decoder_num_hidden_layers: int = checked("decoder_num_hidden_layers", 8, POSITIVE)
-    decoder_intermediate_size: int = checked("decoder_intermediate_size", 2048, POSITIVE)
-    mask_ratio: float = checked("mask_ratio", 0.75, interval(0.0, 1.0))
+    decoder_num_attention_heads: int = at_least_one(default=16)
+    decoder_hidden_size: int = at_least_one(default=512)
+    decoder_num_hidden_layers: int = at_least_one(default=8)
+    decoder_intermediate_size: int = at_least_one(default=2048)
+    mask_ratio: float = rate(default=0.75)
     norm_pix_loss: bool = False
-    drop_path_rate: float | int = checked("drop_path_rate", 0.0, interval(0.0, 1.0))
-    classifier_pooling: str = checked("classifier_pooling", "mean", among(*CLASSIFIER_POOLINGS))
-    mask_strategy: str = checked("mask_strategy", "self_guided", among("random", "self_guided"))
-    informed_masking_start: float | int = checked("informed_masking_start", 0.125, interval(0.0, 1.0, closed=True))
-    informed_masking_start_step: int | None = checked("informed_masking_start_step", None, none_or_at_least(0))
+    drop_path_rate: float | int = rate(default=0.0)
+    classifier_pooling: Literal["mean", "cls"] = "mean"
+    mask_strategy: Literal["random", "self_guided"] = "self_guided"
+    informed_masking_start: float | int = fraction(default=0.125)
+    informed_masking_start_step: int | None = None
     informed_masking_auto_start: bool = False
-    mask_feature_layer: int | None = checked("mask_feature_layer", None, none_or_at_least(1))
-    graph_edges: str = checked("graph_edges", "similarity", among("similarity", "binary_fixed", "binary_mean"))
-    graph_threshold: float | int = checked("graph_threshold", 0.2, interval(-1.0, 1.0, closed=True))
-    graph_eps: float = checked("graph_eps", 1e-5, interval(1e-12, 1.0, closed=True))
-    foreground_rule: str = checked("foreground_rule", "max_abs", among("max_abs", "smaller"))
-    hint_ratio: float | int = checked("hint_ratio", 0.06, interval(0.0, 0.5, closed=True))
-    hint_sampling: str = checked("hint_sampling", "similarity", among("similarity", "uniform"))
-    fiedler_solver: str = checked("fiedler_solver", "power", among("power", "eigh"))
-    fiedler_power_steps: int = checked("fiedler_power_steps", 16, POSITIVE)
+    mask_feature_layer: int | None = None
+    graph_edges: Literal["similarity", "binary_fixed", "binary_mean"] = "similarity"
+    graph_threshold: float | int = interval(min=-1.0, max=1.0)(default=0.2)
+    graph_eps: float = interval(min=1e-12, max=1.0)(default=1e-5)
+    foreground_rule: Literal["max_abs", "smaller"] = "max_abs"
+    hint_ratio: float | int = interval(min=0.0, max=0.5)(default=0.06)
+    hint_sampling: Literal["similarity", "uniform"] = "similarity"
+    fiedler_solver: Literal["power", "eigh"] = "power"
+    fiedler_power_steps: int = at_least_one(default=16)
     apply_layernorm: bool = True
     reshape_hidden_states: bool = True
     _out_features: list[str] | None = None
@@ -134,26 +107,26 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
                 raise ValueError(f"SGMAEConfig.{width_name} ({width}) must be divisible by {heads_name} ({heads})")
             if width % 4:  # the 2-D sin-cos tables split the width in four
                 raise ValueError(f"SGMAEConfig.{width_name} must be divisible by 4, got {width}")
-        size = self.image_size
+        size = self.image_size  # the annotation checks the types: an int or a list of ints
         sides = [size] if isinstance(size, int) else list(size)
-        if len(sides) != (1 if isinstance(size, int) else 2) or not all(type(side) is int for side in sides):
+        if not isinstance(size, int) and len(sides) != 2:
             raise ValueError(f"SGMAEConfig.image_size must be an int or [height, width], got {size!r}")
         if min(sides) < self.patch_size or any(side % self.patch_size for side in sides):
             raise ValueError(
                 f"SGMAEConfig.image_size {size!r} must be a positive multiple of patch_size ({self.patch_size})"
             )
         num_patches = self.grid_size[0] * self.grid_size[1]
-        if not 0 < num_masked_patches(num_patches, self.mask_ratio) < num_patches:
+        if not 0 < (num_masked := num_masked_patches(num_patches, self.mask_ratio)) < num_patches:
             raise ValueError(
-                f"SGMAEConfig.mask_ratio {self.mask_ratio} masks {num_masked_patches(num_patches, self.mask_ratio)} "
-                f"of the {num_patches} patches of a {size} image (patch {self.patch_size}); at least one must be "
-                "masked and one visible"
+                f"SGMAEConfig.mask_ratio {self.mask_ratio} masks {num_masked} of the {num_patches} patches of a {size}"
+                f" image (patch {self.patch_size}); at least one must be masked and one visible"
             )
-        if (self.mask_feature_layer or 0) > self.num_hidden_layers:
+        if (layer := self.mask_feature_layer) is not None and not 1 <= layer <= self.num_hidden_layers:
             raise ValueError(
-                f"SGMAEConfig.mask_feature_layer must be None or an integer [1, {self.num_hidden_layers}], "
-                f"got {self.mask_feature_layer}"
+                f"SGMAEConfig.mask_feature_layer must be None or in [1, {self.num_hidden_layers}], got {layer}"
             )
+        if (start_step := self.informed_masking_start_step) is not None and start_step < 0:
+            raise ValueError(f"SGMAEConfig.informed_masking_start_step must be None or >= 0, got {start_step}")
         if self._out_features is not None:  # chosen stages must still exist after a change
             self.verify_out_features_out_indices()
 
@@ -197,8 +170,6 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
 
 # Every save of a config writes this file beside config.json, so the folder loads with trust_remote_code.
 SGMAEConfig.register_for_auto_class()
-_INHERITED = {field.name for field in fields(PreTrainedConfig)}
-FIELD_NAMES = frozenset(f.name for f in fields(SGMAEConfig) if f.name not in _INHERITED and not f.name.startswith("_"))
 
 
 def num_masked_patches(num_patches: int, mask_ratio: float) -> int:

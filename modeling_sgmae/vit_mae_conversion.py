@@ -29,7 +29,9 @@ VIT_MAE_CONVERSION = [
     WeightRenaming(r"(layers\.\d+)\.output\.dense\.", r"\1.mlp.fc2."),
     *(
         WeightConverter(
-            [f"attention.{name}_proj.{kind}" for name in "qkv"], f"attention.qkv.{kind}", [Concatenate(dim=0)]
+            [f"attention.{name}_proj.{kind}" for name in "qkv"],
+            f"attention.qkv.{kind}",
+            operations=[Concatenate(dim=0)],
         )
         for kind in ("weight", "bias")
     ),
