@@ -186,9 +186,11 @@ def validate_args(model_args: ModelArguments, data_args: ClassificationDataArgum
 
 # ----- model ---------------------------------------------------------------------------------------------------------
 def build_model(
-    model_args: ModelArguments, args: ClassificationArguments, names: list[str], cache_dir: str | None
+    model_args: ModelArguments, args: ClassificationArguments, names: list[str], data_args: data.DataArguments
 ) -> SGMAEForImageClassification:
-    """A classifier for `names`: pooling and drop-path from the protocol, encoder from a checkpoint or a config."""
+    """A classifier for `names`: pooling and drop-path from the protocol, encoder from a checkpoint or a config
+    (--num_channels sets a config's channels; a checkpoint's must agree)."""
+    cache_dir = data_args.cache_dir
     overrides = {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
     if args.protocol == "finetune":
         overrides["drop_path_rate"] = model_args.drop_path
@@ -207,8 +209,11 @@ def build_model(
         except (OSError, ValueError, TypeError, SafetensorError, StrictDataclassError) as error:
             reason = " ".join(str(error).split())  # one line (strict config errors span two)
             raise SystemExit(f"error: cannot load {path!r} as an SG-MAE classifier: {reason}") from error
+        data.check_num_channels(data_args.num_channels, model.config, path)
         model.train()
         return model
+    if data_args.num_channels:
+        overrides["num_channels"] = data_args.num_channels
     try:
         config = SGMAEConfig.from_json_file(model_args.config_name)
         config.update(overrides)
@@ -299,12 +304,15 @@ def main() -> None:
     accelerator = start_run(args.output_dir, args.seed, accumulation, args.mixed_precision, args.report_to)
     train_data, eval_data, image_column, label_column, names = load_data(data_args)
 
-    model = build_model(model_args, args, names, data_args.cache_dir)
-    processor = data.image_processor_for(model.config)
+    model = build_model(model_args, args, names, data_args)
+    channels = model.config.num_channels
+    checkpoint = model_args.model_name_or_path
+    statistics = data.image_statistics(data_args, model.config, train_data, image_column, checkpoint)
+    processor = data.image_processor_for(model.config, statistics)
     evaluation = Evaluation(
         accelerator,
         eval_data,
-        data.ImageCollator(data.eval_transform(processor), image_column, label_column, data.INDEX_COLUMN),
+        data.ImageCollator(data.eval_transform(processor), image_column, label_column, data.INDEX_COLUMN, channels),
         data_args.per_device_eval_batch_size,
         data_args.dataloader_num_workers,
     )
@@ -405,12 +413,16 @@ def finetune(task: Task, model: SGMAEForImageClassification) -> ProtocolResult:
     scheduler = cosine_scheduler(optimizer, args.warmup_ratio, total_steps, state.step)
     if accelerator.is_main_process:
         accelerator.init_trackers("sgmae_classification", config={k: str(v) for k, v in asdict(args).items()})
+    channels = unwrapped.config.num_channels
+    if args.rand_augment_ops and channels not in (1, 3):
+        raise SystemExit(f"error: RandAugment takes 1- or 3-channel images, not {channels}; pass --rand_augment_ops 0")
     transform = data.finetune_transform(
         task.processor, args.crop_scale_min, args.rand_augment_ops, args.rand_augment_magnitude, args.random_erasing
     )
     collate = data.MixingCollator(
-        data.ImageCollator(transform, task.image_column, task.label_column), task.num_classes, args.mixup, args.cutmix
-    )
+        data.ImageCollator(transform, task.image_column, task.label_column, num_channels=channels),
+        task.num_classes, args.mixup, args.cutmix,
+    )  # fmt: skip
     logger.info(
         "fine-tuning %d steps (%d epochs of %d steps), global batch %d, lr %.2e, layer decay %s, drop path %s",
         total_steps, math.ceil(total_steps / steps_per_epoch), steps_per_epoch, global_batch, learning_rate,
@@ -445,7 +457,12 @@ def train_features(
     local, skipped = local_pass(
         accelerator,
         data.shard_for_process(task.train_data, accelerator, seed=0, epoch=0, shuffle=False, buffer_size=0),
-        data.ImageCollator(data.eval_transform(task.processor), task.image_column, task.label_column),
+        data.ImageCollator(
+            data.eval_transform(task.processor),
+            task.image_column,
+            task.label_column,
+            num_channels=model.config.num_channels,
+        ),
         data_args.per_device_eval_batch_size,
         data_args.dataloader_num_workers,
         compute,

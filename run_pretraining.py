@@ -180,9 +180,10 @@ def demo_dataset() -> datasets.Dataset:
     return datasets.Dataset.from_dict({"image": images * 256})
 
 
-def build_model(model_args: ModelArguments) -> SGMAEForPreTraining:
+def build_model(model_args: ModelArguments, num_channels: int | None = None) -> SGMAEForPreTraining:
     """A new model from --config_name (the demo preset by default) or one loaded from --model_name_or_path, with the
-    config overrides and masking arguments applied; a clear error for a field that does not exist or a bad value."""
+    config overrides and masking arguments applied; a clear error for a field that does not exist or a bad value.
+    `num_channels` (--num_channels) sets a new model's; a checkpoint's must agree with it."""
     overrides = parse_config_overrides(model_args.config_overrides)
     for name in ("mask_strategy", "informed_masking_start", "informed_masking_start_step"):
         if getattr(model_args, name) is not None:
@@ -197,9 +198,11 @@ def build_model(model_args: ModelArguments) -> SGMAEForPreTraining:
     try:
         if path:
             check_checkpoint_kind(path)
-            return SGMAEForPreTraining.from_pretrained(path, **overrides)
+            model = SGMAEForPreTraining.from_pretrained(path, **overrides)
+            data.check_num_channels(num_channels, model.config, path)
+            return model
         config = SGMAEConfig.from_json_file(model_args.config_name or DEMO_CONFIG)
-        config.update(overrides)
+        config.update(overrides | ({"num_channels": num_channels} if num_channels else {}))
         config.validate()  # the rules between fields, before any data is read
     except (OSError, ValueError, SafetensorError, StrictDataclassError) as error:
         source = path or model_args.config_name or DEMO_CONFIG
@@ -299,12 +302,13 @@ def main() -> None:
     accelerator = start_run(
         args.output_dir, args.seed, args.gradient_accumulation_steps, args.mixed_precision, args.report_to
     )
-    model = build_model(model_args)  # first: a bad config value stops the run before any data is read
+    model = build_model(model_args, data_args.num_channels)  # first: a bad config stops the run before data is read
     train_data, probe_rows, image_column = load_data(data_args)
 
     # ----- optimiser, schedule -----
     config = model.config
-    processor = data.image_processor_for(config)
+    statistics = data.image_statistics(data_args, config, train_data, image_column, model_args.model_name_or_path)
+    processor = data.image_processor_for(config, statistics)
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     steps_per_epoch, total_steps = data.training_length(
         train_data, data_args, global_batch, args.num_train_epochs, args.max_train_steps
@@ -328,7 +332,8 @@ def main() -> None:
     log_plan(config, unwrapped, total_steps, steps_per_epoch, global_batch, learning_rate)
 
     # ----- training -----
-    probe = data.ImageCollator(data.eval_transform(processor), image_column)(probe_rows) if probe_rows else None
+    probe_collate = data.ImageCollator(data.eval_transform(processor), image_column, num_channels=config.num_channels)
+    probe = probe_collate(probe_rows) if probe_rows else None
     args.exploitation_check_steps = args.exploitation_check_steps or max(steps_per_epoch // 4, 1)
     hooks = PretrainingHooks(accelerator, unwrapped, total_steps, args, probe, processor)
 
@@ -378,12 +383,13 @@ def epoch_batch_factory(
         if storage < max(config.image_height_width):
             raise SystemExit(f"error: --storage_size {storage} is smaller than the model's images")
         images, left_out = data.decode_all(
-            train_data, image_column, storage, data_args.dataloader_num_workers, args.decode_once_max_gib
-        )
+            train_data, image_column, storage, data_args.dataloader_num_workers, args.decode_once_max_gib,
+            config.num_channels,
+        )  # fmt: skip
         augment = BatchAugmentation(config.image_height_width, processor.image_mean, processor.image_std)
         return partial(data.decoded_epoch_batches, images, accelerator=accelerator, batch_size=batch_size,
                        seed=args.seed, augment=augment, left_out=left_out)  # fmt: skip
-    collate = data.ImageCollator(data.train_transform(processor), image_column)
+    collate = data.ImageCollator(data.train_transform(processor), image_column, num_channels=config.num_channels)
     return partial(data.worker_epoch_batches, train_data, accelerator=accelerator, data_args=data_args,
                    batch_size=batch_size, collate=collate, seed=args.seed)  # fmt: skip
 

@@ -258,10 +258,12 @@ def analysis_metrics(
 
 
 def unnormalize(pixel_values: torch.Tensor, image_mean: tuple[float, ...], image_std: tuple[float, ...]) -> np.ndarray:
-    """Normalised images [B, C, H, W] -> RGB arrays [B, H, W, C] in [0, 1] (float32)."""
+    """Normalised images [B, C, H, W] -> RGB arrays [B, H, W, 3] in [0, 1] (float32), for display: with fewer than
+    three channels the first is shown grey, with more the first three (RGB of RGBA)."""
     mean = torch.tensor(image_mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(image_std, dtype=torch.float32).view(1, -1, 1, 1)
     images = pixel_values.detach().float().cpu() * std + mean
+    images = images[:, :1].expand(-1, 3, -1, -1) if images.shape[1] < 3 else images[:, :3]
     return images.clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 

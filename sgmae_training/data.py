@@ -6,6 +6,7 @@ import io
 import itertools
 import logging
 import math
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from transformers import ViTImageProcessor
+from transformers.utils import cached_file
 
 from modeling_sgmae.analysis import MAE_IMAGE_MEAN, MAE_IMAGE_STD
 
@@ -28,8 +30,13 @@ from .training_state import TrainingState
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
-LABEL_COLUMNS = ("label", "labels", "fine_label")
-POSITIVE_ARGUMENTS = ("max_train_samples", "max_eval_samples", "num_train_samples", "shuffle_buffer_size")
+LABEL_COLUMNS = ("label", "labels", "fine_label", "cls")  # "cls": a WebDataset shard's `{key}.cls` member
+POSITIVE_ARGUMENTS = (
+    "max_train_samples", "max_eval_samples", "num_train_samples", "shuffle_buffer_size", "num_channels",
+    "image_statistics_samples",
+)  # fmt: skip
+# PIL modes a 1- or 3-channel model's images are converted to; other channel counts keep an image's own bands
+CHANNEL_MODES = {1: "L", 3: "RGB"}
 INDEX_COLUMN = "__sample_index__"  # a row's number, its identity across processes during evaluation
 
 # scikit-image's photographs: the pre-training demo's data, and app.py's examples
@@ -60,6 +67,29 @@ class DataArguments:
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for datasets and models."})
     dataloader_num_workers: int = field(default=2, metadata={"help": "Data-loading worker processes per device."})
+    num_channels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Image channels (default: the model's config). 1: grayscale (L), 3: RGB, others: the images' own "
+            "bands (e.g. 4-band PNG/TIFF). A new model takes it; a checkpoint must agree."
+        },
+    )
+    image_mean: list[float] | None = field(
+        default=None, metadata={"help": "Normalisation mean, one value per channel (saved with the model)."}
+    )
+    image_std: list[float] | None = field(
+        default=None, metadata={"help": "Normalisation std, one value per channel (saved with the model)."}
+    )
+    compute_image_statistics: bool = field(
+        default=False,
+        metadata={
+            "help": "Measure the per-channel mean/std on the first --image_statistics_samples training images "
+            "(the default for a new model whose images are not RGB)."
+        },
+    )
+    image_statistics_samples: int = field(
+        default=1000, metadata={"help": "How many training images --compute_image_statistics measures."}
+    )
 
 
 def load_split(args: DataArguments, split: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
@@ -81,7 +111,25 @@ def load_split(args: DataArguments, split: str, streaming: bool) -> datasets.Dat
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError, ValueError) as error:
         source = args.dataset_name or folder
         raise SystemExit(f"error: cannot load split {split!r} of {source!r}: {error}") from error
+    except datasets.exceptions.DatasetGenerationError as error:
+        if isinstance(error.__cause__, tarfile.TarError):  # preparing a map-style split reads every shard
+            raise SystemExit(truncated_shard_message(error.__cause__, args.dataset_name)) from error
+        raise
+    except datasets.exceptions.NonMatchingSplitsSizesError as error:  # e.g. a shard cut between two samples
+        raise SystemExit(
+            f"error: split {split!r} of {args.dataset_name!r} has not the size its README.md states ({error}): a file "
+            f"is missing or cut short; `python -m sgmae_training.shards --check {args.dataset_name}` checks shards"
+        ) from error
     return dataset
+
+
+def truncated_shard_message(error: tarfile.TarError, source: str | None) -> str:
+    """One line for a WebDataset shard that ends inside a member (a copy cut short): tarfile does not name it."""
+    folder = source or "<the --dataset_name folder>"
+    return (
+        f"error: a .tar shard of {folder} is damaged ({error}); `python -m sgmae_training.shards --check {folder}` "
+        "names it; rewrite or remove it (then resume with --resume_from_checkpoint latest)"
+    )
 
 
 def check_data_arguments(data_args: DataArguments, positive: tuple[str, ...] = POSITIVE_ARGUMENTS) -> None:
@@ -89,6 +137,13 @@ def check_data_arguments(data_args: DataArguments, positive: tuple[str, ...] = P
     check_positive(data_args, positive)
     if data_args.dataloader_num_workers < 0:
         raise SystemExit(f"error: --dataloader_num_workers must be 0 or more, got {data_args.dataloader_num_workers}")
+    mean, std = data_args.image_mean, data_args.image_std
+    if (mean is None) != (std is None) or (mean is not None and len(mean) != len(std)):
+        raise SystemExit("error: give --image_mean and --image_std together, one value per channel each")
+    if std is not None and min(std) <= 0:
+        raise SystemExit(f"error: --image_std values must be positive, got {std}")
+    if mean is not None and data_args.compute_image_statistics:
+        raise SystemExit("error: give --image_mean/--image_std or --compute_image_statistics, not both")
 
 
 def find_column(features: datasets.Features | None, given: str | None, candidates: tuple[str, ...], kind: str) -> str:
@@ -105,11 +160,17 @@ def find_column(features: datasets.Features | None, given: str | None, candidate
 
 
 def find_image_column(features: datasets.Features | None, given: str | None) -> str:
-    """`find_column` for images, and a clear error when the column holds something else (e.g. the labels)."""
+    """`find_column` for images, and a clear error when the column holds something else (e.g. the labels).
+
+    Without a column of a usual name, the dataset's only image column is taken: WebDataset shards name it after the
+    members' extension (`jpg`, `png`, ...)."""
+    images = [name for name, value in (features or {}).items() if isinstance(value, datasets.Image)]
+    names = list(features or {})
+    if not given and len(images) == 1 and not any(name in names for name in IMAGE_COLUMNS):
+        return images[0]
     column = find_column(features, given, IMAGE_COLUMNS, "image")
     feature = (features or {}).get(column)
     if feature is not None and not isinstance(feature, datasets.Image):
-        images = [name for name, value in features.items() if isinstance(value, datasets.Image)]
         raise SystemExit(
             f"error: column {column!r} holds {type(feature).__name__} values, not images; "
             f"pass --image_column with an image column (this dataset's: {images or 'none'})"
@@ -141,8 +202,9 @@ def prepare_images(dataset, image_column: str):
     return dataset.cast_column(image_column, datasets.Image(decode=False))
 
 
-def decode_image(value: Any) -> Image.Image | None:
-    """Decode an image cell (undecoded dict, PIL image or path) to RGB; None when the file is corrupt."""
+def decode_image(value: Any, num_channels: int = 3) -> Image.Image | None:
+    """Decode an image cell (undecoded dict, PIL image or path) to `num_channels` channels (see `to_channels`);
+    None when the file is corrupt or its bands cannot become that many channels."""
     try:
         if isinstance(value, Image.Image):
             image = value
@@ -155,19 +217,131 @@ def decode_image(value: Any) -> Image.Image | None:
         name = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
         logger.warning("skipping a corrupt image (%s): %s", name or "no file name", error)
         return None
-    return image if image.mode == "RGB" else image.convert("RGB")
+    converted = to_channels(image, num_channels)
+    if converted is None:
+        name = value.get("path") if isinstance(value, dict) else None
+        logger.warning(
+            "skipping an image with %d bands (%s, mode %s): the model takes %d channels",
+            len(image.getbands()), name or "no file name", image.mode, num_channels,
+        )  # fmt: skip
+    return converted
 
 
-def image_processor_for(config) -> ViTImageProcessor:
-    """The processor saved beside the weights: resize to the model's size, MAE (ImageNet) mean/std."""
+def to_channels(image: Image.Image, num_channels: int) -> Image.Image | None:
+    """The image as grayscale (L) for 1 channel or RGB for 3, whatever its mode (alpha dropped, palettes expanded);
+    for other counts its own bands when it has that many (a 4-band PNG/TIFF: RGBA or CMYK), else None.
+
+    8-bit bands only: 16-bit or float images (modes I;16, I, F) are not rescaled here."""
+    mode = CHANNEL_MODES.get(num_channels)
+    if mode is not None:
+        return image if image.mode == mode else image.convert(mode)
+    return image if len(image.getbands()) == num_channels else None
+
+
+def image_processor_for(config, statistics: tuple[list[float], list[float]] | None = None) -> ViTImageProcessor:
+    """The processor saved beside the weights: resize to the model's size, normalise with per-channel `statistics`
+    (mean, std), by default MAE's (ImageNet) for RGB. Its mean/std travel in preprocessor_config.json, so
+    `from_pretrained` and pipelines normalise as training did."""
     height, width = config.image_height_width
+    mean, std = statistics or (list(MAE_IMAGE_MEAN), list(MAE_IMAGE_STD))
+    if len(mean) != config.num_channels or len(std) != config.num_channels:
+        raise SystemExit(
+            f"error: the normalisation has {len(mean)} mean and {len(std)} std values for a "
+            f"{config.num_channels}-channel model; give one per channel (--image_mean/--image_std)"
+        )
     return ViTImageProcessor(
         do_resize=True,
         size={"height": height, "width": width},
         resample=Image.Resampling.BICUBIC,
-        image_mean=list(MAE_IMAGE_MEAN),
-        image_std=list(MAE_IMAGE_STD),
+        image_mean=[float(value) for value in mean],
+        image_std=[float(value) for value in std],
     )
+
+
+def image_statistics(
+    data_args: DataArguments, config, train_data, image_column: str, checkpoint: str | None = None
+) -> tuple[list[float], list[float]] | None:
+    """The per-channel (mean, std) to normalise with, or None for MAE's RGB default; the first that applies:
+    --image_mean/--image_std; measured (--compute_image_statistics); the checkpoint's saved processor (the encoder
+    learned on those); measured again when the images are not RGB (ImageNet's statistics would be a guess)."""
+    channels = config.num_channels
+    if data_args.image_mean is not None:
+        return list(data_args.image_mean), list(data_args.image_std)
+    saved = None if checkpoint is None or data_args.compute_image_statistics else saved_statistics(checkpoint)
+    if saved is not None and len(saved[0]) == channels:
+        logger.info("normalising with the checkpoint's mean %s and std %s", *saved)
+        return saved
+    if not data_args.compute_image_statistics and channels == 3:
+        return None
+    count = data_args.image_statistics_samples
+    mean, std = measure_image_statistics(
+        limit_samples(train_data, count), image_column, channels, config, data_args.dataloader_num_workers
+    )
+    logger.info(
+        "normalising %d-channel images with mean %s and std %s, measured on the first %d training images "
+        "(--image_mean/--image_std set them)", channels, rounded(mean), rounded(std), count,
+    )  # fmt: skip
+    return mean, std
+
+
+def rounded(values: list[float]) -> list[float]:
+    return [round(value, 4) for value in values]
+
+
+def saved_statistics(checkpoint: str) -> tuple[list[float], list[float]] | None:
+    """The mean/std of a checkpoint's preprocessor_config.json (None when it has none or does not normalise)."""
+    found = cached_file(
+        checkpoint,
+        "preprocessor_config.json",
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    if found is None:
+        return None
+    saved = ViTImageProcessor.from_pretrained(checkpoint)
+    if not saved.do_normalize:
+        return None
+    mean = [saved.image_mean] if isinstance(saved.image_mean, float) else saved.image_mean
+    std = [saved.image_std] if isinstance(saved.image_std, float) else saved.image_std
+    return [float(value) for value in mean], [float(value) for value in std]
+
+
+def measure_image_statistics(
+    dataset, image_column: str, num_channels: int, config, num_workers: int
+) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] over all pixels of `dataset`'s images, resized to the model's size as
+    evaluation does (corrupt images left out). Every process reads the same images and gets the same numbers."""
+    height, width = config.image_height_width
+    resize = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize((height, width), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
+    collate = ImageCollator(resize, image_column, num_channels=num_channels)
+    loader = DataLoader(dataset, 64, collate_fn=collate, num_workers=num_workers, generator=torch.Generator())
+    sums = torch.zeros(2, num_channels, dtype=torch.float64)  # sum of x and of x^2 per channel
+    pixels = 0
+    for batch in loader:
+        values = batch["pixel_values"].double()
+        if len(values):
+            sums += torch.stack([values.sum(dim=(0, 2, 3)), values.square().sum(dim=(0, 2, 3))])
+            pixels += values[:, 0].numel()
+    if not pixels:
+        raise SystemExit("error: no readable training image to measure the normalisation statistics on")
+    mean = sums[0] / pixels
+    std = (sums[1] / pixels - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)  # a constant band: no division by 0
+    return mean.tolist(), std.tolist()
+
+
+def check_num_channels(requested: int | None, config, source: str) -> None:
+    """A clear error when --num_channels disagrees with the channels of the checkpoint's patch projection."""
+    if requested is not None and requested != config.num_channels:
+        raise SystemExit(
+            f"error: --num_channels {requested} disagrees with {source!r}, which takes {config.num_channels}-channel "
+            "images; drop --num_channels (the checkpoint decides) or start a new model with --config_name"
+        )
 
 
 def train_transform(processor: ViTImageProcessor, scale: tuple[float, float] = (0.2, 1.0)) -> v2.Compose:
@@ -209,16 +383,18 @@ class ImageCollator:
         image_column: str,
         label_column: str | None = None,
         index_column: str | None = None,
+        num_channels: int = 3,
     ):
         self.transform = transform
         self.image_column = image_column
         self.extra_columns = {"labels": label_column, "index": index_column}
+        self.num_channels = num_channels
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         pixels = []
         extras: dict[str, list] = {key: [] for key, column in self.extra_columns.items() if column}
         for row in rows:
-            image = decode_image(row[self.image_column])
+            image = decode_image(row[self.image_column], self.num_channels)
             if image is None:
                 continue
             pixels.append(self.transform(image))
@@ -232,7 +408,13 @@ class ImageCollator:
 
 
 def shard_for_process(dataset, accelerator: Accelerator, seed: int, epoch: int, shuffle: bool, buffer_size: int):
-    """This process's share of one epoch: shuffled with the same seed on every rank, then split without overlap."""
+    """This process's share of one epoch: shuffled with the same seed on every rank, then split without overlap.
+
+    A stream is split by whole shards (files) when their number is a multiple of the processes; otherwise every
+    process reads every shard and keeps one sample in N (`datasets`' fallback, said once in the log). Fewer shards
+    than processes is refused: most processes would read data only to drop it."""
+    if isinstance(dataset, datasets.IterableDataset) and accelerator.num_processes > 1:
+        check_stream_shards(dataset.num_shards, accelerator.num_processes)
     if shuffle:
         if isinstance(dataset, datasets.IterableDataset):
             dataset = dataset.shuffle(seed=seed, buffer_size=buffer_size)
@@ -242,6 +424,25 @@ def shard_for_process(dataset, accelerator: Accelerator, seed: int, epoch: int, 
     if accelerator.num_processes > 1:
         dataset = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
     return dataset
+
+
+def check_stream_shards(num_shards: int, num_processes: int) -> None:
+    """One line about a stream whose shards do not split evenly across the processes (see `shard_for_process`)."""
+    if num_shards < num_processes:
+        raise SystemExit(
+            f"error: the stream has {num_shards} shard(s) for {num_processes} processes; write at least one shard per "
+            "process, best a multiple of processes x --dataloader_num_workers (python -m sgmae_training.shards "
+            "--num_shards N), or drop --streaming"
+        )
+    if num_shards % num_processes and num_processes not in _WARNED_UNEVEN:
+        _WARNED_UNEVEN.add(num_processes)
+        logger.warning(
+            "%d shards do not split evenly across %d processes: every process reads every shard and keeps 1 sample "
+            "in %d; use a multiple of %d shards", num_shards, num_processes, num_processes, num_processes,
+        )  # fmt: skip
+
+
+_WARNED_UNEVEN: set[int] = set()  # said once per run, not at every epoch
 
 
 def skip_samples(dataset, count: int):
@@ -299,22 +500,22 @@ def storage_transform(size: int) -> v2.Compose:
 
 
 def decode_all(
-    dataset: datasets.Dataset, image_column: str, size: int, num_workers: int, max_gib: float
+    dataset: datasets.Dataset, image_column: str, size: int, num_workers: int, max_gib: float, num_channels: int = 3
 ) -> tuple[torch.Tensor, int]:
-    """Decode every image of a map-style split once: a uint8 tensor [N, 3, size, size] in host memory (the central
-    square of each image, shorter side `size`), and the number of corrupt images left out.
+    """Decode every image of a map-style split once: a uint8 tensor [N, C, size, size] in host memory (the central
+    square of each image, shorter side `size`, `num_channels` channels), and the number of corrupt images left out.
 
     Refuses, before decoding, a split that would not fit in `max_gib` GiB."""
     if not isinstance(dataset, datasets.Dataset):
         raise SystemExit("error: --input_path decode_once needs a map-style split; drop --streaming")
-    needed = len(dataset) * 3 * size * size / 2**30
+    needed = len(dataset) * num_channels * size * size / 2**30
     if needed > max_gib:
         raise SystemExit(
             f"error: decoding {len(dataset)} images at {size}x{size} takes {needed:.1f} GiB, more than "
             f"--decode_once_max_gib {max_gib}; lower --storage_size, raise the budget or use --input_path workers"
         )
-    images = torch.empty(len(dataset), 3, size, size, dtype=torch.uint8)
-    collate = ImageCollator(storage_transform(size), image_column)
+    images = torch.empty(len(dataset), num_channels, size, size, dtype=torch.uint8)
+    collate = ImageCollator(storage_transform(size), image_column, num_channels=num_channels)
     # A generator of its own: building the loader must draw nothing from the global RNG (masks use it).
     loader = DataLoader(dataset, 256, collate_fn=collate, num_workers=num_workers, generator=torch.Generator())
     kept = skipped = 0
@@ -323,8 +524,9 @@ def decode_all(
         kept += len(batch["pixel_values"])
         skipped += int(batch["skipped"])
     logger.info(
-        "decoded %d images once into %.2f GiB (%d corrupt ones left out)", kept, kept * 3 * size**2 / 2**30, skipped
-    )
+        "decoded %d images once into %.2f GiB (%d corrupt ones left out)", kept,
+        kept * num_channels * size**2 / 2**30, skipped,
+    )  # fmt: skip
     return images[:kept], skipped
 
 
@@ -372,7 +574,10 @@ def synchronized_batches(loader, accelerator: Accelerator) -> Iterator[dict[str,
     """
     iterator = iter(loader)
     while True:
-        batch = next(iterator, None)
+        try:
+            batch = next(iterator, None)
+        except tarfile.TarError as error:  # a streamed WebDataset shard cut short: tarfile's message names no file
+            raise SystemExit(truncated_shard_message(error, None)) from error
         if accelerator.num_processes > 1:
             exhausted = torch.tensor([batch is None], device=accelerator.device, dtype=torch.float32)
             if accelerator.reduce(exhausted, reduction="sum").item() > 0:
