@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -34,7 +35,6 @@ from torch import nn
 from transformers import HfArgumentParser, ViTImageProcessor
 
 from modeling_sgmae import SGMAEConfig, SGMAEForImageClassification
-from modeling_sgmae.configuration_sgmae import CLASSIFIER_POOLINGS as POOLINGS
 from sgmae_training import data
 from sgmae_training.arguments import (
     check_checkpointing_steps,
@@ -56,6 +56,7 @@ from sgmae_training.training_state import TrainingState
 
 logger = logging.getLogger("run_classification")
 PROTOCOLS = ("finetune", "linear_probe", "knn", "frozen")
+POOLINGS = typing.get_args(SGMAEConfig.__annotations__["classifier_pooling"])  # the config's Literal choices
 POSITIVE_ARGUMENTS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
 )  # fmt: skip
