@@ -21,6 +21,7 @@ from test_run_pretraining import config_file as config_file  # a fixture
 from transformers import AutoImageProcessor
 
 from modeling_sgmae import SGMAEForPreTraining
+from sgmae_training import data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import run_pretraining
@@ -50,8 +51,8 @@ def channel_dataset(root: Path, bands: int, train_size: int = 32, test_size: int
             if bands == 4:  # a 4-band TIFF is kept as 4 channels; an RGB image cannot be, it is skipped and counted
                 images[1] = encoded(pixels[1], "TIFF")
                 images[2] = encoded(pixels[2][..., :3])
-        data = datasets.Dataset.from_dict({"image": images, "label": labels.tolist()}, features=features)
-        data.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+        table = datasets.Dataset.from_dict({"image": images, "label": labels.tolist()}, features=features)
+        table.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
     return root, training
 
 
@@ -145,7 +146,14 @@ def test_channel_counts_and_statistics_that_do_not_fit_are_one_line_each(
             model_args, data_args, _ = run_pretraining.parse_args()
             model = run_pretraining.build_model(model_args, data_args.num_channels)
             train_data, _, image_column = run_pretraining.load_data(data_args)
-            from sgmae_training import data
-
             statistics = data.image_statistics(data_args, model.config, train_data, image_column)
             data.image_processor_for(model.config, statistics)
+
+
+def test_decode_once_keeps_each_image_s_channels(tmp_path):
+    dataset, pixels = channel_dataset(tmp_path / "four", bands=4, train_size=6, test_size=2)
+    split = data.prepare_images(datasets.load_dataset(str(dataset), split="train"), "image")
+    images, skipped = data.decode_all(split, "image", size=32, num_workers=0, max_gib=1.0, num_channels=4)
+    assert images.shape == (5, 4, 32, 32) and skipped == 1  # the RGB image left out
+    assert torch.equal(images[0], torch.from_numpy(pixels[0]).permute(2, 0, 1))
+    assert torch.equal(images[1], torch.from_numpy(pixels[1]).permute(2, 0, 1))  # the TIFF

@@ -9,14 +9,17 @@ import re
 import tarfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
+import numpy as np
 import pytest
+from PIL import Image
 from test_run_pretraining import check_ok, run
 from test_run_pretraining import config_file as config_file  # a fixture
 
-from sgmae_training import shards
-from sgmae_training.data import DataArguments, load_split
+from sgmae_training import data, shards
+from sgmae_training.data import DataArguments, load_split, shard_for_process
 
 
 def write_shards(source: Path, output: Path, num_shards: int) -> dict[str, int]:
@@ -148,3 +151,38 @@ def test_a_shard_cut_short_is_named_by_check_and_stops_training_with_one_line(
     result = run(shard_args(inside, tmp_path / "out", config_file, "--streaming"), plain_python=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "is damaged (unexpected end of data); `python -m sgmae_training.shards --check" in result.stderr
+
+
+def test_tool_converts_an_image_folder_and_leaves_out_unreadable_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(["cat", "cat", "dog", "dog", "dog"]):
+        folder = tmp_path / "images" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+        image.save(folder / f"{index}.{'jpg' if index == 4 else 'png'}")  # one JPEG among PNGs
+    (tmp_path / "images" / "dog" / "broken.png").write_bytes(b"not an image")
+    output = tmp_path / "shards"
+    written = shards.main(
+        ["--train_dir", str(tmp_path / "images"), "--output_dir", str(output), "--image_format", "png"]
+    )
+    assert written == {"train": 5}  # the unreadable file left out
+    rows = list(datasets.load_dataset(str(output), split="train", streaming=True))
+    assert sorted(rows[0]) == ["__key__", "__url__", "cls", "png"]
+    assert [row["png"].format for row in rows] == ["PNG"] * 5  # the JPEG re-encoded: one image column
+    names = datasets.load_dataset(str(output), split="train", streaming=True).features["cls"].names
+    assert names == ["cat", "dog"] and sorted(row["cls"] for row in rows) == [0, 0, 1, 1, 1]
+
+
+def test_a_stream_is_split_by_whole_shards_only_when_they_divide_evenly(
+    image_dataset_dir, tmp_path, caplog, monkeypatch
+):
+    monkeypatch.setattr(data, "_WARNED_UNEVEN", set())  # whatever ran before in this process
+    shard_dir = tmp_path / "shards"
+    write_shards(image_dataset_dir, shard_dir, 3)
+    stream = datasets.load_dataset(str(shard_dir), split="train", streaming=True)
+    for rank in range(2):
+        process = SimpleNamespace(num_processes=2, process_index=rank)
+        shard_for_process(stream, process, seed=0, epoch=0, shuffle=False, buffer_size=0)
+    assert caplog.text.count("3 shards do not split evenly across 2 processes") == 1  # said once, not per epoch
+    with pytest.raises(SystemExit, match=re.escape("the stream has 3 shard(s) for 4 processes")):
+        shard_for_process(stream, SimpleNamespace(num_processes=4, process_index=0), 0, 0, False, 0)
