@@ -117,8 +117,9 @@ def load_split(args: DataArguments, split: str, streaming: bool) -> datasets.Dat
         raise
     except datasets.exceptions.NonMatchingSplitsSizesError as error:  # e.g. a shard cut between two samples
         raise SystemExit(
-            f"error: split {split!r} of {args.dataset_name!r} has not the size its README.md states ({error}): a file "
-            f"is missing or cut short; `python -m sgmae_training.shards --check {args.dataset_name}` checks shards"
+            f"error: split {split!r} of {args.dataset_name!r} does not have the size its README.md states "
+            f"({error}): a file is missing or cut short; `python -m sgmae_training.shards --check "
+            f"{args.dataset_name}` checks shards"
         ) from error
     return dataset
 

@@ -143,7 +143,7 @@ def test_a_shard_cut_short_is_named_by_check_and_stops_training_with_one_line(
     )
 
     # map-style: preparing the split reads every shard (and compares its size with README.md's)
-    for folder, message in ((inside, "is damaged (unexpected end of data)"), (between, "has not the size")):
+    for folder, message in ((inside, "is damaged (unexpected end of data)"), (between, "does not have the size")):
         arguments = DataArguments(dataset_name=str(folder), cache_dir=str(tmp_path / "cache"))
         with pytest.raises(SystemExit, match=re.escape(message)):
             load_split(arguments, "train", False)
