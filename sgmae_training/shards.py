@@ -43,7 +43,7 @@ DEFAULT_SHARD_SIZE = 1000  # samples per shard when --num_shards is not given
 class ShardArguments:
     """What to convert and where to, or which shards to check."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "Local `datasets` folder (e.g. parquet)."})
+    dataset_name: str | None = field(default=None, metadata={"help": "`datasets` folder (e.g. parquet) or Hub id."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     train_dir: str | None = field(default=None, metadata={"help": "Image folder (class subfolders): split train."})
     validation_dir: str | None = field(default=None, metadata={"help": "Image folder: split validation."})
@@ -168,7 +168,9 @@ def write_shards(args: ShardArguments) -> dict[str, int]:
         data = load_split(source, split, streaming=False)
         image_column = find_image_column(data.features, args.image_column)
         label_column = args.label_column or next((name for name in LABEL_COLUMNS if name in data.features), None)
-        if label_column is not None:
+        if label_column == "none":  # unlabelled shards, for pre-training only
+            label_column = None
+        elif label_column is not None:
             find_column(data.features, label_column, (), "label")
         # every split in the first split's image format: the image column is named after it
         extension, count, size = write_split(

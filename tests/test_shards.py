@@ -171,6 +171,9 @@ def test_tool_converts_an_image_folder_and_leaves_out_unreadable_files(tmp_path)
     assert [row["png"].format for row in rows] == ["PNG"] * 5  # the JPEG re-encoded: one image column
     names = datasets.load_dataset(str(output), split="train", streaming=True).features["cls"].names
     assert names == ["cat", "dog"] and sorted(row["cls"] for row in rows) == [0, 0, 1, 1, 1]
+    unlabelled = tmp_path / "unlabelled"
+    shards.main(["--train_dir", str(tmp_path / "images"), "--output_dir", str(unlabelled), "--label_column", "none"])
+    assert "cls" not in datasets.load_dataset(str(unlabelled), split="train", streaming=True).features
 
 
 def test_a_stream_is_split_by_whole_shards_only_when_they_divide_evenly(
