@@ -16,12 +16,20 @@ from typing import Any
 
 import torch
 from transformers import HfArgumentParser, ViTImageProcessor
-from transformers.utils import cached_file
 
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining
-from modeling_sgmae.analysis import MAE_IMAGE_MEAN, MAE_IMAGE_STD, analysis_metrics, figure_panel
+from modeling_sgmae.analysis import analysis_metrics, figure_panel
 
-from .data import IMAGE_COLUMNS, DataArguments, evaluation_split, find_image_column, load_split
+from .data import (
+    IMAGE_COLUMNS,
+    DataArguments,
+    evaluation_split,
+    find_image_column,
+    image_processor_for,
+    load_split,
+    saved_statistics,
+    to_channels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,34 +53,20 @@ class AnalysisArguments:
     device: str = field(default="auto", metadata={"help": "Torch device; `auto` picks CUDA when available."})
 
 
-def load_image_processor(model_path: str, config: SGMAEConfig):
-    """The checkpoint's ViTImageProcessor if it has a preprocessor_config.json, else resize + MAE mean/std.
-
-    Either way images are resized to the model's image size.
-    """
-    height, width = config.image_height_width
-    found = cached_file(
-        model_path,
-        "preprocessor_config.json",
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-    )
-    if found is not None:
-        processor = ViTImageProcessor.from_pretrained(model_path)
-    else:
-        processor = ViTImageProcessor(image_mean=list(MAE_IMAGE_MEAN), image_std=list(MAE_IMAGE_STD))
-    processor.size = {"height": height, "width": width}
-    if not processor.do_normalize:
-        processor.image_mean, processor.image_std = [0.0] * config.num_channels, [1.0] * config.num_channels
-    return processor
+def load_image_processor(model_path: str, config: SGMAEConfig) -> ViTImageProcessor:
+    """Resize to the model's image size and normalise with the checkpoint's preprocessor_config.json statistics
+    (MAE's for an RGB checkpoint without one): the processor pre-training saved."""
+    return image_processor_for(config, saved_statistics(model_path))
 
 
 def probe_batch(dataset, image_column: str | None, num_images: int, processor, config: SGMAEConfig):
     """The first `num_images` images of a `datasets.Dataset` as normalised pixels [B, C, H, W], and the column used."""
     column = find_image_column(dataset.features, image_column)
     images = dataset.select(range(min(num_images, len(dataset))))[column]
-    images = [image.convert("RGB") if config.num_channels == 3 else image for image in images]
-    return processor(images, return_tensors="pt")["pixel_values"], column
+    converted = [to_channels(image, config.num_channels) for image in images]
+    if any(image is None for image in converted):
+        raise SystemExit(f"error: the probe images do not have the model's {config.num_channels} channels")
+    return processor(converted, return_tensors="pt")["pixel_values"], column
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
