@@ -46,10 +46,15 @@ other and a step can take 10x longer. Rounds in which any step took over 1.5x it
 of the medians (all are kept when fewer than 3 or a quarter remain); from a run with high pressure, the ratios
 still say little (rerun on an idle machine, or use --threads 1).
 
+`--layouts` repeats measurement 1 with other sets of variants in the same process (e.g. only ViTMAE-SDPA and ours),
+to see whether the other models sharing the process change the ratio.
+
 Usage (CPU defaults: cifar batch 64 x 20 steps, vitb batch 8 x 5 steps; about 7 minutes on 2 idle cores):
 
     python benchmarks/bench_model.py
     python benchmarks/bench_model.py --configs cifar --steps 40 --device cpu
+    python benchmarks/bench_model.py --configs vitb --skip-self-guided \
+        --layouts "vit_mae_eager,vit_mae,sgmae_random,sgmae_compiled;vit_mae,sgmae_random"
 """
 
 from __future__ import annotations
@@ -113,6 +118,7 @@ DEFAULTS = {
 }
 SPEEDUP_TARGET, SPEEDUP_AIM, FLOOR_TARGET, MASKING_SHARE_TARGET = 1.0, 1.15, 1.15, 0.10
 DISTURBED = 1.5  # a round whose step took more than this times the variant's fastest step is left out
+VS_VIT_MAE_VARIANTS = ("vit_mae_eager", "vit_mae", "sgmae_random", "sgmae_compiled")
 
 
 # ----- cost model ---------------------------------------------------------------------------------------------
@@ -328,19 +334,24 @@ def host_syncs(device: torch.device, step: Callable[[], None]) -> str | None:
 
 
 def compare_with_vit_mae(
-    fields: dict, batch: int, steps: int, warmup: int, device: torch.device, bf16: bool, compile_blocks: bool
+    fields: dict, batch: int, steps: int, warmup: int, device: torch.device, bf16: bool, names: tuple[str, ...]
 ) -> dict:
-    """Measurement 1: SG-MAE (random masks) vs ViTMAE (eager and SDPA), same weights, noise and optimiser settings."""
+    """Measurement 1: SG-MAE (random masks) vs ViTMAE (eager and SDPA), same weights, noise and optimiser settings;
+    `names`: the variants of `VS_VIT_MAE_VARIANTS` in this process's memory and alternation ("vit_mae" among them)."""
     torch.manual_seed(0)
     vit_mae = ViTMAEForPreTraining(ViTMAEConfig(**fields))  # SDPA attention, transformers' default
+    models = {}
     with tempfile.TemporaryDirectory() as directory:
         vit_mae.save_pretrained(directory)
-        vit_mae_eager = ViTMAEForPreTraining.from_pretrained(directory, attn_implementation="eager")
-        models = {"vit_mae_eager": vit_mae_eager, "vit_mae": vit_mae}
-        models["sgmae_random"] = SGMAEForPreTraining.from_pretrained(directory, mask_strategy="random")  # converts
-        if compile_blocks:
-            models["sgmae_compiled"] = SGMAEForPreTraining.from_pretrained(directory, mask_strategy="random")
-            models["sgmae_compiled"].compile_blocks()
+        for name in names:
+            if name == "vit_mae":
+                models[name] = vit_mae
+            elif name == "vit_mae_eager":
+                models[name] = ViTMAEForPreTraining.from_pretrained(directory, attn_implementation="eager")
+            else:
+                models[name] = SGMAEForPreTraining.from_pretrained(directory, mask_strategy="random")  # converts
+                if name == "sgmae_compiled":
+                    models[name].compile_blocks()
     for model in models.values():
         model.to(device).train()
     config = models["sgmae_random"].config
@@ -358,7 +369,7 @@ def compare_with_vit_mae(
         for name, trainer in trainers.items()
     ]
     alternate(variants, steps, warmup, noise_shape, device)
-    reference = variants[1]  # ViTMAE with SDPA, transformers' default
+    reference = variants[list(models).index("vit_mae")]  # ViTMAE with SDPA, transformers' default
     rounds = undisturbed_rounds(variants)
     flops_per_image = floor_ratio(config, 0)["random_step_gflop_per_image"] * 1e9
     rate = matmul_rate(device, bf16)
@@ -379,10 +390,12 @@ def compare_with_vit_mae(
         "mfu": {name: value * flops_per_image / rate for name, value in images_per_s.items()},
         "peak_memory_gib": {v.name: v.peak_bytes / 2**30 for v in variants} if device.type == "cuda" else None,
         "speedup": {v.name: paired_ratio(reference, v, rounds) for v in ours},
-        "speedup_over_eager": {v.name: paired_ratio(variants[0], v, rounds) for v in ours},
+        "speedup_over_eager": {
+            v.name: paired_ratio(variants[0], v, rounds) for v in ours if variants[0].name == "vit_mae_eager"
+        },
         "speedup_cpu_time": {v.name: paired_ratio(reference, v, rounds, cpu=True) for v in ours},
         "speedup_best": {v.name: best_ratio(reference, v) for v in ours},
-        "host_syncs_in_step": host_syncs(device, lambda: trainers["sgmae_random"].step(pixels, noise=noise)),
+        "host_syncs_in_step": host_syncs(device, lambda: trainers[ours[0].name].step(pixels, noise=noise)),
         "step_times_s": {v.name: v.times for v in variants},
         "step_cpu_times_s": {v.name: v.cpu_times for v in variants},
     }
@@ -496,8 +509,7 @@ def print_table(rows: list[dict]) -> None:
     )
     print(header)
     print("-" * len(header))
-    for row in rows:
-        c = row["vs_vit_mae"]
+    for row, c in [(measured, c) for measured in rows for c in measured["vs_vit_mae"]]:
         for name, images_per_s in c["images_per_s"].items():
             peak = f"{c['peak_memory_gib'][name]:>10.2f}" if c["peak_memory_gib"] else f"{'-':>10}"
             line = (
@@ -518,6 +530,12 @@ def print_table(rows: list[dict]) -> None:
             f"largest loss difference {c['loss_abs_difference_same_noise']:.1e}"
             + ("" if row["device"] == "cpu" else f"; host syncs in our step: {c['host_syncs_in_step'] or 'none'}")
         )
+    if any("self_guided" in row for row in rows):
+        print_self_guided_table(rows)
+    print_legend(rows)
+
+
+def print_self_guided_table(rows: list[dict]) -> None:
     print("\n2./3. Self-guided vs random step (informed masking active), floor from token counts")
     header = (
         f"{'config':<9}{'device':<7}{'k/L':>6}{'random ms':>11}{'SG ms':>10}{'ratio':>8}{'floor':>8}"
@@ -526,7 +544,7 @@ def print_table(rows: list[dict]) -> None:
     )
     print(header)
     print("-" * len(header))
-    for row in rows:
+    for row in [measured for measured in rows if "self_guided" in measured]:
         s = row["self_guided"]
         for result in s["self_guided"].values():
             depth = f"{result['feature_layer']}/{row['num_hidden_layers']}"
@@ -545,6 +563,9 @@ def print_table(rows: list[dict]) -> None:
             )
         if row["device"] != "cpu":
             print(f"{'':<9}host syncs in a self-guided step: {s['host_syncs_in_step'] or 'none'}")
+
+
+def print_legend(rows: list[dict]) -> None:
     print(
         "\nvs SDPA = median over rounds of ViTMAE (SDPA) step time / SG-MAE step time (wall clock); ratio = the same "
         "for self-guided / random;\n'(cpu time)' = the same with process CPU time; '(best)' = ratio of the fastest "
@@ -581,6 +602,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: the CPU cores this process may use)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), help="default: bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--no-compile", action="store_true", help="leave out ours with compile_blocks()")
+    parser.add_argument(
+        "--layouts",
+        help="measurement 1 in several layouts, one after another in this process: ';'-separated lists of "
+        f"{','.join(VS_VIT_MAE_VARIANTS)} (each with vit_mae and one sgmae variant); default: all four",
+    )
+    parser.add_argument("--skip-self-guided", action="store_true", help="leave out measurements 2 and 3")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "bench_model.json")
     args = parser.parse_args()
 
@@ -597,6 +624,19 @@ def main() -> None:
     unknown = sorted(set(configs) - set(CONFIGS))
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
+    default_layout = [name for name in VS_VIT_MAE_VARIANTS if not (args.no_compile and name == "sgmae_compiled")]
+    layouts = [
+        [name.strip() for name in text.split(",")] for text in (args.layouts or ",".join(default_layout)).split(";")
+    ]
+    for layout in layouts:
+        if (
+            set(layout) - set(VS_VIT_MAE_VARIANTS)
+            or "vit_mae" not in layout
+            or not any(n.startswith("sgmae") for n in layout)
+        ):
+            parser.error(
+                f"--layouts: {','.join(layout)!r} needs vit_mae and an sgmae variant, from {VS_VIT_MAE_VARIANTS}"
+            )
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
@@ -625,9 +665,12 @@ def main() -> None:
                 "num_hidden_layers": SGMAEConfig(**fields).num_hidden_layers,
             }
             pressure_before = cpu_pressure()
-            row["vs_vit_mae"] = compare_with_vit_mae(fields, batch, steps, warmup, device, bf16, not args.no_compile)
+            row["vs_vit_mae"] = [
+                compare_with_vit_mae(fields, batch, steps, warmup, device, bf16, tuple(layout)) for layout in layouts
+            ]
             gc.collect()
-            row["self_guided"] = measure_self_guided(fields, batch, steps, warmup, device, bf16)
+            if not args.skip_self_guided:
+                row["self_guided"] = measure_self_guided(fields, batch, steps, warmup, device, bf16)
             row["cpu_pressure_avg60"] = [pressure_before, cpu_pressure()]
             gc.collect()
             if device.type == "cuda":
