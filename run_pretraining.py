@@ -37,7 +37,14 @@ from sgmae_training.arguments import (
     parse_script_args,
 )
 from sgmae_training.augment import BatchAugmentation
-from sgmae_training.engine import LoopSettings, TrainingHooks, resume_state, start_run, train
+from sgmae_training.engine import (
+    DISTRIBUTED_TIMEOUT_S,
+    LoopSettings,
+    TrainingHooks,
+    resume_state,
+    start_run,
+    train,
+)
 from sgmae_training.hub import (
     check_checkpoint_kind,
     pretraining_card,
@@ -52,7 +59,7 @@ logger = logging.getLogger("run_pretraining")
 DEMO_CONFIG = Path(__file__).parent / "configuration" / "models" / "sgmae-vit-tiny-patch4-cifar.json"
 POSITIVE_ARGUMENTS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
-    "visualization_steps", "exploitation_check_steps", "storage_size",
+    "visualization_steps", "exploitation_check_steps", "storage_size", "ddp_timeout",
 )  # fmt: skip
 INPUT_PATHS = ("workers", "decode_once")
 
@@ -140,6 +147,10 @@ class PretrainingArguments:
         default=None, metadata={"help": "Measure decoder exploitation rates every N steps (default: 4 per epoch)."}
     )
     report_to: str = field(default="none", metadata={"help": "Accelerate trackers: tensorboard, none or all."})
+    ddp_timeout: int = field(
+        default=DISTRIBUTED_TIMEOUT_S,
+        metadata={"help": "Seconds a process waits for the others (a frozen or lost node ends the run after this)."},
+    )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the output folder to --hub_model_id."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub."})
     hub_token: str | None = field(default=None, metadata={"help": "Token for --push_to_hub."})
@@ -300,8 +311,9 @@ def main() -> None:
     model_args, data_args, args = parse_args()
     stop_at = None if args.stop_after_minutes is None else time.time() + 60 * args.stop_after_minutes
     accelerator = start_run(
-        args.output_dir, args.seed, args.gradient_accumulation_steps, args.mixed_precision, args.report_to
-    )
+        args.output_dir, args.seed, args.gradient_accumulation_steps, args.mixed_precision, args.report_to,
+        args.ddp_timeout,
+    )  # fmt: skip
     model = build_model(model_args, data_args.num_channels)  # first: a bad config stops the run before data is read
     train_data, probe_rows, image_column = load_data(data_args)
 

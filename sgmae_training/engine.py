@@ -10,9 +10,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.utils import broadcast, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedConfig
@@ -38,20 +41,30 @@ from .training_state import TrainingState
 
 # A loss this many times the one before a checkpoint, right after it, means training diverged from its weights.
 EXPLODING_LOSS_FACTOR = 100.0
+# How long a process waits in a collective for the others (transformers' ddp_timeout): a frozen or unreachable peer
+# ends the run after this instead of never. Long enough for the main process's checkpoint and final-model writes.
+DISTRIBUTED_TIMEOUT_S = 1800
 
 logger = logging.getLogger(__name__)
 
 
 def start_run(
-    output_dir: str, seed: int, gradient_accumulation_steps: int, mixed_precision: str | None, report_to: str
+    output_dir: str,
+    seed: int,
+    gradient_accumulation_steps: int,
+    mixed_precision: str | None,
+    report_to: str,
+    distributed_timeout_s: float = DISTRIBUTED_TIMEOUT_S,
 ) -> Accelerator:
     """The run's Accelerator, with its launch checked, logging set up (INFO on the main process), seed set and the
-    output folder made."""
+    output folder made. With several processes, a collective waits at most `distributed_timeout_s` for the others,
+    and losing one of them ends this process with one line (`report_lost_peers`)."""
     accelerator = Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
         mixed_precision=resolve_mixed_precision(mixed_precision),
         log_with=None if report_to == "none" else report_to,
         project_dir=output_dir,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=distributed_timeout_s))],
     )
     check_launch(accelerator)
     logging.basicConfig(
@@ -60,9 +73,47 @@ def start_run(
     )
     if not accelerator.is_main_process:
         datasets.utils.logging.set_verbosity_error()
+    if accelerator.num_processes > 1:
+        report_lost_peers(accelerator.process_index, output_dir, distributed_timeout_s)
     set_seed(seed)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     return accelerator
+
+
+def is_lost_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another process went away: torch's distributed errors
+    (NCCL, the rendezvous store) and gloo's, which reach Python as plain RuntimeErrors naming gloo."""
+    gloo = isinstance(error, RuntimeError) and "gloo" in str(error).lower()
+    return gloo or isinstance(error, torch.distributed.DistError)
+
+
+def lost_peer_message(error: BaseException, rank: int, output_dir: str, timeout_s: float) -> str:
+    """One line: what happened, gloo's or torch's own reason (without its source path), and how to continue."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    # gloo's: "[.../gloo/transport/tcp/pair.cc:545] Read error [addr]:port: Connection reset by peer. This is ..."
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", reason).split(". ")[0]
+    return (
+        f"error: process {rank} lost contact with the other processes of the run ({reason}): a process or node died, "
+        f"froze for over {timeout_s:g}s, or the network failed. Start the same command on every node again with "
+        f"--resume_from_checkpoint latest to continue from the newest checkpoint in {output_dir}"
+    )
+
+
+def report_lost_peers(rank: int, output_dir: str, timeout_s: float) -> None:
+    """Turn an uncaught lost-peer error into one line and exit status 1 (other errors keep their traceback).
+
+    The failure surfaces in whichever collective comes next (a backward's all-reduce, a barrier, a checkpoint), so
+    one hook for the process rather than a try/except around each; torch.distributed installs its hook the same way.
+    """
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, traceback) -> None:
+        if not is_lost_peer(error):
+            previous(kind, error, traceback)
+            return
+        tqdm.write(lost_peer_message(error, rank, output_dir, timeout_s), file=sys.stderr)  # below the bar
+
+    sys.excepthook = hook
 
 
 def resolve_mixed_precision(requested: str | None) -> str | None:
