@@ -44,6 +44,8 @@ EXPLODING_LOSS_FACTOR = 100.0
 # How long a process waits in a collective for the others (transformers' ddp_timeout): a frozen or unreachable peer
 # ends the run after this instead of never. Long enough for the main process's checkpoint and final-model writes.
 DISTRIBUTED_TIMEOUT_S = 1800
+# What gloo's errors say when a peer is gone or silent (they are plain RuntimeErrors, not torch's DistErrors).
+LOST_PEER_REASONS = re.compile(r"gloo|pair closure|connection (reset|closed|refused)|timed out|broken pipe", re.I)
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +84,9 @@ def start_run(
 
 def is_lost_peer(error: BaseException) -> bool:
     """Whether `error` is a collective that failed because another process went away: torch's distributed errors
-    (NCCL, the rendezvous store) and gloo's, which reach Python as plain RuntimeErrors naming gloo."""
-    gloo = isinstance(error, RuntimeError) and "gloo" in str(error).lower()
+    (NCCL, the rendezvous store) and gloo's, which reach Python as plain RuntimeErrors ("[.../gloo/...] Read error:
+    Connection reset by peer", "Timed out waiting ...", "Application timeout caused pair closure")."""
+    gloo = isinstance(error, RuntimeError) and LOST_PEER_REASONS.search(str(error)) is not None
     return gloo or isinstance(error, torch.distributed.DistError)
 
 

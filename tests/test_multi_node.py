@@ -197,31 +197,33 @@ def test_two_machines_train_disjoint_shards_to_the_same_weights(straight):
     assert_equal_weights(load_file(output / "model.safetensors"), straight.weights(0), "saved model vs rank 0")
 
 
+@pytest.mark.parametrize("killed", [1, 0], ids=["other-node-killed", "main-node-killed"])
 def test_a_killed_node_stops_the_other_in_one_line_and_both_resume_exactly(
-    straight, stubs, colour_dataset, config_file, tmp_path
+    straight, stubs, colour_dataset, config_file, tmp_path, killed
 ):
+    """Either node: the main one also holds torchrun's rendezvous store."""
+    survivor = 1 - killed
     output = tmp_path / "out"
     job = Job(stubs, tmp_path / "first", pretraining_args(colour_dataset, output, config_file))
     deadline = time.time() + 180
     while not (output / "checkpoint-3" / "trainer_state.json").exists():
         assert job.process.poll() is None and time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
-    for process in job.node_processes(1):  # the whole machine goes: launcher, torchrun agent, worker
+    for process in job.node_processes(killed):  # the whole machine goes: launcher, torchrun agent, worker
         process.kill()
-    killed = time.time()
-    survivor = psutil.Process(int((job.folder / "node0.pid").read_text()))
-    survivor.wait(timeout=120)
-    took = time.time() - killed
+    killed_at = time.time()
+    psutil.Process(int((job.folder / f"node{survivor}.pid").read_text())).wait(timeout=120)
+    took = time.time() - killed_at
     assert job.wait() != 0
     assert not (output / "checkpoint-24").exists(), "the run finished before it could be killed"
-    log = job.log(0)
-    lines = [line for line in log.splitlines() if line.startswith("error: process 0 lost contact")]
+    log = job.log(survivor)
+    lines = [line for line in log.splitlines() if line.startswith(f"error: process {survivor} lost contact")]
     assert len(lines) == 1, log[-5000:]
     assert "Connection reset by peer" in lines[0] or "Connection closed by peer" in lines[0]
     assert f"--resume_from_checkpoint latest to continue from the newest checkpoint in {output}" in lines[0]
-    assert "[rank0]: Traceback" not in log  # the worker's own stack is replaced by the line
+    assert f"[rank{survivor}]: Traceback" not in log  # the worker's own stack is replaced by the line
     assert took < 60, f"the surviving node took {took:.1f}s to stop"
-    print(f"the surviving node stopped {took:.1f}s after the kill")
+    print(f"node {survivor} stopped {took:.1f}s after node {killed} was killed")
 
     resumed = Job(
         stubs,
@@ -285,3 +287,34 @@ def test_a_node_that_cannot_join_says_so_in_one_line(stubs, tmp_path, env, messa
     expected = message.format(host=os.uname().nodename, port=port)
     assert [line for line in output.splitlines() if line.startswith("error:")] == [expected], output
     assert "Traceback" not in output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (
+            RuntimeError(
+                "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:37019: "
+                "Connection reset by peer. This is typically caused by a remote worker hanging"
+            ),
+            "Read error [127.0.0.1]:37019: Connection reset by peer",
+        ),
+        (RuntimeError("Application timeout caused pair closure"), "Application timeout caused pair closure"),
+        (torch.distributed.DistNetworkError("Broken pipe\nmore"), "Broken pipe"),
+        (RuntimeError("Expected to have finished reduction in the prior iteration"), None),  # a bug, not a peer
+        (ValueError("timed out"), None),
+    ],
+)
+def test_lost_peer_errors_become_one_line_and_others_keep_their_traceback(error, reason):
+    from sgmae_training.engine import is_lost_peer, lost_peer_message
+
+    assert is_lost_peer(error) == (reason is not None)
+    if reason:
+        message = lost_peer_message(error, 1, "/shared/out", 30)
+        assert "\n" not in message and message.startswith(
+            f"error: process 1 lost contact with the other processes of the run ({reason}): "
+        )
+        assert message.endswith(
+            "froze for over 30s, or the network failed. Start the same command on every node again with "
+            "--resume_from_checkpoint latest to continue from the newest checkpoint in /shared/out"
+        )

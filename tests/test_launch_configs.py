@@ -1,0 +1,83 @@
+"""The launch configs in configuration/accelerate/: they load, the multi-node ones mark the fields to fill in, and the
+README's launches start without Accelerate's "values were not passed ... defaults used" warning.
+
+Accelerate reads `--config_file`, else `$HF_HOME/accelerate/default_config.yaml`; each launch here gets an HF_HOME of
+its own, so nothing reads or writes the user's real ~/.cache/huggingface.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from accelerate.commands.config.config_args import load_config_from_file
+from conftest import REPO_ROOT
+from test_run_pretraining import config_file, pretraining_args
+
+CONFIGS = REPO_ROOT / "configuration" / "accelerate"
+DEFAULT = CONFIGS / "default.yaml"
+WARNING = "were not passed to `accelerate launch` and had defaults used instead"
+__all__ = ["config_file"]  # a fixture shared with test_run_pretraining
+
+
+def launch(hf_home: Path, *args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch ARGS` as a user types it: no OMP_NUM_THREADS (whose absence Accelerate also warns about on
+    CPUs), no ACCELERATE_* variables, Accelerate's default config looked up under `hf_home`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "OMP_NUM_THREADS"))}
+    env |= {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", *args]
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def short_run(image_dataset_dir: Path, output: Path, config_file: str) -> list[str]:
+    extra = ("--max_train_steps", "2", "--checkpointing_steps", "none", "--max_train_samples", "16")
+    return [str(REPO_ROOT / "run_pretraining.py"), *pretraining_args(image_dataset_dir, output, config_file, *extra)]
+
+
+def test_every_config_loads_and_the_multi_node_ones_name_the_per_node_fields():
+    for path in CONFIGS.glob("*.yaml"):
+        load_config_from_file(str(path))  # Accelerate's own reader: unknown keys or bad values raise
+    for name in ("multi_node_ddp_bf16.yaml", "multi_node_fsdp.yaml"):
+        text = (CONFIGS / name).read_text()
+        config = load_config_from_file(str(CONFIGS / name))
+        assert config.num_machines > 1 and config.same_network and config.rdzv_backend == "static"
+        for field in ("num_machines", "num_processes", "main_process_ip", "main_process_port"):
+            assert re.search(rf"^{field}: .*# per job", text, re.MULTILINE), field
+        assert re.search(r"^machine_rank: 0 .*# per node", text, re.MULTILINE)
+
+
+def test_the_readme_launches_start_without_the_defaults_warning(image_dataset_dir, config_file, tmp_path):
+    # Without any config Accelerate warns: the check below can see the warning.
+    bare = launch(tmp_path / "no-config", str(REPO_ROOT / "run_pretraining.py"), "--help")
+    assert WARNING in bare.stderr
+
+    # The README's commands pass the shipped default config.
+    run = short_run(image_dataset_dir, tmp_path / "a", config_file)
+    result = launch(tmp_path / "no-config", "--config_file", str(DEFAULT), *run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert WARNING not in result.stderr
+    assert (tmp_path / "a" / "model.safetensors").is_file()
+
+    # Installed as Accelerate's default config, it makes a bare `accelerate launch run_pretraining.py` quiet too.
+    hf_home = tmp_path / "with-default"
+    (hf_home / "accelerate").mkdir(parents=True)
+    shutil.copy(DEFAULT, hf_home / "accelerate" / "default_config.yaml")
+    result = launch(hf_home, *short_run(image_dataset_dir, tmp_path / "b", config_file))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert WARNING not in result.stderr
+    assert (tmp_path / "b" / "model.safetensors").is_file()
+
+
+def test_every_readme_command_launches_with_a_shipped_config():
+    """The commands in the README's code blocks (prose may name a bad launch on purpose) pass --config_file."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO_ROOT / "README.md").read_text(), re.DOTALL)
+    commands = [line for block in blocks for line in block.splitlines() if "accelerate launch" in line]
+    assert len(commands) > 5
+    for command in commands:
+        named = re.search(r"accelerate launch --config_file (\S+)", command)
+        assert named, f"README launch without --config_file: {command}"
+        assert (REPO_ROOT / named.group(1)).is_file(), command
