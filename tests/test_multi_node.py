@@ -272,6 +272,10 @@ def test_a_frozen_node_ends_the_run_at_the_process_group_timeout(stubs, colour_d
         ),
         ({"SRUN_NODE_IDS": "2"}, "error: machine rank 2 is not below the number of machines 2"),
         (
+            {"SLURM_JOB_NODELIST": ""},
+            "error: not inside a SLURM job (no SLURM_JOB_NODELIST / SLURM_NNODES): submit this script with sbatch",
+        ),
+        (
             {"SLURM_GPUS_PER_NODE": ""},
             "error: no GPUs per node: submit with --gpus-per-node N or set PROCESSES_PER_NODE",
         ),
