@@ -112,6 +112,7 @@ class Job:
             PATH=f"{stubs}:{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=f"{stubs}:{REPO_ROOT}",
             SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="127.0.0.1,127.0.0.1", SLURM_NNODES="2", SLURM_GPUS_PER_NODE="1",
             SRUN_LOG_DIR=str(folder), SGMAE_SPY_DIR=str(folder),
+            GLOO_SOCKET_IFNAME="lo",  # gloo's connections on loopback too, whatever this host's name resolves to
         )  # fmt: skip
         self.env.update(env)
         self.process = subprocess.Popen(
@@ -261,6 +262,13 @@ def test_a_frozen_node_ends_the_run_at_the_process_group_timeout(stubs, colour_d
     assert "froze for over 10s" in lines[0]
     assert 9 < took < 60, f"the other node stopped {took:.1f}s after the freeze"
     print(f"the other node stopped {took:.1f}s after the freeze (--ddp_timeout 10)")
+
+
+def test_processes_per_node_come_from_slurms_gpu_count(stubs, tmp_path):
+    """SLURM writes --gpus-per-node a100:8 as SLURM_GPUS_PER_NODE=a100:8 (node 2 of 2 stops the job at once)."""
+    job = Job(stubs, tmp_path, [], SLURM_GPUS_PER_NODE="a100:8", SRUN_NODE_IDS="2", MAIN_PORT="29555")
+    assert job.wait(timeout=60) != 0
+    assert job.process.stdout.read().startswith("2 nodes x 8 processes, main node 127.0.0.1:29555, config ")
 
 
 @pytest.mark.parametrize(
