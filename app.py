@@ -38,7 +38,10 @@ from sgmae_training.data import DEMO_PHOTOS
 from sgmae_training.hub import check_checkpoint_kind
 
 DEFAULT_MODEL = "outputs/sgmae-demo"  # the folder the README's first command leaves
-MAKE_DEFAULT_MODEL = f"accelerate launch run_pretraining.py --output_dir {DEFAULT_MODEL}"
+MAKE_DEFAULT_MODEL = (  # the README's first command
+    "accelerate launch --config_file configuration/accelerate/default.yaml run_pretraining.py "
+    f"--output_dir {DEFAULT_MODEL}"
+)
 GRAPH_EDGES = ("similarity", "binary_fixed", "binary_mean")  # SGMAEConfig's choices (tests/test_app.py checks)
 FOREGROUND_RULES = ("max_abs", "smaller")
 PANEL_TITLES = ("input", "random mask", "NCut bi-partition", "informed mask", "informed + hints", "reconstruction")
