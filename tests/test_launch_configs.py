@@ -7,6 +7,7 @@ its own, so nothing reads or writes the user's real ~/.cache/huggingface.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,11 +25,12 @@ WARNING = "were not passed to `accelerate launch` and had defaults used instead"
 __all__ = ["config_file"]  # a fixture shared with test_run_pretraining
 
 
-def launch(hf_home: Path, *args: str) -> subprocess.CompletedProcess:
+def launch(hf_home: Path, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
     """`accelerate launch ARGS` as a user types it: no OMP_NUM_THREADS (whose absence Accelerate also warns about on
     CPUs), no ACCELERATE_* variables, Accelerate's default config looked up under `hf_home`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "OMP_NUM_THREADS"))}
     env |= {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env |= extra_env
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", *args]
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -70,6 +72,16 @@ def test_the_readme_launches_start_without_the_defaults_warning(image_dataset_di
     assert result.returncode == 0, result.stderr[-3000:]
     assert WARNING not in result.stderr
     assert (tmp_path / "b" / "model.safetensors").is_file()
+
+
+def test_the_cpu_multi_process_config_starts_two_joined_processes_quietly(image_dataset_dir, config_file, tmp_path):
+    """As the README launches it: two processes that train together (global batch 2 x 8), not one alone."""
+    config = str(CONFIGS / "cpu_multi_process.yaml")
+    run = short_run(image_dataset_dir, tmp_path / "out", config_file)
+    result = launch(tmp_path / "home", "--config_file", config, *run, ACCELERATE_USE_CPU="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert WARNING not in result.stderr and "global batch 16" in result.stderr
+    assert json.loads((tmp_path / "out" / "train_results.json").read_text())["num_processes"] == 2
 
 
 def test_every_readme_command_launches_with_a_shipped_config():
