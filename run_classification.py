@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Evaluate an SG-MAE (or transformers ViTMAE) encoder on image classification: fine-tuning, linear probing or kNN.
 
-    accelerate launch run_classification.py --protocol finetune --dataset_name uoft-cs/cifar10 \
+    accelerate launch --config_file configuration/accelerate/default.yaml run_classification.py \
+        --protocol finetune --dataset_name uoft-cs/cifar10 \
         --model_name_or_path outputs/sgmae-cifar --output_dir outputs/sgmae-cifar-finetuned
     accelerate launch run_classification.py --protocol linear_probe ...   # frozen encoder, BN + linear head
     accelerate launch run_classification.py --protocol knn ...            # frozen encoder, weighted cosine kNN
@@ -42,7 +43,14 @@ from sgmae_training.arguments import (
     check_positive,
     parse_script_args,
 )
-from sgmae_training.engine import LoopSettings, TrainingHooks, resume_state, start_run, train
+from sgmae_training.engine import (
+    DISTRIBUTED_TIMEOUT_S,
+    LoopSettings,
+    TrainingHooks,
+    resume_state,
+    start_run,
+    train,
+)
 from sgmae_training.evaluation import Evaluation, EvaluationResult, gather_samples, knn_scores, local_pass
 from sgmae_training.hub import (
     check_checkpoint_kind,
@@ -58,7 +66,7 @@ logger = logging.getLogger("run_classification")
 PROTOCOLS = ("finetune", "linear_probe", "knn", "frozen")
 POOLINGS = typing.get_args(SGMAEConfig.__annotations__["classifier_pooling"])  # the config's Literal choices
 POSITIVE_ARGUMENTS = (
-    "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps", "ddp_timeout",
 )  # fmt: skip
 # MAE's recipes (FINETUNE.md / LINPROBE.md) where a protocol changes the default.
 DEFAULTS = {
@@ -144,6 +152,10 @@ class ClassificationArguments:
     )
     logging_steps: int = field(default=10, metadata={"help": "Log loss and lr every N steps."})
     report_to: str = field(default="none", metadata={"help": "Accelerate trackers: tensorboard, none or all."})
+    ddp_timeout: int = field(
+        default=DISTRIBUTED_TIMEOUT_S,
+        metadata={"help": "Seconds a process waits for the others (a frozen or lost node ends the run after this)."},
+    )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the output folder to --hub_model_id."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub."})
     hub_token: str | None = field(default=None, metadata={"help": "Token for --push_to_hub."})
@@ -302,7 +314,9 @@ def load_data(data_args: ClassificationDataArguments) -> tuple[datasets.Dataset,
 def main() -> None:
     model_args, data_args, args = parse_args()
     accumulation = args.gradient_accumulation_steps if args.protocol == "finetune" else 1
-    accelerator = start_run(args.output_dir, args.seed, accumulation, args.mixed_precision, args.report_to)
+    accelerator = start_run(
+        args.output_dir, args.seed, accumulation, args.mixed_precision, args.report_to, args.ddp_timeout
+    )
     train_data, eval_data, image_column, label_column, names = load_data(data_args)
 
     model = build_model(model_args, args, names, data_args)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Pre-train SG-MAE (or plain MAE with --mask_strategy random) with Accelerate over a `datasets` split or stream.
 
-    accelerate launch run_pretraining.py --dataset_name uoft-cs/cifar10 \
+    accelerate launch --config_file configuration/accelerate/default.yaml run_pretraining.py \
+        --dataset_name uoft-cs/cifar10 \
         --config_name configuration/models/sgmae-vit-tiny-patch4-cifar.json --output_dir outputs/sgmae-cifar
 
 With no dataset argument it runs a short demo on photographs shipped with scikit-image (`pip install .[demo]`).
