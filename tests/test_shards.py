@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import datasets
 import numpy as np
 import pytest
+from conftest import _write_generated_dataset
 from PIL import Image
 from test_run_pretraining import check_ok, run
 from test_run_pretraining import config_file as config_file  # a fixture
@@ -40,10 +41,17 @@ def corrupt_first_image(shard: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def shard_dir(image_dataset_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def small_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated 96 + 48-image dataset even where $SGMAE_TEST_DATA points at real CIFAR-10 (CI): the counts
+    below are its, and sharding 60,000 images would take minutes."""
+    return _write_generated_dataset(tmp_path_factory.mktemp("small_dataset"))
+
+
+@pytest.fixture(scope="module")
+def shard_dir(small_dataset_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The test dataset (96 train, 48 test images, 10 classes) as 4 + 4 shards, one train image corrupt."""
     output = tmp_path_factory.mktemp("shards")
-    assert write_shards(image_dataset_dir, output, 4) == {"train": 96, "test": 48}
+    assert write_shards(small_dataset_dir, output, 4) == {"train": 96, "test": 48}
     return output
 
 
@@ -55,13 +63,13 @@ def shard_args(dataset: Path, output: Path, config_file: str, *extra: str) -> li
     ]  # fmt: skip
 
 
-def test_tool_writes_equal_shards_that_datasets_reads_with_labels_and_sizes(image_dataset_dir, shard_dir, tmp_path):
+def test_tool_writes_equal_shards_that_datasets_reads_with_labels_and_sizes(small_dataset_dir, shard_dir, tmp_path):
     names = sorted(path.name for path in shard_dir.glob("*.tar"))
     assert names == [f"{split}-0000{i}-of-00004.tar" for split in ("test", "train") for i in range(4)]
     report = shards.main(["--check", str(shard_dir)])
     assert report == {name: f"{12 if name.startswith('test') else 24} samples" for name in names}
 
-    source = datasets.load_dataset(str(image_dataset_dir), split="train")
+    source = datasets.load_dataset(str(small_dataset_dir), split="train")
     stream = datasets.load_dataset(str(shard_dir), split="train", streaming=True)
     assert stream.num_shards == 4 and stream.info.splits["train"].num_examples == 96  # README.md states the size
     assert stream.features["cls"].names == source.features["label"].names
@@ -77,14 +85,14 @@ def test_tool_writes_equal_shards_that_datasets_reads_with_labels_and_sizes(imag
     assert len({row["cls"] for row in first_shard}) > 3 and len(first_shard) == 24
 
     with pytest.raises(SystemExit, match=re.escape("already holds .tar shards")):
-        write_shards(image_dataset_dir, shard_dir, 2)
+        write_shards(small_dataset_dir, shard_dir, 2)
 
 
 def test_pretraining_streams_shards_across_two_processes_and_skips_a_corrupt_member(
-    image_dataset_dir, config_file, tmp_path
+    small_dataset_dir, config_file, tmp_path
 ):
     shard_dir = tmp_path / "shards"
-    write_shards(image_dataset_dir, shard_dir, 4)
+    write_shards(small_dataset_dir, shard_dir, 4)
     broken = corrupt_first_image(shard_dir / "train-00002-of-00004.tar")
     output = tmp_path / "stream"
     result = run(shard_args(shard_dir, output, config_file, "--streaming"), num_processes=2)
@@ -105,9 +113,9 @@ def test_pretraining_streams_shards_across_two_processes_and_skips_a_corrupt_mem
     assert summary["step"] == 3 and summary["samples_seen"] + summary["skipped_images"] == 24
 
 
-def test_fewer_shards_than_processes_is_one_clear_line_not_a_hang(image_dataset_dir, config_file, tmp_path):
+def test_fewer_shards_than_processes_is_one_clear_line_not_a_hang(small_dataset_dir, config_file, tmp_path):
     shard_dir = tmp_path / "shards"
-    write_shards(image_dataset_dir, shard_dir, 1)
+    write_shards(small_dataset_dir, shard_dir, 1)
     started = time.time()
     result = run(shard_args(shard_dir, tmp_path / "out", config_file, "--streaming"), num_processes=2, timeout=180)
     assert result.returncode != 0
@@ -124,11 +132,11 @@ def cut_short(shard: Path, member_index: int, inside: bool) -> None:
 
 
 def test_a_shard_cut_short_is_named_by_check_and_stops_training_with_one_line(
-    image_dataset_dir, config_file, tmp_path
+    small_dataset_dir, config_file, tmp_path
 ):
     inside, between = tmp_path / "inside", tmp_path / "between"
     for folder in (inside, between):
-        write_shards(image_dataset_dir, folder, 2)
+        write_shards(small_dataset_dir, folder, 2)
     cut_short(inside / "train-00001-of-00002.tar", 6, inside=True)  # inside the 4th sample's image
     cut_short(between / "train-00001-of-00002.tar", 6, inside=False)  # after 3 whole samples: reads as a short tar
     with pytest.raises(SystemExit, match=re.escape("1 damaged shard(s): train-00001-of-00002.tar")):
@@ -177,11 +185,11 @@ def test_tool_converts_an_image_folder_and_leaves_out_unreadable_files(tmp_path)
 
 
 def test_a_stream_is_split_by_whole_shards_only_when_they_divide_evenly(
-    image_dataset_dir, tmp_path, caplog, monkeypatch
+    small_dataset_dir, tmp_path, caplog, monkeypatch
 ):
     monkeypatch.setattr(data, "_WARNED_UNEVEN", set())  # whatever ran before in this process
     shard_dir = tmp_path / "shards"
-    write_shards(image_dataset_dir, shard_dir, 3)
+    write_shards(small_dataset_dir, shard_dir, 3)
     stream = datasets.load_dataset(str(shard_dir), split="train", streaming=True)
     for rank in range(2):
         process = SimpleNamespace(num_processes=2, process_index=rank)
