@@ -38,13 +38,11 @@ from transformers import HfArgumentParser, ViTImageProcessor
 from modeling_sgmae import SGMAEConfig, SGMAEForImageClassification
 from sgmae_training import data
 from sgmae_training.arguments import (
-    check_checkpointing_steps,
-    check_mixed_precision,
+    RunArguments,
     check_positive,
     parse_script_args,
 )
 from sgmae_training.engine import (
-    DISTRIBUTED_TIMEOUT_S,
     LoopSettings,
     TrainingHooks,
     resume_state,
@@ -66,7 +64,7 @@ logger = logging.getLogger("run_classification")
 PROTOCOLS = ("finetune", "linear_probe", "knn", "frozen")
 POOLINGS = typing.get_args(SGMAEConfig.__annotations__["classifier_pooling"])  # the config's Literal choices
 POSITIVE_ARGUMENTS = (
-    "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps", "ddp_timeout",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
 )  # fmt: skip
 # MAE's recipes (FINETUNE.md / LINPROBE.md) where a protocol changes the default.
 DEFAULTS = {
@@ -111,7 +109,7 @@ class ClassificationDataArguments(data.DataArguments):
 
 
 @dataclass
-class ClassificationArguments:
+class ClassificationArguments(RunArguments):
     """Protocol, optimisation, schedule, logging and output."""
 
     protocol: str = field(default="finetune", metadata={"help": f"One of {PROTOCOLS}."})
@@ -128,7 +126,6 @@ class ClassificationArguments:
     layer_decay: float = field(default=0.65, metadata={"help": "finetune: lr x layer_decay^(depth from the top)."})
     adam_beta2: float = field(default=0.999, metadata={"help": "finetune: AdamW beta2 (beta1 is 0.9)."})
     warmup_ratio: float | None = field(default=None, metadata={"help": "Share of steps in warm-up (0.05 / 0.1)."})
-    max_grad_norm: float | None = field(default=None, metadata={"help": "Clip gradients to this norm."})
     label_smoothing: float = field(default=0.1, metadata={"help": "finetune: label smoothing."})
     mixup: float = field(default=0.8, metadata={"help": "finetune: MixUp alpha (0 = off)."})
     cutmix: float = field(default=1.0, metadata={"help": "finetune: CutMix alpha (0 = off); one of both per batch."})
@@ -138,27 +135,11 @@ class ClassificationArguments:
     crop_scale_min: float = field(default=0.08, metadata={"help": "finetune: RandomResizedCrop minimum scale."})
     knn_k: int = field(default=20, metadata={"help": "knn: neighbours (DINO: 20)."})
     knn_temperature: float = field(default=0.07, metadata={"help": "knn: vote weight exp(cosine / T) (DINO: 0.07)."})
-    mixed_precision: str = field(
-        default="auto", metadata={"help": "no, bf16, fp16 or auto (bf16 on a GPU unless the launcher chose a mode)."}
-    )
     eval_every_epoch: bool = field(default=True, metadata={"help": "Evaluate after every epoch (always at the end)."})
-    checkpointing_steps: str | None = field(default="epoch", metadata={"help": "N (steps), 'epoch' or 'none'."})
-    save_total_limit: int | None = field(
-        default=2, metadata={"help": "Keep only the newest N checkpoints (0: keep all)."}
-    )
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "Checkpoint folder or 'latest'."})
     save_predictions: bool = field(
         default=False, metadata={"help": "Also write eval_predictions.json (index, label, prediction per sample)."}
     )
     logging_steps: int = field(default=10, metadata={"help": "Log loss and lr every N steps."})
-    report_to: str = field(default="none", metadata={"help": "Accelerate trackers: tensorboard, none or all."})
-    ddp_timeout: int = field(
-        default=DISTRIBUTED_TIMEOUT_S,
-        metadata={"help": "Seconds a process waits for the others (a frozen or lost node ends the run after this)."},
-    )
-    push_to_hub: bool = field(default=False, metadata={"help": "Upload the output folder to --hub_model_id."})
-    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub."})
-    hub_token: str | None = field(default=None, metadata={"help": "Token for --push_to_hub."})
 
 
 def parse_args() -> tuple[ModelArguments, ClassificationDataArguments, ClassificationArguments]:
@@ -187,11 +168,9 @@ def validate_args(model_args: ModelArguments, data_args: ClassificationDataArgum
         raise SystemExit("error: --streaming is only supported with --protocol finetune")
     if args.knn_k < 1 or args.knn_temperature <= 0:
         raise SystemExit("error: --knn_k must be positive and --knn_temperature greater than 0")
+    args.check()
     check_positive(args, POSITIVE_ARGUMENTS)
-    check_positive(args, ("save_total_limit",), minimum=0)
     data.check_data_arguments(data_args, (*data.POSITIVE_ARGUMENTS, "per_device_eval_batch_size"))
-    check_checkpointing_steps(args.checkpointing_steps)
-    check_mixed_precision(args.mixed_precision)
     for name, value in DEFAULTS[args.protocol].items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -31,15 +31,13 @@ from modeling_sgmae import MaskType, SGMAEConfig, SGMAEForPreTraining
 from modeling_sgmae.analysis import figure_panel
 from sgmae_training import data
 from sgmae_training.arguments import (
-    check_checkpointing_steps,
-    check_mixed_precision,
+    RunArguments,
     check_positive,
     parse_config_overrides,
     parse_script_args,
 )
 from sgmae_training.augment import BatchAugmentation
 from sgmae_training.engine import (
-    DISTRIBUTED_TIMEOUT_S,
     LoopSettings,
     TrainingHooks,
     resume_state,
@@ -60,7 +58,7 @@ logger = logging.getLogger("run_pretraining")
 DEMO_CONFIG = Path(__file__).parent / "configuration" / "models" / "sgmae-vit-tiny-patch4-cifar.json"
 POSITIVE_ARGUMENTS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
-    "visualization_steps", "exploitation_check_steps", "storage_size", "ddp_timeout",
+    "visualization_steps", "exploitation_check_steps", "storage_size",
 )  # fmt: skip
 INPUT_PATHS = ("workers", "decode_once")
 
@@ -97,7 +95,7 @@ class ModelArguments:
 
 
 @dataclass
-class PretrainingArguments:
+class PretrainingArguments(RunArguments):
     """Optimisation, schedule, logging and output."""
 
     output_dir: str = field(default="outputs/sgmae-demo", metadata={"help": "Where checkpoints and the model go."})
@@ -110,15 +108,6 @@ class PretrainingArguments:
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms/biases/tokens)."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (beta1 is 0.9)."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Share of the schedule in linear warm-up (MAE: 0.1)."})
-    max_grad_norm: float | None = field(default=None, metadata={"help": "Clip gradients to this norm."})
-    mixed_precision: str = field(
-        default="auto", metadata={"help": "no, bf16, fp16 or auto (bf16 on a GPU unless the launcher chose a mode)."}
-    )
-    checkpointing_steps: str | None = field(default="epoch", metadata={"help": "N (steps), 'epoch' or 'none'."})
-    save_total_limit: int | None = field(
-        default=2, metadata={"help": "Keep only the newest N checkpoints (0: keep all)."}
-    )
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "Checkpoint folder or 'latest'."})
     stop_after_minutes: float | None = field(
         default=None,
         metadata={
@@ -147,14 +136,6 @@ class PretrainingArguments:
     exploitation_check_steps: int | None = field(
         default=None, metadata={"help": "Measure decoder exploitation rates every N steps (default: 4 per epoch)."}
     )
-    report_to: str = field(default="none", metadata={"help": "Accelerate trackers: tensorboard, none or all."})
-    ddp_timeout: int = field(
-        default=DISTRIBUTED_TIMEOUT_S,
-        metadata={"help": "Seconds a process waits for the others (a frozen or lost node ends the run after this)."},
-    )
-    push_to_hub: bool = field(default=False, metadata={"help": "Upload the output folder to --hub_model_id."})
-    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub."})
-    hub_token: str | None = field(default=None, metadata={"help": "Token for --push_to_hub."})
 
 
 def parse_args() -> tuple[ModelArguments, data.DataArguments, PretrainingArguments]:
@@ -162,11 +143,9 @@ def parse_args() -> tuple[ModelArguments, data.DataArguments, PretrainingArgumen
     model_args, data_args, args = parse_script_args(
         HfArgumentParser((ModelArguments, data.DataArguments, PretrainingArguments))
     )
+    args.check()
     check_positive(args, POSITIVE_ARGUMENTS)
-    check_positive(args, ("save_total_limit",), minimum=0)
     data.check_data_arguments(data_args)
-    check_checkpointing_steps(args.checkpointing_steps)
-    check_mixed_precision(args.mixed_precision)
     if not args.num_train_epochs > 0:
         raise SystemExit(f"error: --num_train_epochs must be positive, got {args.num_train_epochs}")
     stop = args.stop_after_minutes

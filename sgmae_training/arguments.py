@@ -5,8 +5,11 @@ from __future__ import annotations
 import ast
 import json
 import sys
+from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
+
+from .engine import DISTRIBUTED_TIMEOUT_S
 
 
 def parse_script_args(parser: HfArgumentParser) -> tuple:
@@ -30,17 +33,47 @@ def check_positive(arguments: object, names: tuple[str, ...], minimum: int = 1) 
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16", "fp8")
 
 
-def check_mixed_precision(value: str) -> None:
-    if value not in MIXED_PRECISIONS:
-        raise SystemExit(f"error: --mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, got {value!r}")
-
-
 def check_checkpointing_steps(value: str | None) -> None:
     """--checkpointing_steps is N (a positive integer), 'epoch' or 'none'."""
     if value in (None, "none", "epoch"):
         return
     if not value.isdigit() or int(value) < 1:
         raise SystemExit(f"error: --checkpointing_steps must be a positive integer, 'epoch' or 'none', got {value!r}")
+
+
+@dataclass
+class RunArguments:
+    """What every training script shares: precision, clipping, checkpoints, trackers, the process group, the Hub."""
+
+    mixed_precision: str = field(
+        default="auto", metadata={"help": "no, bf16, fp16 or auto (bf16 on a GPU unless the launcher chose a mode)."}
+    )
+    max_grad_norm: float | None = field(default=None, metadata={"help": "Clip gradients to this norm."})
+    checkpointing_steps: str | None = field(default="epoch", metadata={"help": "N (steps), 'epoch' or 'none'."})
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "Keep only the newest N checkpoints (0: keep all)."}
+    )
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "Checkpoint folder or 'latest'."})
+    report_to: str = field(default="none", metadata={"help": "Accelerate trackers: tensorboard, none or all."})
+    ddp_timeout: int = field(
+        default=DISTRIBUTED_TIMEOUT_S,
+        metadata={"help": "Seconds a process waits for the others (a frozen or lost node ends the run after this)."},
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the output folder to --hub_model_id."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub."})
+    hub_token: str | None = field(default=None, metadata={"help": "Token for --push_to_hub."})
+
+    def check(self) -> None:
+        """A clear error, before anything runs, for a bad value of these shared arguments."""
+        check_positive(self, ("ddp_timeout",))
+        check_positive(self, ("save_total_limit",), minimum=0)
+        check_checkpointing_steps(self.checkpointing_steps)
+        if self.push_to_hub and not self.hub_model_id:
+            raise SystemExit("error: --push_to_hub needs --hub_model_id (the Hub repository to upload to)")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise SystemExit(
+                f"error: --mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}"
+            )
 
 
 def parse_config_overrides(text: str | None) -> dict:

@@ -338,6 +338,10 @@ def test_bad_input_ends_in_a_clear_error(image_dataset_dir, pretrained, tmp_path
 
     message = run_main(monkeypatch, *args(protocol="fine_tune"))
     assert message.startswith("error: unknown --protocol 'fine_tune'") and "linear_probe" in message
+    message = run_main(monkeypatch, *args(ddp_timeout="0"))
+    assert message == "error: --ddp_timeout must be a positive integer, got 0"
+    message = run_main(monkeypatch, *args(push_to_hub="true"))
+    assert message.startswith("error: --push_to_hub needs --hub_model_id")
     message = run_main(monkeypatch, *args(label_column="fine_label"))
     assert message.startswith("error: label column 'fine_label' not in the dataset")
     message = run_main(monkeypatch, *args(dataset_name=str(tmp_path / "no-such-dataset")))

@@ -259,6 +259,8 @@ def test_bad_arguments_give_clear_errors(image_dataset_dir, config_file, tmp_pat
         (("--max_train_steps", "0"), "--max_train_steps must be a positive integer, got 0"),
         (("--save_total_limit", "-1"), "--save_total_limit must be an integer >= 0, got -1"),
         (("--mixed_precision", "fp12"), "--mixed_precision must be one of auto, no, bf16, fp16, fp8, got 'fp12'"),
+        (("--ddp_timeout", "0"), "--ddp_timeout must be a positive integer, got 0"),
+        (("--push_to_hub",), "--push_to_hub needs --hub_model_id"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_data_is_read(image_dataset_dir, config_file, tmp_path, extra, message):
