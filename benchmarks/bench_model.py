@@ -107,14 +107,20 @@ CONFIGS: dict[str, dict] = {
 CONFIGS["vit_tiny"] = dict(  # ViT-Tiny/16 at 224 px, transformers' default 8 x 512 decoder
     hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, **CONFIGS["vitb"]
 )
+# Issue 21's 196-patch comparison: the CIFAR preset at 112 px / patch 8 with a 4-block encoder and 2-block decoder.
+CONFIGS["imagenette196"] = CONFIGS["cifar"] | dict(
+    image_size=112, patch_size=8, num_hidden_layers=4, decoder_num_hidden_layers=2
+)
 # (batch size, timed steps, warm-up rounds) per config and device.
 DEFAULTS = {
     ("cifar", "cpu"): (64, 20, 3),
     ("vitb", "cpu"): (8, 5, 1),
     ("vit_tiny", "cpu"): (8, 4, 1),
+    ("imagenette196", "cpu"): (128, 8, 1),
     ("cifar", "cuda"): (1024, 30, 10),
     ("vitb", "cuda"): (256, 20, 5),
     ("vit_tiny", "cuda"): (1024, 20, 5),
+    ("imagenette196", "cuda"): (1024, 20, 5),
 }
 SPEEDUP_TARGET, SPEEDUP_AIM, FLOOR_TARGET, MASKING_SHARE_TARGET = 1.0, 1.15, 1.15, 0.10
 DISTURBED = 1.5  # a round whose step took more than this times the variant's fastest step is left out
