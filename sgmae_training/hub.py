@@ -147,13 +147,15 @@ classifier = pipeline("image-classification", model="{name}", trust_remote_code=
             f"| label smoothing / mixup / cutmix | {args.label_smoothing} / {args.mixup} / {args.cutmix} |\n"
         )
     else:
-        body += "| head | BatchNorm1d (no affine) + Linear, folded into one Linear |\n"
+        body += "| probe | BatchNorm1d (no affine) + Linear, folded into one Linear |\n"
     return model_card(metadata, f"SG-MAE {protocol}: {Path(args.output_dir).name}", body)
 
 
-def pretraining_card(model_args, data_args, args, model, state: TrainingState, demo: bool) -> str:
+def pretraining_card(model_args, data_args, args, model, state: TrainingState, demo: bool, num_processes: int) -> str:
     config = model.config
-    dataset = "scikit-image sample photographs (demo)" if demo else data_args.dataset_name or data_args.train_dir
+    dataset = "scikit-image sample photographs (demo)" if demo else dataset_id(data_args)
+    if data_args.dataset_config_name and not demo:
+        dataset += f" ({data_args.dataset_config_name})"
     metadata = {
         "library_name": "transformers",
         "pipeline_tag": "image-feature-extraction",
@@ -161,17 +163,23 @@ def pretraining_card(model_args, data_args, args, model, state: TrainingState, d
         "tags": ["sgmae", "mae", "self-supervised-learning", "masked-image-modeling", "vision"],
     }
     if data_args.dataset_name:
-        metadata["datasets"] = [data_args.dataset_name]
+        metadata["datasets"] = [dataset_id(data_args)]  # a local folder's name, never its path
     strategy = "self-guided informed masking" if config.mask_strategy == "self_guided" else "random masking (MAE)"
     start = model.informed_masking_start_step
+    masking = "random" if config.mask_strategy == "random" else f"self-guided, informed from step {start}"
+    if config.mask_strategy != "random" and start is None:
+        masking = "self-guided, never started (masks stayed random)"
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
     loss_text = f"{state.train_loss:.4f}" if state.train_loss is not None else "n/a"
     body = f"""
 Self-Guided Masked Autoencoder (SG-MAE, Shin et al., NeurIPS 2024) pre-trained with `run_pretraining.py`
 ({strategy}). Load it with `trust_remote_code=True`:
 
 ```python
-from transformers import AutoModel, AutoImageProcessor
+from transformers import AutoImageProcessor, AutoModel
+processor = AutoImageProcessor.from_pretrained("{args.hub_model_id or args.output_dir}")
 model = AutoModel.from_pretrained("{args.hub_model_id or args.output_dir}", trust_remote_code=True)
+features = model(**processor(images, return_tensors="pt")).last_hidden_state  # never masks
 ```
 
 **Try it on your own photos.** The SG-MAE repository's `app.py` opens this checkpoint in a browser page
@@ -187,10 +195,10 @@ see how each changes them.
 | encoder | {config.num_hidden_layers} x {config.hidden_size}, patch {config.patch_size}, image {config.image_size} |
 | decoder | {config.decoder_num_hidden_layers} x {config.decoder_hidden_size} |
 | mask ratio | {config.mask_ratio} |
-| masking | {config.mask_strategy}; informed from step {start if start is not None else "n/a"} |
+| masking | {masking} |
 | optimiser steps | {state.step} of {state.total_steps} (epochs: {state.epoch}) |
 | images seen | {state.samples_seen} |
-| global batch | {args.per_device_train_batch_size * args.gradient_accumulation_steps} per process |
+| global batch | {global_batch} ({num_processes} process{"es" if num_processes > 1 else ""}) |
 | base lr / weight decay | {args.base_learning_rate} / {args.weight_decay} |
 | final training loss | {loss_text} |
 """

@@ -103,7 +103,9 @@ def test_two_processes_cross_into_informed_masking_and_publish(image_dataset_dir
     assert Image.open(output / "masks.png").size == (6 * 150, 8 * 150 + 30)  # the analysis panel, titled columns
     card = (output / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-feature-extraction")
-    assert str(image_dataset_dir) in card and "| optimiser steps | 12 of 12" in card
+    assert f"datasets:\n- {image_dataset_dir.name}\n" in card and str(image_dataset_dir) not in card  # no local path
+    assert "| optimiser steps | 12 of 12" in card and "| global batch | 16 (2 processes) |" in card
+    assert "| masking | self-guided, informed from step 6 |" in card
     assert "final training loss | " in card and "n/a" not in card.split("final training loss")[1]
     state = load_file(output / "model.safetensors")
     assert int(state["schedule.training_step"]) == 12 and int(state["schedule.total_training_steps"]) == 12
