@@ -682,8 +682,12 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(row)
+            write_report(args.output, rows, devices, threads, started)  # a run cut short keeps what it measured
     print_table(rows)
+    print(f"\nwrote {args.output} ({time.perf_counter() - started:.0f} s)")
 
+
+def write_report(output: Path, rows: list[dict], devices: list[str], threads: int, started: float) -> None:
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "commit": code_commit(),
@@ -702,9 +706,10 @@ def main() -> None:
         },
         "results": rows,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.output} ({report['wall_s']:.0f} s)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(report, indent=2) + "\n")
+    temporary.replace(output)
 
 
 if __name__ == "__main__":

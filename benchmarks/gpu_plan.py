@@ -2,11 +2,14 @@
 """How many epochs of a comparison fit in the time left of a GPU budget, from the model step rate just measured.
 
     python benchmarks/gpu_plan.py bench_script_gpu.json --seconds_left 400 --runs 6 --steps_per_epoch 73 \
-        --batch_size 128 --max_epochs 100      # prints: EPOCHS EVAL_EPOCHS
+        --batch_size 128 --max_epochs 100 --bench_model_json bench_model_gpu.json --bench_model_config imagenette196
+    # prints: EPOCHS EVAL_EPOCHS
 
 A run's cost is its steps at the rate of one model step (`medians.model` of bench_script.py's JSON, images/s),
-times SELF_GUIDED_COST for the self-guided runs' extra work; the runs share the device but are counted as if they
-did not overlap at all, an upper bound, so the epochs chosen fit even if one run already fills the device.
+times the self-guided / random step-time ratio that bench_model.py measured for the same model on the same device
+(`self_guided_last.ratio_vs_random`; SELF_GUIDED_COST where that measurement is missing), charged to every run; the
+runs share the device but are counted as if they did not overlap at all, an upper bound, so the epochs chosen fit
+even if one run already fills the device.
 """
 
 from __future__ import annotations
@@ -15,16 +18,30 @@ import argparse
 import json
 import sys
 
-# SG-MAE's pre-training wall-clock over MAE's in the 64-patch CPU comparison (compare_masking_imagenette64.json:
-# 1.39 and 1.43), charged to every run.
+# Without a measurement on the device: SG-MAE's pre-training wall-clock over MAE's in the 64-patch CPU comparison
+# (compare_masking_imagenette64.json: 1.39 and 1.43).
 SELF_GUIDED_COST = 1.4
 EVALUATION_SECONDS = 90  # kept for the last checkpoints' kNN, probe and analysis (GPU)
 EVAL_SHARES = (0.1, 0.25, 0.5, 0.75, 1.0)
 
 
-def plan(rate: float, seconds_left: float, runs: int, steps_per_epoch: int, batch_size: int, max_epochs: int):
+def self_guided_cost(bench_model_json: str | None, config: str) -> tuple[float, str]:
+    """The self-guided / random step-time ratio bench_model.py measured for `config` (at least 1), and its source."""
+    try:
+        with open(bench_model_json or "") as handle:
+            rows = json.load(handle)["results"]
+        ratio = next(row for row in rows if row["config"] == config)["self_guided"]["self_guided"]["self_guided_last"]
+        return max(1.0, ratio["ratio_vs_random"]), f"measured for {config}"
+    except (OSError, ValueError, KeyError, StopIteration):  # bench_model.py cut short or not run
+        return SELF_GUIDED_COST, "not measured here: the 64-patch CPU comparison's"
+
+
+def plan(
+    rate: float, seconds_left: float, runs: int, steps_per_epoch: int, batch_size: int, max_epochs: int,
+    cost: float = SELF_GUIDED_COST,
+):  # fmt: skip
     """(epochs, evaluation epochs, seconds one epoch of all runs takes at most)."""
-    epoch_seconds = runs * SELF_GUIDED_COST * steps_per_epoch * batch_size / rate
+    epoch_seconds = runs * cost * steps_per_epoch * batch_size / rate
     fit = int((seconds_left - EVALUATION_SECONDS) / epoch_seconds)
     epochs = max(1, min(max_epochs, fit // 10 * 10 if fit >= 10 else fit))
     evaluations = list(dict.fromkeys(max(1, round(epochs * share)) for share in EVAL_SHARES))
@@ -36,14 +53,18 @@ def main() -> None:
     parser.add_argument("bench_script_json")
     for name in ("seconds_left", "runs", "steps_per_epoch", "batch_size", "max_epochs"):
         parser.add_argument(f"--{name}", type=float if name == "seconds_left" else int, required=True)
+    parser.add_argument("--bench_model_json", default=None, help="bench_model.py's JSON from the same device.")
+    parser.add_argument("--bench_model_config", default="imagenette196", help="Its config for the compared model.")
     args = parser.parse_args()
     with open(args.bench_script_json) as handle:
         rate = json.load(handle)["medians"]["model"]
+    cost, source = self_guided_cost(args.bench_model_json, args.bench_model_config)
     epochs, evaluations, epoch_seconds = plan(
-        rate, args.seconds_left, args.runs, args.steps_per_epoch, args.batch_size, args.max_epochs
+        rate, args.seconds_left, args.runs, args.steps_per_epoch, args.batch_size, args.max_epochs, cost
     )
     print(
-        f"plan: model step {rate:.0f} img/s; {args.runs} runs take at most {epoch_seconds:.1f} s an epoch; "
+        f"plan: model step {rate:.0f} img/s; self-guided cost {cost:.2f}x ({source}); "
+        f"{args.runs} runs take at most {epoch_seconds:.1f} s an epoch; "
         f"{args.seconds_left:.0f} s left: {epochs} epochs, evaluated at {evaluations}",
         file=sys.stderr,
     )

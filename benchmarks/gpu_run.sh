@@ -4,7 +4,7 @@
 #   2. bench_script.py  run_pretraining.py against the model step, 112 px Imagenette, both input paths
 #   3. compare_masking.py  MAE vs SG-MAE vs SG-MAE (smaller part) at 196 patches (112 px / patch 8), seeds 0 and 1,
 #      all six runs side by side on the device, for as many epochs (up to 100) as fit in the rest of the budget at
-#      the step rate bench_script.py just measured (benchmarks/gpu_plan.py says how it counts).
+#      the step rate bench_script.py and the self-guided cost bench_model.py just measured (gpu_plan.py counts).
 # Every JSON lands in $OUTPUT (default benchmarks/results/) with the device, the commit and the command in it.
 #
 #   bash benchmarks/gpu_run.sh --prepare                       # here, before: .data/imagenette and .whl/ (ignored)
@@ -69,15 +69,18 @@ if [ "$SMOKE" = 1 ]; then
   MODEL=configuration/models/sgmae-vit-tiny-patch4-cifar.json
   python3 benchmarks/bench_model.py --device cpu --configs cifar --batch-size 4 --steps 1 --warmup 0 --no-compile \
     --output "$OUTPUT/bench_model_gpu.json"
-  BATCH=8 MAX_EPOCHS=2 STEPS_PER_EPOCH=4 SEEDS=0 RUNS=2
+  PLAN_CONFIG=cifar
+  BATCH=8 MAX_EPOCHS=1 STEPS_PER_EPOCH=4 SEEDS=0 RUNS=2
   VARIANTS="mae:--mask_strategy random,sgmae:--mask_strategy self_guided"
   RUN_ARGS=(--max_train_samples 32 --probe_train_samples 32 --probe_eval_samples 16 --probe_epochs 1
     --config_overrides "num_hidden_layers=1,decoder_num_hidden_layers=1")
   SCRIPT_ARGS=(--steps 2 --num_workers 0 --max_train_samples 64)
 else
   MODEL=configuration/models/sgmae-vit-tiny-patch8-112.json
-  timeout 200 python3 benchmarks/bench_model.py --device cuda --output "$OUTPUT/bench_model_gpu.json" \
-    || echo "bench_model.py did not finish in 200 s; going on"
+  # the compared model first: its self-guided / random ratio sizes the comparison below (the JSON grows per config)
+  timeout 200 python3 benchmarks/bench_model.py --device cuda --configs imagenette196,cifar,vitb,vit_tiny \
+    --output "$OUTPUT/bench_model_gpu.json" || echo "bench_model.py did not finish in 200 s; going on"
+  PLAN_CONFIG=imagenette196
   BATCH=128 MAX_EPOCHS=100 STEPS_PER_EPOCH=73 SEEDS=0,1 RUNS=6  # Imagenette: 9,469 training images
   RUN_ARGS=(--num_workers 4)
   SCRIPT_ARGS=(--steps 40 --num_workers 4 --max_train_samples 4096)
@@ -86,7 +89,7 @@ python3 benchmarks/bench_script.py "${CONFIG_ARGS[@]}" --config_name "$MODEL" --
   "${SCRIPT_ARGS[@]}" --output "$OUTPUT/bench_script_gpu.json"
 PLAN=$(python3 benchmarks/gpu_plan.py "$OUTPUT/bench_script_gpu.json" --runs "$RUNS" --batch_size "$BATCH" \
   --seconds_left $(( BUDGET_MINUTES * 60 - (SECONDS - START) )) --steps_per_epoch "$STEPS_PER_EPOCH" \
-  --max_epochs "$MAX_EPOCHS")
+  --max_epochs "$MAX_EPOCHS" --bench_model_json "$OUTPUT/bench_model_gpu.json" --bench_model_config "$PLAN_CONFIG")
 read -r EPOCHS EVAL_EPOCHS <<<"$PLAN"
 
 MINUTES_LEFT=$(python3 -c "print(max(2.0, $BUDGET_MINUTES - ($SECONDS - $START) / 60))")

@@ -27,6 +27,18 @@ def test_the_plan_fits_the_runs_into_the_time_left() -> None:
     assert gpu_plan.plan(10, 100, 6, 73, 128, 100)[:2] == (1, [1])  # at least one epoch
 
 
+def test_the_plan_charges_the_self_guided_cost_measured_on_the_device(tmp_path) -> None:
+    measured = {"self_guided": {"self_guided": {"self_guided_last": {"ratio_vs_random": 1.9}}}}
+    report = tmp_path / "bench_model_gpu.json"
+    report.write_text(json.dumps({"results": [{"config": "cifar"}, {"config": "imagenette196", **measured}]}))
+    assert gpu_plan.self_guided_cost(str(report), "imagenette196") == (1.9, "measured for imagenette196")
+    # bench_model.py cut short before the config, or not run at all: the documented prior
+    for path, config in ((report, "vitb"), (report, "cifar"), (tmp_path / "missing.json", "imagenette196")):
+        assert gpu_plan.self_guided_cost(str(path), config)[0] == gpu_plan.SELF_GUIDED_COST
+    epoch_seconds = gpu_plan.plan(12_800, 90 + 400, 6, 73, 128, 100, cost=1.9)[2]
+    assert epoch_seconds == pytest.approx(6.132 / 1.4 * 1.9)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_without_a_gpu_it_says_so_in_one_line_and_exits_non_zero(tmp_path) -> None:
     result = subprocess.run(["bash", SCRIPT, "--output", str(tmp_path)], capture_output=True, text=True, timeout=120)
@@ -39,11 +51,13 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_non_zero(tmp_path) -> No
 
 def test_smoke_runs_every_step_and_writes_results_with_device_commit_and_command(image_dataset_dir, tmp_path) -> None:
     output = tmp_path / "results"
-    env = dict(os.environ, RUNS_DIR=str(tmp_path / "runs"), OMP_NUM_THREADS="1")
+    # a budget that a loaded machine cannot exhaust: this test is about the path, the plan is tested above
+    env = dict(os.environ, RUNS_DIR=str(tmp_path / "runs"), OMP_NUM_THREADS="1", GPU_RUN_MINUTES="30")
     command = ["bash", SCRIPT, "--smoke", "--data", str(image_dataset_dir), "--output", str(output)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "plan: model step" in result.stderr and "gpu_run.sh: done" in result.stdout
+    assert "x (measured for cifar)" in result.stderr  # the plan read bench_model.py's self-guided ratio
 
     model = json.loads((output / "bench_model_gpu.json").read_text())
     assert model["commit"] and "bench_model.py" in model["command"] and model["results"][0]["config"] == "cifar"
@@ -53,6 +67,7 @@ def test_smoke_runs_every_step_and_writes_results_with_device_commit_and_command
     assert comparison["device"].startswith("cpu") and comparison["commit"]
     assert "compare_masking.py" in comparison["command"] and "--stop_after_minutes" in comparison["command"]
     epochs = int(comparison["args"]["epochs"])
+    assert epochs == 1  # the smoke setting plans one epoch
     assert {(record["variant"], record["epoch"]) for record in comparison["records"]} == {
         (variant, epoch) for variant in ("mae", "sgmae") for epoch in range(1, epochs + 1)
     }
