@@ -353,7 +353,9 @@ def main() -> None:
         if probe is not None:
             hooks.save_panel(Path(args.output_dir) / "masks.png")
         demo = not (data_args.dataset_name or data_args.train_dir)
-        card = pretraining_card(model_args, data_args, args, unwrapped, state, demo, accelerator.num_processes)
+        card = pretraining_card(
+            model_args, data_args, args, unwrapped, state, demo, global_batch, accelerator.num_processes
+        )
         save_hub_folder(unwrapped, processor, args.output_dir, card)
         summary = {key: value for key, value in state.state_dict().items() if key != "train_loss"}
         summary |= {"num_processes": accelerator.num_processes, "final_loss": state.train_loss}

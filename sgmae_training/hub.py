@@ -151,7 +151,9 @@ classifier = pipeline("image-classification", model="{name}", trust_remote_code=
     return model_card(metadata, f"SG-MAE {protocol}: {Path(args.output_dir).name}", body)
 
 
-def pretraining_card(model_args, data_args, args, model, state: TrainingState, demo: bool, num_processes: int) -> str:
+def pretraining_card(
+    model_args, data_args, args, model, state: TrainingState, demo: bool, global_batch: int, num_processes: int
+) -> str:
     config = model.config
     dataset = "scikit-image sample photographs (demo)" if demo else dataset_id(data_args)
     if data_args.dataset_config_name and not demo:
@@ -166,10 +168,12 @@ def pretraining_card(model_args, data_args, args, model, state: TrainingState, d
         metadata["datasets"] = [dataset_id(data_args)]  # a local folder's name, never its path
     strategy = "self-guided informed masking" if config.mask_strategy == "self_guided" else "random masking (MAE)"
     start = model.informed_masking_start_step
-    masking = "random" if config.mask_strategy == "random" else f"self-guided, informed from step {start}"
-    if config.mask_strategy != "random" and start is None:
+    if config.mask_strategy == "random":
+        masking = "random"
+    elif start is None:
         masking = "self-guided, never started (masks stayed random)"
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+    else:
+        masking = f"self-guided, informed from step {start}"
     loss_text = f"{state.train_loss:.4f}" if state.train_loss is not None else "n/a"
     body = f"""
 Self-Guided Masked Autoencoder (SG-MAE, Shin et al., NeurIPS 2024) pre-trained with `run_pretraining.py`
