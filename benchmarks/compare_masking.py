@@ -39,7 +39,7 @@ POOLED = [(protocol, pooling) for protocol in ("knn", "linear_probe") for poolin
 ACCURACIES = [f"{protocol}_{pooling}" for protocol, pooling in POOLED]
 SUMMARISED = (
     *ACCURACIES, "train_minutes", "centre_masked_share", "object_part_fraction", "bipartition_gap",
-    "attention_distance_last", "exploitation_mask_share",
+    "feature_variance", "attention_distance_last", "exploitation_mask_share",
 )  # fmt: skip
 # Arguments that do not change what is measured: a sitting may change them and keep the records of earlier ones.
 SITTING_ARGUMENTS = {

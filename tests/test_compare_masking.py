@@ -99,6 +99,8 @@ def test_collect_only_gathers_written_results_and_later_sittings_keep_them(
     assert mae_row["linear_probe_mean"] == pytest.approx({"mean": 40.5, "min": 40.0, "max": 41.0})
     assert sgmae_row["linear_probe_mean"] == pytest.approx({"mean": 42.0, "min": 42.0, "max": 42.0})
     assert sgmae_row["delta_knn_mean"] == pytest.approx(1.5)
+    assert mae_row["feature_variance"] == pytest.approx({"mean": 0.5, "min": 0.5, "max": 0.5})
+    assert sgmae_row["feature_variance"] is None
     assert written["summary"]["reached"]["sgmae"] == pytest.approx(
         {"epoch": 1, "train_minutes": 1.5, "time_ratio": 1.0}
     )
