@@ -37,14 +37,18 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     informed_masking_start / _start_step / _auto_start: the start as a fraction of the schedule, as a step
         (overrides the fraction), or at the first check where the decoder's attention share on mask tokens
         overtakes the share on visible tokens (docs/method.md §4).
+    informed_mask_source: `"cached"`: `forward` masks by the `mask_scores` it is given, whole-image rankings from
+        `SGMAEForPreTraining.informed_mask_scores` that the training application stores per image and crops with
+        each view (the authors' design, docs/method.md §5); `"step"`: ranked from the given image at every step.
     mask_feature_layer: encoder blocks run on the full image to get the clustered features (None: all).
     graph_edges: `"similarity"` (max(S, 0) + eps), `"binary_fixed"` (1 where S > graph_threshold, else graph_eps)
         or `"binary_mean"` (1 where S exceeds the image's mean similarity).
     foreground_rule: the NCut part holding argmax |y| (`"max_abs"`, TokenCut) or the `"smaller"` one.
     hint_ratio / hint_sampling: `round(hint_ratio * K)` masked patches revealed again, drawn by object similarity
         or uniformly.
-    fiedler_solver / fiedler_power_steps: batched power iteration (2**steps; 16 matches `eigh` at 64 and 196
-        patches) or `torch.linalg.eigh`.
+    fiedler_solver / fiedler_lanczos_steps / fiedler_power_steps: batched Lanczos iteration (`steps` Krylov
+        vectors, exact from N - 1), batched power iteration (2**steps; 16 matches `eigh` at 64 and 196 patches) or
+        `torch.linalg.eigh`.
     out_features / out_indices, apply_layernorm, reshape_hidden_states: `SGMAEBackbone`'s stages (`"stem"`,
         `"stage1"`..`"stageL"`; the last when unset), final LayerNorm, and [B, D, H/p, W/p] maps.
     """
@@ -76,6 +80,7 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     informed_masking_start: float | int = fraction(default=0.125)
     informed_masking_start_step: int | None = None
     informed_masking_auto_start: bool = False
+    informed_mask_source: Literal["cached", "step"] = "cached"
     mask_feature_layer: int | None = None
     graph_edges: Literal["similarity", "binary_fixed", "binary_mean"] = "similarity"
     graph_threshold: float | int = interval(min=-1.0, max=1.0)(default=0.2)
@@ -83,7 +88,8 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     foreground_rule: Literal["max_abs", "smaller"] = "max_abs"
     hint_ratio: float | int = interval(min=0.0, max=0.5)(default=0.06)
     hint_sampling: Literal["similarity", "uniform"] = "similarity"
-    fiedler_solver: Literal["power", "eigh"] = "power"
+    fiedler_solver: Literal["lanczos", "power", "eigh"] = "lanczos"
+    fiedler_lanczos_steps: int = at_least_one(default=48)
     fiedler_power_steps: int = at_least_one(default=16)
     apply_layernorm: bool = True
     reshape_hidden_states: bool = True

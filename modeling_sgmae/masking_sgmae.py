@@ -3,6 +3,11 @@
 Conventions: `features` is `[B, N, D]` (patch tokens, no [CLS]); a mask is a bool `[B, N]` tensor where
 True means *masked* (hidden from the encoder, reconstructed by the decoder); every mask hides exactly
 `num_masked` patches per image.
+
+Informed masking is split in two (docs/method.md §3): `SelfGuidedMasking.ranking_scores` turns a whole image's patch
+features into one ranking score per patch (steps 2-5), and `mask_from_scores` masks the top of a ranking and adds
+hints (steps 6-7). Between the two, a training application may store the scores of each image and crop them with
+each augmented view (§5), or use them at once (the per-step source).
 """
 
 from __future__ import annotations
@@ -129,6 +134,56 @@ def fiedler_vector_power(weights: torch.Tensor, steps: int = 16) -> torch.Tensor
     return z * inv_sqrt_degree
 
 
+def fiedler_vector_lanczos(weights: torch.Tensor, steps: int = 48) -> torch.Tensor:
+    """Fiedler vector by batched Lanczos iteration with full re-orthogonalisation. [B, N].
+
+    Krylov vectors of M = D^-1/2 W D^-1/2 are built from a fixed start vector with the trivial eigenvector sqrt(d)
+    projected out, so the top Ritz vector of the small tridiagonal matrix is z, the eigenvector of mu_2. Each step
+    costs one batched matrix-vector product (N^2 per image) instead of the power solver's matrix squarings (N^3 each):
+    Lanczos converges on an extreme eigenvalue with the square root of the power method's gap dependence, and with
+    `steps` >= N - 1 it is exact. A row whose Krylov space is exhausted early stops growing (its later Ritz values
+    are pushed below the spectrum). Returns non-finite values where the operator vanishes, so callers can fall back.
+    """
+    normalized, inv_sqrt_degree = _normalized_affinity(weights)
+    batch_size, num_nodes, _ = weights.shape
+    steps = min(steps, num_nodes - 1)
+    trivial = weights.sum(dim=2).sqrt()
+    trivial = trivial / trivial.norm(dim=1, keepdim=True)
+    # A fixed, deterministic start that no graph's Fiedler vector is orthogonal to in practice (no RNG drawn).
+    start = torch.linspace(1.0, 2.0, num_nodes, dtype=weights.dtype, device=weights.device).sin() + 0.1
+    vector = start.expand(batch_size, -1) - (start * trivial).sum(dim=1, keepdim=True) * trivial
+    vector = vector / vector.norm(dim=1, keepdim=True)
+    basis = torch.zeros(batch_size, num_nodes, steps, dtype=weights.dtype, device=weights.device)
+    alphas = torch.zeros(batch_size, steps, dtype=weights.dtype, device=weights.device)
+    betas = torch.zeros(batch_size, steps, dtype=weights.dtype, device=weights.device)
+    growing = torch.ones(batch_size, dtype=torch.bool, device=weights.device)
+    for step in range(steps):
+        basis[:, :, step] = vector
+        product = (normalized @ vector[:, :, None]).squeeze(2)
+        alphas[:, step] = torch.where(growing, (product * vector).sum(dim=1), -3.0)  # -3: below M's spectrum
+        for _ in range(2):  # twice is enough (Kahan), and it keeps the trivial vector out too
+            product = product - (basis @ (basis.transpose(1, 2) @ product[:, :, None])).squeeze(2)
+            product = product - (product * trivial).sum(dim=1, keepdim=True) * trivial
+        norm = product.norm(dim=1)
+        if step + 1 < steps:
+            growing = growing & (norm > 1e-6)
+            betas[:, step] = torch.where(growing, norm, 0.0)
+            vector = torch.where(growing[:, None], product / norm.clamp(min=1e-30)[:, None], 0.0)
+    tridiagonal = torch.diag_embed(alphas) + torch.diag_embed(betas[:, :-1], 1) + torch.diag_embed(betas[:, :-1], -1)
+    _, ritz_vectors = torch.linalg.eigh(tridiagonal.double())
+    z = (basis @ ritz_vectors[:, :, -1:].to(weights.dtype)).squeeze(2)
+    return z * inv_sqrt_degree
+
+
+def fiedler_vector(weights: torch.Tensor, config: SGMAEConfig) -> torch.Tensor:
+    """The Fiedler vector [B, N] with the config's solver."""
+    if config.fiedler_solver == "eigh":
+        return fiedler_vector_eigh(weights)
+    if config.fiedler_solver == "power":
+        return fiedler_vector_power(weights, config.fiedler_power_steps)
+    return fiedler_vector_lanczos(weights, config.fiedler_lanczos_steps)
+
+
 def object_part(fiedler: torch.Tensor, rule: str) -> torch.Tensor:
     """Bi-partition at the mean of y and pick the object part [B, N] (bool).
 
@@ -153,14 +208,28 @@ def object_similarity(features: torch.Tensor, part: torch.Tensor) -> torch.Tenso
     return (features @ prototype[:, :, None]).squeeze(2)
 
 
-def informed_mask(scores: torch.Tensor, part: torch.Tensor, num_masked: int) -> torch.Tensor:
-    """Mask the object part first, then the most object-like other patches, `num_masked` in all. [B, N] bool.
+# Added to the object part's similarities, which lie in [-1, 1], so that the whole part ranks above the background.
+OBJECT_RANK_OFFSET = 3.0
 
-    Scores lie in [-1, 1], so adding 3 to the object part ranks all of it above the background.
-    """
-    ranking = scores + 3.0 * part.to(scores.dtype)
-    masked_ids = ranking.topk(num_masked, dim=1).indices
-    return torch.zeros_like(part).scatter_(1, masked_ids, True)
+
+def ranking_scores(similarity: torch.Tensor, part: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
+    """The informed-mask ranking [B, N]: object part first (s_i + 3), then the other patches by s_i; NaN rows where
+    the image has no usable cut (`usable` [B] False), which `mask_from_scores` gives a random mask."""
+    scores = similarity + OBJECT_RANK_OFFSET * part.to(similarity.dtype)
+    return scores.masked_fill(~usable[:, None], float("nan"))
+
+
+def object_part_of_scores(scores: torch.Tensor) -> torch.Tensor:
+    """The patches [B, N] (bool) a ranking places in the object part: above the midpoint of the offset gap, so that
+    a ranking resampled with a crop counts a patch as object when it mostly lies on the object."""
+    return scores > OBJECT_RANK_OFFSET / 2
+
+
+def informed_mask(scores: torch.Tensor, num_masked: int) -> torch.Tensor:
+    """Mask the `num_masked` patches of highest ranking score [B, N] (finite): the object part first, then the most
+    object-like other patches. [B, N] bool."""
+    masked_ids = scores.topk(num_masked, dim=1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, masked_ids, True)
 
 
 def add_hints(
@@ -172,8 +241,8 @@ def add_hints(
 ) -> torch.Tensor:
     """Reveal `num_hints` masked patches and mask as many visible ones, so the count of masked stays the same.
 
-    Hints are drawn among the masked patches with probability proportional to their rank by object similarity
-    (`similarity`) or uniformly; the patches masked instead are drawn uniformly among the visible non-hints.
+    Hints are drawn among the masked patches with probability proportional to their rank by the ranking score
+    (`similarity`: the most object-like masked patch is the likeliest) or uniformly; the patches masked instead are drawn uniformly among the visible non-hints.
     """
     if num_hints == 0:
         return mask
@@ -201,10 +270,7 @@ class Bipartition:
 def ncut_bipartition(unit_features: torch.Tensor, config: SGMAEConfig) -> Bipartition:
     """Bi-partition L2-normalised features [B, N, D] with the config's graph, solver and foreground rule."""
     weights, density = affinity_graph(unit_features, config.graph_edges, config.graph_threshold, config.graph_eps)
-    if config.fiedler_solver == "eigh":
-        fiedler = fiedler_vector_eigh(weights)
-    else:
-        fiedler = fiedler_vector_power(weights, config.fiedler_power_steps)
+    fiedler = fiedler_vector(weights, config)
     part = object_part(fiedler, config.foreground_rule)
     part_size = part.sum(dim=1)
     # Patches that are all alike (e.g. identical features), or a graph whose edges all weigh the same (a binary
@@ -237,43 +303,71 @@ class MaskingResult:
 
 
 class SelfGuidedMasking(nn.Module):
-    """Builds informed masks from the model's own patch features (docs/method.md §3, steps 2-8). No parameters."""
+    """Builds informed masks from the model's own patch features (docs/method.md §3, steps 2-8). No parameters.
+
+    `ranking_scores` (steps 2-5) and `mask_from_scores` (steps 6-8) are the two halves; `forward` runs both on the
+    same features and reports what it saw."""
 
     def __init__(self, config: SGMAEConfig):
         super().__init__()
         self.config = config
 
     @torch.no_grad()
+    def cut(self, features: torch.Tensor) -> tuple[Bipartition, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """NCut of patch features [B, N, D] (any dtype; float32 inside): the bi-partition, the similarity s [B, N] to
+        the object prototype, the usable images [B] and the ranking scores [B, N] (NaN rows where not usable)."""
+        features = features.float()
+        finite = torch.isfinite(features).all(dim=(1, 2))
+        features = nn.functional.normalize(torch.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0), dim=-1)
+        cut = ncut_bipartition(features, self.config)
+        usable = finite & cut.has_cut
+        similarity = object_similarity(features, cut.object_part)
+        return cut, similarity, usable, ranking_scores(similarity, cut.object_part, usable)
+
+    def ranking_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Ranking scores [B, N] of whole-image patch features [B, N, D] (NaN rows: no usable cut)."""
+        return self.cut(features)[3]
+
+    @torch.no_grad()
+    def mask_from_scores(
+        self, scores: torch.Tensor, num_masked: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Informed masks from ranking scores [B, N] (a whole image's, or cropped with its view): the top
+        `num_masked`, then hints (steps 6-7); a random mask for a row with a non-finite score (step 8).
+
+        Returns the mask [B, N] (exactly `num_masked` per row), the mask types [B] and the mask before hints."""
+        batch_size, num_patches = scores.shape
+        if not 0 < num_masked < num_patches:
+            raise ValueError(f"num_masked must be in [1, {num_patches - 1}], got {num_masked}")
+        scores = scores.float()
+        usable = torch.isfinite(scores).all(dim=1)
+        scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
+        before_hints = informed_mask(scores, num_masked)
+        num_hints = min(round(self.config.hint_ratio * num_masked), num_patches - num_masked)
+        mask = add_hints(before_hints, scores, num_hints, self.config.hint_sampling, generator)
+        noise = torch.rand(batch_size, num_patches, device=scores.device, generator=generator)
+        mask = torch.where(usable[:, None], mask, mask_from_noise(noise, num_masked))
+        mask_type = torch.where(usable, int(MaskType.INFORMED), int(MaskType.FALLBACK))
+        return mask, mask_type, before_hints
+
+    @torch.no_grad()
     def forward(
         self, features: torch.Tensor, num_masked: int, generator: torch.Generator | None = None
     ) -> MaskingResult:
         """features: [B, N, D] patch features of the full image (any dtype; computed in float32)."""
-        config = self.config
-        batch_size, num_patches, _ = features.shape
+        num_patches = features.shape[1]
         if not 0 < num_masked < num_patches:
             raise ValueError(f"num_masked must be in [1, {num_patches - 1}], got {num_masked}")
-        features = features.float()
-        finite = torch.isfinite(features).all(dim=(1, 2))
-        features = nn.functional.normalize(torch.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0), dim=-1)
-        cut = ncut_bipartition(features, config)
-        usable = finite & cut.has_cut
-        part, part_size = cut.object_part, cut.object_part.sum(dim=1)
-        scores = object_similarity(features, part)
-        before_hints = informed_mask(scores, part, num_masked)
-        num_hints = round(config.hint_ratio * num_masked)
-        num_hints = min(num_hints, num_patches - num_masked)
-        mask = add_hints(before_hints, scores, num_hints, config.hint_sampling, generator)
-
-        noise = torch.rand(batch_size, num_patches, device=features.device, generator=generator)
-        mask = torch.where(usable[:, None], mask, mask_from_noise(noise, num_masked))
-        mask_type = torch.where(usable, int(MaskType.INFORMED), int(MaskType.FALLBACK))
+        cut, similarity, usable, scores = self.cut(features)
+        mask, mask_type, before_hints = self.mask_from_scores(scores, num_masked, generator)
+        part = cut.object_part
         return MaskingResult(
             mask=mask,
             mask_type=mask_type,
-            object_part_size=torch.where(usable, part_size, -1),
+            object_part_size=torch.where(usable, part.sum(dim=1), -1),
             edge_density=cut.edge_density,
             object_part=part & usable[:, None],
             informed_mask=before_hints,
-            scores=scores,
+            scores=similarity,
             bipartition=cut,
         )

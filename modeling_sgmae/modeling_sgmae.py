@@ -17,7 +17,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_sgmae import AUTO_MAP, SGMAEConfig, num_masked_patches
-from .masking_sgmae import MaskingResult, MaskType, SelfGuidedMasking
+from .masking_sgmae import MaskingResult, MaskType, SelfGuidedMasking, object_part_of_scores
 from .vit_mae_conversion import LEGACY_SCHEDULE_KEYS, sgmae_config_for
 
 logger = logging.get_logger(__name__)
@@ -689,12 +689,14 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         random_masking: bool = False,
         generator: torch.Generator | None = None,
         num_masked: int | None = None,
+        mask_scores: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Choose this batch's masks (`num_masked` per image; from the config by default): given mask > given noise
-        > informed (when due) > random.
+        > informed (when due: by the given `mask_scores`, or ranked from these images with the per-step source) >
+        random.
 
         Returns `ids_shuffle` [B, N] (visible patches first; for noise, ViTMAE's ascending-noise order), the mask
-        types [B], and for informed masks the object-part sizes [B] and edge densities [B].
+        types [B], and for informed masks the object-part sizes [B] and edge densities [B] (-1 where unknown).
         """
         batch_size, num_patches, _ = patch_tokens.shape
         num_masked = num_masked if num_masked is not None else num_masked_patches(num_patches, self.config.mask_ratio)
@@ -707,11 +709,38 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
                 raise ValueError(f"noise must have shape {(batch_size, num_patches)}, got {tuple(noise.shape)}")
             return torch.argsort(noise.to(patch_tokens.device), dim=1), mask_type, None, None
         if not random_masking and self.informed_masking_active:
-            result = self.informed_masking(patch_tokens, cls_token, generator, num_masked)
-            ids_shuffle = torch.argsort(result.mask.to(torch.int8), dim=1, stable=True)
-            return ids_shuffle, result.mask_type, result.object_part_size, result.edge_density
+            density = None
+            if mask_scores is None:
+                if self.config.informed_mask_source == "cached":
+                    raise ValueError(
+                        "informed masks are due and config.informed_mask_source is 'cached', but no mask_scores were "
+                        "passed: rank whole images with model.informed_mask_scores(pixel_values) and crop the ranking "
+                        "with each view (sgmae_training.mask_cache), or set informed_mask_source='step'"
+                    )
+                result = self.informed_masking(patch_tokens, cls_token, generator, num_masked)
+                informed, mask_type, density = result.mask, result.mask_type, result.edge_density
+                part_size = result.object_part_size
+            else:
+                if mask_scores.shape != (batch_size, num_patches):
+                    raise ValueError(
+                        f"mask_scores must have shape {(batch_size, num_patches)}, got {tuple(mask_scores.shape)}"
+                    )
+                scores = mask_scores.to(patch_tokens.device)
+                informed, mask_type, _ = self.masking.mask_from_scores(scores, num_masked, generator)
+                part_size = object_part_of_scores(scores).sum(dim=1)
+                part_size = torch.where(mask_type == int(MaskType.INFORMED), part_size, -1)
+            ids_shuffle = torch.argsort(informed.to(torch.int8), dim=1, stable=True)
+            if density is None:
+                density = torch.full((batch_size,), -1.0, device=patch_tokens.device)
+            return ids_shuffle, mask_type, part_size, density
         noise = torch.rand(batch_size, num_patches, device=patch_tokens.device, generator=generator)
         return torch.argsort(noise, dim=1), mask_type.fill_(int(MaskType.RANDOM)), None, None
+
+    def mask_features(self, patch_tokens: torch.Tensor, cls_token: torch.Tensor) -> torch.Tensor:
+        """The features the self-guided masking clusters (docs/method.md §3, step 1): the full image's patch
+        tokens after `feature_layer` blocks, without gradients. patch_tokens: [B, N, D] with positions."""
+        with torch.no_grad():
+            return self.vit.patch_features(patch_tokens.detach(), cls_token.detach(), self.config.feature_layer)[0]
 
     @torch.no_grad()
     def informed_masking(
@@ -721,19 +750,29 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         generator: torch.Generator | None = None,
         num_masked: int | None = None,
     ) -> MaskingResult:
-        """The self-guided masks of embedded images (docs/method.md §3): the full image's patch features after
-        `feature_layer` blocks, cut and ranked by `self.masking`. patch_tokens: [B, N, D] with positions."""
-        features = self.vit.patch_features(patch_tokens.detach(), cls_token.detach(), self.config.feature_layer)[0]
+        """The self-guided masks of embedded images ranked from those same images (docs/method.md §3), with what the
+        masking saw: the per-step source, the analysis and the Figure-1 panel. patch_tokens: [B, N, D] with
+        positions."""
         num_masked = (
             num_masked if num_masked is not None else num_masked_patches(patch_tokens.shape[1], self.config.mask_ratio)
         )
-        return self.masking(features, num_masked, generator)
+        return self.masking(self.mask_features(patch_tokens, cls_token), num_masked, generator)
+
+    @torch.no_grad()
+    def informed_mask_scores(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """Whole images' informed-mask rankings [B, N] on their patch grid (docs/method.md §3, steps 1-5): the NCut
+        object part first (similarity + 3), then the other patches by similarity to the object; a NaN row where an
+        image has no usable cut (it will get a random mask). `forward(mask_scores=...)` masks the top K of a ranking,
+        cropped and flipped with the view it is given for (docs/method.md §5). Call it in eval mode."""
+        patch_tokens, cls_token, _ = self.vit.embeddings(pixel_values, interpolate_pos_encoding)
+        return self.masking.ranking_scores(self.mask_features(patch_tokens, cls_token))
 
     def forward(
         self,
         pixel_values: torch.Tensor,
         noise: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        mask_scores: torch.Tensor | None = None,
         random_masking: bool = False,
         generator: torch.Generator | None = None,
         output_attentions: bool | None = None,
@@ -748,6 +787,9 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
             pixel_values: Images [B, C, H, W], normalised with the image processor's mean and std.
             noise: [B, N] noise whose largest `K` entries are masked (ViTMAE's convention); overrides the strategy.
             mask: [B, N] boolean mask (True = masked) with exactly `K` masked per row; overrides everything.
+            mask_scores: [B, N] informed-mask rankings of these views (`informed_mask_scores` of the whole images,
+                cropped and flipped with each view): masked by when informed masks are due. Required then with
+                `informed_mask_source="cached"`; with `"step"` the rankings come from `pixel_values` when omitted.
             random_masking: Use a random mask even when informed masking is due (e.g. for a plain-MAE probe).
             generator: RNG for random masks, hints and fallbacks (reproducible masks).
             output_decoder_attentions: Return the decoder's attention weights (exploitation-rate analysis).
@@ -762,7 +804,7 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         num_patches = patch_tokens.shape[1]
         num_masked = num_masked_patches(num_patches, self.config.mask_ratio)  # once: every mask hides exactly this
         ids_shuffle, mask_type, part_size, density = self.build_mask(
-            patch_tokens, cls_token, noise, mask, random_masking, generator, num_masked
+            patch_tokens, cls_token, noise, mask, random_masking, generator, num_masked, mask_scores
         )
         num_visible = num_patches - num_masked
         ids_restore = torch.argsort(ids_shuffle, dim=1)

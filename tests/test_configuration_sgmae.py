@@ -63,7 +63,9 @@ INVALID_VALUES = [
     ("graph_edges", "binary"),
     ("foreground_rule", "largest"),
     ("hint_sampling", "top"),
-    ("fiedler_solver", "lanczos"),
+    ("fiedler_solver", "arnoldi"),
+    ("fiedler_lanczos_steps", 0),
+    ("informed_mask_source", "epoch"),
     ("classifier_pooling", "max"),
     ("informed_masking_start_step", -1),
     ("informed_masking_start_step", 1.5),
@@ -128,7 +130,9 @@ def test_masking_defaults_follow_method_md():
     assert config.foreground_rule == "max_abs"
     assert config.hint_ratio == 0.06
     assert config.hint_sampling == "similarity"
-    assert config.fiedler_solver == "power"
+    assert config.fiedler_solver == "lanczos"
+    assert config.fiedler_lanczos_steps == 48
+    assert config.informed_mask_source == "cached"  # the authors' design: whole-image rankings, cropped per view
     assert config.classifier_pooling == "mean"
     # "about 9 of 147 at 224 px / patch 16"
     num_masked = num_masked_patches(config.grid_size[0] * config.grid_size[1], config.mask_ratio)
@@ -189,6 +193,8 @@ def test_save_load_round_trip(tmp_path):
         hint_sampling="uniform",
         fiedler_solver="eigh",
         fiedler_power_steps=9,
+        fiedler_lanczos_steps=20,
+        informed_mask_source="step",
         classifier_pooling="cls",
         drop_path_rate=0.1,
         image_size=[32, 48],

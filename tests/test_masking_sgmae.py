@@ -15,11 +15,13 @@ from modeling_sgmae.masking_sgmae import (
     add_hints,
     affinity_graph,
     fiedler_vector_eigh,
+    fiedler_vector_lanczos,
     fiedler_vector_power,
     informed_mask,
     mask_from_noise,
     object_part,
     object_similarity,
+    ranking_scores,
 )
 
 NUM_PATCHES = 64
@@ -107,8 +109,8 @@ def test_masking_rejects_a_budget_without_masked_or_visible_patches(num_masked):
 
 
 def model_for_strategy(strategy: str) -> SGMAEForPreTraining:
-    model = SGMAEForPreTraining(tiny_config())
-    if strategy in ("informed", "fallback"):
+    model = SGMAEForPreTraining(tiny_config(informed_mask_source="cached" if strategy == "cached" else "step"))
+    if strategy in ("informed", "fallback", "cached"):
         model.set_training_progress(1, 1)
     if strategy == "fallback":
         # Every patch embeds to the same vector (no pixels, no positions): no bi-partition exists.
@@ -118,7 +120,7 @@ def model_for_strategy(strategy: str) -> SGMAEForPreTraining:
     return model
 
 
-@pytest.mark.parametrize("strategy", ["random", "noise", "mask", "informed", "fallback"])
+@pytest.mark.parametrize("strategy", ["random", "noise", "mask", "informed", "fallback", "cached"])
 def test_every_model_strategy_hides_exactly_k(strategy):
     model = model_for_strategy(strategy)
     pixel_values = torch.randn(3, 3, 32, 32)
@@ -127,6 +129,8 @@ def test_every_model_strategy_hides_exactly_k(strategy):
         kwargs["noise"] = torch.rand(3, NUM_PATCHES)
     if strategy == "mask":
         kwargs["mask"] = mask_from_noise(torch.rand(3, NUM_PATCHES), NUM_MASKED)
+    if strategy == "cached":
+        kwargs["mask_scores"] = model.informed_mask_scores(pixel_values)
     output = model(pixel_values, **kwargs)
     assert output.mask.sum(dim=1).tolist() == [NUM_MASKED] * 3
     expected_type = {
@@ -135,6 +139,7 @@ def test_every_model_strategy_hides_exactly_k(strategy):
         "mask": MaskType.GIVEN,
         "informed": MaskType.INFORMED,
         "fallback": MaskType.FALLBACK,
+        "cached": MaskType.INFORMED,
     }[strategy]
     assert output.mask_type.tolist() == [int(expected_type)] * 3
     if strategy == "mask":
@@ -162,11 +167,12 @@ def test_small_object_part_is_masked_entirely_then_most_object_like_background(o
 
 
 def test_large_object_part_masks_its_most_object_like_patches():
-    scores = torch.tensor([[0.9, 0.1, 0.5, 0.8, -0.2, 0.3]])
+    similarity = torch.tensor([[0.9, 0.1, 0.5, 0.8, -0.2, 0.3]])
     part = torch.tensor([[True, True, True, True, False, False]])
-    mask = informed_mask(scores, part, 2)
+    scores = ranking_scores(similarity, part, torch.tensor([True]))
+    mask = informed_mask(scores, 2)
     assert mask.tolist() == [[True, False, False, True, False, False]]
-    mask = informed_mask(scores, part, 5)  # the whole part, then the best background patch
+    mask = informed_mask(scores, 5)  # the whole part, then the best background patch
     assert mask.tolist() == [[True, True, True, True, False, True]]
 
 
@@ -217,10 +223,15 @@ def test_patches_masked_instead_of_hints_are_visible_non_hints():
 
 
 # ----- Fiedler solvers ----------------------------------------------------------------------------------------
-def solver_agreement(features: torch.Tensor, edges: str = "similarity") -> tuple[torch.Tensor, torch.Tensor]:
-    """|cos| between the power and eigh Fiedler vectors, and the share of nodes whose side agrees, per graph."""
+ITERATIVE_SOLVERS = {"power": fiedler_vector_power, "lanczos": fiedler_vector_lanczos}
+
+
+def solver_agreement(
+    features: torch.Tensor, edges: str = "similarity", solver: str = "power"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """|cos| between an iterative solver's and eigh's Fiedler vectors, and the share of nodes whose side agrees."""
     weights, _ = affinity_graph(unit(features), edges, 0.2, 1e-5)
-    power, reference = fiedler_vector_power(weights), fiedler_vector_eigh(weights)
+    power, reference = ITERATIVE_SOLVERS[solver](weights), fiedler_vector_eigh(weights)
     assert torch.isfinite(power).all()
     cosine = nn.functional.cosine_similarity(power, reference, dim=1).abs()
     sides_power = power > power.mean(dim=1, keepdim=True)
@@ -236,35 +247,51 @@ def solver_agreement(features: torch.Tensor, edges: str = "similarity") -> tuple
     # MAE (docs/method.md: mean similarity 0.58-0.68), where mu_2 and mu_3 are within ~1e-4 of each other.
     [(64, 0.0), (192, 0.0), (192, 1.5), (192, 2.5)],
 )
-def test_power_solver_matches_eigh_on_random_graphs(num_patches, dim, offset):
+@pytest.mark.parametrize("solver", ITERATIVE_SOLVERS)
+def test_iterative_solvers_match_eigh_on_random_graphs(num_patches, dim, offset, solver):
     generator = torch.Generator().manual_seed(num_patches + dim)
     features = torch.randn(24, num_patches, dim, generator=generator) + offset
-    cosine, agreement = solver_agreement(features)
+    cosine, agreement = solver_agreement(features, solver=solver)
     assert agreement.min() >= 0.99
     assert cosine.min() > 0.999
 
 
 @pytest.mark.parametrize("num_patches", [64, 196])
 @pytest.mark.parametrize("edges", ["similarity", "binary_fixed", "binary_mean"])
-def test_power_solver_matches_eigh_on_clustered_graphs(num_patches, edges):
+@pytest.mark.parametrize("solver", ITERATIVE_SOLVERS)
+def test_iterative_solvers_match_eigh_on_clustered_graphs(num_patches, edges, solver):
     generator = torch.Generator().manual_seed(7)
     features, is_object = clustered_features(24, num_patches, dim=64, noise=0.6, offset=0.5, generator=generator)
-    cosine, agreement = solver_agreement(features, edges)
+    cosine, agreement = solver_agreement(features, edges, solver)
     assert agreement.min() >= 0.99
     assert cosine.min() > 0.9999
     if edges != "binary_fixed":  # with tau = 0.2 many cross-cluster pairs (cosine ~0.15 +- 0.1) are edges too
         weights, _ = affinity_graph(unit(features), edges, 0.2, 1e-5)
-        sides = fiedler_vector_power(weights)
+        sides = ITERATIVE_SOLVERS[solver](weights)
         sides = sides > sides.mean(dim=1, keepdim=True)
         recovered = (sides == is_object).float().mean(dim=1)
         assert torch.maximum(recovered, 1 - recovered).min() == 1.0  # the planted clusters
 
 
-def test_eigh_and_power_solvers_give_the_same_masks():
+def test_every_solver_gives_the_same_masks():
     features, _ = clustered_features(16, NUM_PATCHES)
-    results = [masking(fiedler_solver=solver, hint_ratio=0.0)(features, NUM_MASKED) for solver in ("power", "eigh")]
-    assert torch.equal(results[0].object_part, results[1].object_part)
-    assert torch.equal(results[0].mask, results[1].mask)
+    solvers = ("lanczos", "power", "eigh")
+    results = [masking(fiedler_solver=solver, hint_ratio=0.0)(features, NUM_MASKED) for solver in solvers]
+    for result in results[1:]:
+        assert torch.equal(results[0].object_part, result.object_part)
+        assert torch.equal(results[0].mask, result.mask)
+
+
+def test_lanczos_stops_growing_an_exhausted_krylov_space():
+    """Two identical blocks of patches: the normalised operator has few distinct eigenvalues, so the Krylov space
+    is exhausted long before `steps`; the Fiedler vector still splits the blocks, and nothing is NaN."""
+    block = torch.zeros(1, 8, 8)
+    features = torch.cat([block + torch.tensor([1.0] + [0.0] * 7), block + torch.tensor([0.0, 1.0] + [0.0] * 6)], 1)
+    weights, _ = affinity_graph(unit(features), "similarity", 0.2, 1e-5)
+    fiedler = fiedler_vector_lanczos(weights, steps=15)
+    assert torch.isfinite(fiedler).all()
+    sides = fiedler > fiedler.mean(dim=1, keepdim=True)
+    assert sides[0, :8].all() != sides[0, 8:].any() and sides[0, :8].unique().numel() == 1
 
 
 # ----- object part ------------------------------------------------------------------------------------------------

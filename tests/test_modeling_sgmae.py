@@ -26,6 +26,12 @@ from modeling_sgmae import (
 from modeling_sgmae.masking_sgmae import mask_from_noise
 from modeling_sgmae.modeling_sgmae import resize_position_table, sincos_position_table
 
+
+@pytest.fixture
+def config():
+    """The per-step source: these tests train through forward alone (the cached source's tests pass mask_scores)."""
+    return tiny_config(informed_mask_source="step")
+
 NUM_PATCHES, NUM_MASKED, NUM_VISIBLE = 64, 48, 16
 
 
@@ -156,7 +162,7 @@ def test_feature_pass_builds_no_autograd_graph(config):
 @pytest.mark.parametrize("feature_layer", [None, 1])
 def test_masking_clusters_full_image_features_of_the_configured_block(feature_layer):
     """docs/method.md §3 step 1: patch tokens (no [CLS]) of the unmasked image after `mask_feature_layer` blocks."""
-    config = tiny_config(mask_feature_layer=feature_layer)
+    config = tiny_config(mask_feature_layer=feature_layer, informed_mask_source="step")
     model = SGMAEForPreTraining(config)
     model.set_training_progress(1, 1)
     captured = []
@@ -190,7 +196,7 @@ def test_informed_mask_trains_like_the_same_mask_given_explicitly(config):
 
 
 def test_self_guided_strategy_switches_from_random_to_informed_at_the_start():
-    model = SGMAEForPreTraining(tiny_config(informed_masking_start=0.25))
+    model = SGMAEForPreTraining(tiny_config(informed_masking_start=0.25, informed_mask_source="step"))
     pixel_values = images()
     assert not model.informed_masking_active  # schedule unknown: random
     assert model(pixel_values).mask_type.tolist() == [int(MaskType.RANDOM)] * 2
@@ -214,7 +220,7 @@ def test_default_start_is_an_eighth_of_the_schedule():
 
 
 def test_informed_masking_start_step_overrides_the_fraction():
-    model = SGMAEForPreTraining(tiny_config(informed_masking_start=0.0, informed_masking_start_step=5))
+    model = SGMAEForPreTraining(tiny_config(informed_masking_start=0.0, informed_masking_start_step=5, informed_mask_source="step"))
     model.set_training_progress(4, 100)
     assert not model.informed_masking_active
     assert model(images()).mask_type.tolist() == [int(MaskType.RANDOM)] * 2
@@ -296,7 +302,7 @@ def test_auto_start_begins_when_the_mask_share_overtakes_the_visible_share(monke
 
 
 def test_schedule_state_is_saved_and_restored(tmp_path):
-    model = SGMAEForPreTraining(tiny_config(informed_masking_auto_start=True))
+    model = SGMAEForPreTraining(tiny_config(informed_masking_auto_start=True, informed_mask_source="step"))
     model.set_training_progress(37, 1000)
     model.schedule.started_at.fill_(30)
     model.schedule.last_check.copy_(torch.tensor([0.4, 0.6, 1.0]))
@@ -748,9 +754,11 @@ def test_pretraining_interpolates_encoder_and_decoder_tables(height, width):
     decoder_positions = resize_position_table(model.decoder.decoder_pos_embed, (8, 8), grid)[0, 1:]
     masked = output.mask[0].bool()
     assert torch.allclose(captured[0][0, 1:][masked], decoder_positions[masked], atol=1e-6)
-    # Informed masks at the new size too.
+    # Informed masks at the new size too, from the whole images' rankings on the new grid.
     model.set_training_progress(1, 1)
-    informed = model(pixel_values, interpolate_pos_encoding=True)
+    scores = model.informed_mask_scores(pixel_values, interpolate_pos_encoding=True)
+    assert scores.shape == (2, num_patches)
+    informed = model(pixel_values, mask_scores=scores, interpolate_pos_encoding=True)
     assert informed.mask_type.tolist() == [int(MaskType.INFORMED)] * 2
     assert informed.mask.sum(dim=1).tolist() == [num_masked] * 2
 
@@ -806,13 +814,16 @@ def test_activation_checkpointing_options_reach_the_blocks(config):
     assert calls == {0: 2, 1: 1, 2: 2}  # checkpointed blocks ran again in backward, the other did not
 
 
-@pytest.mark.parametrize("informed", [False, True])
-def test_bf16_autocast_forward_and_backward(config, informed):
-    model = SGMAEForPreTraining(config).train()
+@pytest.mark.parametrize("informed", [False, "step", "cached"])
+def test_bf16_autocast_forward_and_backward(informed):
+    model = SGMAEForPreTraining(tiny_config(informed_mask_source=informed or "cached")).train()
+    scores = None
     if informed:
         model.set_training_progress(1, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        output = model(images(4))
+        if informed == "cached":
+            scores = model.informed_mask_scores(images(4))
+        output = model(images(4), mask_scores=scores)
     output.loss.backward()
     assert output.loss.dtype == torch.float32 and torch.isfinite(output.loss)
     expected_type = MaskType.INFORMED if informed else MaskType.RANDOM
@@ -958,3 +969,62 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(config):
             torch.testing.assert_close(parameter.grad, expected.grad, rtol=1e-4, atol=1e-5, msg=name)
     compiled.set_training_progress(1, 1)  # informed masks: the feature pass runs the compiled blocks on all tokens
     assert compiled(pixel_values).mask_type.tolist() == [int(MaskType.INFORMED)] * 2
+
+
+# ----- informed masks from given rankings (the cached source) -----------------------------------------------------
+def test_cached_source_without_scores_when_due_names_the_method_to_call():
+    model = SGMAEForPreTraining(tiny_config()).train()
+    assert model(images()).mask_type.tolist() == [int(MaskType.RANDOM)] * 2  # not due yet: no scores needed
+    model.set_training_progress(1, 1)
+    with pytest.raises(ValueError, match=r"no mask_scores were passed: .*informed_mask_scores"):
+        model(images())
+
+
+def test_given_whole_image_rankings_mask_as_the_per_step_source_does():
+    """Uncropped rankings of the same images give the per-step source's masks, draw for draw (same generator)."""
+    step = SGMAEForPreTraining(tiny_config(informed_mask_source="step", hint_ratio=0.1)).train()
+    cached = SGMAEForPreTraining(tiny_config(hint_ratio=0.1)).train()
+    cached.load_state_dict(step.state_dict())
+    for model in (step, cached):
+        model.set_training_progress(1, 1)
+    pixel_values = images(4)
+    cached.eval()
+    scores = cached.informed_mask_scores(pixel_values)
+    cached.train()
+    expected = step(pixel_values, generator=torch.Generator().manual_seed(3))
+    given = cached(pixel_values, mask_scores=scores, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(given.mask, expected.mask)
+    assert torch.equal(given.loss, expected.loss)
+    assert given.object_part_size.tolist() == expected.object_part_size.tolist()
+    assert given.edge_density.tolist() == [-1.0] * 4  # the graph stays with the pass that built the ranking
+
+
+def test_given_rankings_mask_their_top_k_and_fall_back_on_nan_rows():
+    model = SGMAEForPreTraining(tiny_config(hint_ratio=0.0)).train()
+    model.set_training_progress(1, 1)
+    scores = torch.rand(3, NUM_PATCHES)
+    scores[0, :NUM_MASKED] += 3.0  # the first K patches form the object part of image 0
+    scores[2] = float("nan")  # no usable cut
+    output = model(images(3), mask_scores=scores)
+    assert output.mask_type.tolist() == [int(MaskType.INFORMED)] * 2 + [int(MaskType.FALLBACK)]
+    assert output.mask.sum(dim=1).tolist() == [NUM_MASKED] * 3
+    assert output.mask[0, :NUM_MASKED].all()
+    top = scores[1].topk(NUM_MASKED).indices
+    assert output.mask[1, top].all()
+    assert output.object_part_size.tolist() == [NUM_MASKED, 0, -1]
+    with pytest.raises(ValueError, match="mask_scores must have shape"):
+        model(images(3), mask_scores=scores[:, :-1])
+
+
+def test_informed_mask_scores_rank_the_object_part_first_and_leave_training_mode_alone():
+    model = SGMAEForPreTraining(tiny_config()).train()
+    pixel_values = images(4)
+    scores = model.informed_mask_scores(pixel_values)
+    assert model.training
+    assert scores.shape == (4, NUM_PATCHES)
+    result = model.informed_masking(*model.vit.embeddings(pixel_values)[:2])
+    usable = result.mask_type == int(MaskType.INFORMED)
+    object_rank = torch.where(result.object_part, scores, float("inf")).amin(dim=1)
+    background_rank = torch.where(result.object_part, float("-inf"), scores).amax(dim=1)
+    assert (object_rank[usable] > background_rank[usable]).all()
+    assert torch.isnan(scores[~usable]).all()
