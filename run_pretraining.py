@@ -51,6 +51,7 @@ from sgmae_training.hub import (
     save_hub_folder,
     write_json_atomically,
 )
+from sgmae_training.mask_cache import MaskRankingCache, default_refresh_epochs
 from sgmae_training.optim import cosine_scheduler, parameter_groups
 from sgmae_training.training_state import TrainingState
 
@@ -91,6 +92,13 @@ class ModelArguments:
     )
     informed_masking_auto_start: bool = field(
         default=False, metadata={"help": "Start when the decoder's mask-token attention overtakes visible tokens."}
+    )
+    informed_mask_source: str | None = field(
+        default=None,
+        metadata={
+            "help": "cached (default): whole-image rankings refreshed every --mask_refresh_epochs and cropped with "
+            "each view (the authors' design); step: ranked from each augmented view at every step."
+        },
     )
 
 
@@ -136,6 +144,17 @@ class PretrainingArguments(RunArguments):
     exploitation_check_steps: int | None = field(
         default=None, metadata={"help": "Measure decoder exploitation rates every N steps (default: 4 per epoch)."}
     )
+    mask_refresh_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "Cached informed masks: epochs between refreshes of the whole-image rankings, from the "
+            "informed-masking start (default: a tenth of the schedule, as AMT's 40 of 400, at least 1)."
+        },
+    )
+    mask_cache_key_column: str = field(
+        default="__key__",
+        metadata={"help": "Cached informed masks on a stream: the column that names each sample (WebDataset's)."},
+    )
 
 
 def parse_args() -> tuple[ModelArguments, data.DataArguments, PretrainingArguments]:
@@ -153,6 +172,8 @@ def parse_args() -> tuple[ModelArguments, data.DataArguments, PretrainingArgumen
         raise SystemExit("error: --stop_after_minutes needs a positive value and checkpoints to stop at")
     if args.input_path not in INPUT_PATHS:
         raise SystemExit(f"error: --input_path must be one of {INPUT_PATHS}, got {args.input_path!r}")
+    if args.mask_refresh_epochs is not None and not args.mask_refresh_epochs > 0:
+        raise SystemExit(f"error: --mask_refresh_epochs must be positive, got {args.mask_refresh_epochs}")
     parse_config_overrides(model_args.config_overrides)  # a malformed item is an error now, not after loading data
     return model_args, data_args, args
 
@@ -176,7 +197,7 @@ def build_model(model_args: ModelArguments, num_channels: int | None = None) -> 
     config overrides and masking arguments applied; a clear error for a field that does not exist or a bad value.
     `num_channels` (--num_channels) sets a new model's; a checkpoint's must agree with it."""
     overrides = parse_config_overrides(model_args.config_overrides)
-    for name in ("mask_strategy", "informed_masking_start", "informed_masking_start_step"):
+    for name in ("mask_strategy", "informed_masking_start", "informed_masking_start_step", "informed_mask_source"):
         if getattr(model_args, name) is not None:
             overrides[name] = getattr(model_args, name)
     if model_args.informed_masking_auto_start:
@@ -222,11 +243,16 @@ def load_data(data_args: data.DataArguments) -> tuple[datasets.Dataset | dataset
 
 
 class PretrainingHooks(TrainingHooks):
-    """Pre-training's part of the loop: the schedule position, mask statistics, exploitation checks, mask panels."""
+    """Pre-training's part of the loop: the schedule position, cached-mask refreshes, mask statistics, exploitation
+    checks, mask panels."""
 
-    def __init__(self, accelerator: Accelerator, model: SGMAEForPreTraining, total_steps: int, args, probe, processor):
+    def __init__(
+        self, accelerator: Accelerator, model: SGMAEForPreTraining, total_steps: int, args, probe, processor,
+        mask_cache: MaskRankingCache | None = None, whole_images: Callable[[], Iterator[dict]] | None = None,
+    ):  # fmt: skip
         self.accelerator, self.model, self.total_steps, self.args = accelerator, model, total_steps, args
         self.probe, self.processor = probe, processor
+        self.mask_cache, self.whole_images = mask_cache, whole_images
         self.exploitation_every = args.exploitation_check_steps
         # informed, fallback, object-part patches, edge density: summed over the logging window
         self.mask_sums: torch.Tensor | None = None
@@ -234,9 +260,17 @@ class PretrainingHooks(TrainingHooks):
 
     def before_micro_batch(self, step: int) -> None:
         self.model.set_training_progress(step, self.total_steps)  # the model decides its masks from this
+        cache = self.mask_cache
+        if cache is not None and cache.due(step, self.model.informed_masking_active):
+            total = len(cache.rankings) or None
+            logs = cache.refresh(self.model, self.whole_images(), step, total)
+            self.accelerator.log(logs, step=step)
 
     def loss(self, model, batch: dict[str, torch.Tensor]):
-        outputs = model(batch["pixel_values"])
+        scores = None
+        if self.mask_cache is not None and self.model.informed_masking_active:
+            scores = self.mask_cache.rankings_for(batch)
+        outputs = model(batch["pixel_values"], mask_scores=scores)
         return outputs.loss, outputs
 
     def after_micro_batch(self, batch: dict[str, torch.Tensor], outputs) -> None:
@@ -315,27 +349,32 @@ def main() -> None:
     if args.torch_compile:
         accelerator.unwrap_model(model).compile_blocks()
     unwrapped: SGMAEForPreTraining = accelerator.unwrap_model(model)
-    state = resume_state(accelerator, optimizer, args.output_dir, args.resume_from_checkpoint, {}, total_steps)
+    if uses_mask_cache(config):
+        train_data = data.with_index(train_data) if isinstance(train_data, datasets.Dataset) else train_data
+    mask_cache = new_mask_cache(args, config, train_data, steps_per_epoch, total_steps)
+    objects = {"mask_cache": mask_cache} if mask_cache is not None else {}
+    state = resume_state(accelerator, optimizer, args.output_dir, args.resume_from_checkpoint, objects, total_steps)
     # Not prepared: the engine steps it once per optimiser step (a prepared one steps once per process).
     scheduler = cosine_scheduler(optimizer, args.warmup_ratio, total_steps, state.step)
     unwrapped.set_training_progress(state.step, total_steps)
     if accelerator.is_main_process:
         accelerator.init_trackers("sgmae_pretraining", config={k: str(v) for k, v in asdict(args).items()})
-    log_plan(config, unwrapped, total_steps, steps_per_epoch, global_batch, learning_rate)
+    log_plan(config, unwrapped, total_steps, steps_per_epoch, global_batch, learning_rate, mask_cache)
 
     # ----- training -----
     probe_collate = data.ImageCollator(data.eval_transform(processor), image_column, num_channels=config.num_channels)
     probe = probe_collate(probe_rows) if probe_rows else None
     args.exploitation_check_steps = args.exploitation_check_steps or max(steps_per_epoch // 4, 1)
-    hooks = PretrainingHooks(accelerator, unwrapped, total_steps, args, probe, processor)
-
-    epoch_batches = epoch_batch_factory(args, data_args, accelerator, train_data, image_column, processor, config)
+    epoch_batches, whole_images = input_pipeline(
+        args, data_args, accelerator, train_data, image_column, processor, config
+    )
+    hooks = PretrainingHooks(accelerator, unwrapped, total_steps, args, probe, processor, mask_cache, whole_images)
 
     settings = LoopSettings(
         args.output_dir, args.logging_steps, args.checkpointing_steps, args.save_total_limit, args.max_grad_norm,
         config, stop_at=stop_at,
     )  # fmt: skip
-    state = train(accelerator, model, optimizer, scheduler, epoch_batches, state, settings, hooks, {})
+    state = train(accelerator, model, optimizer, scheduler, epoch_batches, state, settings, hooks, objects)
     if state.step < total_steps:
         logger.info(
             "stopped at step %d of %d (--stop_after_minutes); the same command with --resume_from_checkpoint latest "
@@ -366,11 +405,35 @@ def main() -> None:
     accelerator.end_training()
 
 
-def epoch_batch_factory(
+def uses_mask_cache(config: SGMAEConfig) -> bool:
+    return config.mask_strategy == "self_guided" and config.informed_mask_source == "cached"
+
+
+def new_mask_cache(args, config: SGMAEConfig, train_data, steps_per_epoch: int, total_steps: int):
+    """The run's cache of whole-image rankings (None when masks are random or ranked per step): a row per training
+    image, or for a stream a row per sample id of its `--mask_cache_key_column` (one line when it has none)."""
+    if not uses_mask_cache(config):
+        return None
+    keyed = isinstance(train_data, datasets.IterableDataset)
+    if keyed and args.mask_cache_key_column not in (train_data.features or {}):
+        raise SystemExit(
+            f"error: cached informed masks match each image to its stored ranking by a stable id, and this stream has "
+            f"no {args.mask_cache_key_column!r} column (WebDataset shards have __key__): name one with "
+            "--mask_cache_key_column, drop --streaming, or use --informed_mask_source step"
+        )
+    epochs = args.mask_refresh_epochs or default_refresh_epochs(total_steps / steps_per_epoch)
+    return MaskRankingCache(
+        0 if keyed else len(train_data), config.grid_size, max(1, round(epochs * steps_per_epoch)), keyed
+    )
+
+
+def input_pipeline(
     args, data_args, accelerator: Accelerator, train_data, image_column: str, processor, config
-) -> Callable[[TrainingState], Iterator[dict[str, torch.Tensor]]]:
+) -> tuple[Callable[[TrainingState], Iterator[dict[str, torch.Tensor]]], Callable[[], Iterator[dict]]]:
     """`epoch_batches(state)` for the engine: images decoded and augmented in DataLoader workers, or decoded once into
-    memory and augmented a whole batch at a time on the device (`--input_path decode_once`)."""
+    memory and augmented a whole batch at a time on the device (`--input_path decode_once`); each view comes with its
+    image's row (or sample id) and crop. And `whole_images()`, the same images uncropped, which cached informed masks
+    are ranked from."""
     batch_size = args.per_device_train_batch_size
     if args.input_path == "decode_once":
         storage = args.storage_size or round(1.15 * max(config.image_height_width))
@@ -381,14 +444,28 @@ def epoch_batch_factory(
             config.num_channels,
         )  # fmt: skip
         augment = BatchAugmentation(config.image_height_width, processor.image_mean, processor.image_std)
-        return partial(data.decoded_epoch_batches, images, accelerator=accelerator, batch_size=batch_size,
-                       seed=args.seed, augment=augment, left_out=left_out)  # fmt: skip
-    collate = data.ImageCollator(data.train_transform(processor), image_column, num_channels=config.num_channels)
-    return partial(data.worker_epoch_batches, train_data, accelerator=accelerator, data_args=data_args,
-                   batch_size=batch_size, collate=collate, seed=args.seed)  # fmt: skip
+        epoch_batches = partial(data.decoded_epoch_batches, images, accelerator=accelerator, batch_size=batch_size,
+                                seed=args.seed, augment=augment.with_crops, left_out=left_out)  # fmt: skip
+        return epoch_batches, partial(data.decoded_whole_images, images, processor, accelerator, batch_size)
+    streamed = isinstance(train_data, datasets.IterableDataset)
+    key_column = args.mask_cache_key_column if streamed and uses_mask_cache(config) else None
+    index_column = data.INDEX_COLUMN if data.INDEX_COLUMN in (train_data.features or {}) else None
+    collate = data.ImageCollator(
+        data.TrainTransform(processor), image_column, index_column=index_column, num_channels=config.num_channels,
+        key_column=key_column,
+    )  # fmt: skip
+    epoch_batches = partial(data.worker_epoch_batches, train_data, accelerator=accelerator, data_args=data_args,
+                            batch_size=batch_size, collate=collate, seed=args.seed)  # fmt: skip
+    whole_images = partial(
+        data.whole_image_batches, train_data, image_column, processor, accelerator, batch_size,
+        data_args.dataloader_num_workers, config.num_channels, key_column,
+    )  # fmt: skip
+    return epoch_batches, whole_images
 
 
-def log_plan(config: SGMAEConfig, model: SGMAEForPreTraining, total_steps, steps_per_epoch, global_batch, lr) -> None:
+def log_plan(
+    config: SGMAEConfig, model: SGMAEForPreTraining, total_steps, steps_per_epoch, global_batch, lr, mask_cache
+) -> None:
     start = model.informed_masking_start_step
     if config.mask_strategy == "random":
         phases = ""
@@ -401,6 +478,12 @@ def log_plan(config: SGMAEConfig, model: SGMAEForPreTraining, total_steps, steps
         total_steps, math.ceil(total_steps / steps_per_epoch), steps_per_epoch, global_batch, lr,
         config.mask_strategy, phases,
     )  # fmt: skip
+    if mask_cache is not None:
+        logger.info(
+            "informed masks from whole-image rankings, refreshed every %d steps from the start and cropped with each "
+            "view (%.1f MB for %d images)", mask_cache.refresh_steps, mask_cache.memory_bytes() / 1e6,
+            len(mask_cache.rankings),
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

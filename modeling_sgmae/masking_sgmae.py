@@ -242,7 +242,8 @@ def add_hints(
     """Reveal `num_hints` masked patches and mask as many visible ones, so the count of masked stays the same.
 
     Hints are drawn among the masked patches with probability proportional to their rank by the ranking score
-    (`similarity`: the most object-like masked patch is the likeliest) or uniformly; the patches masked instead are drawn uniformly among the visible non-hints.
+    (`similarity`: the most object-like masked patch is the likeliest) or uniformly; the patches masked instead
+    are drawn uniformly among the visible non-hints.
     """
     if num_hints == 0:
         return mask

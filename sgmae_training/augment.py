@@ -90,9 +90,33 @@ class BatchAugmentation:
         self.std = torch.tensor(image_std, dtype=torch.float32).view(1, -1, 1, 1) * 255
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.with_crops(images, generator)[0]
+
+    def with_crops(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs and their crops [B, 5]: (top, left, height, width) as fractions of the image, then the flip
+        (1.0 = mirrored), which is what a stored whole-image ranking is cropped with (`mask_cache`)."""
         batch_size, _, height, width = images.shape
         device = images.device
         boxes = sample_crop_boxes(batch_size, height, width, self.scale, self.ratio, generator, device)
         flip = torch.rand(batch_size, generator=generator, device=device) < 0.5
         crops = resized_crops(images, boxes, self.size, flip)
-        return (crops - self.mean.to(device)) / self.std.to(device)
+        inputs = (crops - self.mean.to(device)) / self.std.to(device)
+        return inputs, crop_record(boxes, height, width, flip)
+
+
+def crop_record(boxes: torch.Tensor, height: int, width: int, flip: torch.Tensor) -> torch.Tensor:
+    """Pixel boxes [B, 4] (top, left, height, width) of height x width images and flips [B] as crops [B, 5]:
+    the box in fractions of the image, then the flip as 0.0 / 1.0."""
+    scale = torch.tensor([height, width, height, width], dtype=torch.float64, device=boxes.device)
+    return torch.cat([boxes.double() / scale, flip.double()[:, None]], dim=1).float()
+
+
+def crop_maps(maps: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+    """Whole-image maps [B, H, W] (e.g. a patch grid's rankings) cropped with crops [B, 5] (`crop_record`) and
+    resized back to H x W, as `resized_crops` does to the images: the exact box, flipped with its image. float32."""
+    height, width = maps.shape[1:]
+    crops = crops.to(maps.device, torch.float32)
+    boxes = crops[:, :4] * torch.tensor([height, width, height, width], device=maps.device, dtype=torch.float32)
+    return resized_crops(maps[:, None].float(), boxes, (height, width), crops[:, 4] > 0.5)[:, 0]

@@ -121,7 +121,8 @@ def disk_is_full(error: BaseException, folder: str | Path) -> bool:
 
 def load_checkpoint(accelerator: Accelerator, path: Path, objects: dict[str, Any]) -> TrainingState:
     """Restore model, optimizer, RNG states and `objects`; return the saved training state. A name in OBJECTS_FILE
-    that `objects` lacks is not restored (older checkpoints also hold the scheduler, now rebuilt from the step)."""
+    that `objects` lacks is not restored (older checkpoints also hold the scheduler, now rebuilt from the step), and
+    an object the checkpoint lacks keeps its fresh state (e.g. a mask cache, refreshed when next due)."""
     if not (path / OBJECTS_FILE).is_file():
         raise SystemExit(
             f"error: {path} has no {OBJECTS_FILE}: it was written by an older version, whose scheduler state only "
@@ -130,7 +131,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path, objects: dict[str, Any
     accelerator.load_state(str(path))
     saved = torch.load(path / OBJECTS_FILE, map_location="cpu", weights_only=True)
     for name, value in objects.items():
-        value.load_state_dict(saved[name])
+        if name in saved:
+            value.load_state_dict(saved[name])
     state = TrainingState()
     state.load_state_dict(json.loads((path / STATE_FILE).read_text()))
     return state

@@ -17,14 +17,16 @@ import torch
 from accelerate import Accelerator
 from datasets.distributed import split_dataset_by_node
 from PIL import Image, UnidentifiedImageError
+from torch import nn
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
+from torchvision.transforms import RandomResizedCrop, v2
 from transformers import ViTImageProcessor
 from transformers.utils import cached_file
 
 from modeling_sgmae.analysis import MAE_IMAGE_MEAN, MAE_IMAGE_STD
 
 from .arguments import check_positive
+from .augment import crop_record
 from .training_state import TrainingState
 
 logger = logging.getLogger(__name__)
@@ -345,18 +347,36 @@ def check_num_channels(requested: int | None, config, source: str) -> None:
         )
 
 
-def train_transform(processor: ViTImageProcessor, scale: tuple[float, float] = (0.2, 1.0)) -> v2.Compose:
-    """MAE augmentation: RandomResizedCrop (bicubic), horizontal flip, normalisation."""
-    size = (processor.size["height"], processor.size["width"])
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(processor.image_mean, processor.image_std),
-        ]
-    )
+class TrainTransform:
+    """MAE augmentation: RandomResizedCrop (bicubic), horizontal flip, normalisation. Returns the input and its crop
+    [5] (top, left, height, width as fractions of the image, then the flip as 0.0 / 1.0), so a stored whole-image
+    ranking can be cropped with it (`mask_cache`).
+
+    Written out rather than as a torchvision pipeline to know the box; it draws from torch's RNG exactly as
+    `v2.RandomResizedCrop` followed by `v2.RandomHorizontalFlip` do, so the crops are the same."""
+
+    def __init__(
+        self, processor: ViTImageProcessor, scale: tuple[float, float] = (0.2, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)
+    ):
+        self.size = (processor.size["height"], processor.size["width"])
+        self.scale, self.ratio = scale, ratio
+        self.normalize = v2.Compose(
+            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(processor.image_mean, processor.image_std)]
+        )
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        image = v2.functional.to_image(image)
+        height, width = image.shape[-2:]
+        top, left, crop_height, crop_width = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+        image = v2.functional.resized_crop(
+            image, top, left, crop_height, crop_width, list(self.size),
+            interpolation=v2.InterpolationMode.BICUBIC, antialias=True,
+        )  # fmt: skip
+        flip = bool(torch.rand(1) < 0.5)
+        if flip:
+            image = v2.functional.horizontal_flip(image)
+        box = torch.tensor([top, left, crop_height, crop_width])
+        return self.normalize(image), crop_record(box[None], height, width, torch.tensor([flip]))[0]
 
 
 def eval_transform(processor: ViTImageProcessor) -> v2.Compose:
@@ -385,26 +405,36 @@ class ImageCollator:
         label_column: str | None = None,
         index_column: str | None = None,
         num_channels: int = 3,
+        key_column: str | None = None,
     ):
         self.transform = transform
         self.image_column = image_column
-        self.extra_columns = {"labels": label_column, "index": index_column}
+        self.extra_columns = {"labels": label_column, "index": index_column, "keys": key_column}
         self.num_channels = num_channels
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        pixels = []
+        pixels, crops = [], []
         extras: dict[str, list] = {key: [] for key, column in self.extra_columns.items() if column}
         for row in rows:
             image = decode_image(row[self.image_column], self.num_channels)
             if image is None:
                 continue
-            pixels.append(self.transform(image))
+            transformed = self.transform(image)
+            if isinstance(transformed, tuple):  # a training transform that says where it cropped (TrainTransform)
+                transformed, crop = transformed
+                crops.append(crop)
+            pixels.append(transformed)
             for key in extras:
                 extras[key].append(row[self.extra_columns[key]])
         batch = {
             "pixel_values": torch.stack(pixels) if pixels else torch.empty(0),
             "skipped": len(rows) - len(pixels),  # a plain int: counting never touches the device
         }
+        if crops:
+            batch["crops"] = torch.stack(crops)
+        keys = extras.pop("keys", None)
+        if keys is not None:
+            batch["keys"] = [str(key) for key in keys]  # a stream's sample ids, kept on the host
         return batch | {key: torch.tensor(values, dtype=torch.long) for key, values in extras.items()}
 
 
@@ -540,7 +570,8 @@ def decoded_epoch_batches(
     augment: Callable,
     left_out: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This process's batches of the epoch in `state` from decoded images, augmented on the device.
+    """This process's batches of the epoch in `state` from decoded images, augmented on the device, with each
+    image's row (`index`) and, when `augment` returns them, its crop (`crops`).
 
     The epoch's order is a seeded permutation, cut into equal shards (one per process), so every process has as many
     full batches; each batch's augmentation draws from a generator seeded by (seed, epoch, position), so a resumed
@@ -558,12 +589,53 @@ def decoded_epoch_batches(
         )
         pixels = images[rows].to(accelerator.device, non_blocking=True)
         skipped = left_out if start == 0 and accelerator.process_index == 0 else 0
-        yield {"pixel_values": augment(pixels, generator), "skipped": skipped}
+        batch = {"skipped": skipped, "index": rows.to(accelerator.device, non_blocking=True)}
+        augmented = augment(pixels, generator)
+        if isinstance(augmented, tuple):  # BatchAugmentation.with_crops: the crops come along
+            augmented, batch["crops"] = augmented
+        yield batch | {"pixel_values": augmented}
+
+
+def whole_image_batches(
+    dataset, image_column: str, processor: ViTImageProcessor, accelerator: Accelerator, batch_size: int,
+    num_workers: int, num_channels: int, key_column: str | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:  # fmt: skip
+    """This process's share of a split's whole images, resized to the model as evaluation does (no crop, no flip),
+    in order, on the device, with their rows (`index`, from the INDEX_COLUMN of `with_index`) or, for a stream,
+    their sample ids (`keys`, from `key_column`). Corrupt images are left out."""
+    if isinstance(dataset, datasets.IterableDataset):
+        share = split_dataset_by_node(dataset, accelerator.process_index, accelerator.num_processes)
+        collate = ImageCollator(eval_transform(processor), image_column, num_channels=num_channels,
+                                key_column=key_column)  # fmt: skip
+    else:
+        share = dataset.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
+        collate = ImageCollator(eval_transform(processor), image_column, index_column=INDEX_COLUMN,
+                                num_channels=num_channels)  # fmt: skip
+    # A generator of its own: the loader's worker seeds must not come from the global RNG (training's crops do).
+    loader = DataLoader(share, batch_size, collate_fn=collate, num_workers=num_workers, generator=torch.Generator())
+    return (on_device(batch, accelerator) for batch in loader if len(batch["pixel_values"]))
+
+
+def decoded_whole_images(
+    images: torch.Tensor, processor: ViTImageProcessor, accelerator: Accelerator, batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This process's share of decoded images [N, C, S, S] (uint8), each resized whole to the model's size
+    (bilinear, antialiased) and normalised, in order, on the device, with their rows (`index`)."""
+    size = (processor.size["height"], processor.size["width"])
+    mean = torch.tensor(processor.image_mean, device=accelerator.device).view(1, -1, 1, 1)
+    std = torch.tensor(processor.image_std, device=accelerator.device).view(1, -1, 1, 1)
+    share = math.ceil(len(images) / accelerator.num_processes)
+    first = accelerator.process_index * share
+    for start in range(first, min(first + share, len(images)), batch_size):
+        rows = torch.arange(start, min(start + batch_size, first + share, len(images)))
+        pixels = images[rows].to(accelerator.device, non_blocking=True).float() / 255
+        pixels = nn.functional.interpolate(pixels, size, mode="bilinear", antialias=True, align_corners=False)
+        yield {"pixel_values": (pixels - mean) / std, "index": rows.to(accelerator.device)}
 
 
 def on_device(batch: dict, accelerator: Accelerator) -> dict:
-    """The batch's tensors on the training device (the host-side skip count stays on the host)."""
-    return {key: value if key == "skipped" else value.to(accelerator.device, non_blocking=True)
+    """The batch's tensors on the training device (the host-side skip count and sample ids stay on the host)."""
+    return {key: value.to(accelerator.device, non_blocking=True) if torch.is_tensor(value) else value
             for key, value in batch.items()}  # fmt: skip
 
 

@@ -32,6 +32,7 @@ def config():
     """The per-step source: these tests train through forward alone (the cached source's tests pass mask_scores)."""
     return tiny_config(informed_mask_source="step")
 
+
 NUM_PATCHES, NUM_MASKED, NUM_VISIBLE = 64, 48, 16
 
 
@@ -220,7 +221,9 @@ def test_default_start_is_an_eighth_of_the_schedule():
 
 
 def test_informed_masking_start_step_overrides_the_fraction():
-    model = SGMAEForPreTraining(tiny_config(informed_masking_start=0.0, informed_masking_start_step=5, informed_mask_source="step"))
+    model = SGMAEForPreTraining(
+        tiny_config(informed_masking_start=0.0, informed_masking_start_step=5, informed_mask_source="step")
+    )
     model.set_training_progress(4, 100)
     assert not model.informed_masking_active
     assert model(images()).mask_type.tolist() == [int(MaskType.RANDOM)] * 2

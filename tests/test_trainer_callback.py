@@ -9,6 +9,7 @@ from conftest import check_folder_in_fresh_process, tiny_config
 from transformers import Trainer, TrainingArguments, ViTImageProcessor
 
 from modeling_sgmae import MaskType, SGMAEForImageClassification, SGMAEForPreTraining, SGMAETrainerCallback
+from sgmae_training.mask_cache import MaskCacheCallback, MaskRankingCache
 
 
 def pixels(num_images: int) -> torch.Tensor:
@@ -41,7 +42,7 @@ def record_mask_types(model: SGMAEForPreTraining) -> list[list[int]]:
 
 
 def test_trainer_crosses_into_informed_masking_and_saves_a_loadable_folder(tmp_path):
-    model = SGMAEForPreTraining(tiny_config(informed_masking_start=0.5))
+    model = SGMAEForPreTraining(tiny_config(informed_masking_start=0.5, informed_mask_source="step"))
     mask_types = record_mask_types(model)
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
     probe = pixels(4)
@@ -109,3 +110,38 @@ def test_callback_refuses_what_it_cannot_do(tmp_path):
     trainer.add_callback(SGMAETrainerCallback())
     with pytest.raises(TypeError, match="needs an SGMAEForPreTraining"):
         trainer.train()
+
+
+def test_trainer_masks_by_whole_image_rankings_refreshed_on_schedule(tmp_path):
+    """The cached source under Trainer: the cache is refreshed when informed masks start, and each batch's masks are
+    the top K of its images' rankings (full-image views here, so no crop changes them)."""
+    model = SGMAEForPreTraining(tiny_config(informed_masking_start=0.5, hint_ratio=0.0))
+    images = pixels(16)
+    crops = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]]).expand(16, -1)
+    dataset = datasets.Dataset.from_dict(
+        {"pixel_values": images.numpy(), "crops": crops.numpy(), "index": list(range(16))}
+    ).with_format("torch")
+    cache = MaskRankingCache(16, model.config.grid_size, refresh_steps=100)
+    masks = MaskCacheCallback(cache, lambda: iter([{"pixel_values": images, "index": torch.arange(16)}]))
+    seen = []
+    model.register_forward_hook(lambda module, args, output: seen.append(output) if module.training else None)
+    args = training_arguments(tmp_path / "run", learning_rate=0.0)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=masks.collate,
+        callbacks=[SGMAETrainerCallback(), masks],
+    )  # fmt: skip
+    trainer.train()
+    assert cache.refreshed_at == 4  # at the informed-masking start, before its batches were collated
+    assert [output.mask_type.tolist() for output in seen] == [[int(MaskType.RANDOM)] * 4] * 4 + [
+        [int(MaskType.INFORMED)] * 4
+    ] * 4
+    expected = model.eval().informed_mask_scores(images)  # learning rate 0: the weights the refresh saw
+    ranked = sorted(tuple(row.topk(48).indices.sort().values.tolist()) for row in expected)
+    masked = sorted(tuple(row.nonzero().flatten().tolist()) for output in seen[4:] for row in output.mask)
+    assert masked == ranked  # each image's informed mask is its own top K, every image once (one epoch of 16)
+
+    with pytest.raises(ValueError, match="dataloader_num_workers=0"):
+        Trainer(
+            model=model, args=training_arguments(tmp_path / "workers", dataloader_num_workers=1),
+            train_dataset=dataset, data_collator=masks.collate, callbacks=[masks],
+        ).train()  # fmt: skip

@@ -1,0 +1,190 @@
+"""Cached informed masks (docs/method.md §5): one whole-image ranking per training image, refreshed every few epochs
+and cropped with each augmented view, as the SG-MAE authors' code and AMT's do.
+
+The model ranks whole images (`SGMAEForPreTraining.informed_mask_scores`, in eval mode, no crop, no flip); the
+rankings are stored here in float16 on the host, one patch-grid map per image, keyed by the image's row in the
+training split (or, for a stream, by its `__key__`); a training step crops each image's map with the exact box and
+flip of its view (`augment.crop_maps`) and passes the result to `forward(mask_scores=...)`. Between refreshes a
+self-guided step costs what a random one costs, plus the top-K and the crop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather, gather_object
+from tqdm.auto import tqdm
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from modeling_sgmae import SGMAEForPreTraining
+
+from .augment import crop_maps
+
+logger = logging.getLogger(__name__)
+
+# AMT refreshes its maps every 40 of 400 epochs: a tenth of the schedule.
+REFRESH_SHARE_OF_SCHEDULE = 0.1
+
+
+def default_refresh_epochs(num_epochs: float) -> int:
+    """Epochs between refreshes when none is given: a tenth of the schedule (AMT's 40 of 400), at least one."""
+    return max(1, round(REFRESH_SHARE_OF_SCHEDULE * num_epochs))
+
+
+class MaskRankingCache:
+    """Whole-image informed-mask rankings of every training image: float16 [images, grid height, grid width] on the
+    host (NaN until ranked, or where an image had no usable cut: it gets a random mask), the step of the last
+    refresh, and for streams the sample id of each row. A checkpoint saves it (`state_dict`), so a resumed run masks
+    as the uninterrupted one."""
+
+    def __init__(self, num_images: int, grid: tuple[int, int], refresh_steps: int, keyed: bool = False):
+        self.grid, self.refresh_steps, self.keyed = grid, refresh_steps, keyed
+        self.rankings = torch.full((num_images, *grid), float("nan"), dtype=torch.float16)
+        self.refreshed_at = -1
+        self.keys: list[str] = []  # row -> sample id (streams)
+        self.rows: dict[str, int] = {}
+
+    def due(self, step: int, informed: bool) -> bool:
+        """A refresh is due at the informed-masking start and every `refresh_steps` after the last one."""
+        return informed and (self.refreshed_at < 0 or step - self.refreshed_at >= self.refresh_steps)
+
+    @torch.no_grad()
+    def refresh(
+        self, model: SGMAEForPreTraining, batches: Iterable[dict], step: int, total: int | None = None
+    ) -> dict[str, float]:
+        """Rank this process's share of the whole images (`batches`: `pixel_values` resized to the model, no crop or
+        flip, with their rows in `index` or sample ids in `keys`), gather every process's rankings, and return what
+        to log: the seconds it took, the share of images without a usable cut and the mean object-part share."""
+        started = time.perf_counter()
+        processes = PartialState()  # the launch's processes (one when nothing was launched)
+        was_training = model.training
+        model.eval()
+        rows, keys, rankings = [], [], []
+        progress = tqdm(total=total, desc="ranking whole images", disable=not processes.is_main_process, leave=False)
+        for batch in batches:
+            scores = model.informed_mask_scores(batch["pixel_values"])
+            rankings.append(scores.to("cpu", torch.float16))
+            if self.keyed:
+                keys += batch["keys"]
+            else:
+                rows.append(batch["index"].cpu())
+            progress.update(len(scores) * processes.num_processes)
+        progress.close()
+        model.train(was_training)
+        rankings = torch.cat(rankings) if rankings else torch.empty(0, self.grid[0] * self.grid[1])
+        if self.keyed:
+            self._store_keyed(processes, keys, rankings)
+        else:
+            self._store_rows(processes, torch.cat(rows) if rows else torch.empty(0, dtype=torch.long), rankings)
+        self.refreshed_at = step
+        flat = self.rankings.flatten(1).float()
+        usable = torch.isfinite(flat).all(dim=1)
+        seconds = time.perf_counter() - started
+        logs = {
+            "mask_refresh_seconds": seconds,
+            "mask_refresh_fallback_share": 1 - usable.float().mean().item(),
+            "mask_refresh_object_part": (flat[usable] > 1.5).float().mean().item() if usable.any() else math.nan,
+        }
+        logger.info(
+            "ranked %d whole images for informed masks in %.1f s (no usable cut: %.1f %%, object part %.1f %% of the "
+            "patches); next refresh at step %d", len(self.rankings), seconds,
+            100 * logs["mask_refresh_fallback_share"], 100 * logs["mask_refresh_object_part"],
+            step + self.refresh_steps,
+        )  # fmt: skip
+        return logs
+
+    def _store_rows(self, processes: PartialState, rows: torch.Tensor, rankings: torch.Tensor) -> None:
+        """Every process's (row, ranking) pairs, gathered (padded to the longest share) into the table."""
+        if processes.num_processes > 1:
+            count = torch.tensor([len(rows)], device=processes.device)
+            longest = int(gather(count).max())
+            padded_rows = torch.full((longest,), -1, dtype=torch.long)
+            padded_rows[: len(rows)] = rows
+            padded = torch.zeros(longest, rankings.shape[1], dtype=torch.float16)
+            padded[: len(rows)] = rankings
+            rows = gather(padded_rows.to(processes.device)).cpu()
+            rankings = gather(padded.to(processes.device)).cpu()
+            rankings, rows = rankings[rows >= 0], rows[rows >= 0]
+        self.rankings[rows] = rankings.view(-1, *self.grid)
+
+    def _store_keyed(self, processes: PartialState, keys: list[str], rankings: torch.Tensor) -> None:
+        """A stream's rankings in the order the processes met them, with a row for each sample id."""
+        if processes.num_processes > 1:
+            shares = gather_object([(keys, rankings)])
+            keys = [key for share_keys, _ in shares for key in share_keys]
+            rankings = torch.cat([share for _, share in shares])
+        if len(set(keys)) != len(keys):
+            raise SystemExit(
+                "error: the stream's sample ids (__key__) are not unique, so cached informed masks cannot be matched "
+                "to their images; give every sample its own id, or use --informed_mask_source step"
+            )
+        self.keys, self.rows = keys, {key: row for row, key in enumerate(keys)}
+        self.rankings = rankings.view(-1, *self.grid).clone()
+
+    def rankings_for(self, batch: dict) -> torch.Tensor:
+        """This batch's views' rankings [B, N] on the batch's device: each image's stored map cropped with its view's
+        box and flip (`crops`); a NaN row (random mask) for an image the last refresh did not rank."""
+        device = batch["pixel_values"].device
+        if self.keyed:
+            rows = torch.tensor([self.rows.get(key, -1) for key in batch["keys"]], dtype=torch.long)
+        else:
+            rows = batch["index"].cpu()
+        maps = self.rankings[rows.clamp(min=0)].to(device, non_blocking=True).float()
+        maps[rows.to(device) < 0] = float("nan")
+        return crop_maps(maps, batch["crops"]).flatten(1)
+
+    def state_dict(self) -> dict:
+        return {"rankings": self.rankings, "refreshed_at": torch.tensor(self.refreshed_at), "keys": self.keys}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.rankings = saved["rankings"].to(torch.float16)
+        self.refreshed_at = int(saved["refreshed_at"])
+        self.keys = list(saved["keys"])
+        self.rows = {key: row for row, key in enumerate(self.keys)}
+
+    def memory_bytes(self) -> int:
+        return self.rankings.numel() * self.rankings.element_size()
+
+
+class MaskCacheCallback(TrainerCallback):
+    """Cached informed masks for `transformers.Trainer`: refreshes `cache` from `whole_images()` (batches of whole
+    images with their `index`) when due, before the batches of that step are collated, and its `collate` adds each
+    batch's cropped rankings as `mask_scores`. Train with `dataloader_num_workers=0` (Trainer's default), so that
+    collating sees the refreshed cache; the dataset's rows carry `pixel_values`, `crops` (e.g. from
+    `data.TrainTransform`) and `index`.
+
+        cache = MaskRankingCache(len(dataset), model.config.grid_size, refresh_steps)
+        masks = MaskCacheCallback(cache, whole_images)
+        Trainer(model, args, train_dataset=dataset, data_collator=masks.collate,
+                callbacks=[SGMAETrainerCallback(), masks]).train()
+    """
+
+    def __init__(self, cache: MaskRankingCache, whole_images: Callable[[], Iterable[dict]]):
+        self.cache, self.whole_images = cache, whole_images
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = {key: torch.stack([torch.as_tensor(row[key]) for row in rows]) for key in ("pixel_values", "crops")}
+        batch["index"] = torch.tensor([int(row["index"]) for row in rows])
+        return {"pixel_values": batch["pixel_values"], "mask_scores": self.cache.rankings_for(batch)}
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if args.dataloader_num_workers:
+            raise ValueError(
+                "MaskCacheCallback crops the cached rankings while collating, which must see each refresh: train with "
+                f"dataloader_num_workers=0 (got {args.dataloader_num_workers})"
+            )
+        self.refresh_if_due(kwargs["model"], state.global_step, state.max_steps)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.refresh_if_due(kwargs["model"], state.global_step, state.max_steps)
+
+    def refresh_if_due(self, model: SGMAEForPreTraining, step: int, total_steps: int) -> None:
+        """Refresh for `step`, whose batches are collated next (Trainer collates after the previous step ends)."""
+        model.set_training_progress(step, total_steps)
+        if self.cache.due(step, model.informed_masking_active):
+            self.cache.refresh(model, self.whole_images(), step, len(self.cache.rankings))
