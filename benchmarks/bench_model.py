@@ -19,7 +19,12 @@ variants in one precision (`--precision`: bf16 autocast by default on a GPU, flo
    that token counts allow.
 3. **Share of a self-guided step spent in `SelfGuidedMasking`** (graph + Fiedler solver + ranking + hints),
    timed by forward hooks on `model.masking` inside real steps. Target ≤ 10 %. The no-grad feature pass
-   (`model.vit.encode` over all patches) is timed the same way and reported for reference.
+   (`model.vit.encode` over all patches) is timed the same way and reported for reference. Measurements 2 and 3
+   use the per-step source (`informed_mask_source="step"`).
+4. **Cached informed masks** (the default source, docs/method.md §8): a training step given the batch's stored
+   whole-image rankings, cropped with random views (`augment.crop_maps`) inside the step, against a random step
+   (target ≤ 1.05x); and the refresh pass, `informed_mask_scores` on whole images in eval mode, against a plain
+   eval forward of `SGMAEModel` over the same images (target ≤ 1.2x), with each Fiedler solver.
 
 Floor ratio (measurement 2). FLOPs per token of one transformer block of width w, MLP width m, sequence length n:
 
@@ -83,6 +88,7 @@ from provenance import code_commit  # noqa: E402
 
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining  # noqa: E402
 from modeling_sgmae.masking_sgmae import MaskType  # noqa: E402
+from sgmae_training.augment import BatchAugmentation, crop_maps  # noqa: E402
 
 # Architecture fields shared by ViTMAEConfig and SGMAEConfig.
 CONFIGS: dict[str, dict] = {
@@ -123,6 +129,8 @@ DEFAULTS = {
     ("imagenette196", "cuda"): (1024, 20, 5),
 }
 SPEEDUP_TARGET, SPEEDUP_AIM, FLOOR_TARGET, MASKING_SHARE_TARGET = 1.0, 1.15, 1.15, 0.10
+CACHED_STEP_TARGET, REFRESH_TARGET = 1.05, 1.2  # measurement 4: x a random step; x a plain eval forward
+SOLVERS = ("lanczos", "power")
 DISTURBED = 1.5  # a round whose step took more than this times the variant's fastest step is left out
 VS_VIT_MAE_VARIANTS = ("vit_mae_eager", "vit_mae", "sgmae_random", "sgmae_compiled")
 
@@ -414,7 +422,9 @@ def measure_self_guided(fields: dict, batch: int, steps: int, warmup: int, devic
     both encoder calls of a step (the no-grad feature pass and the masked encoder's forward).
     """
     torch.manual_seed(0)
-    config = SGMAEConfig(**fields, mask_strategy="self_guided", informed_masking_start=0.0)
+    config = SGMAEConfig(
+        **fields, mask_strategy="self_guided", informed_masking_start=0.0, informed_mask_source="step"
+    )
     model = SGMAEForPreTraining(config).to(device).train()
     if not model.informed_masking_active:
         raise RuntimeError("informed masking should be active from step 0 with informed_masking_start=0.0")
@@ -494,6 +504,100 @@ def measure_self_guided(fields: dict, batch: int, steps: int, warmup: int, devic
     }
 
 
+def measure_cached(fields: dict, batch: int, steps: int, warmup: int, device: torch.device, bf16: bool) -> dict:
+    """Measurement 4: a step masked by stored rankings (cropped inside the step) vs a random step, and the refresh
+    pass vs a plain eval forward over the same whole images, per Fiedler solver."""
+    torch.manual_seed(0)
+    config = SGMAEConfig(**fields, mask_strategy="self_guided", informed_masking_start=0.0)
+    model = SGMAEForPreTraining(config).to(device).train()
+    trainer = Trainer(model, bf16)
+    pixels = random_pixels(config, batch, device)
+    with torch.no_grad():
+        stored = model.eval().informed_mask_scores(pixels).view(batch, *config.grid_size)
+    model.train()
+    _, crops = BatchAugmentation(config.image_height_width, (0.5,) * 3, (0.25,) * 3).with_crops(
+        torch.zeros(batch, 3, *config.image_height_width, dtype=torch.uint8, device=device)
+    )
+    if not bool((model(pixels, mask_scores=crop_maps(stored, crops).flatten(1)).mask_type != MaskType.RANDOM).all()):
+        raise RuntimeError("cached masks did not run")
+
+    def cached_step(_noise: torch.Tensor | None) -> None:
+        trainer.step(pixels, mask_scores=crop_maps(stored, crops).flatten(1))
+
+    steps_variants = [Variant("random", lambda _noise: trainer.step(pixels, random_masking=True))]
+    steps_variants.append(Variant("cached", cached_step))
+    alternate(steps_variants, steps, warmup, (batch, 1), device)
+    rounds = undisturbed_rounds(steps_variants)
+
+    def timed_pass(function: Callable[[], object]) -> Callable[[torch.Tensor | None], None]:
+        def run(_noise: torch.Tensor | None) -> None:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                function()
+
+        return run
+
+    model.eval()
+    pass_variants = [Variant("eval_forward", timed_pass(lambda: model.vit(pixels)))]
+    for solver in SOLVERS:
+        solver_config = SGMAEConfig(**(config.to_diff_dict() | {"fiedler_solver": solver}))
+
+        def refresh(solver_config=solver_config) -> None:
+            model.masking.config = solver_config
+            model.informed_mask_scores(pixels)
+
+        pass_variants.append(Variant(f"refresh_{solver}", timed_pass(refresh)))
+    alternate(pass_variants, steps, warmup, (batch, 1), device)
+    model.masking.config = config
+    pass_rounds = undisturbed_rounds(pass_variants)
+    return {
+        "rounds_used": rounds,
+        "random_median_step_s": median_of(steps_variants[0].times, rounds),
+        "cached_median_step_s": median_of(steps_variants[1].times, rounds),
+        "cached_ratio_vs_random": paired_ratio(steps_variants[1], steps_variants[0], rounds),
+        "cached_ratio_vs_random_cpu_time": paired_ratio(steps_variants[1], steps_variants[0], rounds, cpu=True),
+        "cached_ratio_vs_random_best": best_ratio(steps_variants[1], steps_variants[0]),
+        "pass_rounds_used": pass_rounds,
+        "eval_forward_median_s": median_of(pass_variants[0].times, pass_rounds),
+        "refresh": {
+            variant.name.removeprefix("refresh_"): {
+                "median_s": median_of(variant.times, pass_rounds),
+                "ratio_vs_eval_forward": paired_ratio(variant, pass_variants[0], pass_rounds),
+                "ratio_vs_eval_forward_best": best_ratio(variant, pass_variants[0]),
+                "images_per_s": batch / median_of(variant.times, pass_rounds),
+            }
+            for variant in pass_variants[1:]
+        },
+        "step_times_s": {variant.name: variant.times for variant in steps_variants + pass_variants},
+    }
+
+
+def print_cached_table(rows: list[dict]) -> None:
+    print(
+        f"\n4. Cached informed masks: step vs random (target <= {CACHED_STEP_TARGET}x), refresh pass vs eval forward"
+        f" (target <= {REFRESH_TARGET}x)"
+    )
+    header = f"{'config':<15}{'device':<7}{'what':<20}{'ms':>10}{'ratio':>9}{'(best)':>9}{'rounds':>8}  target"
+    print(header)
+    print("-" * len(header))
+    for row in [measured for measured in rows if "cached" in measured]:
+        c, start = row["cached"], f"{row['config']:<15}{row['device']:<7}"
+        print(f"{start}{'random step':<20}{c['random_median_step_s'] * 1e3:>10.1f}")
+        print(
+            f"{start}{'cached-mask step':<20}{c['cached_median_step_s'] * 1e3:>10.1f}"
+            f"{c['cached_ratio_vs_random']:>8.3f}x{c['cached_ratio_vs_random_best']:>8.3f}x"
+            f"{rounds_used(c['rounds_used'], row['steps']):>8}  "
+            f"{verdict(c['cached_ratio_vs_random'] <= CACHED_STEP_TARGET)}"
+        )
+        print(f"{start}{'eval forward':<20}{c['eval_forward_median_s'] * 1e3:>10.1f}")
+        for solver, result in c["refresh"].items():
+            print(
+                f"{start}{'refresh, ' + solver:<20}{result['median_s'] * 1e3:>10.1f}"
+                f"{result['ratio_vs_eval_forward']:>8.3f}x{result['ratio_vs_eval_forward_best']:>8.3f}x"
+                f"{rounds_used(c['pass_rounds_used'], row['steps']):>8}  "
+                f"{verdict(result['ratio_vs_eval_forward'] <= REFRESH_TARGET)}"
+            )
+
+
 # ----- report -------------------------------------------------------------------------------------------------
 def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
@@ -515,7 +619,7 @@ def print_table(rows: list[dict]) -> None:
     )
     print(header)
     print("-" * len(header))
-    for row, c in [(measured, c) for measured in rows for c in measured["vs_vit_mae"]]:
+    for row, c in [(measured, c) for measured in rows for c in measured.get("vs_vit_mae", [])]:
         for name, images_per_s in c["images_per_s"].items():
             peak = f"{c['peak_memory_gib'][name]:>10.2f}" if c["peak_memory_gib"] else f"{'-':>10}"
             line = (
@@ -538,6 +642,8 @@ def print_table(rows: list[dict]) -> None:
         )
     if any("self_guided" in row for row in rows):
         print_self_guided_table(rows)
+    if any("cached" in row for row in rows):
+        print_cached_table(rows)
     print_legend(rows)
 
 
@@ -614,6 +720,8 @@ def main() -> None:
         f"{','.join(VS_VIT_MAE_VARIANTS)} (each with vit_mae and one sgmae variant); default: all four",
     )
     parser.add_argument("--skip-self-guided", action="store_true", help="leave out measurements 2 and 3")
+    parser.add_argument("--skip-vit-mae", action="store_true", help="leave out measurement 1")
+    parser.add_argument("--skip-cached", action="store_true", help="leave out measurement 4")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "bench_model.json")
     args = parser.parse_args()
 
@@ -671,12 +779,17 @@ def main() -> None:
                 "num_hidden_layers": SGMAEConfig(**fields).num_hidden_layers,
             }
             pressure_before = cpu_pressure()
-            row["vs_vit_mae"] = [
-                compare_with_vit_mae(fields, batch, steps, warmup, device, bf16, tuple(layout)) for layout in layouts
-            ]
+            if not args.skip_vit_mae:
+                row["vs_vit_mae"] = [
+                    compare_with_vit_mae(fields, batch, steps, warmup, device, bf16, tuple(layout))
+                    for layout in layouts
+                ]
             gc.collect()
             if not args.skip_self_guided:
                 row["self_guided"] = measure_self_guided(fields, batch, steps, warmup, device, bf16)
+            gc.collect()
+            if not args.skip_cached:
+                row["cached"] = measure_cached(fields, batch, steps, warmup, device, bf16)
             row["cpu_pressure_avg60"] = [pressure_before, cpu_pressure()]
             gc.collect()
             if device.type == "cuda":
@@ -703,6 +816,8 @@ def write_report(output: Path, rows: list[dict], devices: list[str], threads: in
             "speedup_aim": SPEEDUP_AIM,
             "ratio_over_floor_max": FLOOR_TARGET,
             "masking_share_max": MASKING_SHARE_TARGET,
+            "cached_step_ratio_max": CACHED_STEP_TARGET,
+            "refresh_ratio_max": REFRESH_TARGET,
         },
         "results": rows,
     }

@@ -39,7 +39,7 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
         overtakes the share on visible tokens (docs/method.md §4).
     informed_mask_source: `"cached"`: `forward` masks by the `mask_scores` it is given, whole-image rankings from
         `SGMAEForPreTraining.informed_mask_scores` that the training application stores per image and crops with
-        each view (the authors' design, docs/method.md §5); `"step"`: ranked from the given image at every step.
+        each view (the authors' design, docs/method.md §8); `"step"`: ranked from the given image at every step.
     mask_feature_layer: encoder blocks run on the full image to get the clustered features (None: all).
     graph_edges: `"similarity"` (max(S, 0) + eps), `"binary_fixed"` (1 where S > graph_threshold, else graph_eps)
         or `"binary_mean"` (1 where S exceeds the image's mean similarity).

@@ -7,7 +7,7 @@ True means *masked* (hidden from the encoder, reconstructed by the decoder); eve
 Informed masking is split in two (docs/method.md §3): `SelfGuidedMasking.ranking_scores` turns a whole image's patch
 features into one ranking score per patch (steps 2-5), and `mask_from_scores` masks the top of a ranking and adds
 hints (steps 6-7). Between the two, a training application may store the scores of each image and crop them with
-each augmented view (§5), or use them at once (the per-step source).
+each augmented view (§8), or use them at once (the per-step source).
 """
 
 from __future__ import annotations

@@ -763,7 +763,7 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         """Whole images' informed-mask rankings [B, N] on their patch grid (docs/method.md §3, steps 1-5): the NCut
         object part first (similarity + 3), then the other patches by similarity to the object; a NaN row where an
         image has no usable cut (it will get a random mask). `forward(mask_scores=...)` masks the top K of a ranking,
-        cropped and flipped with the view it is given for (docs/method.md §5). Call it in eval mode."""
+        cropped and flipped with the view it is given for (docs/method.md §8). Call it in eval mode."""
         patch_tokens, cls_token, _ = self.vit.embeddings(pixel_values, interpolate_pos_encoding)
         return self.masking.ranking_scores(self.mask_features(patch_tokens, cls_token))
 

@@ -1,4 +1,4 @@
-"""Cached informed masks (docs/method.md §5): one whole-image ranking per training image, refreshed every few epochs
+"""Cached informed masks (docs/method.md §8): one whole-image ranking per training image, refreshed every few epochs
 and cropped with each augmented view, as the SG-MAE authors' code and AMT's do.
 
 The model ranks whole images (`SGMAEForPreTraining.informed_mask_scores`, in eval mode, no crop, no flip); the
