@@ -82,7 +82,7 @@ class ModelArguments:
     )
     mask_strategy: str | None = field(default=None, metadata={"help": "random (MAE) or self_guided (SG-MAE)."})
     informed_masking_start: float | None = field(
-        default=None, metadata={"help": "Fraction of the schedule after which masks are informed (default 0.125)."}
+        default=None, metadata={"help": "Fraction of the schedule after which masks are informed (default 0.25)."}
     )
     informed_masking_start_epoch: float | None = field(
         default=None, metadata={"help": "Epoch at which masks become informed (overrides the fraction)."}

@@ -46,6 +46,13 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     foreground_rule: the NCut part holding argmax |y| (`"max_abs"`, TokenCut) or the `"smaller"` one.
     hint_ratio / hint_sampling: `round(hint_ratio * K)` masked patches revealed again, drawn by object similarity
         or uniformly.
+    hint_count_base / hint_min_count / hint_portion: the authors' variants (docs/method.md §3 step 7): the count as
+        `int(hint_ratio * N)` (`"patches"`) instead of `round(hint_ratio * K)` (`"masked"`), at least
+        `hint_min_count` (2, as theirs) when the ratio is above 0; hints drawn uniformly from the masked patches in
+        the top `hint_portion` of the ranking (None: by `hint_sampling` among all masked ones).
+    hint_decay_power / hint_ratio_final / hint_portion_final: with a power p, the ratio (and portion) move from
+        their values to the final ones as 1 - ((t - start) / (T - start))**p falls from 1 to 0 between the
+        informed-masking start and the end of training (the authors' polynomial schedule); None: constant.
     fiedler_solver / fiedler_lanczos_steps / fiedler_power_steps: batched Lanczos iteration (`steps` Krylov
         vectors, exact from N - 1), batched power iteration (2**steps; 16 matches `eigh` at 64 and 196 patches) or
         `torch.linalg.eigh`.
@@ -77,7 +84,7 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     drop_path_rate: float | int = rate(default=0.0)
     classifier_pooling: Literal["mean", "cls"] = "mean"
     mask_strategy: Literal["random", "self_guided"] = "self_guided"
-    informed_masking_start: float | int = fraction(default=0.125)
+    informed_masking_start: float | int = fraction(default=0.25)
     informed_masking_start_step: int | None = None
     informed_masking_auto_start: bool = False
     informed_mask_source: Literal["cached", "step"] = "cached"
@@ -88,6 +95,12 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     foreground_rule: Literal["max_abs", "smaller"] = "max_abs"
     hint_ratio: float | int = interval(min=0.0, max=0.5)(default=0.06)
     hint_sampling: Literal["similarity", "uniform"] = "similarity"
+    hint_count_base: Literal["masked", "patches"] = "masked"
+    hint_min_count: int = interval(min=0)(default=2)
+    hint_portion: float | int | None = None
+    hint_decay_power: float | int | None = None
+    hint_ratio_final: float | int = interval(min=0.0, max=0.5)(default=0.0)
+    hint_portion_final: float | int = fraction(default=0.2)
     fiedler_solver: Literal["lanczos", "power", "eigh"] = "lanczos"
     fiedler_lanczos_steps: int = at_least_one(default=48)
     fiedler_power_steps: int = at_least_one(default=16)
@@ -131,6 +144,10 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(
                 f"SGMAEConfig.mask_feature_layer must be None or in [1, {self.num_hidden_layers}], got {layer}"
             )
+        if (portion := self.hint_portion) is not None and not 0 < portion <= 1:
+            raise ValueError(f"SGMAEConfig.hint_portion must be None or in (0, 1], got {portion}")
+        if (power := self.hint_decay_power) is not None and not power > 0:
+            raise ValueError(f"SGMAEConfig.hint_decay_power must be None or positive, got {power}")
         if (start_step := self.informed_masking_start_step) is not None and start_step < 0:
             raise ValueError(f"SGMAEConfig.informed_masking_start_step must be None or >= 0, got {start_step}")
         if self._out_features is not None:  # chosen stages must still exist after a change

@@ -12,6 +12,7 @@ each augmented view (§8), or use them at once (the per-step source).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -232,22 +233,55 @@ def informed_mask(scores: torch.Tensor, num_masked: int) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, masked_ids, True)
 
 
+def hint_plan(config: SGMAEConfig, num_patches: int, num_masked: int, decay: float = 1.0) -> tuple[int, float | None]:
+    """How many hints, and the share of the ranking they are drawn from (None: all masked patches), at `decay`
+    (1 at the informed start, falling to 0 at the end of training with `hint_decay_power`; docs/method.md §3 step 7).
+
+    The count is round(ratio x K) (`hint_count_base="masked"`) or int(ratio x N) (`"patches"`, the authors' code),
+    at least `hint_min_count` when the ratio is above 0, at most K and N - K. With `hint_decay_power`, the ratio and the
+    portion move linearly from their values to `hint_ratio_final` / `hint_portion_final` as `decay` goes to 0."""
+    ratio, portion = config.hint_ratio, config.hint_portion
+    if config.hint_decay_power is not None:
+        ratio = config.hint_ratio_final + decay * (ratio - config.hint_ratio_final)
+        if portion is not None:
+            portion = config.hint_portion_final + decay * (portion - config.hint_portion_final)
+    count = round(ratio * num_masked) if config.hint_count_base == "masked" else int(ratio * num_patches)
+    if ratio > 0:
+        count = max(count, config.hint_min_count)
+    return min(count, num_patches - num_masked, num_masked), portion
+
+
+def hint_decay(step: int, start: int, total_steps: int, power: float | None) -> float:
+    """1 - ((step - start) / (total - start)) ** power from the informed start to the end of training (the authors'
+    polynomial schedule); 1 without a power or an unknown schedule length."""
+    if power is None or total_steps <= start:
+        return 1.0
+    progress = min(max((step - start) / (total_steps - start), 0.0), 1.0)
+    return 1.0 - progress**power
+
+
 def add_hints(
     mask: torch.Tensor,
     scores: torch.Tensor,
     num_hints: int,
     sampling: str,
     generator: torch.Generator | None = None,
+    portion: float | None = None,
 ) -> torch.Tensor:
     """Reveal `num_hints` masked patches and mask as many visible ones, so the count of masked stays the same.
 
     Hints are drawn among the masked patches with probability proportional to their rank by the ranking score
-    (`similarity`: the most object-like masked patch is the likeliest) or uniformly; the patches masked instead
-    are drawn uniformly among the visible non-hints.
+    (`similarity`: the most object-like masked patch is the likeliest) or uniformly; with `portion`, uniformly among
+    the masked patches in the top `portion` of the ranking (the authors' `hint_portion`; then the other masked ones
+    if those run out). The patches masked instead are drawn uniformly among the visible non-hints.
     """
     if num_hints == 0:
         return mask
-    if sampling == "similarity":
+    if portion is not None:
+        top = max(1, math.ceil(portion * scores.shape[1]))
+        in_top = torch.zeros_like(mask).scatter_(1, scores.topk(top, dim=1).indices, True)
+        hint_weights = (mask & in_top).to(scores.dtype) + 1e-6 * mask.to(scores.dtype)
+    elif sampling == "similarity":
         ranks = scores.masked_fill(~mask, float("-inf")).argsort(dim=1).argsort(dim=1)
         hint_weights = (ranks - (~mask).sum(dim=1, keepdim=True) + 1).clamp(min=0).to(scores.dtype)
     else:
@@ -331,10 +365,15 @@ class SelfGuidedMasking(nn.Module):
 
     @torch.no_grad()
     def mask_from_scores(
-        self, scores: torch.Tensor, num_masked: int, generator: torch.Generator | None = None
+        self,
+        scores: torch.Tensor,
+        num_masked: int,
+        generator: torch.Generator | None = None,
+        hint_decay: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Informed masks from ranking scores [B, N] (a whole image's, or cropped with its view): the top
-        `num_masked`, then hints (steps 6-7); a random mask for a row with a non-finite score (step 8).
+        `num_masked`, then hints (steps 6-7, as many as `hint_plan` says at `hint_decay`); a random mask for a row
+        with a non-finite score (step 8).
 
         Returns the mask [B, N] (exactly `num_masked` per row), the mask types [B] and the mask before hints."""
         batch_size, num_patches = scores.shape
@@ -344,8 +383,8 @@ class SelfGuidedMasking(nn.Module):
         usable = torch.isfinite(scores).all(dim=1)
         scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
         before_hints = informed_mask(scores, num_masked)
-        num_hints = min(round(self.config.hint_ratio * num_masked), num_patches - num_masked)
-        mask = add_hints(before_hints, scores, num_hints, self.config.hint_sampling, generator)
+        num_hints, portion = hint_plan(self.config, num_patches, num_masked, hint_decay)
+        mask = add_hints(before_hints, scores, num_hints, self.config.hint_sampling, generator, portion)
         noise = torch.rand(batch_size, num_patches, device=scores.device, generator=generator)
         mask = torch.where(usable[:, None], mask, mask_from_noise(noise, num_masked))
         mask_type = torch.where(usable, int(MaskType.INFORMED), int(MaskType.FALLBACK))
@@ -353,14 +392,18 @@ class SelfGuidedMasking(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, features: torch.Tensor, num_masked: int, generator: torch.Generator | None = None
+        self,
+        features: torch.Tensor,
+        num_masked: int,
+        generator: torch.Generator | None = None,
+        hint_decay: float = 1.0,
     ) -> MaskingResult:
         """features: [B, N, D] patch features of the full image (any dtype; computed in float32)."""
         num_patches = features.shape[1]
         if not 0 < num_masked < num_patches:
             raise ValueError(f"num_masked must be in [1, {num_patches - 1}], got {num_masked}")
         cut, similarity, usable, scores = self.cut(features)
-        mask, mask_type, before_hints = self.mask_from_scores(scores, num_masked, generator)
+        mask, mask_type, before_hints = self.mask_from_scores(scores, num_masked, generator, hint_decay)
         part = cut.object_part
         return MaskingResult(
             mask=mask,

@@ -17,7 +17,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_sgmae import AUTO_MAP, SGMAEConfig, num_masked_patches
-from .masking_sgmae import MaskingResult, MaskType, SelfGuidedMasking, object_part_of_scores
+from .masking_sgmae import MaskingResult, MaskType, SelfGuidedMasking, hint_decay, object_part_of_scores
 from .vit_mae_conversion import LEGACY_SCHEDULE_KEYS, sgmae_config_for
 
 logger = logging.get_logger(__name__)
@@ -726,7 +726,7 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
                         f"mask_scores must have shape {(batch_size, num_patches)}, got {tuple(mask_scores.shape)}"
                     )
                 scores = mask_scores.to(patch_tokens.device)
-                informed, mask_type, _ = self.masking.mask_from_scores(scores, num_masked, generator)
+                informed, mask_type, _ = self.masking.mask_from_scores(scores, num_masked, generator, self.hint_decay)
                 part_size = object_part_of_scores(scores).sum(dim=1)
                 part_size = torch.where(mask_type == int(MaskType.INFORMED), part_size, -1)
             ids_shuffle = torch.argsort(informed.to(torch.int8), dim=1, stable=True)
@@ -756,7 +756,17 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         num_masked = (
             num_masked if num_masked is not None else num_masked_patches(patch_tokens.shape[1], self.config.mask_ratio)
         )
-        return self.masking(self.mask_features(patch_tokens, cls_token), num_masked, generator)
+        return self.masking(self.mask_features(patch_tokens, cls_token), num_masked, generator, self.hint_decay)
+
+    @property
+    def hint_decay(self) -> float:
+        """Where the hint schedule stands (docs/method.md §3 step 7): 1 at the informed start, 0 at the end with
+        `hint_decay_power`; always 1 without it."""
+        start = self.informed_masking_start_step
+        return hint_decay(
+            self.schedule.read("training_step"), start or 0, self.schedule.read("total_training_steps"),
+            self.config.hint_decay_power,
+        )  # fmt: skip
 
     @torch.no_grad()
     def informed_mask_scores(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:

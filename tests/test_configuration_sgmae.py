@@ -64,6 +64,11 @@ INVALID_VALUES = [
     ("foreground_rule", "largest"),
     ("hint_sampling", "top"),
     ("fiedler_solver", "arnoldi"),
+    ("hint_portion", 0.0),
+    ("hint_portion", 1.5),
+    ("hint_decay_power", 0.0),
+    ("hint_count_base", "visible"),
+    ("hint_min_count", -1),
     ("fiedler_lanczos_steps", 0),
     ("informed_mask_source", "epoch"),
     ("classifier_pooling", "max"),
@@ -119,7 +124,7 @@ def test_masking_defaults_follow_method_md():
     config = SGMAEConfig()
     assert config.mask_ratio == 0.75
     assert config.mask_strategy == "self_guided"
-    assert config.informed_masking_start == 0.125  # 12.5% of the schedule
+    assert config.informed_masking_start == 0.25  # epoch 100 of 400 in the authors' code
     assert config.informed_masking_start_step is None
     assert config.informed_masking_auto_start is False
     assert config.mask_feature_layer is None

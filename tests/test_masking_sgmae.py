@@ -17,6 +17,8 @@ from modeling_sgmae.masking_sgmae import (
     fiedler_vector_eigh,
     fiedler_vector_lanczos,
     fiedler_vector_power,
+    hint_decay,
+    hint_plan,
     informed_mask,
     mask_from_noise,
     object_part,
@@ -440,3 +442,48 @@ def test_masking_reports_edge_density_and_object_part_size():
     assert bool(((result.edge_density > 0) & (result.edge_density < 1)).all())
     assert result.object_part_size.tolist() == [12] * 4
     assert torch.equal(result.object_part, is_object)
+
+
+# ----- the authors' hint variants -----------------------------------------------------------------------------
+def test_hint_plan_counts_follow_the_base_the_floor_and_the_decay():
+    config = tiny_config()
+    assert hint_plan(config, 196, 147) == (9, None)  # round(0.06 x 147)
+    config = tiny_config(hint_count_base="patches", hint_ratio=0.05)
+    assert hint_plan(config, 196, 147) == (9, None)  # int(0.05 x 196), the authors' count
+    assert hint_plan(tiny_config(hint_ratio=0.01), 64, 48) == (2, None)  # round(0.48) = 0, floored at 2
+    assert hint_plan(tiny_config(hint_ratio=0.0), 64, 48) == (0, None)  # no hints asked: none
+    decaying = tiny_config(hint_ratio=0.2, hint_portion=0.6, hint_decay_power=3.0, hint_ratio_final=0.1)
+    assert hint_plan(decaying, 64, 48, decay=1.0) == (round(0.2 * 48), 0.6)
+    count, portion = hint_plan(decaying, 64, 48, decay=0.5)
+    assert count == round(0.15 * 48) and portion == pytest.approx(0.4)
+    assert hint_plan(decaying, 64, 48, decay=0.0) == (round(0.1 * 48), pytest.approx(0.2))
+
+
+def test_hint_decay_is_the_authors_polynomial_from_the_start_to_the_end():
+    assert hint_decay(100, 100, 400, 3.0) == 1.0
+    assert hint_decay(250, 100, 400, 3.0) == pytest.approx(1 - 0.5**3)
+    assert hint_decay(400, 100, 400, 3.0) == 0.0
+    assert hint_decay(250, 100, 400, None) == 1.0  # no power: constant
+
+
+def test_hints_drawn_from_the_top_portion_of_the_ranking():
+    scores = torch.linspace(1, 0, NUM_PATCHES).expand(64, -1).contiguous()  # patch 0 ranks first
+    mask = informed_mask(scores, NUM_MASKED)
+    hinted = add_hints(mask, scores, 4, "similarity", torch.Generator().manual_seed(0), portion=0.125)
+    hints = mask & ~hinted
+    assert hints.sum(dim=1).eq(4).all() and hinted.sum(dim=1).eq(NUM_MASKED).all()
+    assert not hints[:, 8:].any()  # only among the top 0.125 x 64 = 8 patches
+    assert hints[:, :8].float().mean(dim=0).min() > 0.2  # uniformly among them
+
+
+def test_the_models_hints_follow_the_schedule():
+    model = SGMAEForPreTraining(
+        tiny_config(hint_ratio=0.25, hint_decay_power=1.0, informed_masking_start_step=2, hint_min_count=0)
+    )
+    scores = torch.linspace(1, 0, NUM_PATCHES).expand(2, -1).contiguous()
+    revealed = []
+    for step in (2, 6, 10):
+        model.set_training_progress(step, 10)
+        mask = model(torch.randn(2, 3, 32, 32), mask_scores=scores).mask.bool()
+        revealed.append(int((informed_mask(scores, NUM_MASKED) & ~mask)[0].sum()))
+    assert revealed == [12, 6, 0]  # round(0.25 x 48), then half of it, then none at the end

@@ -212,12 +212,12 @@ def test_self_guided_strategy_switches_from_random_to_informed_at_the_start():
     assert model(pixel_values, random_masking=True).mask_type.tolist() == [int(MaskType.RANDOM)] * 2
 
 
-def test_default_start_is_an_eighth_of_the_schedule():
+def test_default_start_is_a_quarter_of_the_schedule():
     model = SGMAEForPreTraining(tiny_config())
     model.set_training_progress(0, 10)
-    assert model.informed_masking_start_step == 2  # ceil(0.125 * 10)
-    model.set_training_progress(0, 800)
-    assert model.informed_masking_start_step == 100
+    assert model.informed_masking_start_step == 3  # ceil(0.25 * 10)
+    model.set_training_progress(0, 400)
+    assert model.informed_masking_start_step == 100  # the authors' code: epoch 100 of 400
 
 
 def test_informed_masking_start_step_overrides_the_fraction():
@@ -352,7 +352,7 @@ def test_fraction_schedule_resumes_in_the_same_phase(tmp_path):
     model.set_training_progress(50, 100)
     model.save_pretrained(tmp_path)
     loaded = SGMAEForPreTraining.from_pretrained(tmp_path)
-    assert loaded.informed_masking_start_step == 13 and loaded.informed_masking_active
+    assert loaded.informed_masking_start_step == 25 and loaded.informed_masking_active
 
 
 # ----- initialisation ---------------------------------------------------------------------------------------------
