@@ -184,9 +184,10 @@ def test_decode_once_resumes_exactly_with_two_processes(image_dataset_dir, confi
 
 def test_streaming_and_in_memory_epochs_see_the_same_images(image_dataset_dir, config_file, tmp_path):
     seen = {}
+    common = ("--num_train_epochs", "1", "--informed_mask_source", "step")  # parquet streams have no sample ids
     for mode, extra in (("memory", ()), ("stream", ("--streaming",))):
         output = tmp_path / mode
-        check_ok(run(pretraining_args(image_dataset_dir, output, config_file, "--num_train_epochs", "1", *extra)))
+        check_ok(run(pretraining_args(image_dataset_dir, output, config_file, *common, *extra)))
         seen[mode] = json.loads((output / "train_results.json").read_text())["samples_seen"]
     assert seen["memory"] == seen["stream"] == 64
 

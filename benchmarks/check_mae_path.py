@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Is MAE's training path unchanged since a commit? Train the first steps of the same MAE run with that commit's code
+and with this checkout's, and compare the checkpoints bitwise.
+
+    python benchmarks/check_mae_path.py --commit ae7b06e --dataset_name ../shared/data/imagenette \
+        --dataset_config_name 112px --output benchmarks/results/imagenette196/mae_path_check.json
+
+The run is the 196-patch comparison's MAE arm (compare_masking.py's preset and arguments: 112 px / patch 8, 4 + 2
+blocks, batch 128, base lr 1e-3, decode-once input, its 30-epoch schedule), stopped at its first checkpoint after
+`--steps` steps. Equal weights, optimizer moments and losses there mean that the committed MAE runs of that commit
+are the runs this checkout would train, so they may stand in for a new MAE arm. The commit's code is checked out
+into a temporary git worktree; the JSON records both commits, the steps and every tensor that differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from provenance import code_commit  # noqa: E402
+
+PRESET = "image_size=112,patch_size=8,num_hidden_layers=4,decoder_num_hidden_layers=2"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--commit", default="ae7b06e", help="The commit whose MAE runs are to stand in.")
+    parser.add_argument("--dataset_name", required=True)
+    parser.add_argument("--dataset_config_name", default="112px")
+    parser.add_argument("--steps", type=int, default=2, help="Optimiser steps to compare (the first checkpoint).")
+    parser.add_argument("--epochs", type=int, default=30, help="The schedule length of the run compared.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, required=True, help="Where the JSON goes.")
+    return parser.parse_args()
+
+
+def train_first_steps(code: Path, args: argparse.Namespace, output_dir: Path) -> Path:
+    """The MAE arm's command with `code`'s run_pretraining.py, stopped at checkpoint-<steps>."""
+    command = [
+        sys.executable, str(code / "run_pretraining.py"), "--dataset_name", str(Path(args.dataset_name).resolve()),
+        "--dataset_config_name", args.dataset_config_name,
+        "--config_name", str(code / "configuration/models/sgmae-vit-tiny-patch4-cifar.json"),
+        "--config_overrides", PRESET, "--mask_strategy", "random", "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", "128", "--base_learning_rate", "1e-3", "--num_train_epochs", str(args.epochs),
+        "--input_path", "decode_once", "--seed", str(args.seed), "--checkpointing_steps", str(args.steps),
+        "--stop_after_minutes", "1e-5", "--logging_steps", "1", "--mixed_precision", "no",
+    ]  # fmt: skip
+    environment = {"PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    subprocess.run(command, check=True, cwd=code, env=os.environ | environment)
+    return output_dir / f"checkpoint-{args.steps}"
+
+
+def compare(expected: Path, actual: Path) -> dict:
+    """Tensors of the two checkpoints' weights and optimizer states that are not bitwise equal, and their losses."""
+    differing = []
+    weights = (load_file(expected / "model.safetensors"), load_file(actual / "model.safetensors"))
+    differing += [
+        key for key in weights[0] if key not in weights[1] or not torch.equal(weights[0][key], weights[1][key])
+    ]
+    moments = [
+        torch.load(path / "optimizer.bin", map_location="cpu", weights_only=True) for path in (expected, actual)
+    ]
+    for index, state in moments[0]["state"].items():
+        for name, value in state.items():
+            if not torch.equal(value, moments[1]["state"][index][name]):
+                differing.append(f"optimizer.state.{index}.{name}")
+    losses = [json.loads((path / "trainer_state.json").read_text())["train_loss"] for path in (expected, actual)]
+    return {"differing_tensors": differing, "tensors_compared": len(weights[0]), "losses": losses}
+
+
+def main() -> None:
+    args = parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        worktree = scratch / "code"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), args.commit], check=True)
+        try:
+            expected = train_first_steps(worktree, args, scratch / "committed")
+            actual = train_first_steps(REPO, args, scratch / "checkout")
+            result = compare(expected, actual)
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)], check=False)
+    unchanged = not result["differing_tensors"] and result["losses"][0] == result["losses"][1]
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": code_commit(),
+        "compared_with": args.commit,
+        "steps": args.steps,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "unchanged": unchanged,
+        **result,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    verdict = "bitwise the same" if unchanged else f"DIFFERENT ({len(result['differing_tensors'])} tensors)"
+    print(f"MAE path after {args.steps} steps, {args.commit} vs this checkout: {verdict}; losses {result['losses']}")
+
+
+if __name__ == "__main__":
+    main()
