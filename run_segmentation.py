@@ -29,14 +29,20 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import HfArgumentParser, PreTrainedConfig, SegformerImageProcessor
+from transformers import HfArgumentParser, SegformerImageProcessor
 
 from modeling_sgmae import SGMAEBackbone, SGMAEConfig, SGMAEForSemanticSegmentation, SGMAEUperNetConfig
 from modeling_sgmae.modeling_sgmae import resize_position_table
 from sgmae_training import data
 from sgmae_training.arguments import RunArguments, check_positive, parse_script_args
 from sgmae_training.engine import LoopSettings, TrainingHooks, resume_state, start_run, train
-from sgmae_training.hub import model_card, push_to_hub, save_hub_folder, write_json_atomically
+from sgmae_training.hub import (
+    check_checkpoint_kind,
+    model_card,
+    push_to_hub,
+    save_hub_folder,
+    write_json_atomically,
+)
 from sgmae_training.optim import layer_decay_groups, poly_scheduler
 from sgmae_training.segmentation import (
     BadMaskError,
@@ -54,7 +60,11 @@ from sgmae_training.training_state import TrainingState
 
 logger = logging.getLogger("run_segmentation")
 METRIC_PATH = Path(__file__).parent / "sgmae_training" / "metrics" / "mean_iou"  # shipped: evaluate loads it offline
-CHECKPOINT_TYPES = ("sgmae", "vit_mae", "sgmae_upernet")
+# An encoder (SG-MAE or ViTMAE) starts a model; a segmentation checkpoint is continued.
+CHECKPOINT_KINDS = {
+    "sgmae": "an SG-MAE (pre-training or classification)", "sgmae_upernet": "an SG-MAE segmentation",
+    "vit_mae": "a transformers ViTMAE",
+}  # fmt: skip
 POSITIVE_ARGUMENTS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
 )  # fmt: skip
@@ -129,22 +139,6 @@ def validate_args(model_args: ModelArguments, data_args: SegmentationDataArgumen
 
 
 # ----- model ---------------------------------------------------------------------------------------------------------
-def checkpoint_kind(path: str, cache_dir: str | None) -> str:
-    """The checkpoint's model_type, or one line when it is not one this script reads."""
-    try:
-        config_dict, _ = PreTrainedConfig.get_config_dict(path, cache_dir=cache_dir)
-    except (OSError, ValueError) as error:
-        reason = " ".join(str(error).split())  # one line
-        raise SystemExit(f"error: cannot read a model configuration from {path!r}: {reason}") from error
-    kind = config_dict.get("model_type")
-    if kind not in CHECKPOINT_TYPES:
-        raise SystemExit(
-            f"error: {path!r} is a {kind!r} checkpoint; --model_name_or_path needs an SG-MAE (pre-training, "
-            "classification or segmentation) or a transformers ViTMAE checkpoint"
-        )
-    return kind
-
-
 def pyramid_stages(model_args: ModelArguments, num_layers: int) -> list[int]:
     """The four blocks whose outputs feed the pyramid: given, or L/3, L/2, 2L/3, L (BEiT/MAE's 0-based 3, 5, 7, 11
     for 12 blocks, 7, 11, 15, 23 for 24)."""
@@ -168,7 +162,7 @@ def build_model(
     path, cache_dir = model_args.model_name_or_path, data_args.cache_dir
     encoder: SGMAEBackbone | None = None
     try:
-        if path and checkpoint_kind(path, cache_dir) == "sgmae_upernet":
+        if path and check_checkpoint_kind(path, cache_dir, kinds=CHECKPOINT_KINDS) == "sgmae_upernet":
             model = SGMAEForSemanticSegmentation.from_pretrained(
                 path, cache_dir=cache_dir, ignore_mismatched_sizes=True, loss_ignore_index=data_args.ignore_index,
                 **labels,
@@ -191,8 +185,9 @@ def build_model(
         backbone_config.validate()
         config = SGMAEUperNetConfig(
             backbone_config=backbone_config, hidden_size=model_args.head_channels,
-            use_auxiliary_head=model_args.auxiliary_loss_weight > 0, auxiliary_loss_weight=model_args.auxiliary_loss_weight,
-            auxiliary_in_channels=backbone_config.hidden_size, loss_ignore_index=data_args.ignore_index, **labels,
+            use_auxiliary_head=model_args.auxiliary_loss_weight > 0,
+            auxiliary_loss_weight=model_args.auxiliary_loss_weight, auxiliary_in_channels=backbone_config.hidden_size,
+            loss_ignore_index=data_args.ignore_index, **labels,
         )  # fmt: skip
     except (OSError, ValueError, TypeError, SafetensorError, StrictDataclassError) as error:
         reason = " ".join(str(error).split())  # one line (strict config errors span two)
@@ -499,10 +494,12 @@ The pipeline resizes an image to {data_args.crop_size}x{data_args.crop_size}; th
 | | |
 |---|---|
 | encoder | {base or "random init (" + str(model_args.config_name) + ")"} |
-| architecture | {backbone.num_hidden_layers} x {backbone.hidden_size}, patch {backbone.patch_size}, crops {backbone.image_size} |
+| architecture | {backbone.num_hidden_layers} x {backbone.hidden_size}, patch {backbone.patch_size} |
+| crops | {backbone.image_size} x {backbone.image_size}, {data_args.eval_mode} evaluation |
 | pyramid | blocks {backbone.out_indices}, strides p/4, p/2, p, 2p; UperNet width {model.config.hidden_size} |
 | optimiser steps | {results.get("step", 0)} of {results.get("total_steps", 0)} |
-| lr / weight decay / layer decay / drop path | {args.learning_rate} / {args.weight_decay} / {args.layer_decay} / {backbone.drop_path_rate} |
+| lr / weight decay | {args.learning_rate} / {args.weight_decay} (AdamW) |
+| layer decay / drop path | {args.layer_decay} / {backbone.drop_path_rate} |
 | schedule | {args.warmup_steps} warm-up steps, poly power {args.poly_power} |
 
 ## IoU per class

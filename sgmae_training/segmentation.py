@@ -81,8 +81,8 @@ def check_segmentation_arguments(data_args: SegmentationDataArguments) -> None:
         raise SystemExit(f"error: --eval_mode must be one of {', '.join(EVAL_MODES)}, got {data_args.eval_mode!r}")
     if data_args.crop_size < 1 or (data_args.eval_stride is not None and data_args.eval_stride < 1):
         raise SystemExit("error: --crop_size and --eval_stride must be positive")
-    low, high = (data_args.scale_range + [0.0, 0.0])[:2]
-    if len(data_args.scale_range) != 2 or not 0 < low <= high:
+    ratios = data_args.scale_range
+    if len(ratios) != 2 or not 0 < ratios[0] <= ratios[1]:
         raise SystemExit(f"error: --scale_range takes two ratios 0 < low <= high, got {data_args.scale_range}")
     if not 0 < data_args.cat_max_ratio <= 1:
         raise SystemExit(f"error: --cat_max_ratio must be in (0, 1], got {data_args.cat_max_ratio}")
@@ -195,9 +195,10 @@ def decode_mask(
     if len(valid) and (valid.min() < 0 or valid.max() >= num_labels):
         bad = int(valid.max() if valid.max() >= num_labels else valid.min())
         hint = "; masks whose 0 means 'other' (ADE20K) need --reduce_labels" if bad == num_labels else ""
+        reduced = " after --reduce_labels" if reduce_labels else ""
         raise BadMaskError(
-            f"error: the segmentation map of {name} holds class {bad}{' after --reduce_labels' if reduce_labels else ''}"
-            f", outside 0..{num_labels - 1} (--num_labels {num_labels}; {ignore_index} is ignored){hint}"
+            f"error: the segmentation map of {name} holds class {bad}{reduced}, outside 0..{num_labels - 1} "
+            f"(--num_labels {num_labels}; {ignore_index} is ignored){hint}"
         )
     return labels
 

@@ -19,7 +19,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import INVALID_CONFIG, REPO_ROOT, tiny_config
+from conftest import (
+    FRESH_PROCESS_PRELUDE,
+    INVALID_CONFIG,
+    REPO_ROOT,
+    main_exit_message,
+    run_in_fresh_process,
+    tiny_config,
+)
 from safetensors.torch import load_file
 from torch import nn
 
@@ -153,21 +160,12 @@ def validation_rows(dataset_dir: Path) -> list[tuple[torch.Tensor, torch.Tensor]
     return [(batch["pixel_values"], batch["labels"]) for batch in (collate([row]) for row in rows)]
 
 
-FRESH_PROCESS_CHECK = """
-import importlib.abc, json, sys
-import numpy as np, torch
-from PIL import Image
+FRESH_PROCESS_CHECK = (
+    FRESH_PROCESS_PRELUDE
+    + """
+import torch
 from transformers import AutoModelForSemanticSegmentation, pipeline
 
-
-class BlockPackage(importlib.abc.MetaPathFinder):  # nothing may come from the SG-MAE package in this process
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "modeling_sgmae":
-            raise ImportError("the SG-MAE package is not available in this process")
-
-
-sys.meta_path.insert(0, BlockPackage())
-folder = sys.argv[1]
 model = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True).eval()
 torch.manual_seed(0)
 with torch.no_grad():
@@ -180,17 +178,7 @@ print("REPORT " + json.dumps({
     "labels": [item["label"] for item in found], "mask_sizes": [list(item["mask"].size) for item in found],
 }))
 """
-
-
-def check_folder_in_fresh_process(folder: Path, tmp_path: Path) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH="")
-    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
-    result = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS_CHECK, str(folder)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.split("REPORT ", 1)[1])
+)
 
 
 def epoch_mious(log: str) -> list[float]:
@@ -249,7 +237,7 @@ def test_training_raises_miou_resumes_exactly_and_the_folder_segments_in_a_fresh
     assert metadata["model-index"][0]["results"][0]["metrics"][0]["value"] == round(results["eval_mean_iou"], 4)
     assert 'pipeline("image-segmentation"' in card and "| square |" in card
 
-    report = check_folder_in_fresh_process(straight, tmp_path)
+    report = run_in_fresh_process(FRESH_PROCESS_CHECK, straight, tmp_path)
     assert report["class"] == "SGMAEForSemanticSegmentation" and report["backbone"] == "SGMAEBackbone"
     torch.manual_seed(0)
     with torch.no_grad():
@@ -393,13 +381,7 @@ def test_encoder_position_table_is_resized_to_the_crop(pretrained):
 
 # ----- bad input -----------------------------------------------------------------------------------------------------
 def run_main(monkeypatch, *args: str) -> str:
-    """main() in this process; returns the SystemExit message."""
-    monkeypatch.setattr(sys, "argv", ["run_segmentation.py", *args])
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(SystemExit) as raised:
-        rs.main()
-    return str(raised.value.code)
+    return main_exit_message(monkeypatch, rs.main, *args)
 
 
 def write_bad_mask_dataset(root: Path) -> Path:
