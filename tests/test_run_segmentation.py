@@ -439,3 +439,21 @@ def test_mask_decoding_rejects_colour_maps():
         decode_mask(Image.new("RGB", (4, 4)), (4, 4), 3, 255, False)
     mask = decode_mask(Image.new("L", (4, 4), 0), (4, 4), 3, 255, True)
     assert (mask == 255).all()  # ADE20K's "other" becomes the ignore index
+
+
+def test_a_segmentation_checkpoint_continues_with_new_heads_and_the_ade20k_names_load(tmp_path):
+    config = tiny_config(num_hidden_layers=4, out_indices=[1, 2, 3, 4], add_fpn=True, apply_layernorm=False)
+    trained = SGMAEForSemanticSegmentation(
+        SGMAEUperNetConfig(backbone_config=config, hidden_size=16, auxiliary_in_channels=32, num_labels=4)
+    )
+    trained.save_pretrained(tmp_path / "segmenter")
+    data_args = rs.SegmentationDataArguments(crop_size=32, num_labels=3)
+    model = rs.build_model(
+        rs.ModelArguments(model_name_or_path=str(tmp_path / "segmenter")), data_args, ["a", "b", "c"]
+    )
+    assert model.decode_head.classifier.out_channels == 3 and model.config.id2label[2] == "c"
+    torch.testing.assert_close(model.backbone.fpn.fpn2.weight, trained.backbone.fpn.fpn2.weight)
+    assert not model.backbone.vit.embeddings.position_embeddings.requires_grad
+    ade = rs.SegmentationDataArguments(label_names_file=str(REPO_ROOT / "configuration/datasets/ade20k-id2label.json"))
+    names = rs.label_names(ade)
+    assert len(names) == 150 and names[:3] == ["wall", "building", "sky"] and names[-1] == "flag"
