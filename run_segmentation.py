@@ -25,6 +25,7 @@ import datasets
 import evaluate
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from torch import nn
@@ -68,6 +69,7 @@ CHECKPOINT_KINDS = {
 POSITIVE_ARGUMENTS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
 )  # fmt: skip
+RECIPE_STEPS = 160_000  # MAE's ADE20K schedule (mmsegmentation's schedule_160k)
 # Training-state fields left out of eval_results.json, so a resumed run's file equals an uninterrupted run's.
 UNREPRODUCIBLE = ("samples_in_epoch", "train_seconds")
 
@@ -102,8 +104,10 @@ class SegmentationArguments(RunArguments):
         default=16, metadata={"help": "Crops per device/step (16 in all, e.g. 2 x 8 GPUs; BatchNorm needs >= 2)."}
     )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
-    max_train_steps: int | None = field(default=160_000, metadata={"help": "Total optimiser steps (160k)."})
-    num_train_epochs: float | None = field(default=None, metadata={"help": "Epochs instead of --max_train_steps."})
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": f"Total optimiser steps (overrides epochs; neither given: {RECIPE_STEPS})."}
+    )
+    num_train_epochs: float | None = field(default=None, metadata={"help": "Epochs, when --max_train_steps is unset."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak AdamW lr, not scaled by the batch (1e-4)."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (0.05)."})
     layer_decay: float = field(default=0.65, metadata={"help": "lr x layer_decay^(depth from the top) (0.65)."})
@@ -123,10 +127,10 @@ def validate_args(model_args: ModelArguments, data_args: SegmentationDataArgumen
     """Clear errors for bad choices, before anything is loaded."""
     if not (model_args.model_name_or_path or model_args.config_name):
         raise SystemExit("error: give --model_name_or_path (a checkpoint) or --config_name (a from-scratch baseline)")
-    if args.num_train_epochs is not None:
-        args.max_train_steps = None  # epochs asked for: the default step count gives way
-    elif args.max_train_steps is None:
-        raise SystemExit("error: give --max_train_steps or --num_train_epochs")
+    if args.num_train_epochs is None and args.max_train_steps is None:
+        args.max_train_steps = RECIPE_STEPS
+    if args.num_train_epochs is not None and args.num_train_epochs <= 0:
+        raise SystemExit(f"error: --num_train_epochs must be positive, got {args.num_train_epochs}")
     args.check()
     check_positive(args, POSITIVE_ARGUMENTS)
     check_positive(model_args, ("head_channels",))
@@ -235,6 +239,11 @@ def evaluate_model(task: Task) -> dict[str, Any]:
     areas = torch.zeros(4, num_labels, dtype=torch.long, device=accelerator.device)
     counts = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # images scored, corrupt images skipped
     multiple = 2 * model.backbone.config.patch_size  # the pyramid's coarsest stride
+    if accelerator.num_processes > 1:
+        # DDP copies BatchNorm statistics from process 0 only at the start of each forward, so the others end training
+        # with their own last update: every process scores with process 0's, the statistics that are saved.
+        for buffer in model.buffers():
+            buffer.data.copy_(broadcast(buffer.data.clone(), from_process=0))
     was_training = model.training
     model.eval()
     try:

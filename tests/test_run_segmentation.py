@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -122,18 +123,28 @@ def names_file(tmp_path_factory) -> Path:
 
 
 # ----- helpers -------------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def script_env() -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(REPO_ROOT)
     return env
 
 
-def launch(args: list[str], plain_python: bool = False) -> subprocess.CompletedProcess:
-    """run_segmentation.py under `accelerate launch` (one process), or plain python."""
+def launch(args: list[str], plain_python: bool = False, num_processes: int = 1) -> subprocess.CompletedProcess:
+    """run_segmentation.py under `accelerate launch` (2 processes: real gloo ranks, see HF_NOTES.md), or plain
+    python."""
     command = [sys.executable, str(SCRIPT)]
     if not plain_python:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", "1"]
-        command += ["--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT)]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
+        command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+        if num_processes > 1:
+            command += ["--multi_gpu", "--main_process_port", str(free_port())]
+        command.append(str(SCRIPT))
     result = subprocess.run(command + args, env=script_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -262,6 +273,32 @@ def test_training_raises_miou_resumes_exactly_and_the_folder_segments_in_a_fresh
     for key, tensor in straight_weights.items():
         torch.testing.assert_close(resumed_weights[key], tensor, rtol=0, atol=0, msg=key)
     assert json.loads((resumed / "eval_results.json").read_text()) == results
+
+
+def test_two_processes_score_every_validation_image_once(shapes_dir, pretrained, names_file, tmp_path):
+    """Each process scores its shard (11 images: one process gets 6, the other 5); the summed areas equal the
+    saved model's scores on all images in one process."""
+    output = tmp_path / "two"
+    arguments = common_args(shapes_dir, output, pretrained, names_file, "--max_train_steps", "2")
+    launch(
+        [*arguments, "--max_train_samples", "16", "--max_eval_samples", "11", "--eval_mode", "whole"], num_processes=2
+    )
+    results = json.loads((output / "eval_results.json").read_text())
+    assert results["num_processes"] == 2 and results["eval_samples"] == 11 and results["step"] == 2
+    model = SGMAEForSemanticSegmentation.from_pretrained(output).eval()
+    rows = validation_rows(shapes_dir)[:11]
+    areas = sum(
+        pixel_areas(
+            nn.functional.interpolate(predict(model, pixels, "whole", 32, 21, 8), size=mask.shape[1:], mode="bilinear")
+            .argmax(1), mask, len(CLASS_NAMES), 255,
+        )
+        for pixels, mask in rows
+    )  # fmt: skip
+    iou = areas[0] / areas[1]
+    # (every process scores with the saved BatchNorm statistics: process 0's)
+    assert results["eval_mean_iou"] == pytest.approx(iou[areas[1] > 0].mean().item(), abs=1e-5)
+    accuracy = (areas[0].sum() / areas[3].sum()).item()
+    assert results["eval_overall_accuracy"] == pytest.approx(accuracy, abs=1e-5)
 
 
 # ----- parts ---------------------------------------------------------------------------------------------------------
