@@ -301,6 +301,15 @@ def test_two_processes_score_every_validation_image_once(shapes_dir, pretrained,
     assert results["eval_overall_accuracy"] == pytest.approx(accuracy, abs=1e-5)
 
 
+def test_a_streamed_training_split_trains_and_is_scored_whole(shapes_dir, pretrained, names_file, tmp_path):
+    output = tmp_path / "streamed"
+    arguments = common_args(shapes_dir, output, pretrained, names_file, "--max_train_steps", "4", "--streaming")
+    launch([*arguments, "--eval_mode", "whole", "--dataloader_num_workers", "1"], plain_python=True)
+    results = json.loads((output / "eval_results.json").read_text())
+    assert results["step"] == 4 and results["eval_samples"] == 12 and results["eval_mode"] == "whole"
+    assert 0 <= results["eval_mean_iou"] <= 1
+
+
 # ----- parts ---------------------------------------------------------------------------------------------------------
 def test_mean_iou_metric_from_pixels_and_from_areas_agrees_with_a_count_by_hand():
     metric = evaluate.load(str(REPO_ROOT / "sgmae_training/metrics/mean_iou"))
