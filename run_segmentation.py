@@ -391,6 +391,9 @@ def load_data(data_args: SegmentationDataArguments):
 def main() -> None:
     model_args, data_args, args = parse_args()
     names = label_names(data_args)
+    if data_args.ignore_index < len(names):
+        raise SystemExit(f"error: --ignore_index {data_args.ignore_index} is one of the {len(names)} class ids; use "
+                         f"{len(names)} or more (ADE20K: 255)")  # fmt: skip
     accelerator = start_run(
         args.output_dir, args.seed, args.gradient_accumulation_steps, args.mixed_precision, args.report_to,
         args.ddp_timeout,

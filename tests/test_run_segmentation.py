@@ -458,6 +458,7 @@ def test_bad_input_ends_in_one_line(shapes_dir, pretrained, names_file, tmp_path
     check(run_main(monkeypatch, *args(per_device_train_batch_size="1")),
           "error: --per_device_train_batch_size must be at least 2")  # fmt: skip
     check(run_main(monkeypatch, *args(eval_mode="tiles")), "error: --eval_mode must be one of slide, whole")
+    check(run_main(monkeypatch, *args(ignore_index="3")), "error: --ignore_index 3 is one of the 4 class ids")
     check(run_main(monkeypatch, *args(mask_column="segments")), "error: mask column 'segments' not in the dataset")
     check(run_main(monkeypatch, *args(label_names_file=str(names_file), num_labels="5")),
           "error: --num_labels 5 disagrees with the 4 names")  # fmt: skip
