@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -142,6 +143,21 @@ def check_folder_in_fresh_process(folder: Path, tmp_path: Path) -> dict:
     assert report["AutoModelForImageClassification"] == "SGMAEForImageClassification"
     assert sum(item["score"] for item in report["scores"]) == pytest.approx(1.0, abs=1e-4)
     return report
+
+
+def free_port() -> int:
+    """A TCP port free right now (for a launch's main process)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def script_env() -> dict[str, str]:
+    """The environment a script under test runs in: offline, on the CPU (real gloo ranks for several processes), one
+    thread per process, this checkout's code first."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return env
 
 
 # Tiny matrices on two contended cores run far faster single-threaded; subprocesses get OMP_NUM_THREADS=1.

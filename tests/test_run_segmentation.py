@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +22,10 @@ from conftest import (
     FRESH_PROCESS_PRELUDE,
     INVALID_CONFIG,
     REPO_ROOT,
+    free_port,
     main_exit_message,
     run_in_fresh_process,
+    script_env,
     tiny_config,
 )
 from safetensors.torch import load_file
@@ -123,18 +123,6 @@ def names_file(tmp_path_factory) -> Path:
 
 
 # ----- helpers -------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def script_env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    return env
-
-
 def launch(args: list[str], plain_python: bool = False, num_processes: int = 1) -> subprocess.CompletedProcess:
     """run_segmentation.py under `accelerate launch` (2 processes: real gloo ranks, see HF_NOTES.md), or plain
     python."""
