@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -316,10 +317,10 @@ class SegmentationHooks(TrainingHooks):
                 )  # fmt: skip
 
 
-def checked_batches(batches):
-    """Training batches, a bad mask (found in a DataLoader worker or here) ending the run with its one line."""
+def checked_batches(epoch_batches: Callable[[TrainingState], Iterator[dict]], state: TrainingState) -> Iterator[dict]:
+    """The epoch's training batches; a bad mask (found in a DataLoader worker or here) ends the run with its line."""
     try:
-        yield from batches
+        yield from epoch_batches(state)
     except BadMaskError as error:
         raise SystemExit(one_line(error)) from error
 
@@ -357,8 +358,9 @@ def finetune(task: Task, train_data, collate: SegmentationCollator) -> TrainingS
         args.output_dir, args.logging_steps, args.checkpointing_steps, args.save_total_limit, args.max_grad_norm,
         task.model.config,
     )  # fmt: skip
-    epoch_batches = lambda state: checked_batches(loader(state))  # noqa: E731
-    state = train(accelerator, prepared_model, optimizer, scheduler, epoch_batches, state, settings, hooks, {})
+    state = train(
+        accelerator, prepared_model, optimizer, scheduler, partial(checked_batches, loader), state, settings, hooks, {}
+    )
     if state.skipped_images:
         logger.warning("skipped %d corrupt training images", state.skipped_images)
     if hooks.evaluated_at != state.step:
