@@ -489,6 +489,13 @@ def test_a_segmentation_checkpoint_continues_with_new_heads_and_the_ade20k_names
     assert model.decode_head.classifier.out_channels == 3 and model.config.id2label[2] == "c"
     torch.testing.assert_close(model.backbone.fpn.fpn2.weight, trained.backbone.fpn.fpn2.weight)
     assert not model.backbone.vit.embeddings.position_embeddings.requires_grad
+    # a from-scratch baseline from a config file: the pyramid's blocks by default, drop path, the crop's grid
+    tiny_config(num_hidden_layers=6).to_json_file(tmp_path / "config.json")
+    scratch = rs.build_model(
+        rs.ModelArguments(config_name=str(tmp_path / "config.json"), drop_path=0.2), data_args, ["a", "b", "c"]
+    )
+    assert scratch.backbone.config.out_indices == [2, 3, 4, 6] and scratch.backbone.config.drop_path_rate == 0.2
+    assert scratch.backbone.config.grid_size == (8, 8) and scratch.auxiliary_head is not None
     ade = rs.SegmentationDataArguments(label_names_file=str(REPO_ROOT / "configuration/datasets/ade20k-id2label.json"))
     names = rs.label_names(ade)
     assert len(names) == 150 and names[:3] == ["wall", "building", "sky"] and names[-1] == "flag"
