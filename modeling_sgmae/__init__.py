@@ -6,6 +6,7 @@ from transformers import (
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForPreTraining,
+    AutoModelForSemanticSegmentation,
 )
 
 from .configuration_sgmae import SGMAEConfig
@@ -18,6 +19,7 @@ from .modeling_sgmae import (
     SGMAEModel,
     SGMAEPreTrainedModel,
 )
+from .segmentation_sgmae import SGMAEForSemanticSegmentation, SGMAEUperNetConfig
 from .trainer_callback import SGMAETrainerCallback
 
 AutoConfig.register("sgmae", SGMAEConfig, exist_ok=True)
@@ -25,6 +27,8 @@ AutoModel.register(SGMAEConfig, SGMAEModel, exist_ok=True)
 AutoModelForPreTraining.register(SGMAEConfig, SGMAEForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(SGMAEConfig, SGMAEForImageClassification, exist_ok=True)
 AutoBackbone.register(SGMAEConfig, SGMAEBackbone, exist_ok=True)
+AutoConfig.register("sgmae_upernet", SGMAEUperNetConfig, exist_ok=True)
+AutoModelForSemanticSegmentation.register(SGMAEUperNetConfig, SGMAEForSemanticSegmentation, exist_ok=True)
 
 __all__ = [
     "MaskType",
@@ -33,8 +37,10 @@ __all__ = [
     "SGMAEForImageClassification",
     "SGMAEForPreTraining",
     "SGMAEForPreTrainingOutput",
+    "SGMAEForSemanticSegmentation",
     "SGMAEModel",
     "SGMAEPreTrainedModel",
     "SGMAETrainerCallback",
+    "SGMAEUperNetConfig",
     "SelfGuidedMasking",
 ]

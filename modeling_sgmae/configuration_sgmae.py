@@ -58,6 +58,8 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
         `torch.linalg.eigh`.
     out_features / out_indices, apply_layernorm, reshape_hidden_states: `SGMAEBackbone`'s stages (`"stem"`,
         `"stage1"`..`"stageL"`; the last when unset), final LayerNorm, and [B, D, H/p, W/p] maps.
+    add_fpn: `SGMAEBackbone` turns its four stages into maps at strides p/4, p/2, p, 2p (BEiT / MAE's pyramid for a
+        plain ViT under UperNet; the name and layout of transformers' `BeitConfig.add_fpn`).
     """
 
     model_type = "sgmae"
@@ -106,6 +108,7 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     fiedler_power_steps: int = at_least_one(default=16)
     apply_layernorm: bool = True
     reshape_hidden_states: bool = True
+    add_fpn: bool = False
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
 
@@ -152,6 +155,11 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(f"SGMAEConfig.informed_masking_start_step must be None or >= 0, got {start_step}")
         if self._out_features is not None:  # chosen stages must still exist after a change
             self.verify_out_features_out_indices()
+        if self.add_fpn and (len(self.out_features) != 4 or not self.reshape_hidden_states):
+            raise ValueError(
+                f"SGMAEConfig.add_fpn needs four out_features (one per pyramid level, e.g. out_indices [4, 6, 8, 12] "
+                f"for 12 blocks) and reshape_hidden_states=True, got {self.out_features}"
+            )
 
     @property
     def image_height_width(self) -> tuple[int, int]:

@@ -336,6 +336,8 @@ class SGMAEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, (nn.ConvTranspose2d, nn.BatchNorm2d)):  # the backbone's pyramid (add_fpn)
+            super()._init_weights(module)  # transformers' (as BEiT's): normal(initializer_range); BN 1, 0, stats
         elif isinstance(module, SGMAEEmbeddings):
             init.normal_(module.cls_token, std=config.initializer_range)
             init.copy_(module.position_embeddings, sincos_position_table(config.hidden_size, *config.grid_size))
@@ -900,15 +902,45 @@ class SGMAEForImageClassification(SGMAEPreTrainedModel):
         return nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
+class SGMAEFeaturePyramid(nn.Module):
+    """BEiT / MAE's multi-scale neck for a plain ViT (`add_fpn`): four [B, D, H/p, W/p] maps become maps at strides
+    p/4, p/2, p and 2p (4, 8, 16, 32 for patch 16), for heads made for hierarchical backbones (UperNet).
+
+    fpn1: 2x2 deconvolution, BatchNorm, GELU, 2x2 deconvolution (x4); fpn2: one deconvolution (x2); fpn3: the map as
+    it is; fpn4: 2x2 max pooling (/2). The layout of BEiT's semantic-segmentation backbone and mmsegmentation's
+    `Feature2Pyramid` (its MAE configs), and of transformers' `BeitFPNNeck`.
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fpn1 = nn.Sequential(
+            nn.ConvTranspose2d(width, width, kernel_size=2, stride=2),
+            nn.BatchNorm2d(width),
+            nn.GELU(),
+            nn.ConvTranspose2d(width, width, kernel_size=2, stride=2),
+        )
+        self.fpn2 = nn.ConvTranspose2d(width, width, kernel_size=2, stride=2)
+        self.fpn4 = nn.MaxPool2d(kernel_size=2, stride=2)
+
+    def forward(self, feature_maps: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        early, middle, late, last = feature_maps
+        return self.fpn1(early), self.fpn2(middle), late, self.fpn4(last)
+
+
 class SGMAEBackbone(BackboneMixin, SGMAEPreTrainedModel):
     """The SG-MAE encoder as a transformers backbone for dense heads (UperNet, DPT, ...): the chosen stages'
     hidden states (`config.out_features`; "stem" is the embedded patches, "stageN" block N's output), with the final
-    LayerNorm (`apply_layernorm`), as [B, D, H/p, W/p] maps (`reshape_hidden_states`)."""
+    LayerNorm (`apply_layernorm`), as [B, D, H/p, W/p] maps (`reshape_hidden_states`), or, with `add_fpn`, four of
+    them as a pyramid at strides p/4, p/2, p, 2p (`SGMAEFeaturePyramid`).
+
+    Any image size that is a multiple of the patch size works: the position table is resized to the image's grid
+    (dense heads never pass `interpolate_pos_encoding`, and segmentation crops differ from pre-training's size)."""
 
     def __init__(self, config: SGMAEConfig):
         super().__init__(config)
         self.vit = SGMAEModel(config)
         self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+        self.fpn = SGMAEFeaturePyramid(config.hidden_size) if config.add_fpn else None
         self.post_init()
 
     # The config's own properties, which default to the last stage (BackboneMixin reads the raw stored fields).
@@ -934,7 +966,7 @@ class SGMAEBackbone(BackboneMixin, SGMAEPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        interpolate_pos_encoding: bool = False,
+        interpolate_pos_encoding: bool = True,
         **kwargs,
     ) -> BackboneOutput | tuple:
         config = self.config
@@ -960,6 +992,8 @@ class SGMAEBackbone(BackboneMixin, SGMAEPreTrainedModel):
                 hidden_state = hidden_state[:, 1:].reshape(len(hidden_state), height, width, -1)
                 hidden_state = hidden_state.permute(0, 3, 1, 2).contiguous()
             feature_maps += (hidden_state,)
+        if self.fpn is not None:
+            feature_maps = self.fpn(feature_maps)
         output = BackboneOutput(
             feature_maps=feature_maps,
             hidden_states=outputs.hidden_states if output_hidden_states else None,

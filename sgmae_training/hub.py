@@ -13,11 +13,20 @@ from transformers import PreTrainedConfig, PreTrainedModel, ViTImageProcessor
 from .data import DataArguments
 from .training_state import TrainingState
 
-CHECKPOINT_TYPES = ("sgmae", "vit_mae")
+# The checkpoints an encoder can come from: model_type -> how an error message names them.
+CHECKPOINT_KINDS = {"sgmae": "an SG-MAE (pre-training or classification)", "vit_mae": "a transformers ViTMAE"}
+CHECKPOINT_TYPES = tuple(CHECKPOINT_KINDS)
 
 
-def check_checkpoint_kind(path: str, cache_dir: str | None = None, argument: str = "--model_name_or_path") -> str:
-    """The checkpoint's model_type, or a clear error when it is not an SG-MAE or transformers ViTMAE checkpoint."""
+def check_checkpoint_kind(
+    path: str,
+    cache_dir: str | None = None,
+    argument: str = "--model_name_or_path",
+    kinds: dict[str, str] | None = None,
+) -> str:
+    """The checkpoint's model_type, or a clear error when it is not one of `kinds` (default: an SG-MAE or
+    transformers ViTMAE checkpoint)."""
+    kinds = kinds or CHECKPOINT_KINDS
     try:
         config_dict, _ = PreTrainedConfig.get_config_dict(path, cache_dir=cache_dir)
     except (OSError, ValueError) as error:
@@ -26,11 +35,9 @@ def check_checkpoint_kind(path: str, cache_dir: str | None = None, argument: str
             reason = f"no such local folder, and it could not be fetched from the Hub ({reason})"
         raise SystemExit(f"error: cannot read a model configuration from {path!r}: {reason}") from error
     model_type = config_dict.get("model_type")
-    if model_type not in CHECKPOINT_TYPES:
-        raise SystemExit(
-            f"error: {path!r} is a {model_type!r} checkpoint; {argument} needs an SG-MAE (pre-training or "
-            "classification) or a transformers ViTMAE checkpoint"
-        )
+    if model_type not in kinds:
+        wanted = " or ".join(kinds.values())
+        raise SystemExit(f"error: {path!r} is a {model_type!r} checkpoint; {argument} needs {wanted} checkpoint")
     return model_type
 
 

@@ -36,6 +36,25 @@ def cosine_scheduler(optimizer: Optimizer, warmup_ratio: float, total_steps: int
     return LambdaLR(optimizer, factor, last_epoch=step - 1)
 
 
+def poly_schedule(warmup_steps: int, total_steps: int, power: float = 1.0) -> Callable[[int], float]:
+    """mmsegmentation's `poly` policy with linear warm-up, as a LambdaLR factor: (1 - step / total)^power, scaled
+    during the first `warmup_steps` by a ramp from 1e-6 (its warmup_ratio) to 1."""
+
+    def factor(step: int) -> float:
+        decay = max(1.0 - step / max(total_steps, 1), 0.0) ** power
+        if step < warmup_steps:
+            return decay * (1.0 - (1.0 - step / warmup_steps) * (1.0 - 1e-6))
+        return decay
+
+    return factor
+
+
+def poly_scheduler(optimizer: Optimizer, warmup_steps: int, total_steps: int, power: float, step: int = 0) -> LambdaLR:
+    """`poly_schedule` over the optimizer's groups, positioned after `step` optimiser steps (a pure function of the
+    step, so a resumed run rebuilds it, as `cosine_scheduler`)."""
+    return LambdaLR(optimizer, poly_schedule(warmup_steps, total_steps, power), last_epoch=step - 1)
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """MAE's AdamW groups: no decay on norms, biases, tokens and position tables (1-D or token parameters)."""
     decay, no_decay = [], []
@@ -47,15 +66,25 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def layer_decay_groups(model: SGMAEForImageClassification, base_lr: float, weight_decay: float, decay: float):
+def layer_decay_groups(
+    model: SGMAEForImageClassification | nn.Module,
+    base_lr: float,
+    weight_decay: float,
+    decay: float,
+    encoder: str | None = None,
+):
     """MAE's layer-wise lr decay: depth 0 = embeddings, i + 1 = block i, L + 1 = final norm and head; the lr of a
-    depth-d parameter is base_lr x decay^(L + 1 - d). No weight decay on norms, biases, [CLS] and positions."""
-    num_layers = model.config.num_hidden_layers
+    depth-d parameter is base_lr x decay^(L + 1 - d). No weight decay on norms, biases, [CLS] and positions.
+
+    `encoder`: where the SG-MAE encoder sits in `model` (default: its base model, e.g. "vit"; a segmentation model's
+    is "backbone.vit", and its pyramid and heads count as depth L + 1, as in BEiT's layer-decay optimiser)."""
+    encoder = encoder or model.base_model_prefix
+    num_layers = model.get_submodule(encoder).config.num_hidden_layers
     groups: dict[tuple[int, bool], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        name = name.removeprefix(f"{model.base_model_prefix}.")
+        name = name.removeprefix(f"{encoder}.")
         block = re.match(r"layers\.(\d+)\.", name)
         depth = 0 if name.startswith("embeddings.") else int(block.group(1)) + 1 if block else num_layers + 1
         no_decay = parameter.ndim <= 1 or name.endswith(("cls_token", "position_embeddings"))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -83,11 +85,12 @@ def image_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _write_generated_dataset(tmp_path_factory.mktemp("generated_cifar"))
 
 
-FRESH_PROCESS_CHECK = """
+# The start of a fresh-process check: the folder to load is argv[1], and the SG-MAE package cannot be imported, so
+# everything must come from the folder's own code (remote code).
+FRESH_PROCESS_PRELUDE = """
 import importlib.abc, json, sys
 import numpy as np
 from PIL import Image
-from transformers import AutoModel, AutoModelForImageClassification, AutoModelForPreTraining, pipeline
 
 
 class BlockPackage(importlib.abc.MetaPathFinder):  # even where the package is pip-installed, nothing may come from it
@@ -98,6 +101,13 @@ class BlockPackage(importlib.abc.MetaPathFinder):  # even where the package is p
 
 sys.meta_path.insert(0, BlockPackage())
 folder = sys.argv[1]
+"""
+
+FRESH_PROCESS_CHECK = (
+    FRESH_PROCESS_PRELUDE
+    + """
+from transformers import AutoModel, AutoModelForImageClassification, AutoModelForPreTraining, pipeline
+
 report = {}
 for auto_class in (AutoModel, AutoModelForPreTraining, AutoModelForImageClassification):
     report[auto_class.__name__] = type(auto_class.from_pretrained(folder, trust_remote_code=True)).__name__
@@ -109,24 +119,56 @@ classify = pipeline("image-classification", model=folder, trust_remote_code=True
 report["scores"] = classify(image, top_k=100)
 print("REPORT " + json.dumps(report))
 """
+)
+
+
+def run_in_fresh_process(script: str, folder: Path, tmp_path: Path) -> dict:
+    """Run a check (FRESH_PROCESS_PRELUDE + code that prints "REPORT <json>") on a saved folder in a new process
+    that cannot import this package; returns the report."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH="")
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(folder)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.split("REPORT ", 1)[1])
 
 
 def check_folder_in_fresh_process(folder: Path, tmp_path: Path) -> dict:
     """Load a saved folder with trust_remote_code in a process that cannot import this package, through all three
     auto classes and both pipelines; returns what it saw (classes, feature shapes, classification scores)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH="")
-    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
-    result = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS_CHECK, str(folder)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.split("REPORT ", 1)[1])
+    report = run_in_fresh_process(FRESH_PROCESS_CHECK, folder, tmp_path)
     assert report["AutoModel"] == "SGMAEModel" and report["AutoModelForPreTraining"] == "SGMAEForPreTraining"
     assert report["AutoModelForImageClassification"] == "SGMAEForImageClassification"
     assert sum(item["score"] for item in report["scores"]) == pytest.approx(1.0, abs=1e-4)
     return report
 
 
+def free_port() -> int:
+    """A TCP port free right now (for a launch's main process)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def script_env() -> dict[str, str]:
+    """The environment a script under test runs in: offline, on the CPU (real gloo ranks for several processes), one
+    thread per process, this checkout's code first."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return env
+
+
 # Tiny matrices on two contended cores run far faster single-threaded; subprocesses get OMP_NUM_THREADS=1.
 torch.set_num_threads(1)
+
+
+def main_exit_message(monkeypatch, main: Callable[[], None], *args: str) -> str:
+    """A script's main() run in this process on `args`, offline; returns its SystemExit message."""
+    monkeypatch.setattr(sys, "argv", ["script.py", *args])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(SystemExit) as raised:
+        main()
+    return str(raised.value.code)

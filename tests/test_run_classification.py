@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +15,7 @@ import evaluate
 import pytest
 import torch
 import yaml
-from conftest import CLASS_NAMES, REPO_ROOT, check_folder_in_fresh_process, tiny_config
+from conftest import CLASS_NAMES, REPO_ROOT, check_folder_in_fresh_process, free_port, script_env, tiny_config
 from safetensors.torch import load_file
 
 from modeling_sgmae import SGMAEForImageClassification, SGMAEForPreTraining
@@ -34,18 +32,6 @@ _spec.loader.exec_module(rc)
 
 
 # ----- helpers -------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def script_env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    return env
-
-
 def launch(args: list[str], num_processes: int = 1, plain_python: bool = False) -> subprocess.CompletedProcess:
     """run_classification.py under `accelerate launch` (2 processes: real gloo ranks, see HF_NOTES.md)."""
     if plain_python:

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, check_folder_in_fresh_process, tiny_config
+from conftest import REPO_ROOT, check_folder_in_fresh_process, free_port, script_env, tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -39,23 +38,11 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch_command(num_processes: int) -> list[str]:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
     if num_processes > 1:  # see HF_NOTES.md: --cpu --num_processes N silently starts one process
         command += ["--multi_gpu", "--main_process_port", str(free_port())]
     return [*command, "--num_processes", str(num_processes), "--dynamo_backend", "no", SCRIPT]
-
-
-def script_env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    return env
 
 
 def pretraining_args(dataset: Path | str, output_dir: Path, config_file: str, *extra: str) -> list[str]:

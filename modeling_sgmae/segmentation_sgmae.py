@@ -1,0 +1,82 @@
+"""Semantic segmentation: transformers' UperNet on the SG-MAE backbone, as a model whose folder carries its code.
+
+A plain `UperNetForSemanticSegmentation` with an SG-MAE `backbone_config` trains in a process that imported this
+package, but its saved config cannot be read anywhere else: transformers resolves the backbone's `model_type`
+("sgmae") in its built-in table only. These two subclasses change only that: the configuration reads its backbone
+as an `SGMAEConfig`, and the model tells `AutoBackbone` which class that config builds. Everything else (heads,
+losses, outputs, `pipeline("image-segmentation")`) is transformers' UperNet.
+"""
+
+from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation
+
+from .configuration_sgmae import SGMAEConfig
+from .modeling_sgmae import SGMAEBackbone
+
+SEGMENTATION_AUTO_MAP = {
+    "AutoConfig": "segmentation_sgmae.SGMAEUperNetConfig",
+    "AutoModelForSemanticSegmentation": "segmentation_sgmae.SGMAEForSemanticSegmentation",
+}
+
+
+class SGMAEUperNetConfig(UperNetConfig):
+    """`UperNetConfig` whose `backbone_config` is an `SGMAEConfig` (a dict in config.json is read as one).
+
+    Unset, the backbone is ViT-B/16 at 512x512 with the pyramid of BEiT / MAE's UperNet (blocks 4, 6, 8, 12,
+    i.e. 0-based 3, 5, 7, 11; no final LayerNorm on them).
+    """
+
+    model_type = "sgmae_upernet"
+
+    def __post_init__(self, **kwargs) -> None:
+        kwargs.setdefault("auto_map", dict(SEGMENTATION_AUTO_MAP))
+        if self.backbone_config is None:
+            self.backbone_config = SGMAEConfig(
+                image_size=512, out_indices=[4, 6, 8, 12], add_fpn=True, apply_layernorm=False, layer_norm_eps=1e-6
+            )
+        elif isinstance(self.backbone_config, dict):
+            self.backbone_config = SGMAEConfig.from_dict(self.backbone_config)
+        elif not isinstance(self.backbone_config, SGMAEConfig):
+            raise ValueError(
+                f"SGMAEUperNetConfig.backbone_config must be an SGMAEConfig, got {type(self.backbone_config).__name__}"
+            )
+        super().__post_init__(**kwargs)
+
+
+class SGMAEForSemanticSegmentation(UperNetForSemanticSegmentation):
+    """transformers' `UperNetForSemanticSegmentation` on an `SGMAEBackbone` (see `SGMAEUperNetConfig`).
+
+    The backbone takes crops of any multiple of the patch size; its sin-cos position table stays frozen, as in every
+    SG-MAE model.
+    """
+
+    config_class = SGMAEUperNetConfig
+
+    def __init__(self, config: SGMAEUperNetConfig):
+        # UperNet builds its backbone through AutoBackbone, whose table knows SGMAEConfig only where this package was
+        # imported; registering the class of this very module also serves a folder loaded as remote code.
+        AutoBackbone.register(SGMAEConfig, SGMAEBackbone, exist_ok=True)
+        super().__init__(config)
+        self.freeze_unused_parameters()
+
+    def freeze_unused_parameters(self) -> None:
+        """Keep out of training what never gets a gradient: the sin-cos position table (frozen in every SG-MAE
+        model), the final LayerNorm when the stages skip it, and blocks after the last stage used. (Distributed
+        training expects every trainable parameter to get a gradient.)"""
+        backbone = self.backbone
+        backbone.freeze_position_tables()
+        if not backbone.config.apply_layernorm:
+            backbone.vit.layernorm.requires_grad_(False)
+        for block in backbone.vit.layers[max(backbone.out_indices) :]:
+            block.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
+        model.freeze_unused_parameters()  # loading recreates parameters as trainable
+        return loaded
+
+
+# Every save copies this file and the SG-MAE files it imports beside the weights (Hub remote code).
+SGMAEUperNetConfig.register_for_auto_class()
+SGMAEForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
