@@ -238,8 +238,8 @@ def hint_plan(config: SGMAEConfig, num_patches: int, num_masked: int, decay: flo
     (1 at the informed start, falling to 0 at the end of training with `hint_decay_power`; docs/method.md §3 step 7).
 
     The count is round(ratio x K) (`hint_count_base="masked"`) or int(ratio x N) (`"patches"`, the authors' code),
-    at least `hint_min_count` when the ratio is above 0, at most K and N - K. With `hint_decay_power`, the ratio and the
-    portion move linearly from their values to `hint_ratio_final` / `hint_portion_final` as `decay` goes to 0."""
+    at least `hint_min_count` when the ratio is above 0, at most K and N - K. With `hint_decay_power`, the ratio and
+    the portion move linearly from their values to `hint_ratio_final` / `hint_portion_final` as `decay` goes to 0."""
     ratio, portion = config.hint_ratio, config.hint_portion
     if config.hint_decay_power is not None:
         ratio = config.hint_ratio_final + decay * (ratio - config.hint_ratio_final)
