@@ -7,7 +7,9 @@
 
 A run's cost is its steps at the rate of one model step (`medians.model` of bench_script.py's JSON, images/s),
 times the self-guided / random step-time ratio that bench_model.py measured for the same model on the same device
-(`self_guided_last.ratio_vs_random`; SELF_GUIDED_COST where that measurement is missing), charged to every run; the
+(with cached masks, the default: the cached step's ratio plus the refresh passes, a tenth of the schedule apart, each
+charged as its measured time over a random step's, per image; else the per-step source's `self_guided_last` ratio;
+SELF_GUIDED_COST where neither was measured), charged to every run; the
 runs share the device but are counted as if they did not overlap at all, an upper bound, so the epochs chosen fit
 even if one run already fills the device.
 """
@@ -25,15 +27,31 @@ EVALUATION_SECONDS = 90  # kept for the last checkpoints' kNN, probe and analysi
 EVAL_SHARES = (0.1, 0.25, 0.5, 0.75, 1.0)
 
 
-def self_guided_cost(bench_model_json: str | None, config: str) -> tuple[float, str]:
-    """The self-guided / random step-time ratio bench_model.py measured for `config` (at least 1), and its source."""
+# Refresh passes of the cached masks over a run: at the start (a quarter of the schedule), then every tenth of it.
+REFRESHES = 8
+
+
+def self_guided_cost(bench_model_json: str | None, config: str, epochs: int = 100) -> tuple[float, str]:
+    """The self-guided / random step-time ratio bench_model.py measured for `config` (at least 1), and its source.
+
+    Cached masks (measurement 4): the cached step's ratio, plus REFRESHES passes over the data in `epochs` epochs,
+    each image's pass costing the refresh's time over a random step's (same batch size)."""
     try:
         with open(bench_model_json or "") as handle:
             rows = json.load(handle)["results"]
-        ratio = next(row for row in rows if row["config"] == config)["self_guided"]["self_guided"]["self_guided_last"]
-        return max(1.0, ratio["ratio_vs_random"]), f"measured for {config}"
+        row = next(row for row in rows if row["config"] == config)
     except (OSError, ValueError, KeyError, StopIteration):  # bench_model.py cut short or not run
         return SELF_GUIDED_COST, "not measured here: the 64-patch CPU comparison's"
+    if "cached" in row:
+        cached = row["cached"]
+        refresh = cached["refresh"]["lanczos"]["median_s"] / cached["random_median_step_s"]
+        cost = cached["cached_ratio_vs_random"] + REFRESHES * refresh / max(epochs, 1)
+        return max(1.0, cost), f"measured for {config}, cached masks with {REFRESHES} refreshes"
+    if "self_guided" in row:
+        return max(1.0, row["self_guided"]["self_guided"]["self_guided_last"]["ratio_vs_random"]), (
+            f"measured for {config}"
+        )
+    return SELF_GUIDED_COST, "not measured here: the 64-patch CPU comparison's"
 
 
 def plan(
@@ -58,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     with open(args.bench_script_json) as handle:
         rate = json.load(handle)["medians"]["model"]
-    cost, source = self_guided_cost(args.bench_model_json, args.bench_model_config)
+    cost, source = self_guided_cost(args.bench_model_json, args.bench_model_config, args.max_epochs)
     epochs, evaluations, epoch_seconds = plan(
         rate, args.seconds_left, args.runs, args.steps_per_epoch, args.batch_size, args.max_epochs, cost
     )

@@ -2,7 +2,8 @@
 # Everything this project measures on a GPU, in one command, within a fixed budget (default 9 minutes on one H200):
 #   1. bench_model.py   our step against transformers' ViTMAE, bf16, MFU, and the host-sync check of our steps
 #   2. bench_script.py  run_pretraining.py against the model step, 112 px Imagenette, both input paths
-#   3. compare_masking.py  MAE vs SG-MAE vs SG-MAE (smaller part) at 196 patches (112 px / patch 8), seeds 0 and 1,
+#   3. compare_masking.py  MAE vs SG-MAE (defaults: cached whole-image masks) vs SG-MAE with per-step masks at
+#      196 patches (112 px / patch 8), seeds 0 and 1,
 #      all six runs side by side on the device, for as many epochs (up to 100) as fit in the rest of the budget at
 #      the step rate bench_script.py and the self-guided cost bench_model.py just measured (gpu_plan.py counts).
 # Every JSON lands in $OUTPUT (default benchmarks/results/) with the device, the commit and the command in it.
@@ -63,7 +64,7 @@ mkdir -p "$OUTPUT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 START=$SECONDS
 VARIANTS="mae:--mask_strategy random,sgmae:--mask_strategy self_guided"
-VARIANTS+=",sgmae_smaller:--mask_strategy self_guided --config_overrides foreground_rule=smaller"
+VARIANTS+=",sgmae_step:--mask_strategy self_guided --informed_mask_source step"
 
 if [ "$SMOKE" = 1 ]; then
   MODEL=configuration/models/sgmae-vit-tiny-patch4-cifar.json

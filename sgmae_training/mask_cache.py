@@ -2,10 +2,11 @@
 and cropped with each augmented view, as the SG-MAE authors' code and AMT's do.
 
 The model ranks whole images (`SGMAEForPreTraining.informed_mask_scores`, in eval mode, no crop, no flip); the
-rankings are stored here in float16 on the host, one patch-grid map per image, keyed by the image's row in the
-training split (or, for a stream, by its `__key__`); a training step crops each image's map with the exact box and
-flip of its view (`augment.crop_maps`) and passes the result to `forward(mask_scores=...)`. Between refreshes a
-self-guided step costs what a random one costs, plus the top-K and the crop.
+rankings are stored here in float16 on the training device (so that a step reads nothing back), one patch-grid map
+per image, keyed by the image's row in the training split (or, for a stream, by its `__key__`); a training step
+crops each image's map with the exact box and flip of its view (`augment.crop_maps`) and passes the result to
+`forward(mask_scores=...)`. Between refreshes a self-guided step costs what a random one costs, plus the top-K and
+the crop.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ def default_refresh_epochs(num_epochs: float) -> int:
 
 
 class MaskRankingCache:
-    """Whole-image informed-mask rankings of every training image: float16 [images, grid height, grid width] on the
-    host (NaN until ranked, or where an image had no usable cut: it gets a random mask), the step of the last
-    refresh, and for streams the sample id of each row. A checkpoint saves it (`state_dict`), so a resumed run masks
-    as the uninterrupted one."""
+    """Whole-image informed-mask rankings of every training image: float16 [images, grid height, grid width], on the
+    training device once ranked (NaN until ranked, or where an image had no usable cut: it gets a random mask), the
+    step of the last refresh, and for streams the sample id of each row. A checkpoint saves it (`state_dict`), so a
+    resumed run masks as the uninterrupted one."""
 
     def __init__(self, num_images: int, grid: tuple[int, int], refresh_steps: int, keyed: bool = False):
         self.grid, self.refresh_steps, self.keyed = grid, refresh_steps, keyed
@@ -68,21 +69,23 @@ class MaskRankingCache:
         progress = tqdm(total=total, desc="ranking whole images", disable=not processes.is_main_process, leave=False)
         for batch in batches:
             scores = model.informed_mask_scores(batch["pixel_values"])
-            rankings.append(scores.to("cpu", torch.float16))
+            rankings.append(scores.to(processes.device, torch.float16))
             if self.keyed:
                 keys += batch["keys"]
             else:
-                rows.append(batch["index"].cpu())
+                rows.append(batch["index"].to(processes.device))
             progress.update(len(scores) * processes.num_processes)
         progress.close()
         model.train(was_training)
-        rankings = torch.cat(rankings) if rankings else torch.empty(0, self.grid[0] * self.grid[1])
+        empty = torch.empty(0, self.grid[0] * self.grid[1], dtype=torch.float16, device=processes.device)
+        rankings = torch.cat(rankings) if rankings else empty
         if self.keyed:
             self._store_keyed(processes, keys, rankings)
         else:
-            self._store_rows(processes, torch.cat(rows) if rows else torch.empty(0, dtype=torch.long), rankings)
+            no_rows = torch.empty(0, dtype=torch.long, device=processes.device)
+            self._store_rows(processes, torch.cat(rows) if rows else no_rows, rankings)
         self.refreshed_at = step
-        flat = self.rankings.flatten(1).float()
+        flat = self.rankings.flatten(1).float()  # the logs below read the device once per refresh
         usable = torch.isfinite(flat).all(dim=1)
         seconds = time.perf_counter() - started
         logs = {
@@ -103,13 +106,13 @@ class MaskRankingCache:
         if processes.num_processes > 1:
             count = torch.tensor([len(rows)], device=processes.device)
             longest = int(gather(count).max())
-            padded_rows = torch.full((longest,), -1, dtype=torch.long)
+            padded_rows = torch.full((longest,), -1, dtype=torch.long, device=processes.device)
             padded_rows[: len(rows)] = rows
-            padded = torch.zeros(longest, rankings.shape[1], dtype=torch.float16)
+            padded = torch.zeros(longest, rankings.shape[1], dtype=torch.float16, device=processes.device)
             padded[: len(rows)] = rankings
-            rows = gather(padded_rows.to(processes.device)).cpu()
-            rankings = gather(padded.to(processes.device)).cpu()
+            rows, rankings = gather(padded_rows), gather(padded)
             rankings, rows = rankings[rows >= 0], rows[rows >= 0]
+        self.rankings = self.rankings.to(processes.device)
         self.rankings[rows] = rankings.view(-1, *self.grid)
 
     def _store_keyed(self, processes: PartialState, keys: list[str], rankings: torch.Tensor) -> None:
@@ -117,7 +120,7 @@ class MaskRankingCache:
         if processes.num_processes > 1:
             shares = gather_object([(keys, rankings)])
             keys = [key for share_keys, _ in shares for key in share_keys]
-            rankings = torch.cat([share for _, share in shares])
+            rankings = torch.cat([share.to(processes.device) for _, share in shares])
         if len(set(keys)) != len(keys):
             raise SystemExit(
                 "error: the stream's sample ids (__key__) are not unique, so cached informed masks cannot be matched "
@@ -130,16 +133,17 @@ class MaskRankingCache:
         """This batch's views' rankings [B, N] on the batch's device: each image's stored map cropped with its view's
         box and flip (`crops`); a NaN row (random mask) for an image the last refresh did not rank."""
         device = batch["pixel_values"].device
+        self.rankings = self.rankings.to(device)  # once, after a checkpoint was loaded on the host
         if self.keyed:
-            rows = torch.tensor([self.rows.get(key, -1) for key in batch["keys"]], dtype=torch.long)
+            rows = torch.tensor([self.rows.get(key, -1) for key in batch["keys"]], dtype=torch.long, device=device)
         else:
-            rows = batch["index"].cpu()
-        maps = self.rankings[rows.clamp(min=0)].to(device, non_blocking=True).float()
-        maps[rows.to(device) < 0] = float("nan")
+            rows = batch["index"].to(device)
+        maps = self.rankings[rows.clamp(min=0)].float()
+        maps[rows < 0] = float("nan")
         return crop_maps(maps, batch["crops"]).flatten(1)
 
     def state_dict(self) -> dict:
-        return {"rankings": self.rankings, "refreshed_at": torch.tensor(self.refreshed_at), "keys": self.keys}
+        return {"rankings": self.rankings.cpu(), "refreshed_at": torch.tensor(self.refreshed_at), "keys": self.keys}
 
     def load_state_dict(self, saved: dict) -> None:
         self.rankings = saved["rankings"].to(torch.float16)

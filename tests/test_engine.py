@@ -13,6 +13,7 @@ from conftest import REPO_ROOT, tiny_config
 from modeling_sgmae import SGMAEForPreTraining
 from sgmae_training import engine
 from sgmae_training.engine import LoopSettings, train
+from sgmae_training.mask_cache import MaskRankingCache
 from sgmae_training.training_state import TrainingState
 
 sys.path.insert(0, str(REPO_ROOT))
@@ -24,17 +25,26 @@ OURS = (str(REPO_ROOT / "modeling_sgmae"), str(REPO_ROOT / "sgmae_training"), st
 def reads_from_our_code(monkeypatch, steps: int, tmp_path: Path) -> list[str]:
     """Values read back from tensors by this project's code (not torch's or Accelerate's) during a training run."""
     accelerator = Accelerator(cpu=True)
-    model = SGMAEForPreTraining(tiny_config(informed_masking_start_step=1))
+    model = SGMAEForPreTraining(tiny_config(informed_masking_start_step=1))  # cached informed masks from step 1
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     args = type("Args", (), {"exploitation_check_steps": 1000, "visualization_steps": None, "output_dir": tmp_path})
-    hooks = run_pretraining.PretrainingHooks(accelerator, model, steps, args, None, None)
     generator = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, 32, 32, generator=generator)
+    cache = MaskRankingCache(8, (8, 8), refresh_steps=1000)
+    hooks = run_pretraining.PretrainingHooks(
+        accelerator, model, steps, args, None, None, cache, lambda: iter([{"pixel_values": images, "index": rows}])
+    )
+    rows = torch.arange(8)
 
     def epoch_batches(state):
         for _ in range(steps):
-            yield {"pixel_values": torch.randn(4, 3, 32, 32, generator=generator), "skipped": 0}
+            index = torch.randperm(8, generator=generator)[:4]
+            crops = torch.cat(
+                [torch.rand(4, 2, generator=generator) / 2, torch.full((4, 2), 0.5), torch.ones(4, 1)], 1
+            )
+            yield {"pixel_values": images[index], "index": index, "crops": crops, "skipped": 0}
 
     reads = []
     for name in ("__int__", "__float__", "__bool__", "item", "tolist"):
@@ -58,10 +68,12 @@ def reads_from_our_code(monkeypatch, steps: int, tmp_path: Path) -> list[str]:
 
 
 def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch, tmp_path):
-    """Steps 1..N-1 neither log nor checkpoint: whatever is read is read once at the end, however many steps."""
+    """Steps 1..N-1 neither log nor checkpoint: whatever is read is read once (the final log, the cached rankings'
+    refresh at the informed start), however many steps; a step masked by cropped rankings reads nothing."""
     short, long = reads_from_our_code(monkeypatch, 2, tmp_path), reads_from_our_code(monkeypatch, 6, tmp_path)
     assert sorted(short) == sorted(long)
-    assert sorted(long) == ["item in engine.py", "tolist in run_pretraining.py"]  # the final log: loss, mask stats
+    refresh = [read for read in long if "mask_cache.py" in read]  # the one refresh of the cached rankings, its log
+    assert refresh and sorted(set(long) - set(refresh)) == ["item in engine.py", "tolist in run_pretraining.py"]
 
 
 def test_auto_mixed_precision_is_bf16_on_a_bf16_gpu_and_defers_to_a_launcher_that_chose(monkeypatch) -> None:

@@ -35,6 +35,11 @@ def test_the_plan_charges_the_self_guided_cost_measured_on_the_device(tmp_path) 
     # bench_model.py cut short before the config, or not run at all: the documented prior
     for path, config in ((report, "vitb"), (report, "cifar"), (tmp_path / "missing.json", "imagenette196")):
         assert gpu_plan.self_guided_cost(str(path), config)[0] == gpu_plan.SELF_GUIDED_COST
+    # cached masks (the default): the cached step's ratio plus the refresh passes spread over the epochs
+    cached = {"cached_ratio_vs_random": 1.02, "random_median_step_s": 0.1, "refresh": {"lanczos": {"median_s": 0.05}}}
+    report.write_text(json.dumps({"results": [{"config": "imagenette196", **measured, "cached": cached}]}))
+    cost, source = gpu_plan.self_guided_cost(str(report), "imagenette196", epochs=100)
+    assert cost == pytest.approx(1.02 + gpu_plan.REFRESHES * 0.5 / 100) and "cached masks" in source
     epoch_seconds = gpu_plan.plan(12_800, 90 + 400, 6, 73, 128, 100, cost=1.9)[2]
     assert epoch_seconds == pytest.approx(6.132 / 1.4 * 1.9)
 
