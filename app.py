@@ -39,7 +39,7 @@ from sgmae_training.hub import check_checkpoint_kind
 
 DEFAULT_MODEL = "outputs/sgmae-demo"  # the folder the README's first command leaves
 MAKE_DEFAULT_MODEL = (  # the README's first command
-    "accelerate launch --config_file configuration/accelerate/default.yaml run_pretraining.py "
+    "accelerate launch -q --config_file configuration/accelerate/default.yaml run_pretraining.py "
     f"--output_dir {DEFAULT_MODEL}"
 )
 GRAPH_EDGES = ("similarity", "binary_fixed", "binary_mean")  # SGMAEConfig's choices (tests/test_app.py checks)

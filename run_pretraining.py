@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pre-train SG-MAE (or plain MAE with --mask_strategy random) with Accelerate over a `datasets` split or stream.
 
-    accelerate launch --config_file configuration/accelerate/default.yaml run_pretraining.py \
+    accelerate launch -q --config_file configuration/accelerate/default.yaml run_pretraining.py \
         --dataset_name uoft-cs/cifar10 \
         --config_name configuration/models/sgmae-vit-tiny-patch4-cifar.json --output_dir outputs/sgmae-cifar
 
@@ -46,6 +46,7 @@ from sgmae_training.engine import (
 )
 from sgmae_training.hub import (
     check_checkpoint_kind,
+    dataset_reachable,
     pretraining_card,
     push_to_hub,
     save_hub_folder,
@@ -295,7 +296,8 @@ def main() -> None:
         args.ddp_timeout,
     )  # fmt: skip
     model = build_model(model_args, data_args.num_channels)  # first: a bad config stops the run before data is read
-    train_data, probe_rows, image_column = load_data(data_args)
+    with dataset_reachable(data_args.dataset_name):
+        train_data, probe_rows, image_column = load_data(data_args)
 
     # ----- optimiser, schedule -----
     config = model.config

@@ -20,6 +20,7 @@ from transformers import HfArgumentParser, ViTImageProcessor
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining
 from modeling_sgmae.analysis import analysis_metrics, figure_panel
 
+from .arguments import parse_script_args
 from .data import (
     IMAGE_COLUMNS,
     DataArguments,
@@ -30,6 +31,7 @@ from .data import (
     saved_statistics,
     to_channels,
 )
+from .hub import dataset_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ def probe_batch(dataset, image_column: str | None, num_images: int, processor, c
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Analyse a checkpoint on the first images of a dataset split; write analysis.json and figure_panel.png."""
-    (args,) = HfArgumentParser(AnalysisArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_script_args(HfArgumentParser(AnalysisArguments), argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -79,8 +81,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = SGMAEForPreTraining.from_pretrained(args.model).to(device)
     processor = load_image_processor(args.model, model.config)
     data_args = DataArguments(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name)
-    split = evaluation_split(data_args, args.split) or data_args.train_split
-    dataset = load_split(data_args, split, streaming=False)
+    with dataset_reachable(args.dataset_name):
+        split = evaluation_split(data_args, args.split) or data_args.train_split
+        dataset = load_split(data_args, split, streaming=False)
     pixel_values, column = probe_batch(dataset, args.image_column, args.num_images, processor, model.config)
 
     # metrics and figure

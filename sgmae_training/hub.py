@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,20 @@ def check_checkpoint_kind(path: str, cache_dir: str | None = None, argument: str
             "classification) or a transformers ViTMAE checkpoint"
         )
     return model_type
+
+
+@contextmanager
+def dataset_reachable(dataset_name: str | None) -> Iterator[None]:
+    """One `error:` line, instead of `datasets`' ConnectionError traceback, when a Hub dataset id cannot be reached
+    (offline, or no network): what happened and how to point the scripts at a local copy."""
+    try:
+        yield
+    except ConnectionError as error:
+        raise SystemExit(
+            f"error: cannot reach dataset {dataset_name!r}: {' '.join(str(error).split())}; "
+            f"offline, give --dataset_name a local copy instead: a folder with its parquet or .tar files, e.g. "
+            f"`hf download {dataset_name} --repo-type dataset --local-dir DIR` run where there is network"
+        ) from error
 
 
 def save_hub_folder(
