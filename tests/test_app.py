@@ -31,7 +31,7 @@ import app
 
 PHOTO_SIZE = (90, 60)  # a landscape photo: the panels must come back at 3:2
 CONTROLS = dict(mask_ratio=0.6, hint_ratio=0.2, feature_layer=1, graph_edges="binary_mean", foreground_rule="smaller")
-# A trained checkpoint for the screenshot: with it, the browser test writes docs/demo.png (see the README).
+# A trained checkpoint for the screenshot: with it, the browser test writes docs/demo.png (see docs/demo.md).
 SCREENSHOT_MODEL = os.environ.get("SGMAE_DEMO_SCREENSHOT")
 
 
