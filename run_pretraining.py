@@ -30,6 +30,7 @@ from transformers import HfArgumentParser, PreTrainedConfig
 from modeling_sgmae import MaskType, SGMAEConfig, SGMAEForPreTraining
 from modeling_sgmae.analysis import figure_panel
 from sgmae_training import data
+from sgmae_training.analyze import save_figure_panel
 from sgmae_training.arguments import (
     RunArguments,
     check_positive,
@@ -207,7 +208,8 @@ def load_data(data_args: data.DataArguments) -> tuple[datasets.Dataset | dataset
     """The training split (undecoded images), the probe rows (first 8 of the evaluation split, else of the training
     split; None for a stream without one) and the image column."""
     if not (data_args.dataset_name or data_args.train_dir):
-        train_data = eval_data = demo_dataset()
+        train_data = demo_dataset()
+        eval_data = train_data.select(range(len(data.DEMO_PHOTOS)))  # the probe: each photo once
         data_args.streaming = False
     else:
         train_data = data.load_split(data_args, data_args.train_split, data_args.streaming)
@@ -279,13 +281,16 @@ class PretrainingHooks(TrainingHooks):
         if logs:
             self.accelerator.log(logs, step=step)
         if probe is not None and self.args.visualization_steps and step % self.args.visualization_steps == 0:
-            self.save_panel(Path(self.args.output_dir) / f"masks-step{step}.png")
+            self.save_panel(Path(self.args.output_dir) / f"masks-step{step}.png", step)
 
-    def save_panel(self, path: Path) -> None:
+    def save_panel(self, path: Path, step: int) -> None:
         """Input, random mask, NCut bi-partition, informed mask, with hints, reconstruction: one row per image."""
         if self.accelerator.is_main_process:
             pixel_values = self.probe["pixel_values"].to(self.accelerator.device)
-            figure_panel(self.model, pixel_values, self.processor.image_mean, self.processor.image_std).save(path)
+            panel = figure_panel(self.model, pixel_values, self.processor.image_mean, self.processor.image_std)
+            phase = "informed" if self.model.informed_masking_active else "random"
+            title = f"{Path(self.args.output_dir).name}, step {step}: {phase} masks in training"
+            save_figure_panel(panel, path, title)
 
 
 def main() -> None:
@@ -353,7 +358,7 @@ def main() -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if probe is not None:
-            hooks.save_panel(Path(args.output_dir) / "masks.png")
+            hooks.save_panel(Path(args.output_dir) / "masks.png", state.step)
         demo = not (data_args.dataset_name or data_args.train_dir)
         card = pretraining_card(
             model_args, data_args, args, unwrapped, state, demo, global_batch, accelerator.num_processes

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from transformers import HfArgumentParser, ViTImageProcessor
 
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining
-from modeling_sgmae.analysis import analysis_metrics, figure_panel
+from modeling_sgmae.analysis import HINT_GREEN, MASKED_GREY, OBJECT_RED, FigurePanel, analysis_metrics, figure_panel
 
 from .arguments import parse_script_args
 from .data import (
@@ -34,6 +35,11 @@ from .data import (
 from .hub import dataset_reachable
 
 logger = logging.getLogger(__name__)
+PANEL_LEGEND = (  # what the panel's colours mean (modeling_sgmae.analysis tints the columns with them)
+    (OBJECT_RED, "the NCut part taken as the object"),
+    (MASKED_GREY, "masked patches"),
+    (HINT_GREEN, "hints: informed-mask patches shown to the encoder"),
+)
 
 
 @dataclass
@@ -69,6 +75,25 @@ def probe_batch(dataset, image_column: str | None, num_images: int, processor, c
     if any(image is None for image in converted):
         raise SystemExit(f"error: the probe images do not have the model's {config.num_channels} channels")
     return processor(converted, return_tensors="pt")["pixel_values"], column
+
+
+def save_figure_panel(panel: FigurePanel, path: str | Path, title: str) -> None:
+    """The panel as a PNG under a header: `title` (which model, at which step) and a legend of its colours."""
+    panel.save(path)
+    image = Image.open(path).convert("RGB")
+    font = ImageFont.load_default(size=13)
+    header = Image.new("RGB", (image.width, 44), "white")
+    draw = ImageDraw.Draw(header)
+    draw.text((8, 4), title, fill="black", font=font)
+    left = 8
+    for colour, meaning in PANEL_LEGEND:
+        draw.rectangle((left, 26, left + 11, 37), fill=tuple(round(255 * value) for value in colour))
+        draw.text((left + 16, 24), meaning, fill="black", font=font)
+        left += 16 + round(draw.textlength(meaning, font=font)) + 18
+    annotated = Image.new("RGB", (image.width, image.height + header.height), "white")
+    annotated.paste(header, (0, 0))
+    annotated.paste(image, (0, header.height))
+    annotated.save(path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -107,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tuple(processor.image_std),
             args.seed,
         )
-        panel.save(output_dir / "figure_panel.png")
+        save_figure_panel(panel, output_dir / "figure_panel.png", f"{Path(args.model).name}: {split} images")
         logger.info("wrote %s", output_dir / "figure_panel.png")
     return metrics
 
