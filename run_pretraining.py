@@ -48,6 +48,7 @@ from sgmae_training.engine import (
 from sgmae_training.hub import (
     check_checkpoint_kind,
     dataset_reachable,
+    masking_schedule,
     pretraining_card,
     push_to_hub,
     save_hub_folder,
@@ -396,17 +397,10 @@ def epoch_batch_factory(
 
 
 def log_plan(config: SGMAEConfig, model: SGMAEForPreTraining, total_steps, steps_per_epoch, global_batch, lr) -> None:
-    start = model.informed_masking_start_step
-    if config.mask_strategy == "random":
-        phases = ""
-    elif start is None:
-        phases = ", informed once the decoder's mask-token share overtakes the visible share (automatic start)"
-    else:
-        phases = f", informed from step {start}"
     logger.info(
-        "training %d steps (%d epochs of %d steps), global batch %d, lr %.2e, %s masking%s",
+        "training %d steps (%d epochs of %d steps), global batch %d, lr %.2e, masking: %s",
         total_steps, math.ceil(total_steps / steps_per_epoch), steps_per_epoch, global_batch, lr,
-        config.mask_strategy, phases,
+        masking_schedule(config, model.informed_masking_start_step, finished=False),
     )  # fmt: skip
 
 
