@@ -40,6 +40,7 @@ from sgmae_training import data
 from sgmae_training.arguments import (
     RunArguments,
     check_positive,
+    dataset_reachable,
     parse_script_args,
 )
 from sgmae_training.engine import (
@@ -53,7 +54,6 @@ from sgmae_training.evaluation import Evaluation, EvaluationResult, gather_sampl
 from sgmae_training.hub import (
     check_checkpoint_kind,
     classification_card,
-    dataset_reachable,
     push_to_hub,
     save_hub_folder,
     write_json_atomically,

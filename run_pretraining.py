@@ -34,6 +34,7 @@ from sgmae_training.analyze import save_figure_panel
 from sgmae_training.arguments import (
     RunArguments,
     check_positive,
+    dataset_reachable,
     parse_config_overrides,
     parse_script_args,
 )
@@ -47,7 +48,6 @@ from sgmae_training.engine import (
 )
 from sgmae_training.hub import (
     check_checkpoint_kind,
-    dataset_reachable,
     masking_schedule,
     pretraining_card,
     push_to_hub,

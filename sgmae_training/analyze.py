@@ -21,7 +21,7 @@ from transformers import HfArgumentParser, ViTImageProcessor
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining
 from modeling_sgmae.analysis import HINT_GREEN, MASKED_GREY, OBJECT_RED, FigurePanel, analysis_metrics, figure_panel
 
-from .arguments import parse_script_args
+from .arguments import dataset_reachable, parse_script_args
 from .data import (
     IMAGE_COLUMNS,
     DataArguments,
@@ -32,7 +32,6 @@ from .data import (
     saved_statistics,
     to_channels,
 )
-from .hub import dataset_reachable
 
 logger = logging.getLogger(__name__)
 PANEL_LEGEND = (  # what the panel's colours mean (modeling_sgmae.analysis tints the columns with them)

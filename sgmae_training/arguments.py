@@ -6,6 +6,8 @@ import ast
 import difflib
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +56,20 @@ def refuse_unknown_arguments(parser: HfArgumentParser, arguments: list[str], sou
         hints.append(f"{name} (closest: {', '.join(close[:3])})" if close else name)
     where = f" in {source}" if source else ""
     raise SystemExit(f"error: unknown argument(s){where}: {'; '.join(hints)}; see --help for the full list")
+
+
+@contextmanager
+def dataset_reachable(dataset_name: str | None) -> Iterator[None]:
+    """One `error:` line, instead of `datasets`' ConnectionError traceback, when a Hub dataset id cannot be reached
+    (offline, or no network): what happened and how to point the scripts at a local copy."""
+    try:
+        yield
+    except ConnectionError as error:
+        raise SystemExit(
+            f"error: cannot reach dataset {dataset_name!r}: {' '.join(str(error).split())}; "
+            f"offline, give --dataset_name a local copy instead: a folder with its parquet or .tar files, e.g. "
+            f"`hf download {dataset_name} --repo-type dataset --local-dir DIR` run where there is network"
+        ) from error
 
 
 def check_positive(arguments: object, names: tuple[str, ...], minimum: int = 1) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,20 +43,6 @@ def masking_schedule(config: PreTrainedConfig, start_step: int | None, finished:
     if finished:  # an automatic start that never fired
         return "self-guided, never started (masks stayed random)"
     return "self-guided, informed once the decoder's mask-token share overtakes the visible share (automatic start)"
-
-
-@contextmanager
-def dataset_reachable(dataset_name: str | None) -> Iterator[None]:
-    """One `error:` line, instead of `datasets`' ConnectionError traceback, when a Hub dataset id cannot be reached
-    (offline, or no network): what happened and how to point the scripts at a local copy."""
-    try:
-        yield
-    except ConnectionError as error:
-        raise SystemExit(
-            f"error: cannot reach dataset {dataset_name!r}: {' '.join(str(error).split())}; "
-            f"offline, give --dataset_name a local copy instead: a folder with its parquet or .tar files, e.g. "
-            f"`hf download {dataset_name} --repo-type dataset --local-dir DIR` run where there is network"
-        ) from error
 
 
 def save_hub_folder(

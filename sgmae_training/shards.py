@@ -32,9 +32,8 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 from transformers import HfArgumentParser
 
-from .arguments import parse_script_args
+from .arguments import dataset_reachable, parse_script_args
 from .data import LABEL_COLUMNS, DataArguments, find_column, find_image_column, load_split, prepare_images
-from .hub import dataset_reachable
 
 logger = logging.getLogger(__name__)
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "TIFF": "tif", "WEBP": "webp", "BMP": "bmp", "GIF": "gif"}

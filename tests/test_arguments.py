@@ -20,6 +20,7 @@ from sgmae_training.arguments import (
     RunArguments,
     check_checkpointing_steps,
     check_positive,
+    dataset_reachable,
     parse_config_overrides,
     parse_script_args,
 )
@@ -110,3 +111,11 @@ def test_the_timeout_default_lives_with_the_arguments_not_the_engine():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
     assert result.stdout.strip() == "False"
     assert RunArguments().ddp_timeout == DISTRIBUTED_TIMEOUT_S == engine.DISTRIBUTED_TIMEOUT_S
+
+
+def test_an_unreachable_hub_dataset_is_one_line_naming_a_local_copy():
+    with pytest.raises(SystemExit) as stopped, dataset_reachable("uoft-cs/cifar10"):
+        raise ConnectionError("Couldn't reach 'uoft-cs/cifar10' on the Hub (OfflineModeIsEnabled)")
+    message = str(stopped.value)
+    assert message.startswith("error: cannot reach dataset 'uoft-cs/cifar10': Couldn't reach") and "\n" not in message
+    assert "give --dataset_name a local copy" in message and "hf download uoft-cs/cifar10" in message
