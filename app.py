@@ -6,7 +6,8 @@
 A photo (uploaded, or one of scikit-image's) goes through the model's own masking: the six panels are those of
 `modeling_sgmae.analysis.figure_panel` (masks from `SGMAEForPreTraining.informed_masking`), stretched back to the
 photo's aspect, with a line on what the masking saw. The controls set masking fields of the model's config for one
-call. Needs `pip install .[demo]`.
+call. The page opens with an example photo shown; its one API endpoint, `/mask`, takes a photo and the controls and
+returns the panels and lines (docs/demo.md shows a `gradio_client` call). Needs `pip install .[demo]`.
 """
 
 from __future__ import annotations
