@@ -6,7 +6,8 @@
 A photo (uploaded, or one of scikit-image's) goes through the model's own masking: the six panels are those of
 `modeling_sgmae.analysis.figure_panel` (masks from `SGMAEForPreTraining.informed_masking`), stretched back to the
 photo's aspect, with a line on what the masking saw. The controls set masking fields of the model's config for one
-call. Needs `pip install .[demo]`.
+call. The page opens with an example photo shown; its one API endpoint, `/mask`, takes a photo and the controls and
+returns the panels and lines (docs/demo.md shows a `gradio_client` call). Needs `pip install .[demo]`.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import astuple, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 import torch
+import transformers
+from huggingface_hub.errors import StrictDataclassError
 from PIL import Image, ImageOps, UnidentifiedImageError
 from skimage import data as sample_photos
 from transformers import ViTImageProcessor
@@ -39,7 +42,7 @@ from sgmae_training.hub import check_checkpoint_kind
 
 DEFAULT_MODEL = "outputs/sgmae-demo"  # the folder the README's first command leaves
 MAKE_DEFAULT_MODEL = (  # the README's first command
-    "accelerate launch --config_file configuration/accelerate/default.yaml run_pretraining.py "
+    "accelerate launch -q --config_file configuration/accelerate/default.yaml run_pretraining.py "
     f"--output_dir {DEFAULT_MODEL}"
 )
 GRAPH_EDGES = ("similarity", "binary_fixed", "binary_mean")  # SGMAEConfig's choices (tests/test_app.py checks)
@@ -48,8 +51,18 @@ PANEL_TITLES = ("input", "random mask", "NCut bi-partition", "informed mask", "i
 MAX_PHOTO_PIXELS = 100_000_000  # refused before decoding: a bigger upload would take seconds and gigabytes
 WORKING_SIDE = 1024  # photos are decoded (and cached) at most this long: the model sees far fewer pixels
 DISPLAY_SIDE = 480  # long side of a panel in pixels: an 8 x 8 grid shows 60-pixel patches
+UNTRAINED_DECODER = (
+    "This checkpoint has no decoder weights (a classifier?): the reconstruction comes from an untrained, random "
+    "decoder and means nothing; the masks are the encoder's own"
+)
 MODELS_KEPT = 2  # checkpoints kept loaded for the sessions that show them
 WELCOME = "Drop a photo in *Your photo*, or pick one of the examples under the panels."
+OPENING = "An example photo. Drop your own in *Your photo*, or pick another example under the panels."
+API_NAME = "mask"  # the page's one API endpoint: a photo and the masking controls in, the panels and statistics out
+API_DESCRIPTION = (
+    "The model's Figure-1 panels of a photo under the masking controls: six images, the statistics line, the note on "
+    "the reconstruction and a status line (empty, or a one-line message for a file that is not a usable photo)."
+)
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
@@ -146,10 +159,13 @@ class DemoModel:
         """One line of Markdown: the checkpoint and its geometry."""
         config = self.model.config
         (height, width), (rows, columns) = config.image_height_width, config.grid_size
-        return (
+        description = (
             f"`{self.name}`: {height}x{width} px input, {config.patch_size} px patches ({rows}x{columns}), "
             f"{config.num_hidden_layers} blocks, on {self.model.device.type}"
         )
+        if self.untrained_decoder:
+            description += f" · **{UNTRAINED_DECODER}**"
+        return description
 
     def reconstruction_note(self) -> str:
         """How the reconstruction panel is made, for the line under it."""
@@ -160,7 +176,7 @@ class DemoModel:
                 "visible patches (`norm_pix_loss`), not from the hidden ones; visible patches: the input."
             )
         if self.untrained_decoder:
-            note = "This checkpoint has no decoder weights: the prediction comes from an untrained decoder. " + note
+            note = f"{UNTRAINED_DECODER}. " + note
         return note
 
 
@@ -171,7 +187,12 @@ def load_model(name: str, device: str) -> DemoModel:
     except SystemExit as error:  # the scripts' check ends a script with its one-line reason
         raise ModelError(str(error).removeprefix("error: ")) from None
     try:
-        model, info = SGMAEForPreTraining.from_pretrained(name, output_loading_info=True)
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # its table of missing keys: the demo says what they mean
+        try:
+            model, info = SGMAEForPreTraining.from_pretrained(name, output_loading_info=True)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
     except Exception as error:  # whatever the checkpoint gets wrong (files, weights, config values): one line
         raise ModelError(f"cannot load {name!r}: {' '.join(str(error).split())}") from error
     if model.config.num_channels != 3:
@@ -266,10 +287,10 @@ def masking_view(demo: DemoModel, photo: Image.Image, controls: MaskingControls)
 # ----- the page ---------------------------------------------------------------------------------------------------
 
 
-def uploaded_path(payload: dict | None) -> str | None:
+def uploaded_path(payload: dict | str | None) -> str | None:
     """The path of the file in gr.Image's raw (unprocessed) value: Gradio does not decode it, so a file that is not a
     usable photo reaches `read_photo` and gets the page's message (gr.Image's own decoding fails silently there)."""
-    return None if payload is None else payload.get("path")
+    return payload.get("path") if isinstance(payload, dict) else payload
 
 
 def masking_controls(start: MaskingControls, num_layers: int) -> list[gr.components.Component]:
@@ -293,8 +314,9 @@ def masking_controls(start: MaskingControls, num_layers: int) -> list[gr.compone
     ]  # fmt: skip
 
 
-def panel_grid() -> tuple[list[gr.Image], gr.Markdown]:
-    """The six panels in two rows of three (PANEL_TITLES' order), and the note under the reconstruction."""
+def panel_grid(opening: tuple) -> tuple[list[gr.Image], gr.Markdown]:
+    """The six panels in two rows of three (PANEL_TITLES' order), and the note under the reconstruction, showing
+    `opening` (what `DemoServer.show` returns for the example photo the page opens with)."""
     panels = []
     for row in (PANEL_TITLES[:3], PANEL_TITLES[3:]):
         with gr.Row():
@@ -303,12 +325,12 @@ def panel_grid() -> tuple[list[gr.Image], gr.Markdown]:
                     slug = title.replace(" + ", "-").replace(" ", "-").lower()
                     panels.append(
                         gr.Image(
-                            label=title, format="png", interactive=False, elem_id=f"panel-{slug}",
-                            buttons=["download", "fullscreen"],
+                            opening[len(panels)], label=title, format="png", interactive=False,
+                            elem_id=f"panel-{slug}", buttons=["download", "fullscreen"],
                         )
                     )  # fmt: skip
                     if title == "reconstruction":
-                        note = gr.Markdown(elem_id="reconstruction-note")
+                        note = gr.Markdown(opening[-2], label="reconstruction note", elem_id="reconstruction-note")
     return panels, note
 
 
@@ -345,17 +367,34 @@ class DemoServer:
         nothing = (None,) * len(PANEL_TITLES) + ("", "")
         if photo_path is None:
             return (*nothing, WELCOME)
-        controls = MaskingControls(
-            mask_ratio, hint_ratio, int(feature_layer), graph_edges, foreground_rule, int(seed or 0)
-        )
         try:
+            controls = MaskingControls(
+                mask_ratio, hint_ratio, int(feature_layer), graph_edges, foreground_rule, int(seed or 0)
+            )
             view = masking_view(self.model(model_name), load_photo(photo_path), controls)
-        except (PhotoError, ModelError, ValueError) as error:  # ValueError: controls the config or masking refuse
-            return (*nothing, f"⚠️ {error}")
+        except (PhotoError, ModelError, ValueError, TypeError, StrictDataclassError) as error:
+            return (*nothing, f"⚠️ {' '.join(str(error).split())}")  # controls the config or masking refuse, too
         return (*(view.panels[title] for title in PANEL_TITLES), view.statistics, view.reconstruction_note, "")
 
-    def switch(self, requested: str, current: str, photo_path: str | None, *controls) -> tuple:
-        """Load another checkpoint for this session: its name, description and feature-layer range, then `show`."""
+    def mask(
+        self,
+        model_name: str,
+        photo: dict | str | None,
+        mask_ratio: float,
+        hint_ratio: float,
+        mask_feature_layer: float,
+        graph_edges: str,
+        foreground_rule: str,
+        seed: float | None,
+    ) -> tuple:
+        """The page's one event and API endpoint (`/mask`): `show` for a photo as Gradio passes it unprocessed (a file
+        payload, so that a file that is not a photo gets the page's message rather than Gradio's decoding error)."""
+        controls = (mask_ratio, hint_ratio, mask_feature_layer, graph_edges, foreground_rule, seed)
+        return self.show(model_name, uploaded_path(photo), *controls)
+
+    def switch(self, requested: str, current: str, photo: dict | str | None, *controls) -> tuple:
+        """Load another checkpoint for this session: its name, description and feature-layer range, then `show`
+        (the photo unprocessed, as `mask` takes it)."""
         name = requested.strip()
         try:
             demo = self.model(name)
@@ -366,14 +405,24 @@ class DemoServer:
         layer = gr.update(maximum=config.num_hidden_layers, value=config.feature_layer)
         mask_ratio, hint_ratio, _, graph_edges, foreground_rule, seed = controls
         shown = self.show(
-            name, photo_path, mask_ratio, hint_ratio, config.feature_layer, graph_edges, foreground_rule, seed
+            name,
+            uploaded_path(photo),
+            mask_ratio,
+            hint_ratio,
+            config.feature_layer,
+            graph_edges,
+            foreground_rule,
+            seed,
         )
         return (name, demo.describe(), layer, *shown)
 
     def page(self, model_name: str, choose_model: bool = True) -> gr.Blocks:
-        """The Gradio page, starting with checkpoint `model_name`; `choose_model` adds a box to load another."""
+        """The Gradio page, starting with checkpoint `model_name` and the first example photo shown; `choose_model`
+        adds a box to load another."""
         demo = self.model(model_name)
         start = MaskingControls.of(demo.model.config)
+        examples = example_photos()
+        opening = self.show(model_name, examples[0], *astuple(start))
         with gr.Blocks(title="SG-MAE: self-guided masking on your photo", analytics_enabled=False) as page:
             gr.Markdown(
                 "# What self-guided masking does to your photo\n"
@@ -382,7 +431,6 @@ class DemoServer:
                 "masks, as training builds them."
             )
             session_model = gr.State(model_name)
-            photo_file = gr.State(None)  # the photo's path, as `uploaded_path` takes it from the upload
             with gr.Row():
                 with gr.Column(scale=1, min_width=300):
                     if choose_model:
@@ -392,26 +440,32 @@ class DemoServer:
                             )
                             load_button = gr.Button("Load", scale=1, elem_id="load-model")
                     model_info = gr.Markdown(demo.describe(), elem_id="model-info")
-                    photo = gr.Image(label="Your photo", type="filepath", height=240, elem_id="photo")
+                    photo = gr.Image(examples[0], label="Your photo", type="filepath", height=240, elem_id="photo")
                     controls = masking_controls(start, demo.model.config.num_hidden_layers)
                 with gr.Column(scale=3):
-                    status = gr.Markdown(WELCOME, elem_id="status")
-                    panels, note = panel_grid()
-                    statistics = gr.Markdown(elem_id="statistics")
+                    status = gr.Markdown(opening[-1] or OPENING, label="status", elem_id="status")
+                    panels, note = panel_grid(opening)
+                    statistics = gr.Markdown(opening[-3], label="statistics", elem_id="statistics")
                     gr.Examples(
-                        [[path] for path in example_photos()], inputs=photo, label="Examples: scikit-image photographs"
-                    )
+                        [[path] for path in examples], inputs=photo, label="Examples: scikit-image photographs",
+                        api_visibility="private",
+                    )  # fmt: skip
             outputs = [*panels, statistics, note, status]
-            shown = dict(fn=self.show, inputs=[session_model, photo_file, *controls], outputs=outputs)
-            photo.change(uploaded_path, photo, photo_file, preprocess=False).then(**shown)
+            # One function for the photo and every control; preprocess=False passes the photo's file unprocessed.
+            shown = dict(fn=self.mask, inputs=[session_model, photo, *controls], outputs=outputs, preprocess=False)
+            photo.change(**shown, api_name=API_NAME, api_description=API_DESCRIPTION)
             # always_last: a dragged slider ends on its last value
-            gr.on([control.change for control in controls], **shown, trigger_mode="always_last")
+            gr.on(
+                [control.change for control in controls], **shown, trigger_mode="always_last", api_visibility="private"
+            )
             if choose_model:
                 gr.on(
                     [load_button.click, model_box.submit],
                     self.switch,
-                    inputs=[model_box, session_model, photo_file, *controls],
+                    inputs=[model_box, session_model, photo, *controls],
                     outputs=[session_model, model_info, controls[2], *outputs],
+                    preprocess=False,
+                    api_visibility="private",
                 )
         return page
 
@@ -430,7 +484,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.model == DEFAULT_MODEL and not Path(DEFAULT_MODEL).is_dir():
             raise ModelError(f"no model at {DEFAULT_MODEL}; make one with `{MAKE_DEFAULT_MODEL}`, or pass --model")
-        server.model(args.model)
+        if server.model(args.model).untrained_decoder:
+            print(f"warning: {args.model}: {UNTRAINED_DECODER}", file=sys.stderr)
     except ModelError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

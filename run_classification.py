@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate an SG-MAE (or transformers ViTMAE) encoder on image classification: fine-tuning, linear probing or kNN.
 
-    accelerate launch --config_file configuration/accelerate/default.yaml run_classification.py \
+    accelerate launch -q --config_file configuration/accelerate/default.yaml run_classification.py \
         --protocol finetune --dataset_name uoft-cs/cifar10 \
         --model_name_or_path outputs/sgmae-cifar --output_dir outputs/sgmae-cifar-finetuned
     accelerate launch run_classification.py --protocol linear_probe ...   # frozen encoder, BN + linear head
@@ -40,6 +40,7 @@ from sgmae_training import data
 from sgmae_training.arguments import (
     RunArguments,
     check_positive,
+    dataset_reachable,
     parse_script_args,
 )
 from sgmae_training.engine import (
@@ -296,7 +297,8 @@ def main() -> None:
     accelerator = start_run(
         args.output_dir, args.seed, accumulation, args.mixed_precision, args.report_to, args.ddp_timeout
     )
-    train_data, eval_data, image_column, label_column, names = load_data(data_args)
+    with dataset_reachable(data_args.dataset_name):
+        train_data, eval_data, image_column, label_column, names = load_data(data_args)
 
     model = build_model(model_args, args, names, data_args)
     channels = model.config.num_channels

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pre-train SG-MAE (or plain MAE with --mask_strategy random) with Accelerate over a `datasets` split or stream.
 
-    accelerate launch --config_file configuration/accelerate/default.yaml run_pretraining.py \
+    accelerate launch -q --config_file configuration/accelerate/default.yaml run_pretraining.py \
         --dataset_name uoft-cs/cifar10 \
         --config_name configuration/models/sgmae-vit-tiny-patch4-cifar.json --output_dir outputs/sgmae-cifar
 
@@ -30,9 +30,11 @@ from transformers import HfArgumentParser, PreTrainedConfig
 from modeling_sgmae import MaskType, SGMAEConfig, SGMAEForPreTraining
 from modeling_sgmae.analysis import figure_panel
 from sgmae_training import data
+from sgmae_training.analyze import save_figure_panel
 from sgmae_training.arguments import (
     RunArguments,
     check_positive,
+    dataset_reachable,
     parse_config_overrides,
     parse_script_args,
 )
@@ -46,6 +48,7 @@ from sgmae_training.engine import (
 )
 from sgmae_training.hub import (
     check_checkpoint_kind,
+    masking_schedule,
     pretraining_card,
     push_to_hub,
     save_hub_folder,
@@ -227,7 +230,8 @@ def load_data(data_args: data.DataArguments) -> tuple[datasets.Dataset | dataset
     """The training split (undecoded images), the probe rows (first 8 of the evaluation split, else of the training
     split; None for a stream without one) and the image column."""
     if not (data_args.dataset_name or data_args.train_dir):
-        train_data = eval_data = demo_dataset()
+        train_data = demo_dataset()
+        eval_data = train_data.select(range(len(data.DEMO_PHOTOS)))  # the probe: each photo once
         data_args.streaming = False
     else:
         train_data = data.load_split(data_args, data_args.train_split, data_args.streaming)
@@ -312,13 +316,16 @@ class PretrainingHooks(TrainingHooks):
         if logs:
             self.accelerator.log(logs, step=step)
         if probe is not None and self.args.visualization_steps and step % self.args.visualization_steps == 0:
-            self.save_panel(Path(self.args.output_dir) / f"masks-step{step}.png")
+            self.save_panel(Path(self.args.output_dir) / f"masks-step{step}.png", step)
 
-    def save_panel(self, path: Path) -> None:
+    def save_panel(self, path: Path, step: int) -> None:
         """Input, random mask, NCut bi-partition, informed mask, with hints, reconstruction: one row per image."""
         if self.accelerator.is_main_process:
             pixel_values = self.probe["pixel_values"].to(self.accelerator.device)
-            figure_panel(self.model, pixel_values, self.processor.image_mean, self.processor.image_std).save(path)
+            panel = figure_panel(self.model, pixel_values, self.processor.image_mean, self.processor.image_std)
+            phase = "informed" if self.model.informed_masking_active else "random"
+            title = f"{Path(self.args.output_dir).name}, step {step}: {phase} masks in training"
+            save_figure_panel(panel, path, title)
 
 
 def main() -> None:
@@ -329,7 +336,8 @@ def main() -> None:
         args.ddp_timeout,
     )  # fmt: skip
     model = build_model(model_args, data_args.num_channels)  # first: a bad config stops the run before data is read
-    train_data, probe_rows, image_column = load_data(data_args)
+    with dataset_reachable(data_args.dataset_name):
+        train_data, probe_rows, image_column = load_data(data_args)
 
     # ----- optimiser, schedule -----
     config = model.config
@@ -390,7 +398,7 @@ def main() -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if probe is not None:
-            hooks.save_panel(Path(args.output_dir) / "masks.png")
+            hooks.save_panel(Path(args.output_dir) / "masks.png", state.step)
         demo = not (data_args.dataset_name or data_args.train_dir)
         card = pretraining_card(
             model_args, data_args, args, unwrapped, state, demo, global_batch, accelerator.num_processes
@@ -466,17 +474,10 @@ def input_pipeline(
 def log_plan(
     config: SGMAEConfig, model: SGMAEForPreTraining, total_steps, steps_per_epoch, global_batch, lr, mask_cache
 ) -> None:
-    start = model.informed_masking_start_step
-    if config.mask_strategy == "random":
-        phases = ""
-    elif start is None:
-        phases = ", informed once the decoder's mask-token share overtakes the visible share (automatic start)"
-    else:
-        phases = f", informed from step {start}"
     logger.info(
-        "training %d steps (%d epochs of %d steps), global batch %d, lr %.2e, %s masking%s",
+        "training %d steps (%d epochs of %d steps), global batch %d, lr %.2e, masking: %s",
         total_steps, math.ceil(total_steps / steps_per_epoch), steps_per_epoch, global_batch, lr,
-        config.mask_strategy, phases,
+        masking_schedule(config, model.informed_masking_start_step, finished=False),
     )  # fmt: skip
     if mask_cache is not None:
         logger.info(

@@ -17,7 +17,6 @@ runs alternate (model, workers, decode_once, model, ...) and the table reports m
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -25,9 +24,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import HfArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -36,28 +37,38 @@ from bench_model import synchronize  # noqa: E402
 from provenance import code_commit  # noqa: E402
 
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining  # noqa: E402
-from sgmae_training.arguments import MIXED_PRECISIONS  # noqa: E402
+from sgmae_training.arguments import MIXED_PRECISIONS, parse_script_args  # noqa: E402
 from sgmae_training.engine import resolve_mixed_precision  # noqa: E402
 from sgmae_training.optim import parameter_groups  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset_name", required=True)
-    parser.add_argument("--dataset_config_name", default=None)
-    parser.add_argument("--config_name", default=str(REPO / "configuration/models/sgmae-vit-tiny-patch4-cifar.json"))
-    parser.add_argument("--mixed_precision", default="auto", choices=MIXED_PRECISIONS)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=30, help="Timed steps per repeat (after 5 warm-up steps).")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--num_workers", type=int, default=1)
-    parser.add_argument("--input_paths", default="workers,decode_once", help="Comma-separated input paths to time.")
-    parser.add_argument("--max_train_samples", type=int, help="Use only the first N training images.")
-    parser.add_argument("--output", default=str(REPO / "benchmarks/results/bench_script.json"))
-    return parser.parse_args()
+@dataclass
+class BenchArguments:
+    """The data and model to time, and how long."""
+
+    dataset_name: str
+    dataset_config_name: str | None = None
+    config_name: str = str(REPO / "configuration/models/sgmae-vit-tiny-patch4-cifar.json")
+    mixed_precision: str = field(default="auto", metadata={"help": f"One of {', '.join(MIXED_PRECISIONS)}."})
+    batch_size: int = 64
+    steps: int = field(default=30, metadata={"help": "Timed steps per repeat (after 5 warm-up steps)."})
+    repeats: int = 2
+    num_workers: int = 1
+    input_paths: str = field(default="workers,decode_once", metadata={"help": "Comma-separated input paths to time."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
+    output: str = str(REPO / "benchmarks/results/bench_script.json")
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise SystemExit(f"error: --mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}")
 
 
-def model_rate(args: argparse.Namespace) -> float:
+def parse_args() -> BenchArguments:
+    (args,) = parse_script_args(HfArgumentParser(BenchArguments))
+    return args
+
+
+def model_rate(args: BenchArguments) -> float:
     """Images/s of forward + backward + AdamW on one fixed in-memory batch, in the script's precision and device."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = SGMAEConfig.from_json_file(args.config_name)
@@ -79,7 +90,7 @@ def model_rate(args: argparse.Namespace) -> float:
     return args.steps * args.batch_size / (time.perf_counter() - started)
 
 
-def script_rate(args: argparse.Namespace, input_path: str) -> float:
+def script_rate(args: BenchArguments, input_path: str) -> float:
     """Images/s of run_pretraining.py over its timed steps: two runs of 5 and 5 + N steps, so start-up and the
     first steps cancel out."""
     seconds, samples = {}, {}

@@ -19,7 +19,6 @@ the learning curves drawn against epoch and pre-training wall-clock time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,8 +30,10 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
+from typing import Literal
 
 REPO = Path(__file__).resolve().parents[1]
 POOLED = [(protocol, pooling) for protocol in ("knn", "linear_probe") for pooling in ("cls", "mean")]
@@ -47,98 +48,122 @@ SITTING_ARGUMENTS = {
     "collect_only", "num_workers", "panel_epochs",
 }  # fmt: skip
 POLL_SECONDS = 15.0
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]  # the checkout's own packages, not an installed copy
 
 from provenance import code_commit  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
+
+from sgmae_training.arguments import parse_script_args  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset_name", required=True, help="Dataset in the Hub layout with train/test splits.")
-    parser.add_argument("--dataset_config_name", default=None, help="The dataset's configuration (e.g. 112px).")
-    parser.add_argument("--config_name", default=str(REPO / "configuration/models/sgmae-vit-tiny-patch4-cifar.json"))
-    parser.add_argument("--config_overrides", default=None, help="Passed to run_pretraining.py for every run.")
-    parser.add_argument(
-        "--variants",
+@dataclass
+class CompareArguments:
+    """What to compare (data, variants, seeds, schedule), how to evaluate it, and how this sitting runs."""
+
+    dataset_name: str = field(metadata={"help": "Dataset in the Hub layout with train/test splits."})
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "The dataset's configuration (e.g. 112px)."}
+    )
+    config_name: str = field(default=str(REPO / "configuration/models/sgmae-vit-tiny-patch4-cifar.json"))
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "Passed to run_pretraining.py for every run."}
+    )
+    variants: str = field(
         default="mae:--mask_strategy random,sgmae:--mask_strategy self_guided",
-        help="Comma-separated name:extra-arguments pairs; one pre-training run each per seed. A variant's "
-        "--config_overrides (commas allowed) is applied after the common one.",
+        metadata={
+            "help": "Comma-separated name:extra-arguments pairs; one pre-training run each per seed. A variant's "
+            "--config_overrides (commas allowed) is applied after the common one."
+        },
     )
-    parser.add_argument("--seeds", default="0", help="Comma-separated seeds; each variant runs once per seed.")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument(
-        "--eval_epochs", default=None, help="Comma-separated epochs to evaluate, in this order (default: all)."
+    seeds: str = field(default="0", metadata={"help": "Comma-separated seeds; each variant runs once per seed."})
+    epochs: int = 10
+    eval_epochs: str | None = field(
+        default=None, metadata={"help": "Comma-separated epochs to evaluate, in this order (default: all)."}
     )
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--base_learning_rate", type=float, default=1.5e-4)
-    parser.add_argument("--warmup_ratio", type=float, default=0.1)
-    parser.add_argument("--max_train_samples", type=int, default=None, help="Pre-train on a prefix of the split.")
-    parser.add_argument("--probe_train_samples", type=int, default=10_000, help="Training images for kNN/probe.")
-    parser.add_argument("--probe_eval_samples", type=int, default=None, help="Test images (default: all).")
-    parser.add_argument("--probe_epochs", type=int, default=30, help="Linear-probe epochs on cached features.")
-    parser.add_argument(
-        "--probe_pooling", default="mean", choices=("cls", "mean"), help="The pooling the tables lead with (both run)."
+    batch_size: int = 256
+    base_learning_rate: float = 1.5e-4
+    warmup_ratio: float = 0.1
+    max_train_samples: int | None = field(default=None, metadata={"help": "Pre-train on a prefix of the split."})
+    probe_train_samples: int = field(default=10_000, metadata={"help": "Training images for kNN/probe."})
+    probe_eval_samples: int | None = field(default=None, metadata={"help": "Test images (default: all)."})
+    probe_epochs: int = field(default=30, metadata={"help": "Linear-probe epochs on cached features."})
+    probe_pooling: Literal["cls", "mean"] = field(
+        default="mean", metadata={"help": "The pooling the tables lead with (both run)."}
     )
-    parser.add_argument("--mixed_precision", default="auto", help="run_pretraining.py's (auto: bf16 on a GPU).")
-    parser.add_argument("--num_workers", type=int, default=1)
-    parser.add_argument(
-        "--input_path", default="workers", choices=("workers", "decode_once"), help="run_pretraining.py's input path."
+    mixed_precision: str = field(default="auto", metadata={"help": "run_pretraining.py's (auto: bf16 on a GPU)."})
+    num_workers: int = 1
+    input_path: Literal["workers", "decode_once"] = field(
+        default="workers", metadata={"help": "run_pretraining.py's input path."}
     )
-    parser.add_argument(
-        "--parallel_runs",
-        type=int,
+    parallel_runs: int = field(
         default=1,
-        help="Pre-training runs (and then evaluations) at a time; small models leave a GPU mostly idle, so several "
-        "can share one. Epoch times of concurrent runs are measured under load.",
+        metadata={
+            "help": "Pre-training runs (and then evaluations) at a time; small models leave a GPU mostly idle, so "
+            "several can share one. Epoch times of concurrent runs are measured under load."
+        },
     )
-    parser.add_argument(
-        "--evaluate_only",
-        action="store_true",
-        help="Do not pre-train: evaluate the listed epochs that have checkpoints (e.g. while a run is unfinished).",
+    evaluate_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Do not pre-train: evaluate the listed epochs that have checkpoints (e.g. while a run is "
+            "unfinished)."
+        },
     )
-    parser.add_argument(
-        "--collect_only",
-        action="store_true",
-        help="Run nothing: gather the evaluations already written (e.g. copied back from a GPU machine without the "
-        "weights); missing ones are recorded as null.",
+    collect_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Run nothing: gather the evaluations already written (e.g. copied back from a GPU machine "
+            "without the weights); missing ones are recorded as null."
+        },
     )
-    parser.add_argument(
-        "--output_dir",
+    output_dir: str = field(
         default=str(REPO / "benchmarks/results/compare_masking"),
-        help="Where the JSON, the curves and the panels go (small: meant to be committed).",
+        metadata={"help": "Where the JSON, the curves and the panels go (small: meant to be committed)."},
     )
-    parser.add_argument(
-        "--runs_dir",
+    runs_dir: str | None = field(
         default=None,
-        help="Where the runs' checkpoints and evaluations go (large); default: ~/.cache/sgmae/compare_masking/ and "
-        "the output folder's name ($XDG_CACHE_HOME instead of ~/.cache where it is set).",
+        metadata={
+            "help": "Where the runs' checkpoints and evaluations go (large); default: ~/.cache/sgmae/compare_masking/ "
+            "and the output folder's name ($XDG_CACHE_HOME instead of ~/.cache where it is set)."
+        },
     )
-    parser.add_argument(
-        "--stop_after_minutes",
-        type=float,
+    stop_after_minutes: float | None = field(
         default=None,
-        help="End this sitting in about this many minutes: runs stop at a checkpoint early enough for its "
-        "evaluation; the same command continues later.",
+        metadata={
+            "help": "End this sitting in about this many minutes: runs stop at a checkpoint early enough for its "
+            "evaluation; the same command continues later."
+        },
     )
-    parser.add_argument(
-        "--evaluation_minutes",
-        type=float,
+    evaluation_minutes: float = field(
         default=8.0,
-        help="Minutes a sitting keeps free at its end for the last checkpoint's evaluation (kNN, probe and analysis "
-        "of the 112 px Imagenette model take about 4 on two CPU cores next to a pre-training run; under 1 on a GPU).",
+        metadata={
+            "help": "Minutes a sitting keeps free at its end for the last checkpoint's evaluation (kNN, probe and "
+            "analysis of the 112 px Imagenette model take about 4 on two CPU cores next to a pre-training run; "
+            "under 1 on a GPU)."
+        },
     )
-    parser.add_argument(
-        "--panel_epochs", default=None, help="Epochs whose Figure-1 panels are copied to --output_dir (default: the "
-        "first and last of --eval_epochs).",
-    )  # fmt: skip
-    args = parser.parse_args()
-    if args.parallel_runs < 1:
-        parser.error("--parallel_runs must be at least 1")
-    if args.stop_after_minutes is not None and args.stop_after_minutes <= args.evaluation_minutes:
-        parser.error(f"--stop_after_minutes must leave time to evaluate: more than {args.evaluation_minutes:g}")
-    if args.runs_dir is None:
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        args.runs_dir = str(cache / "sgmae" / "compare_masking" / Path(args.output_dir).resolve().name)
+    panel_epochs: str | None = field(
+        default=None,
+        metadata={
+            "help": "Epochs whose Figure-1 panels are copied to --output_dir (default: the first and last of "
+            "--eval_epochs)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.parallel_runs < 1:
+            raise SystemExit("error: --parallel_runs must be at least 1")
+        if self.stop_after_minutes is not None and self.stop_after_minutes <= self.evaluation_minutes:
+            raise SystemExit(
+                f"error: --stop_after_minutes must leave time to evaluate: more than {self.evaluation_minutes:g}"
+            )
+        if self.runs_dir is None:
+            cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+            self.runs_dir = str(cache / "sgmae" / "compare_masking" / Path(self.output_dir).resolve().name)
+
+
+def parse_args() -> CompareArguments:
+    (args,) = parse_script_args(HfArgumentParser(CompareArguments))
     return args
 
 
@@ -205,7 +230,7 @@ def run_all(pool: ThreadPoolExecutor, function, items: list) -> list:
         raise
 
 
-def pretraining_command(args: argparse.Namespace, name: str, extra: str, seed: int, output: Path) -> list[str]:
+def pretraining_command(args: CompareArguments, name: str, extra: str, seed: int, output: Path) -> list[str]:
     """run_pretraining.py for one variant and seed; it resumes from the newest checkpoint in `output`."""
     command = [
         sys.executable, str(REPO / "run_pretraining.py"), "--dataset_name", args.dataset_name,
@@ -227,11 +252,11 @@ def pretraining_command(args: argparse.Namespace, name: str, extra: str, seed: i
     return command
 
 
-def dataset_config(args: argparse.Namespace) -> list[str]:
+def dataset_config(args: CompareArguments) -> list[str]:
     return ["--dataset_config_name", args.dataset_config_name] if args.dataset_config_name else []
 
 
-def evaluate(args: argparse.Namespace, checkpoint: Path) -> dict[str, float | None]:
+def evaluate(args: CompareArguments, checkpoint: Path) -> dict[str, float | None]:
     """Top-1 accuracies in percent, `{knn,linear_probe}_{cls,mean}`; None under --collect_only when missing."""
     output = checkpoint / "eval-frozen"
     results = output / "eval_results.json"
@@ -254,7 +279,7 @@ def evaluate(args: argparse.Namespace, checkpoint: Path) -> dict[str, float | No
     return {f"{protocol}_{pooling}": 100 * written[f"{pooling}_{protocol}_top1"] for protocol, pooling in POOLED}
 
 
-def run_analysis(args: argparse.Namespace, checkpoint: Path) -> dict:
+def run_analysis(args: CompareArguments, checkpoint: Path) -> dict:
     output = checkpoint / "analysis"
     if not (output / "analysis.json").is_file():
         if args.collect_only:
@@ -366,7 +391,7 @@ def print_tables(records: list[dict], summary: dict, headline: str) -> None:
     print(f"\nfirst reaching {summary['target']}: {json.dumps(summary['reached'])}")
 
 
-def evaluate_checkpoint(args: argparse.Namespace, name: str, seed: int, epoch: int, checkpoint: Path) -> dict:
+def evaluate_checkpoint(args: CompareArguments, name: str, seed: int, epoch: int, checkpoint: Path) -> dict:
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     metrics = run_analysis(args, checkpoint)
     mask_shares = metrics.get("exploitation_rate_mask")
@@ -392,7 +417,7 @@ def evaluate_checkpoint(args: argparse.Namespace, name: str, seed: int, epoch: i
 class Records:
     """The evaluations measured so far, in this sitting or an earlier one, written to the JSON after each new one."""
 
-    def __init__(self, args: argparse.Namespace, runs: list[tuple[str, str, int]]):
+    def __init__(self, args: CompareArguments, runs: list[tuple[str, str, int]]):
         self.args, self.path = args, Path(args.output_dir) / "compare_masking.json"
         self.order = {(name, seed): index for index, (name, _, seed) in enumerate(runs)}
         self.lock = threading.Lock()
@@ -452,7 +477,7 @@ def epoch_checkpoints(folder: Path) -> dict[int, Path]:
 
 
 def run_and_evaluate(
-    args: argparse.Namespace, sitting: Sitting, records: Records, eval_epochs: list[int], run: tuple[str, str, int]
+    args: CompareArguments, sitting: Sitting, records: Records, eval_epochs: list[int], run: tuple[str, str, int]
 ) -> None:
     """Pre-train one variant and seed (resuming), evaluating each evaluation epoch's checkpoint as soon as it is
     written; within the sitting, leaving time for the last evaluation."""
@@ -487,7 +512,7 @@ def run_and_evaluate(
             print(f"not yet evaluated: {name} seed {seed} epoch {epoch}")
 
 
-def copy_panel(args: argparse.Namespace, name: str, seed: int, epoch: int, checkpoint: Path) -> None:
+def copy_panel(args: CompareArguments, name: str, seed: int, epoch: int, checkpoint: Path) -> None:
     panel = checkpoint / "analysis" / "figure_panel.png"
     if epoch in args.panel_epochs and panel.is_file():
         shutil.copyfile(panel, Path(args.output_dir) / f"figure_panel_{name}_seed{seed}_epoch{epoch}.png")

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from transformers import HfArgumentParser, ViTImageProcessor
 
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining
-from modeling_sgmae.analysis import analysis_metrics, figure_panel
+from modeling_sgmae.analysis import HINT_GREEN, MASKED_GREY, OBJECT_RED, FigurePanel, analysis_metrics, figure_panel
 
+from .arguments import dataset_reachable, parse_script_args
 from .data import (
     IMAGE_COLUMNS,
     DataArguments,
@@ -32,6 +34,11 @@ from .data import (
 )
 
 logger = logging.getLogger(__name__)
+PANEL_LEGEND = (  # what the panel's colours mean (modeling_sgmae.analysis tints the columns with them)
+    (OBJECT_RED, "the NCut part taken as the object"),
+    (MASKED_GREY, "masked patches"),
+    (HINT_GREEN, "hints: informed-mask patches shown to the encoder"),
+)
 
 
 @dataclass
@@ -69,9 +76,28 @@ def probe_batch(dataset, image_column: str | None, num_images: int, processor, c
     return processor(converted, return_tensors="pt")["pixel_values"], column
 
 
+def save_figure_panel(panel: FigurePanel, path: str | Path, title: str) -> None:
+    """The panel as a PNG under a header: `title` (which model, at which step) and a legend of its colours."""
+    panel.save(path)
+    image = Image.open(path).convert("RGB")
+    font = ImageFont.load_default(size=13)
+    header = Image.new("RGB", (image.width, 44), "white")
+    draw = ImageDraw.Draw(header)
+    draw.text((8, 4), title, fill="black", font=font)
+    left = 8
+    for colour, meaning in PANEL_LEGEND:
+        draw.rectangle((left, 26, left + 11, 37), fill=tuple(round(255 * value) for value in colour))
+        draw.text((left + 16, 24), meaning, fill="black", font=font)
+        left += 16 + round(draw.textlength(meaning, font=font)) + 18
+    annotated = Image.new("RGB", (image.width, image.height + header.height), "white")
+    annotated.paste(header, (0, 0))
+    annotated.paste(image, (0, header.height))
+    annotated.save(path)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Analyse a checkpoint on the first images of a dataset split; write analysis.json and figure_panel.png."""
-    (args,) = HfArgumentParser(AnalysisArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_script_args(HfArgumentParser(AnalysisArguments), argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -79,8 +105,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = SGMAEForPreTraining.from_pretrained(args.model).to(device)
     processor = load_image_processor(args.model, model.config)
     data_args = DataArguments(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name)
-    split = evaluation_split(data_args, args.split) or data_args.train_split
-    dataset = load_split(data_args, split, streaming=False)
+    with dataset_reachable(args.dataset_name):
+        split = evaluation_split(data_args, args.split) or data_args.train_split
+        dataset = load_split(data_args, split, streaming=False)
     pixel_values, column = probe_batch(dataset, args.image_column, args.num_images, processor, model.config)
 
     # metrics and figure
@@ -104,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tuple(processor.image_std),
             args.seed,
         )
-        panel.save(output_dir / "figure_panel.png")
+        save_figure_panel(panel, output_dir / "figure_panel.png", f"{Path(args.model).name}: {split} images")
         logger.info("wrote %s", output_dir / "figure_panel.png")
     return metrics
 

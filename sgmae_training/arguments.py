@@ -3,22 +3,73 @@
 from __future__ import annotations
 
 import ast
+import difflib
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import yaml
 from transformers import HfArgumentParser
 
-from .engine import DISTRIBUTED_TIMEOUT_S
+# How long a process waits in a collective for the others (transformers' ddp_timeout): a frozen or unreachable peer
+# ends the run after this instead of never. Long enough for the main process's checkpoint and final-model writes.
+DISTRIBUTED_TIMEOUT_S = 1800
 
 
-def parse_script_args(parser: HfArgumentParser) -> tuple:
-    """Dataclasses from the command line, or from a single .json / .yaml file argument."""
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(sys.argv[1])
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(sys.argv[1])
-    return parser.parse_args_into_dataclasses()
+def parse_script_args(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple:
+    """Dataclasses from the command line, or from a single .json / .yaml file argument.
+
+    An argument the scripts do not have (a misspelling, another library's name) is one `error:` line naming it and
+    the closest real ones, instead of HfArgumentParser's traceback.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        text = Path(argv[0]).read_text()
+        values = (json.loads(text) if argv[0].endswith(".json") else yaml.safe_load(text)) or {}
+        refuse_unknown_arguments(parser, [f"--{name}" for name in values], source=argv[0])
+        return parser.parse_dict(values)
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    refuse_unknown_arguments(parser, remaining)
+    return tuple(parsed)
+
+
+def refuse_unknown_arguments(parser: HfArgumentParser, arguments: list[str], source: str | None = None) -> None:
+    """Stop with one line naming the arguments `parser` does not know and, for each, the closest ones it does."""
+    if not arguments:
+        return
+    # HfArgumentParser also accepts --a-b for --a_b; suggest the spelling the docs use
+    known = sorted({option.replace("-", "_") for action in parser._actions for option in action.option_strings})
+    known = [f"--{option.lstrip('_')}" for option in known if option.startswith("__")]
+    unknown = [argument.split("=")[0] for argument in arguments if argument.startswith("-")]
+    unknown = [name for name in unknown if "--" + name.lstrip("-").replace("-", "_") not in known]
+    if not unknown:
+        if source is None:  # values that were left over (e.g. a second positional argument)
+            raise SystemExit(f"error: unexpected argument(s): {' '.join(arguments)}; see --help")
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.66)
+        close += [option for option in known if name.lstrip("-") in option and option not in close]
+        hints.append(f"{name} (closest: {', '.join(close[:3])})" if close else name)
+    where = f" in {source}" if source else ""
+    raise SystemExit(f"error: unknown argument(s){where}: {'; '.join(hints)}; see --help for the full list")
+
+
+@contextmanager
+def dataset_reachable(dataset_name: str | None) -> Iterator[None]:
+    """One `error:` line, instead of `datasets`' ConnectionError traceback, when a Hub dataset id cannot be reached
+    (offline, or no network): what happened and how to point the scripts at a local copy."""
+    try:
+        yield
+    except ConnectionError as error:
+        raise SystemExit(
+            f"error: cannot reach dataset {dataset_name!r}: {' '.join(str(error).split())}; "
+            f"offline, give --dataset_name a local copy instead: a folder with its parquet or .tar files, e.g. "
+            f"`hf download {dataset_name} --repo-type dataset --local-dir DIR` run where there is network"
+        ) from error
 
 
 def check_positive(arguments: object, names: tuple[str, ...], minimum: int = 1) -> None:

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedConfig
 
+from .arguments import DISTRIBUTED_TIMEOUT_S
 from .checkpoints import (
     checkpoint_dirs,
     last_good_checkpoint,
@@ -41,9 +42,6 @@ from .training_state import TrainingState
 
 # A loss this many times the one before a checkpoint, right after it, means training diverged from its weights.
 EXPLODING_LOSS_FACTOR = 100.0
-# How long a process waits in a collective for the others (transformers' ddp_timeout): a frozen or unreachable peer
-# ends the run after this instead of never. Long enough for the main process's checkpoint and final-model writes.
-DISTRIBUTED_TIMEOUT_S = 1800
 # What gloo's errors say when a peer is gone or silent (they are plain RuntimeErrors, not torch's DistErrors).
 LOST_PEER_REASONS = re.compile(r"gloo|pair closure|connection (reset|closed|refused)|timed out|broken pipe", re.I)
 

@@ -41,6 +41,17 @@ def check_checkpoint_kind(
     return model_type
 
 
+def masking_schedule(config: PreTrainedConfig, start_step: int | None, finished: bool) -> str:
+    """How a run masks, in the words that the training log (before) and the model card (after) share."""
+    if config.mask_strategy == "random":
+        return "random"
+    if start_step is not None:
+        return f"self-guided, informed from step {start_step}"
+    if finished:  # an automatic start that never fired
+        return "self-guided, never started (masks stayed random)"
+    return "self-guided, informed once the decoder's mask-token share overtakes the visible share (automatic start)"
+
+
 def save_hub_folder(
     model: PreTrainedModel, processor: ViTImageProcessor, output_dir: str | Path, model_card: str
 ) -> None:
@@ -174,13 +185,7 @@ def pretraining_card(
     if data_args.dataset_name:
         metadata["datasets"] = [dataset_id(data_args)]  # a local folder's name, never its path
     strategy = "self-guided informed masking" if config.mask_strategy == "self_guided" else "random masking (MAE)"
-    start = model.informed_masking_start_step
-    if config.mask_strategy == "random":
-        masking = "random"
-    elif start is None:
-        masking = "self-guided, never started (masks stayed random)"
-    else:
-        masking = f"self-guided, informed from step {start}"
+    masking = masking_schedule(config, model.informed_masking_start_step, finished=True)
     loss_text = f"{state.train_loss:.4f}" if state.train_loss is not None else "n/a"
     body = f"""
 Self-Guided Masked Autoencoder (SG-MAE, Shin et al., NeurIPS 2024) pre-trained with `run_pretraining.py`

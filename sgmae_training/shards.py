@@ -32,6 +32,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 from transformers import HfArgumentParser
 
+from .arguments import dataset_reachable, parse_script_args
 from .data import LABEL_COLUMNS, DataArguments, find_column, find_image_column, load_split, prepare_images
 
 logger = logging.getLogger(__name__)
@@ -235,7 +236,7 @@ def stated_sizes(folder: Path) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, int] | dict[str, str]:
-    (args,) = HfArgumentParser(ShardArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_script_args(HfArgumentParser(ShardArguments), argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.check:
         report = check_shards(args.check)
@@ -249,7 +250,8 @@ def main(argv: list[str] | None = None) -> dict[str, int] | dict[str, str]:
         raise SystemExit("error: give --output_dir and --dataset_name or --train_dir (or --check FOLDER)")
     if args.num_shards is not None and args.num_shards < 1:
         raise SystemExit(f"error: --num_shards must be a positive integer, got {args.num_shards}")
-    return write_shards(args)
+    with dataset_reachable(args.dataset_name):
+        return write_shards(args)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from modeling_sgmae.analysis import (
 from modeling_sgmae.configuration_sgmae import num_masked_patches
 from modeling_sgmae.masking_sgmae import SelfGuidedMasking, ncut_bipartition
 from modeling_sgmae.modeling_sgmae import exploitation_rates
-from sgmae_training.analyze import load_image_processor
+from sgmae_training.analyze import PANEL_LEGEND, load_image_processor, save_figure_panel
 from sgmae_training.analyze import main as analysis_main
 
 GRID = (8, 8)  # the tiny config: 32 px images, 4 px patches
@@ -400,7 +400,21 @@ def test_cli_end_to_end(model, image_dataset_dir, tmp_path):
     assert metrics["num_images"] == 12 and metrics["image_column"] == "img" and metrics["split"] == "test"
     assert 0 < metrics["feature_variance"] <= 1 and math.isfinite(metrics["reconstruction_loss"])
     assert len(metrics["attention_distance"]) == 2 and len(metrics["exploitation_rate_mask"]) == 1
-    assert Image.open(output_dir / "figure_panel.png").size == (6 * 150, 2 * 150 + 30)
+    assert Image.open(output_dir / "figure_panel.png").size == (6 * 150, 2 * 150 + 30 + 44)  # header: title, legend
+
+
+def test_a_saved_panel_says_what_it_shows_and_what_its_colours_mean(model, tmp_path):
+    """masks.png and figure_panel.png: a title (which model, when) and a legend for red, grey and green."""
+    panel = figure_panel(model, torch.randn(2, 3, 32, 32))
+    panel.save(tmp_path / "plain.png")
+    save_figure_panel(panel, tmp_path / "titled.png", "sgmae-demo, step 84: informed masks in training")
+    plain, titled = Image.open(tmp_path / "plain.png").convert("RGB"), Image.open(tmp_path / "titled.png")
+    assert titled.size == (plain.width, plain.height + 44)
+    assert np.array_equal(np.asarray(titled)[44:], np.asarray(plain))  # the panel itself is unchanged
+    header = {tuple(pixel) for pixel in np.asarray(titled)[:44].reshape(-1, 3)}
+    for colour, _ in PANEL_LEGEND:  # a swatch of each colour the columns are tinted with
+        assert tuple(round(255 * value) for value in colour) in header
+    assert len(header) > 10  # and text
 
 
 def test_cli_on_a_dataset_without_the_asked_split_uses_what_it_has(model, tmp_path):

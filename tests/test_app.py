@@ -14,6 +14,7 @@ import time
 import urllib.request
 import zlib
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -30,8 +31,9 @@ sys.path.insert(0, str(REPO_ROOT))
 import app
 
 PHOTO_SIZE = (90, 60)  # a landscape photo: the panels must come back at 3:2
+OUTPUT_LINES = ("statistics", "reconstruction note", "status")  # the /mask endpoint's outputs after the panels
 CONTROLS = dict(mask_ratio=0.6, hint_ratio=0.2, feature_layer=1, graph_edges="binary_mean", foreground_rule="smaller")
-# A trained checkpoint for the screenshot: with it, the browser test writes docs/demo.png (see the README).
+# A trained checkpoint for the screenshot: with it, the browser test writes docs/demo.png (see docs/demo.md).
 SCREENSHOT_MODEL = os.environ.get("SGMAE_DEMO_SCREENSHOT")
 
 
@@ -207,6 +209,17 @@ def test_a_vit_mae_checkpoint_is_shown_and_a_classification_checkpoint_is_flagge
     assert not server.model(str(tmp_path / "vit_mae")).untrained_decoder
     *_, note, status = server.show(str(tmp_path / "classifier"), photo_path, *CONTROLS.values(), seed=0)
     assert status == "" and note.startswith("This checkpoint has no decoder weights")
+    assert "untrained, random decoder and means nothing" in server.model(str(tmp_path / "classifier")).describe()
+
+
+def test_a_checkpoint_without_a_decoder_is_named_at_startup(tmp_path, monkeypatch, capsys):
+    """Before the page opens, the command line says that the reconstruction column will be noise."""
+    SGMAEForImageClassification(tiny_config(num_labels=3)).save_pretrained(tmp_path / "classifier")
+    monkeypatch.setattr(app.DemoServer, "page", lambda *args, **kwargs: mock.Mock())  # no server
+    app.main(["--model", str(tmp_path / "classifier")])
+    error = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'classifier'}: This checkpoint has no decoder weights" in error
+    assert "LOAD REPORT" not in error  # transformers' table of missing keys: the one line says what it means
 
 
 def test_a_bad_model_at_startup_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys):
@@ -319,10 +332,11 @@ def test_the_page_in_a_browser(app_url, browser, model_dir, tmp_path):
     def upload(path: Path) -> None:
         browser.find_element(By.CSS_SELECTOR, "#photo input[type=file]").send_keys(str(path))
 
-    browser.get(app_url)
-    wait.until(lambda _: status().startswith("Drop a photo"))
-    upload(photos["astronaut"])
-    wait.until(lambda _: all(panel_sources().values()))
+    browser.get(app_url)  # the page opens with the first example shown
+    wait.until(lambda _: all(panel_sources().values()) and status().startswith("An example photo"))
+    opening = panel_sources()
+    upload(photos["astronaut"])  # a JPEG of it: other pixels, other panels
+    wait.until(lambda _: all(panel_sources().values()) and panel_sources()["input"] != opening["input"])
     first = panel_sources()
     assert "edge density" in browser.find_element(By.ID, "statistics").text
 
@@ -355,7 +369,7 @@ def test_the_page_in_a_browser(app_url, browser, model_dir, tmp_path):
 
     # the screenshot: a fresh page, with the trained checkpoint when there is one
     browser.get(app_url)
-    wait.until(lambda _: status().startswith("Drop a photo"))
+    wait.until(lambda _: all(panel_sources().values()))
     if SCREENSHOT_MODEL:
         model_box = browser.find_element(By.CSS_SELECTOR, "#model input, #model textarea")
         model_box.clear()
@@ -368,3 +382,38 @@ def test_the_page_in_a_browser(app_url, browser, model_dir, tmp_path):
     screenshot = REPO_ROOT / "docs" / "demo.png" if SCREENSHOT_MODEL else tmp_path / "demo.png"
     assert browser.save_screenshot(str(screenshot))
     assert Image.open(screenshot).size[0] >= 1000
+
+
+def test_the_page_has_one_api_endpoint_that_masks_a_photo(app_url, tmp_path, photo_path):
+    """The page's "Use via API": /mask takes a photo and the controls and returns the named panels and lines; a file
+    that is not a photo gets a one-line status and the next call works; the page opens with an example shown."""
+    import json
+
+    from gradio_client import Client, handle_file
+
+    client = Client(app_url, verbose=False)
+    endpoints = client.view_api(print_info=False, return_format="dict")
+    assert list(endpoints["named_endpoints"]) == ["/mask"] and not endpoints["unnamed_endpoints"]
+    described = endpoints["named_endpoints"]["/mask"]
+    assert [item["parameter_name"] for item in described["parameters"]] == [
+        "photo", "mask_ratio", "hint_ratio", "mask_feature_layer", "graph_edges", "foreground_rule", "seed",
+    ]  # fmt: skip
+    assert [item["label"] for item in described["returns"]] == [*app.PANEL_TITLES, *OUTPUT_LINES]
+
+    controls = (0.6, 0.2, 1, "binary_mean", "smaller", 3)
+    *panels, statistics, note, status = client.predict(handle_file(photo_path), *controls, api_name="/mask")
+    assert all(Path(panel).is_file() for panel in panels) and status == ""
+    assert Image.open(panels[0]).size == app.display_size(PHOTO_SIZE)
+    assert "edge density" in statistics and note.startswith("Masked patches")
+
+    (tmp_path / "notes.png").write_text("a text file with an image's name")
+    *panels, _, _, status = client.predict(handle_file(str(tmp_path / "notes.png")), *controls, api_name="/mask")
+    assert panels == [None] * 6 and status.startswith("⚠️ notes.png is not an image") and "\n" not in status
+    *panels, _, _, status = client.predict(handle_file(photo_path), *controls, api_name="/mask")
+    assert all(panels) and status == ""
+
+    with urllib.request.urlopen(app_url + "config", timeout=30) as response:  # what the page opens with
+        props = {item["props"].get("elem_id"): item["props"] for item in json.load(response)["components"]}
+    assert Path(props["photo"]["value"]["path"]).name == f"{app.DEMO_PHOTOS[0]}.png"
+    assert all(props[f"panel-{slug}"]["value"] for slug in ("input", "ncut-bi-partition", "reconstruction"))
+    assert props["status"]["value"] == app.OPENING and "edge density" in props["statistics"]["value"]

@@ -1,12 +1,29 @@
-"""Script arguments: config overrides parsed robustly, numeric arguments checked before anything runs."""
+"""Script arguments: config overrides parsed robustly, numeric arguments checked before anything runs, unknown
+arguments named in one line with the closest real ones."""
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
+from conftest import REPO_ROOT
+from transformers import HfArgumentParser
 
-from sgmae_training.arguments import check_checkpointing_steps, check_positive, parse_config_overrides
+from sgmae_training import engine
+from sgmae_training.arguments import (
+    DISTRIBUTED_TIMEOUT_S,
+    RunArguments,
+    check_checkpointing_steps,
+    check_positive,
+    dataset_reachable,
+    parse_config_overrides,
+    parse_script_args,
+)
 
 
 def test_config_overrides_read_lists_booleans_none_numbers_and_strings():
@@ -52,3 +69,53 @@ def test_checkpointing_steps_must_be_steps_epoch_or_none(value):
         check_checkpointing_steps(value)
     for good in ("5", "epoch", "none", None):
         check_checkpointing_steps(good)
+
+
+@dataclass
+class _Arguments:
+    max_train_steps: int | None = field(default=None, metadata={"help": "steps"})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "epochs"})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "batch"})
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max_steps", "2"], "unknown argument(s): --max_steps (closest: --max_train_steps);"),
+        (["--num_epochs=2"], "unknown argument(s): --num_epochs (closest: --num_train_epochs);"),
+        (["--batch_size", "4", "--foo"], "--batch_size (closest: --per_device_train_batch_size); --foo;"),
+        (["--max_train_steps", "2", "3"], "unexpected argument(s): 3"),
+    ],
+)
+def test_an_unknown_argument_is_one_line_naming_the_closest_real_ones(argv, message):
+    """Not HfArgumentParser's ValueError traceback: one line with the flag and what was probably meant."""
+    with pytest.raises(SystemExit) as stopped:
+        parse_script_args(HfArgumentParser(_Arguments), argv)
+    assert str(stopped.value).startswith("error: ") and message in str(stopped.value)
+    assert "\n" not in str(stopped.value)
+
+
+def test_an_argument_file_is_checked_like_the_command_line(tmp_path):
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.json"
+    good.write_text("max_train_steps: 5\nnum_train_epochs: 2\n")
+    bad.write_text(json.dumps({"max_steps": 5}))
+    (args,) = parse_script_args(HfArgumentParser(_Arguments), [str(good)])
+    assert args.max_train_steps == 5 and args.num_train_epochs == 2
+    with pytest.raises(SystemExit, match=re.escape(f"in {bad}: --max_steps (closest: --max_train_steps)")):
+        parse_script_args(HfArgumentParser(_Arguments), [str(bad)])
+
+
+def test_the_timeout_default_lives_with_the_arguments_not_the_engine():
+    """arguments.py is read by every script before anything heavy; it must not pull in the training engine."""
+    code = "import sys, sgmae_training.arguments; print('sgmae_training.engine' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    assert result.stdout.strip() == "False"
+    assert RunArguments().ddp_timeout == DISTRIBUTED_TIMEOUT_S == engine.DISTRIBUTED_TIMEOUT_S
+
+
+def test_an_unreachable_hub_dataset_is_one_line_naming_a_local_copy():
+    with pytest.raises(SystemExit) as stopped, dataset_reachable("uoft-cs/cifar10"):
+        raise ConnectionError("Couldn't reach 'uoft-cs/cifar10' on the Hub (OfflineModeIsEnabled)")
+    message = str(stopped.value)
+    assert message.startswith("error: cannot reach dataset 'uoft-cs/cifar10': Couldn't reach") and "\n" not in message
+    assert "give --dataset_name a local copy" in message and "hf download uoft-cs/cifar10" in message

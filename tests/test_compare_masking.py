@@ -14,8 +14,16 @@ import pytest
 from conftest import REPO_ROOT
 
 spec = importlib.util.spec_from_file_location("compare_masking", REPO_ROOT / "benchmarks/compare_masking.py")
-compare_masking = importlib.util.module_from_spec(spec)
+compare_masking = sys.modules["compare_masking"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
 spec.loader.exec_module(compare_masking)
+
+
+def test_options_are_a_dataclass_checked_like_the_scripts(monkeypatch):
+    args = parse(monkeypatch, "--seeds", "0,1", "--probe_pooling", "cls", "--evaluate_only")
+    assert isinstance(args, compare_masking.CompareArguments) and args.seeds == "0,1" and args.evaluate_only
+    assert args.runs_dir.endswith("compare_masking")  # the default: named after the output folder
+    with pytest.raises(SystemExit, match=r"unknown argument\(s\): --learning_rate \(closest: --base_learning_rate"):
+        parse(monkeypatch, "--learning_rate", "1e-3")
 
 
 def parse(monkeypatch: pytest.MonkeyPatch, *arguments: str):
@@ -174,7 +182,6 @@ def test_the_pretraining_command_is_one_run_pretraining_accepts(monkeypatch: pyt
     assert (pretraining_args.save_total_limit, model_args.mask_strategy) == (0, "self_guided")
 
 
-def test_parallel_runs_below_one_is_refused(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    with pytest.raises(SystemExit):
+def test_parallel_runs_below_one_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SystemExit, match="error: --parallel_runs must be at least 1"):
         parse(monkeypatch, "--parallel_runs", "0")
-    assert "--parallel_runs must be at least 1" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""The launch configs in configuration/accelerate/: they load, the multi-node ones mark the fields to fill in, and the
-README's launches start without Accelerate's "values were not passed ... defaults used" warning.
+"""The launch configs in configuration/accelerate/: they load, the multi-node ones mark the fields to fill in, the
+README's launches start without Accelerate's "values were not passed ... defaults used" warning, and a launch that
+fails (as the README and docs write it, with `-q`) ends in the script's one `error:` line.
 
 Accelerate reads `--config_file`, else `$HF_HOME/accelerate/default_config.yaml`; each launch here gets an HF_HOME of
 its own, so nothing reads or writes the user's real ~/.cache/huggingface.
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from conftest import REPO_ROOT
 from test_run_pretraining import config_file, pretraining_args
@@ -84,12 +86,40 @@ def test_the_cpu_multi_process_config_starts_two_joined_processes_quietly(image_
     assert json.loads((tmp_path / "out" / "train_results.json").read_text())["num_processes"] == 2
 
 
-def test_every_readme_command_launches_with_a_shipped_config():
-    """The commands in the README's code blocks (prose may name a bad launch on purpose) pass --config_file."""
-    blocks = re.findall(r"```bash\n(.*?)```", (REPO_ROOT / "README.md").read_text(), re.DOTALL)
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["run_pretraining.py", "--max_steps", "2"],
+            "error: unknown argument(s): --max_steps (closest: --max_train_steps)",
+        ),
+        (
+            ["run_classification.py", "--num_epochs", "2"],
+            "error: unknown argument(s): --num_epochs (closest: --num_train_epochs",
+        ),
+        (["run_pretraining.py", "--dataset_name", "uoft-cs/cifar10"], "error: cannot reach dataset 'uoft-cs/cifar10'"),
+    ],
+)
+def test_a_failing_launch_ends_in_the_scripts_one_line(tmp_path, args, line):
+    """`accelerate launch -q` (how the README and docs launch) shows the script's error and nothing after it; without
+    -q Accelerate adds its RuntimeError and CalledProcessError tracebacks. The exit status is 1 either way."""
+    quiet = launch(tmp_path, "-q", "--config_file", str(DEFAULT), *args, "--output_dir", str(tmp_path / "out"))
+    assert quiet.returncode == 1
+    assert quiet.stderr.strip().splitlines() == [quiet.stderr.strip()] and quiet.stderr.startswith(line), quiet.stderr
+    if args[0] == "run_pretraining.py" and "--max_steps" in args:  # what -q hides
+        noisy = launch(tmp_path, "--config_file", str(DEFAULT), *args)
+        assert noisy.returncode == 1 and noisy.stderr.startswith(line)
+        assert "CalledProcessError" in noisy.stderr and len(noisy.stderr.splitlines()) > 10
+
+
+def test_every_documented_launch_is_quiet_and_names_a_shipped_config():
+    """The commands in the code blocks of README.md and docs/*.md (prose may name a bad launch on purpose) pass -q and
+    --config_file."""
+    pages = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    blocks = [block for page in pages for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.DOTALL)]
     commands = [line for block in blocks for line in block.splitlines() if "accelerate launch" in line]
     assert len(commands) > 5
     for command in commands:
-        named = re.search(r"accelerate launch --config_file (\S+)", command)
-        assert named, f"README launch without --config_file: {command}"
+        named = re.search(r"accelerate launch -q --config_file (\S+)", command)
+        assert named, f"launch without -q --config_file: {command}"
         assert (REPO_ROOT / named.group(1)).is_file(), command

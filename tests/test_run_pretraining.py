@@ -87,7 +87,8 @@ def test_two_processes_cross_into_informed_masking_and_publish(image_dataset_dir
     assert [path.name for path in output.glob("checkpoint-*")] == ["checkpoint-12"]
     assert (output / "masks-step4.png").is_file() and (output / "masks.png").is_file()
     # one row per probe image; columns: input, random mask, bi-partition, informed mask, with hints, reconstruction
-    assert Image.open(output / "masks.png").size == (6 * 150, 8 * 150 + 30)  # the analysis panel, titled columns
+    # the analysis panel (titled columns) under a 44-pixel header: run name, step, masking phase, colour legend
+    assert Image.open(output / "masks.png").size == (6 * 150, 8 * 150 + 30 + 44)
     card = (output / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-feature-extraction")
     assert f"datasets:\n- {image_dataset_dir.name}\n" in card and str(image_dataset_dir) not in card  # no local path
@@ -425,4 +426,5 @@ def test_demo_runs_without_a_dataset(tmp_path):
     result = run([*args, "--dataloader_num_workers", "0", "--config_overrides", "num_hidden_layers=1"])
     check_ok(result)
     assert (output / "masks.png").is_file() and (output / "model.safetensors").is_file()
+    assert Image.open(output / "masks.png").size[1] == 7 * 150 + 30 + 44  # each of the 7 photos once, no repeat
     assert "scikit-image sample photographs" in (output / "README.md").read_text()
