@@ -104,7 +104,7 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     hint_ratio_final: float | int = interval(min=0.0, max=0.5)(default=0.0)
     hint_portion_final: float | int = fraction(default=0.2)
     fiedler_solver: Literal["lanczos", "power", "eigh"] = "lanczos"
-    fiedler_lanczos_steps: int = at_least_one(default=48)
+    fiedler_lanczos_steps: int = at_least_one(default=32)
     fiedler_power_steps: int = at_least_one(default=16)
     apply_layernorm: bool = True
     reshape_hidden_states: bool = True

@@ -135,15 +135,17 @@ def fiedler_vector_power(weights: torch.Tensor, steps: int = 16) -> torch.Tensor
     return z * inv_sqrt_degree
 
 
-def fiedler_vector_lanczos(weights: torch.Tensor, steps: int = 48) -> torch.Tensor:
+def fiedler_vector_lanczos(weights: torch.Tensor, steps: int = 32) -> torch.Tensor:
     """Fiedler vector by batched Lanczos iteration with full re-orthogonalisation. [B, N].
 
     Krylov vectors of M = D^-1/2 W D^-1/2 are built from a fixed start vector with the trivial eigenvector sqrt(d)
     projected out, so the top Ritz vector of the small tridiagonal matrix is z, the eigenvector of mu_2. Each step
     costs one batched matrix-vector product (N^2 per image) instead of the power solver's matrix squarings (N^3 each):
     Lanczos converges on an extreme eigenvalue with the square root of the power method's gap dependence, and with
-    `steps` >= N - 1 it is exact. A row whose Krylov space is exhausted early stops growing (its later Ritz values
-    are pushed below the spectrum). Returns non-finite values where the operator vanishes, so callers can fall back.
+    `steps` >= N - 1 it is exact. Each new vector is orthogonalised against the earlier ones and the trivial vector
+    twice (classical Gram-Schmidt). A row whose Krylov space is exhausted early stops growing
+    (its later Ritz values are pushed below the spectrum). Returns non-finite values where the operator vanishes, so
+    callers can fall back.
     """
     normalized, inv_sqrt_degree = _normalized_affinity(weights)
     batch_size, num_nodes, _ = weights.shape
@@ -154,17 +156,19 @@ def fiedler_vector_lanczos(weights: torch.Tensor, steps: int = 48) -> torch.Tens
     start = torch.linspace(1.0, 2.0, num_nodes, dtype=weights.dtype, device=weights.device).sin() + 0.1
     vector = start.expand(batch_size, -1) - (start * trivial).sum(dim=1, keepdim=True) * trivial
     vector = vector / vector.norm(dim=1, keepdim=True)
-    basis = torch.zeros(batch_size, num_nodes, steps, dtype=weights.dtype, device=weights.device)
+    # Rows of the basis, with the trivial vector first: orthogonalising against it keeps sqrt(d) out.
+    basis = torch.zeros(batch_size, steps + 1, num_nodes, dtype=weights.dtype, device=weights.device)
+    basis[:, 0] = trivial
     alphas = torch.zeros(batch_size, steps, dtype=weights.dtype, device=weights.device)
     betas = torch.zeros(batch_size, steps, dtype=weights.dtype, device=weights.device)
     growing = torch.ones(batch_size, dtype=torch.bool, device=weights.device)
     for step in range(steps):
-        basis[:, :, step] = vector
-        product = (normalized @ vector[:, :, None]).squeeze(2)
+        basis[:, step + 1] = vector
+        product = torch.bmm(normalized, vector[:, :, None]).squeeze(2)
         alphas[:, step] = torch.where(growing, (product * vector).sum(dim=1), -3.0)  # -3: below M's spectrum
-        for _ in range(2):  # twice is enough (Kahan), and it keeps the trivial vector out too
-            product = product - (basis @ (basis.transpose(1, 2) @ product[:, :, None])).squeeze(2)
-            product = product - (product * trivial).sum(dim=1, keepdim=True) * trivial
+        known = basis[:, : step + 2]
+        for _ in range(2):  # twice is enough (Kahan): once loses orthogonality when eigenvalues cluster
+            product = product - torch.bmm(known.transpose(1, 2), torch.bmm(known, product[:, :, None])).squeeze(2)
         norm = product.norm(dim=1)
         if step + 1 < steps:
             growing = growing & (norm > 1e-6)
@@ -172,7 +176,7 @@ def fiedler_vector_lanczos(weights: torch.Tensor, steps: int = 48) -> torch.Tens
             vector = torch.where(growing[:, None], product / norm.clamp(min=1e-30)[:, None], 0.0)
     tridiagonal = torch.diag_embed(alphas) + torch.diag_embed(betas[:, :-1], 1) + torch.diag_embed(betas[:, :-1], -1)
     _, ritz_vectors = torch.linalg.eigh(tridiagonal.double())
-    z = (basis @ ritz_vectors[:, :, -1:].to(weights.dtype)).squeeze(2)
+    z = torch.bmm(basis[:, 1:].transpose(1, 2), ritz_vectors[:, :, -1:].to(weights.dtype)).squeeze(2)
     return z * inv_sqrt_degree
 
 
