@@ -38,9 +38,17 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
         (overrides the fraction), or at the first check where the decoder's attention share on mask tokens
         overtakes the share on visible tokens (docs/method.md §4).
     mask_feature_layer: encoder blocks run on the full image to get the clustered features (None: all).
-    graph_edges: `"similarity"` (max(S, 0) + eps), `"binary_fixed"` (1 where S > graph_threshold, else graph_eps)
-        or `"binary_mean"` (1 where S exceeds the image's mean similarity).
+    graph_edges: `"similarity"` (max(S, 0) + eps), `"binary_fixed"` (1 where S > graph_threshold, else graph_eps),
+        `"binary_mean"` (1 where S exceeds the image's mean similarity), `"binary_quantile"` (1 where S exceeds the
+        image's `graph_quantile` quantile of its off-diagonal similarities) or `"knn"` (1 between a patch and its
+        `graph_knn` most similar patches, symmetrised).
     foreground_rule: the NCut part holding argmax |y| (`"max_abs"`, TokenCut) or the `"smaller"` one.
+    partition_split: the NCut parts are split at the `"mean"` of the Fiedler vector y or at `"zero"` (y is
+        orthogonal to the degrees, so zero is the degree-weighted mean).
+    mask_feature_source: what the masking clusters: the block output (`"hidden"`), that output after the encoder's
+        final LayerNorm (`"layernorm"`), or the attention keys of block `mask_feature_layer` (`"keys"`).
+    feature_centering: `"position_mean"` subtracts, at each grid position, the mean feature of that position over
+        the images (a given mean, or the batch's) before the graph, removing what position alone contributes.
     hint_ratio / hint_sampling: `round(hint_ratio * K)` masked patches revealed again, drawn by object similarity
         or uniformly.
     fiedler_solver / fiedler_power_steps: batched power iteration (2**steps; 16 matches `eigh` at 64 and 196
@@ -77,7 +85,7 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     informed_masking_start_step: int | None = None
     informed_masking_auto_start: bool = False
     mask_feature_layer: int | None = None
-    graph_edges: Literal["similarity", "binary_fixed", "binary_mean"] = "similarity"
+    graph_edges: Literal["similarity", "binary_fixed", "binary_mean", "binary_quantile", "knn"] = "similarity"
     graph_threshold: float | int = interval(min=-1.0, max=1.0)(default=0.2)
     graph_eps: float = interval(min=1e-12, max=1.0)(default=1e-5)
     foreground_rule: Literal["max_abs", "smaller"] = "max_abs"
@@ -89,6 +97,11 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     reshape_hidden_states: bool = True
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
+    mask_feature_source: Literal["hidden", "layernorm", "keys"] = "hidden"
+    feature_centering: Literal["none", "position_mean"] = "none"
+    graph_quantile: float | int = fraction(default=0.5)
+    graph_knn: int = at_least_one(default=10)
+    partition_split: Literal["mean", "zero"] = "mean"
 
     def __post_init__(self, **kwargs) -> None:
         kwargs.setdefault("auto_map", dict(AUTO_MAP))

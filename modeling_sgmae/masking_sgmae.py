@@ -34,26 +34,56 @@ def mask_from_noise(noise: torch.Tensor, num_masked: int) -> torch.Tensor:
 
 
 def affinity_graph(
-    features: torch.Tensor, edges: str, threshold: float, eps: float
+    features: torch.Tensor,
+    edges: str,
+    threshold: float,
+    eps: float,
+    quantile: float = 0.5,
+    knn: int = 10,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Affinity W [B, N, N] of L2-normalised features, and each graph's edge density [B].
 
-    Edge density is the share of off-diagonal pairs joined by a real edge (weight above eps): near 1 means
-    the graph is almost complete and the cut is decided by very few edges.
+    `edges`: `similarity` (max(S, 0)); binary graphs joining the pairs whose similarity is above `threshold`
+    (`binary_fixed`), the image's mean similarity (`binary_mean`) or the image's `quantile` quantile of its
+    off-diagonal similarities (`binary_quantile`); or `knn`, joining each patch to its `knn` most similar other
+    patches (and so, symmetrised, to every patch that counts it among its own `knn`). Edge density is the share of
+    off-diagonal pairs joined by a real edge (weight above eps): near 1 means the graph is almost complete and the
+    cut is decided by very few edges.
     """
     similarity = features @ features.transpose(1, 2)
+    num_nodes = features.shape[1]
+    off_diagonal = ~torch.eye(num_nodes, dtype=torch.bool, device=features.device)
     if edges == "similarity":
         weights = similarity.clamp(min=0)
+    elif edges == "knn":
+        neighbours = similarity.masked_fill(~off_diagonal, float("-inf")).topk(min(knn, num_nodes - 1), dim=2).indices
+        joined = torch.zeros_like(similarity, dtype=torch.bool).scatter_(2, neighbours, True)
+        weights = (joined | joined.transpose(1, 2)).to(similarity.dtype)
     else:
         if edges == "binary_fixed":
             tau = torch.full_like(similarity[:, :1, :1], threshold)
+        elif edges == "binary_quantile":
+            pairs = similarity[:, off_diagonal]  # [B, N(N-1)]
+            tau = torch.quantile(pairs, quantile, dim=1)[:, None, None]
         else:  # binary_mean: the image's own mean similarity, so the graph is never near complete
             tau = similarity.mean(dim=(1, 2), keepdim=True)
         weights = (similarity > tau).to(similarity.dtype)
-    num_nodes = features.shape[1]
-    off_diagonal = ~torch.eye(num_nodes, dtype=torch.bool, device=features.device)
     density = ((weights > 0) & off_diagonal).sum(dim=(1, 2)) / max(num_nodes * (num_nodes - 1), 1)
     return weights + eps, density
+
+
+def center_by_position(features: torch.Tensor, position_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Subtract from each patch feature [B, N, D] the mean feature of its grid position over images [N, D].
+
+    Without `position_mean`, the batch's own mean is used (a batch of one image is returned unchanged: its mean
+    is the image itself). What all images share at a grid position (the position embedding's trace, which
+    dominates a small MAE's features) goes; what the image adds there stays.
+    """
+    if position_mean is None:
+        if features.shape[0] < 2:
+            return features
+        position_mean = features.mean(dim=0)
+    return features - position_mean.to(features.dtype)
 
 
 def _normalized_affinity(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,13 +159,14 @@ def fiedler_vector_power(weights: torch.Tensor, steps: int = 16) -> torch.Tensor
     return z * inv_sqrt_degree
 
 
-def object_part(fiedler: torch.Tensor, rule: str) -> torch.Tensor:
-    """Bi-partition at the mean of y and pick the object part [B, N] (bool).
+def object_part(fiedler: torch.Tensor, rule: str, split: str = "mean") -> torch.Tensor:
+    """Bi-partition y at its mean (`split="mean"`) or at zero (`"zero"`) and pick the object part [B, N] (bool).
 
     `max_abs` (TokenCut): the part holding the node with the largest |y|; `smaller`: the part with fewer nodes
     (at a tie, the `max_abs` part). Both are invariant to the sign of y, which eigen-solvers leave arbitrary.
     """
-    upper = fiedler > fiedler.mean(dim=1, keepdim=True)
+    boundary = fiedler.mean(dim=1, keepdim=True) if split == "mean" else torch.zeros_like(fiedler[:, :1])
+    upper = fiedler > boundary
     extreme = fiedler.abs().argmax(dim=1, keepdim=True)
     max_abs_part = upper == upper.gather(1, extreme)
     if rule == "max_abs":
@@ -200,12 +231,19 @@ class Bipartition:
 
 def ncut_bipartition(unit_features: torch.Tensor, config: SGMAEConfig) -> Bipartition:
     """Bi-partition L2-normalised features [B, N, D] with the config's graph, solver and foreground rule."""
-    weights, density = affinity_graph(unit_features, config.graph_edges, config.graph_threshold, config.graph_eps)
+    weights, density = affinity_graph(
+        unit_features,
+        config.graph_edges,
+        config.graph_threshold,
+        config.graph_eps,
+        config.graph_quantile,
+        config.graph_knn,
+    )
     if config.fiedler_solver == "eigh":
         fiedler = fiedler_vector_eigh(weights)
     else:
         fiedler = fiedler_vector_power(weights, config.fiedler_power_steps)
-    part = object_part(fiedler, config.foreground_rule)
+    part = object_part(fiedler, config.foreground_rule, config.partition_split)
     part_size = part.sum(dim=1)
     # Patches that are all alike (e.g. identical features), or a graph whose edges all weigh the same (a binary
     # graph with every pair above the threshold), have no cut worth following.

@@ -17,7 +17,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_sgmae import AUTO_MAP, SGMAEConfig, num_masked_patches
-from .masking_sgmae import MaskingResult, MaskType, SelfGuidedMasking
+from .masking_sgmae import MaskingResult, MaskType, SelfGuidedMasking, center_by_position
 from .vit_mae_conversion import LEGACY_SCHEDULE_KEYS, sgmae_config_for
 
 logger = logging.get_logger(__name__)
@@ -433,6 +433,37 @@ class SGMAEModel(SGMAEPreTrainedModel):
         )
         return hidden_states[:, 1:], attentions
 
+    def masking_features(
+        self,
+        patch_tokens: torch.Tensor,
+        cls_token: torch.Tensor,
+        position_mean: torch.Tensor | None = None,
+        centre: bool | None = None,
+    ) -> torch.Tensor:
+        """The features [B, N, D] the self-guided masking cuts (docs/method.md §3, step 1), by the config's
+        `mask_feature_layer`, `mask_feature_source` and, unless `centre` says otherwise, `feature_centering`.
+
+        `"hidden"`: block `mask_feature_layer`'s output (`patch_features`); `"layernorm"`: the same after the final
+        LayerNorm; `"keys"`: that block's attention keys (its LayerNorm and qkv projection applied to the previous
+        block's output; heads concatenated). With `feature_centering="position_mean"`, each grid position's mean
+        feature over images is subtracted: `position_mean` [N, D] when given (e.g. over a refresh pass's images),
+        else the batch's (`center_by_position`). `centre=False` returns the uncentred features (to compute a mean).
+        """
+        config = self.config
+        layer = config.feature_layer
+        if config.mask_feature_source == "keys":
+            hidden_states, _, _ = self.encode(patch_tokens, cls_token, layer - 1)
+            block = self.layers[layer - 1]
+            qkv = block.attention.qkv(block.layernorm_before(hidden_states))
+            features = qkv[:, 1:, config.hidden_size : 2 * config.hidden_size]
+        else:
+            features = self.patch_features(patch_tokens, cls_token, layer)[0]
+            if config.mask_feature_source == "layernorm":
+                features = self.layernorm(features)
+        if centre is None:
+            centre = config.feature_centering == "position_mean"
+        return center_by_position(features, position_mean) if centre else features
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -720,10 +751,12 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         cls_token: torch.Tensor,
         generator: torch.Generator | None = None,
         num_masked: int | None = None,
+        position_mean: torch.Tensor | None = None,
     ) -> MaskingResult:
-        """The self-guided masks of embedded images (docs/method.md §3): the full image's patch features after
-        `feature_layer` blocks, cut and ranked by `self.masking`. patch_tokens: [B, N, D] with positions."""
-        features = self.vit.patch_features(patch_tokens.detach(), cls_token.detach(), self.config.feature_layer)[0]
+        """The self-guided masks of embedded images (docs/method.md §3): the full image's features
+        (`SGMAEModel.masking_features`; `position_mean` [N, D] for `feature_centering`, else the batch's), cut and
+        ranked by `self.masking`. patch_tokens: [B, N, D] with positions."""
+        features = self.vit.masking_features(patch_tokens.detach(), cls_token.detach(), position_mean)
         num_masked = (
             num_masked if num_masked is not None else num_masked_patches(patch_tokens.shape[1], self.config.mask_ratio)
         )
