@@ -5,6 +5,7 @@ split at zero). Every test has an answer known by construction."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -271,3 +272,33 @@ def test_analysis_and_panel_report_the_new_metrics(model):
     panel = figure_panel(model, images[:2], position_mean=masking_position_mean(model, [images]))
     assert panel.half_cut.dtype == bool and panel.half_cut.shape == (2,)
     assert panel.object_centre_share.shape == (2,)
+
+
+# ----- the benchmark's option grid ----------------------------------------------------------------------------------
+def _graph_options():
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("graph_options", REPO_ROOT / "benchmarks/graph_options.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mask_quality_options_vary_one_factor_at_a_time_and_every_one_is_a_valid_config():
+    graph_options = _graph_options()
+    options = graph_options.option_set("mask_quality", 4, ["mine=feature_centering=position_mean,graph_knn=5"], 0.2)
+    assert options["today"] == {} and options["centred"] == {"feature_centering": "position_mean"}
+    assert options["today + keys"] == {"mask_feature_source": "keys"}
+    assert options["centred + smaller"] == {"feature_centering": "position_mean", "foreground_rule": "smaller"}
+    assert options["centred per batch"][graph_options.BATCH_CENTRED] is True
+    assert options["mine"] == {"feature_centering": "position_mean", "graph_knn": 5}
+    for overrides in options.values():
+        fields = {key: value for key, value in overrides.items() if key != graph_options.BATCH_CENTRED}
+        tiny_config(num_hidden_layers=4, **fields).validate()
+    config = tiny_config()
+    with graph_options.overridden(config, {"graph_edges": "knn"}):
+        assert config.graph_edges == "knn"
+    assert config.graph_edges == "similarity"
