@@ -74,6 +74,7 @@ def one_factor_options(base_name: str, base: dict, num_layers: int) -> dict[str,
         "knn 10": {"graph_edges": "knn", "graph_knn": 10},
         "split zero": {"partition_split": "zero"},
         "smaller": {"foreground_rule": "smaller"},
+        "inner": {"foreground_rule": "inner"},
     }
     return {f"{base_name} + {name}": base | change for name, change in factors.items()}
 

@@ -42,7 +42,8 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
         `"binary_mean"` (1 where S exceeds the image's mean similarity), `"binary_quantile"` (1 where S exceeds the
         image's `graph_quantile` quantile of its off-diagonal similarities) or `"knn"` (1 between a patch and its
         `graph_knn` most similar patches, symmetrised).
-    foreground_rule: the NCut part holding argmax |y| (`"max_abs"`, TokenCut) or the `"smaller"` one.
+    foreground_rule: the NCut part holding argmax |y| (`"max_abs"`, TokenCut), the `"smaller"` one, or the `"inner"`
+        one (the smaller share of its patches on the border of the patch grid).
     partition_split: the NCut parts are split at the `"mean"` of the Fiedler vector y or at `"zero"` (y is
         orthogonal to the degrees, so zero is the degree-weighted mean).
     mask_feature_source: what the masking clusters: the block output (`"hidden"`), that output after the encoder's
@@ -88,7 +89,7 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     graph_edges: Literal["similarity", "binary_fixed", "binary_mean", "binary_quantile", "knn"] = "similarity"
     graph_threshold: float | int = interval(min=-1.0, max=1.0)(default=0.2)
     graph_eps: float = interval(min=1e-12, max=1.0)(default=1e-5)
-    foreground_rule: Literal["max_abs", "smaller"] = "max_abs"
+    foreground_rule: Literal["max_abs", "smaller", "inner"] = "max_abs"
     hint_ratio: float | int = interval(min=0.0, max=0.5)(default=0.06)
     hint_sampling: Literal["similarity", "uniform"] = "similarity"
     fiedler_solver: Literal["power", "eigh"] = "power"

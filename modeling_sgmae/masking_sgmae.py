@@ -7,6 +7,7 @@ True means *masked* (hidden from the encoder, reconstructed by the decoder); eve
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -159,11 +160,22 @@ def fiedler_vector_power(weights: torch.Tensor, steps: int = 16) -> torch.Tensor
     return z * inv_sqrt_degree
 
 
-def object_part(fiedler: torch.Tensor, rule: str, split: str = "mean") -> torch.Tensor:
+def border_patches(grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+    """[N] bool: the patches in the first or last row or column of a row-major grid."""
+    rows = torch.arange(grid[0], device=device)[:, None]
+    columns = torch.arange(grid[1], device=device)[None, :]
+    return ((rows == 0) | (rows == grid[0] - 1) | (columns == 0) | (columns == grid[1] - 1)).flatten()
+
+
+def object_part(
+    fiedler: torch.Tensor, rule: str, split: str = "mean", grid: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Bi-partition y at its mean (`split="mean"`) or at zero (`"zero"`) and pick the object part [B, N] (bool).
 
     `max_abs` (TokenCut): the part holding the node with the largest |y|; `smaller`: the part with fewer nodes
-    (at a tie, the `max_abs` part). Both are invariant to the sign of y, which eigen-solvers leave arbitrary.
+    (at a tie, the `max_abs` part); `inner`: the part with the smaller share of its patches on the border of the
+    patch grid (rows, columns) `grid` (the boundary prior of saliency detection: the background touches the frame;
+    at a tie, the `max_abs` part). All are invariant to the sign of y, which eigen-solvers leave arbitrary.
     """
     boundary = fiedler.mean(dim=1, keepdim=True) if split == "mean" else torch.zeros_like(fiedler[:, :1])
     upper = fiedler > boundary
@@ -171,6 +183,19 @@ def object_part(fiedler: torch.Tensor, rule: str, split: str = "mean") -> torch.
     max_abs_part = upper == upper.gather(1, extreme)
     if rule == "max_abs":
         return max_abs_part
+    if rule == "inner":
+        if grid is None:
+            raise ValueError("foreground_rule 'inner' needs the patch grid")
+        border = border_patches(grid, fiedler.device).to(fiedler.dtype)
+        upper_float = upper.to(fiedler.dtype)
+        upper_share = (upper_float * border).sum(dim=1, keepdim=True) / upper_float.sum(dim=1, keepdim=True).clamp(
+            min=1
+        )
+        lower_share = ((1 - upper_float) * border).sum(dim=1, keepdim=True) / (1 - upper_float).sum(
+            dim=1, keepdim=True
+        ).clamp(min=1)
+        inner_part = upper == (upper_share < lower_share)
+        return torch.where(upper_share == lower_share, max_abs_part, inner_part)
     upper_size = upper.sum(dim=1, keepdim=True) * 2
     smaller_part = upper == (upper_size < fiedler.shape[1])
     return torch.where(upper_size == fiedler.shape[1], max_abs_part, smaller_part)
@@ -243,7 +268,11 @@ def ncut_bipartition(unit_features: torch.Tensor, config: SGMAEConfig) -> Bipart
         fiedler = fiedler_vector_eigh(weights)
     else:
         fiedler = fiedler_vector_power(weights, config.fiedler_power_steps)
-    part = object_part(fiedler, config.foreground_rule, config.partition_split)
+    num_patches = unit_features.shape[1]
+    grid = config.grid_size if config.grid_size[0] * config.grid_size[1] == num_patches else None
+    if grid is None and math.isqrt(num_patches) ** 2 == num_patches:  # another image size: a square grid
+        grid = (math.isqrt(num_patches),) * 2
+    part = object_part(fiedler, config.foreground_rule, config.partition_split, grid)
     part_size = part.sum(dim=1)
     # Patches that are all alike (e.g. identical features), or a graph whose edges all weigh the same (a binary
     # graph with every pair above the threshold), have no cut worth following.

@@ -302,3 +302,17 @@ def test_mask_quality_options_vary_one_factor_at_a_time_and_every_one_is_a_valid
     with graph_options.overridden(config, {"graph_edges": "knn"}):
         assert config.graph_edges == "knn"
     assert config.graph_edges == "similarity"
+
+
+def test_inner_rule_picks_the_part_away_from_the_border():
+    # 4 x 4 grid: the central 2 x 2 (patches 5, 6, 9, 10) against the frame; y is larger on the frame
+    fiedler = torch.ones(1, 16)
+    fiedler[0, [5, 6, 9, 10]] = -0.5
+    inner = object_part(fiedler, "inner", "mean", (4, 4))
+    assert inner.nonzero()[:, 1].tolist() == [5, 6, 9, 10]
+    assert object_part(-fiedler, "inner", "mean", (4, 4)).equal(inner)  # the sign of y does not matter
+    # a left / right split touches the border equally: the max_abs part
+    halves = torch.tensor([[-1.0, -1.0, 1.0, 2.0] * 4])
+    assert object_part(halves, "inner", "mean", (4, 4)).equal(object_part(halves, "max_abs", "mean"))
+    with pytest.raises(ValueError, match="grid"):
+        object_part(fiedler, "inner")
