@@ -58,7 +58,16 @@ from sgmae_training.analyze import load_image_processor, probe_batch  # noqa: E4
 
 GRAPHS = ("similarity", "binary_fixed", "binary_mean")
 RULES = ("max_abs", "smaller")
-CENTRED = {"feature_centering": "position_mean"}
+# The masking before issue 32, spelled out: a checkpoint saved before then lacks the new fields, so it would load
+# with the new defaults.
+TODAY = {
+    "mask_feature_source": "hidden",
+    "feature_centering": "none",
+    "graph_edges": "similarity",
+    "partition_split": "mean",
+    "foreground_rule": "max_abs",
+}
+CENTRED = TODAY | {"feature_centering": "position_mean"}
 BATCH_CENTRED = "batch"  # pseudo-field of an option: centre each batch of --batch_size images by its own mean
 
 
@@ -87,8 +96,8 @@ def option_set(name: str, num_layers: int, extra: list[str], graph_threshold: fl
             for graph, rule in itertools.product(GRAPHS, RULES)
         }
     else:
-        options = {"today": {}}
-        options |= {name: change for name, change in one_factor_options("today", {}, num_layers).items()}
+        options = {"today": dict(TODAY)}
+        options |= one_factor_options("today", TODAY, num_layers)
         options["centred"] = dict(CENTRED)
         options["centred per batch"] = CENTRED | {BATCH_CENTRED: True}
         options |= one_factor_options("centred", CENTRED, num_layers)

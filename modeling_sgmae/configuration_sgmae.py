@@ -86,10 +86,10 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     informed_masking_start_step: int | None = None
     informed_masking_auto_start: bool = False
     mask_feature_layer: int | None = None
-    graph_edges: Literal["similarity", "binary_fixed", "binary_mean", "binary_quantile", "knn"] = "similarity"
+    graph_edges: Literal["similarity", "binary_fixed", "binary_mean", "binary_quantile", "knn"] = "binary_quantile"
     graph_threshold: float | int = interval(min=-1.0, max=1.0)(default=0.2)
     graph_eps: float = interval(min=1e-12, max=1.0)(default=1e-5)
-    foreground_rule: Literal["max_abs", "smaller", "inner"] = "max_abs"
+    foreground_rule: Literal["max_abs", "smaller", "inner"] = "inner"
     hint_ratio: float | int = interval(min=0.0, max=0.5)(default=0.06)
     hint_sampling: Literal["similarity", "uniform"] = "similarity"
     fiedler_solver: Literal["power", "eigh"] = "power"
@@ -99,8 +99,8 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
     mask_feature_source: Literal["hidden", "layernorm", "keys"] = "hidden"
-    feature_centering: Literal["none", "position_mean"] = "none"
-    graph_quantile: float | int = fraction(default=0.5)
+    feature_centering: Literal["none", "position_mean"] = "position_mean"
+    graph_quantile: float | int = fraction(default=0.8)
     graph_knn: int = at_least_one(default=10)
     partition_split: Literal["mean", "zero"] = "mean"
 

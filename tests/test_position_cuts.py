@@ -290,9 +290,11 @@ def _graph_options():
 def test_mask_quality_options_vary_one_factor_at_a_time_and_every_one_is_a_valid_config():
     graph_options = _graph_options()
     options = graph_options.option_set("mask_quality", 4, ["mine=feature_centering=position_mean,graph_knn=5"], 0.2)
-    assert options["today"] == {} and options["centred"] == {"feature_centering": "position_mean"}
-    assert options["today + keys"] == {"mask_feature_source": "keys"}
-    assert options["centred + smaller"] == {"feature_centering": "position_mean", "foreground_rule": "smaller"}
+    today = graph_options.TODAY
+    assert options["today"]["graph_edges"] == "similarity" and options["today"]["foreground_rule"] == "max_abs"
+    assert options["centred"] == today | {"feature_centering": "position_mean"}
+    assert options["today + keys"] == today | {"mask_feature_source": "keys"}
+    assert options["centred + smaller"] == today | {"feature_centering": "position_mean", "foreground_rule": "smaller"}
     assert options["centred per batch"][graph_options.BATCH_CENTRED] is True
     assert options["mine"] == {"feature_centering": "position_mean", "graph_knn": 5}
     for overrides in options.values():
