@@ -272,7 +272,8 @@ def ncut_bipartition(unit_features: torch.Tensor, config: SGMAEConfig) -> Bipart
     grid = config.grid_size if config.grid_size[0] * config.grid_size[1] == num_patches else None
     if grid is None and math.isqrt(num_patches) ** 2 == num_patches:  # another image size: a square grid
         grid = (math.isqrt(num_patches),) * 2
-    part = object_part(fiedler, config.foreground_rule, config.partition_split, grid)
+    rule = config.foreground_rule if grid is not None or config.foreground_rule != "inner" else "max_abs"
+    part = object_part(fiedler, rule, config.partition_split, grid)  # `inner` without a known grid: `max_abs`
     part_size = part.sum(dim=1)
     # Patches that are all alike (e.g. identical features), or a graph whose edges all weigh the same (a binary
     # graph with every pair above the threshold), have no cut worth following.

@@ -318,3 +318,11 @@ def test_inner_rule_picks_the_part_away_from_the_border():
     assert object_part(halves, "inner", "mean", (4, 4)).equal(object_part(halves, "max_abs", "mean"))
     with pytest.raises(ValueError, match="grid"):
         object_part(fiedler, "inner")
+
+
+def test_inner_rule_without_a_known_grid_falls_back_to_max_abs():
+    torch.manual_seed(0)
+    unit = nn.functional.normalize(torch.randn(2, 12, 8), dim=-1)  # 12 patches: not the config's 8 x 8, not square
+    inner = ncut_bipartition(unit, tiny_config(foreground_rule="inner"))
+    max_abs = ncut_bipartition(unit, tiny_config(foreground_rule="max_abs"))
+    assert torch.equal(inner.object_part, max_abs.object_part)
