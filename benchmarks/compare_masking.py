@@ -40,7 +40,8 @@ POOLED = [(protocol, pooling) for protocol in ("knn", "linear_probe") for poolin
 ACCURACIES = [f"{protocol}_{pooling}" for protocol, pooling in POOLED]
 SUMMARISED = (
     *ACCURACIES, "train_minutes", "centre_masked_share", "object_part_fraction", "bipartition_gap",
-    "feature_variance", "attention_distance_last", "exploitation_mask_share",
+    "feature_variance", "attention_distance_last", "exploitation_mask_share", "half_cut_share",
+    "object_centre_share", "object_part_fraction_median", "position_share_last",
 )  # fmt: skip
 # Arguments that do not change what is measured: a sitting may change them and keep the records of earlier ones.
 SITTING_ARGUMENTS = {
@@ -410,6 +411,10 @@ def evaluate_checkpoint(args: CompareArguments, name: str, seed: int, epoch: int
         "exploitation_mask_share": sum(mask_shares) / len(mask_shares) if mask_shares else None,
         "centre_masked_share": metrics.get("informed_mask_centre_share"),
         "object_part_fraction": metrics.get("object_part_fraction"),
+        "object_part_fraction_median": metrics.get("object_part_fraction_median"),
+        "half_cut_share": metrics.get("half_cut_share"),
+        "object_centre_share": metrics.get("object_centre_share"),
+        "position_share_last": metrics["position_share"][-1] if metrics.get("position_share") else None,
         "reconstruction_loss": metrics.get("reconstruction_loss"),
     }
 

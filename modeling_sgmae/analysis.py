@@ -59,6 +59,9 @@ class FeatureStatistics:
     edge_density: torch.Tensor  # share of real edges in the affinity graph
     has_cut: torch.Tensor  # bool: the image has a usable bi-partition
     object_part: torch.Tensor  # [B, N] bool, the object part of the cut
+    half_cut: torch.Tensor  # 1.0 where the cut splits the image into two halves (`half_cuts`), else 0.0; NaN: no cut
+    one_sided: torch.Tensor  # 1.0 where the object part lies on one side of a midline (`one_sided_parts`); NaN: no cut
+    object_centre_share: torch.Tensor  # share of the object part's patches in the central region; NaN: no cut
 
     @classmethod
     def cat(cls, chunks: list[FeatureStatistics]) -> FeatureStatistics:
@@ -78,7 +81,19 @@ class FeatureStatistics:
             "informed_mask_centre_share": _mean(self.centre_masked_share[cut]),
             "edge_density": _mean(self.edge_density),
             "num_images_without_cut": int((~cut).sum()),
+            **_spread("object_part_fraction", self.object_part_size[cut] / self.object_part.shape[1]),
+            "half_cut_share": _mean(self.half_cut[cut]),
+            "one_sided_part_share": _mean(self.one_sided[cut]),
+            "object_centre_share": _mean(self.object_centre_share[cut]),
         }
+
+
+def _spread(name: str, values: torch.Tensor) -> dict[str, float | None]:
+    """Median and quartiles of values as `{name}_median`, `{name}_q25`, `{name}_q75` (None when empty)."""
+    if values.numel() == 0:
+        return {f"{name}_{key}": None for key in ("median", "q25", "q75")}
+    quartiles = torch.quantile(values.double(), torch.tensor([0.5, 0.25, 0.75], dtype=torch.float64)).tolist()
+    return dict(zip((f"{name}_median", f"{name}_q25", f"{name}_q75"), quartiles, strict=True))
 
 
 def _mean(values: torch.Tensor) -> float | None:
@@ -102,6 +117,53 @@ def centre_patches(grid: tuple[int, int]) -> torch.Tensor:
     return (row_inside[:, None] & column_inside[None, :]).flatten()
 
 
+HALF_CUT_SHARE = 0.85  # a part with at least this share of its patches on one side of a midline
+
+
+def side_shares(part: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[B, 4]: the shares of each part's patches [B, N] above, below, left of and right of the grid's midlines.
+
+    With an odd number of rows (columns) the middle row (column) belongs to neither side. Empty parts give 0."""
+    cells = part.reshape(-1, *grid).float()
+    rows, columns = grid
+    sides = torch.stack(
+        [
+            cells[:, : rows // 2].sum(dim=(1, 2)),
+            cells[:, rows - rows // 2 :].sum(dim=(1, 2)),
+            cells[:, :, : columns // 2].sum(dim=(1, 2)),
+            cells[:, :, columns - columns // 2 :].sum(dim=(1, 2)),
+        ],
+        dim=1,
+    )
+    return sides / cells.sum(dim=(1, 2)).clamp(min=1)[:, None]
+
+
+def one_sided_parts(part: torch.Tensor, grid: tuple[int, int], share: float = HALF_CUT_SHARE) -> torch.Tensor:
+    """[B] bool: the part [B, N] has at least `share` of its patches on one side of a midline (a small object off
+    the centre is one-sided too; `half_cuts` is the stricter test)."""
+    return (side_shares(part, grid).amax(dim=1) >= share) & (part.sum(dim=1) > 0)
+
+
+def half_cuts(part: torch.Tensor, grid: tuple[int, int], share: float = HALF_CUT_SHARE) -> torch.Tensor:
+    """[B] bool: the cut splits the grid into two halves: the object part [B, N] has at least `share` of its
+    patches on one side of the vertical or horizontal midline and the rest at least `share` on the other side. A
+    cut that follows position, not content; unlike `one_sided_parts`, a small object off the centre is not one."""
+    inside, outside = side_shares(part, grid), side_shares(~part, grid)
+    opposite = outside[:, [1, 0, 3, 2]]  # below for above, above for below, right for left, left for right
+    return (
+        ((inside >= share) & (opposite >= share)).any(dim=1)
+        & (part.sum(dim=1) > 0)
+        & (part.sum(dim=1) < part.shape[1])
+    )
+
+
+def object_centre_share(part: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[B] share of the object part's patches [B, N] that lie in the central region (`centre_patches`; NaN for an
+    empty part). Spread evenly, a part gives the region's share of the grid (64 / 196 = 0.33 at 14 x 14)."""
+    centre = centre_patches(grid).to(part.device)
+    return part[:, centre].sum(dim=1) / part.sum(dim=1).float()
+
+
 def centre_masked_share(mask: torch.Tensor, has_cut: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """[B] share of the central patches (`centre_patches`) that `mask` [B, N] hides; NaN where `has_cut` is False."""
     centre = centre_patches(grid).to(mask.device)
@@ -111,7 +173,10 @@ def centre_masked_share(mask: torch.Tensor, has_cut: torch.Tensor, grid: tuple[i
 
 @torch.no_grad()
 def feature_statistics(
-    features: torch.Tensor, config: SGMAEConfig, grid: tuple[int, int] | None = None
+    features: torch.Tensor,
+    config: SGMAEConfig,
+    grid: tuple[int, int] | None = None,
+    masking_features: torch.Tensor | None = None,
 ) -> FeatureStatistics:
     """sigma_F, sigma_s and the NCut bi-partition gap of patch features [B, N, D] (docs/method.md §5).
 
@@ -119,7 +184,11 @@ def feature_statistics(
     i != j in the same part with the mean weight over pairs in different parts; for the default similarity graph
     it lies in [-1, 1], 1 meaning two groups that are orthogonal to each other and uniform inside. The centre
     share tells whether informed masks hide the middle of the image, where object-centred datasets put the
-    object (a random mask hides `mask_ratio` of it); `grid` (rows, columns) defaults to the config's.
+    object (a random mask hides `mask_ratio` of it); `grid` (rows, columns) defaults to the config's. The half-cut
+    flag and the object part's central share tell whether the cut follows position or content.
+
+    sigma_F and sigma_s always describe `features`; the cut, its gaps and the mask come from `masking_features`
+    when given (e.g. `SGMAEModel.masking_features` with another source or centring), else from `features`.
     """
     unit = nn.functional.normalize(features.float(), dim=-1)
     num_patches = unit.shape[1]
@@ -129,16 +198,25 @@ def feature_statistics(
 
     # The training masking's own cut and informed mask (its hints draw from a private generator).
     generator = torch.Generator(device=unit.device).manual_seed(0)
-    masking = SelfGuidedMasking(config)(unit, num_masked_patches(num_patches, config.mask_ratio), generator)
+    if masking_features is not None:
+        unit_cut = nn.functional.normalize(masking_features.float(), dim=-1)
+        similarity_cut = unit_cut @ unit_cut.transpose(1, 2)
+    else:
+        unit_cut, similarity_cut = unit, similarity
+    masking = SelfGuidedMasking(config)(unit_cut, num_masked_patches(num_patches, config.mask_ratio), generator)
     cut = masking.bipartition
     same_part = cut.object_part[:, :, None] == cut.object_part[:, None, :]
     off_diagonal = ~torch.eye(num_patches, dtype=torch.bool, device=unit.device)
     within, across = same_part & off_diagonal, ~same_part
     nan = torch.tensor(float("nan"), device=unit.device)
     gap = torch.where(cut.has_cut, _pair_mean(cut.weights, within) - _pair_mean(cut.weights, across), nan)
-    cosine_gap = torch.where(cut.has_cut, _pair_mean(similarity, within) - _pair_mean(similarity, across), nan)
+    cosine_gap = torch.where(cut.has_cut, _pair_mean(similarity_cut, within) - _pair_mean(similarity_cut, across), nan)
     part_size = torch.where(cut.has_cut, cut.object_part.sum(dim=1), -1)
-    centre_share = centre_masked_share(masking.informed_mask, cut.has_cut, grid or config.grid_size)
+    grid = grid or config.grid_size
+    centre_share = centre_masked_share(masking.informed_mask, cut.has_cut, grid)
+    half = torch.where(cut.has_cut, half_cuts(cut.object_part, grid).float(), nan)
+    one_sided = torch.where(cut.has_cut, one_sided_parts(cut.object_part, grid).float(), nan)
+    part_centre = torch.where(cut.has_cut, object_centre_share(cut.object_part, grid), nan)
     return FeatureStatistics(
         feature_variance=feature_variance,
         similarity_variance=similarity_variance,
@@ -149,7 +227,70 @@ def feature_statistics(
         edge_density=cut.edge_density,
         has_cut=cut.has_cut,
         object_part=cut.object_part,
+        half_cut=half,
+        one_sided=one_sided,
+        object_centre_share=part_centre,
     )
+
+
+class PositionShare:
+    """How much of the patch features is grid position rather than content, per block, accumulated over batches.
+
+    From the L2-normalised features u[b, n] of images b at grid positions n (all images on the same grid):
+    - `same_position_cosine`: mean cosine between the features of one position in two different images;
+    - `within_image_cosine`: mean cosine between two different positions of one image;
+    - `position_share`: the share of the features' variance (around their mean over images and positions) that the
+      per-position means explain: mean_n |mean_b u[b, n] - mean u|² / (1 - |mean u|²). Features that are a function
+      of the position alone give 1; features that do not depend on position give about 0 (1/B from sampling).
+    """
+
+    def __init__(self) -> None:
+        self.position_sums: list[torch.Tensor] = []  # per block [N, D]: sum over images of u[b, n]
+        self.within_sums: list[float] = []  # per block: sum over images of the within-image mean cosine
+        self.num_images = 0
+
+    @torch.no_grad()
+    def update(self, block_features: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
+        """Add a batch: one [B, N, D] feature tensor per block (the same images in each)."""
+        if not self.position_sums:
+            self.position_sums = [torch.zeros(f.shape[1:], dtype=torch.float64) for f in block_features]
+            self.within_sums = [0.0] * len(block_features)
+        for index, features in enumerate(block_features):
+            unit = nn.functional.normalize(features.double(), dim=-1).cpu()
+            num_patches = unit.shape[1]
+            self.position_sums[index] += unit.sum(dim=0)
+            image_sums = unit.sum(dim=1).square().sum(dim=-1)  # |sum_n u|² = N + sum over n != m of cosines
+            self.within_sums[index] += ((image_sums - num_patches) / (num_patches * (num_patches - 1))).sum().item()
+        self.num_images += block_features[0].shape[0]
+
+    def result(self) -> dict[str, list[float]]:
+        """Per block (first to last): `position_share`, `same_position_cosine`, `within_image_cosine`."""
+        count = self.num_images
+        shares, same, within = [], [], []
+        for sums, within_sum in zip(self.position_sums, self.within_sums, strict=True):
+            position_means = sums / count
+            grand_mean = position_means.mean(dim=0)
+            between = (position_means - grand_mean).square().sum(dim=-1).mean()
+            shares.append((between / (1 - grand_mean.square().sum())).item())
+            pairs = (sums.square().sum(dim=-1) - count) / (count * (count - 1))  # per position
+            same.append(pairs.mean().item())
+            within.append(within_sum / count)
+        return {"position_share": shares, "same_position_cosine": same, "within_image_cosine": within}
+
+
+@torch.no_grad()
+def masking_position_mean(
+    model: SGMAEForPreTraining, chunks: list[torch.Tensor] | tuple[torch.Tensor, ...]
+) -> torch.Tensor:
+    """Each grid position's mean masking feature over images [N, D] (`SGMAEModel.masking_features`, uncentred), over
+    chunks of normalised images [B, C, H, W]: the `position_mean` that `feature_centering` subtracts."""
+    total, count = None, 0
+    for chunk in chunks:
+        patch_tokens, cls_token, _ = model.vit.embeddings(chunk.to(device=model.device, dtype=model.dtype))
+        features = model.vit.masking_features(patch_tokens, cls_token, centre=False).float()
+        total = features.sum(dim=0) if total is None else total + features.sum(dim=0)
+        count += features.shape[0]
+    return total / count
 
 
 # ----- attention ----------------------------------------------------------------------------------------------------
@@ -200,8 +341,11 @@ def analysis_metrics(
     """All §5 metrics of `model` on a probe batch [B, C, H, W] (normalised pixels), as a JSON-serialisable dict.
 
     Features and attention distances come from the full image (features after `feature_layer` blocks, default
-    the last); exploitation rates and the reconstruction loss from random masks drawn with `seed`. The model runs
-    in eval mode under no_grad, in chunks of `batch_size` images; its training mode and buffers are left as found.
+    the last); exploitation rates and the reconstruction loss from random masks drawn with `seed`. The cut and the
+    informed mask use the masking's own features (`SGMAEModel.masking_features`: the config's source and, with
+    `feature_centering`, each position's mean over the whole probe batch removed); the position share of every
+    block (`PositionShare`) comes from the block outputs. The model runs in eval mode under no_grad, in chunks of
+    `batch_size` images; its training mode and buffers are left as found.
     """
     config = model.config
     was_training = model.training
@@ -210,17 +354,26 @@ def analysis_metrics(
         device, dtype = model.device, model.dtype
         num_patches = config.grid_size[0] * config.grid_size[1]
         noise = probe_noise(pixel_values.shape[0], num_patches, seed)
+        chunks = [chunk.to(device=device, dtype=dtype) for chunk in pixel_values.split(batch_size)]
+        position_mean = masking_position_mean(model, chunks) if config.feature_centering == "position_mean" else None
+        position_share = PositionShare()
         statistics, distances, rates, losses, sizes = [], [], [], [], []
-        for start in range(0, pixel_values.shape[0], batch_size):
-            chunk = pixel_values[start : start + batch_size].to(device=device, dtype=dtype)
+        for chunk in chunks:
+            patch_tokens, cls_token, _ = model.vit.embeddings(chunk)
+            _, hidden_states, _ = model.vit.encode(patch_tokens, cls_token, output_hidden_states=True)
+            position_share.update([hidden[:, 1:] for hidden in hidden_states[1:]])
+            masking_features = None  # another block than the masking's: cut that block's output
+            if feature_layer in (None, config.feature_layer):
+                masking_features = model.vit.masking_features(patch_tokens, cls_token, position_mean)
             features, attentions, grid = full_image_encoding(model, chunk, feature_layer, output_attentions=True)
-            statistics.append(feature_statistics(features, config, grid))
+            statistics.append(feature_statistics(features, config, grid, masking_features))
             if feature_layer is not None and feature_layer != config.num_hidden_layers:
                 _, attentions, grid = full_image_encoding(model, chunk, output_attentions=True)
             distances.append(attention_distance(attentions, grid, config.patch_size))
+            start = sum(sizes)
             output = model(
                 chunk,
-                noise=noise[start : start + batch_size].to(device),
+                noise=noise[start : start + chunk.shape[0]].to(device),
                 output_decoder_attentions=True,
                 return_dict=True,
             )
@@ -245,7 +398,11 @@ def analysis_metrics(
         "graph_edges": config.graph_edges,
         "fiedler_solver": config.fiedler_solver,
         "foreground_rule": config.foreground_rule,
+        "mask_feature_source": config.mask_feature_source,
+        "feature_centering": config.feature_centering,
+        "partition_split": config.partition_split,
         **FeatureStatistics.cat(statistics).summary(),
+        **position_share.result(),
         "attention_distance": weighted(distances).tolist(),
         "exploitation_rate_visible": rate_means[:, 0].tolist(),
         "exploitation_rate_mask": rate_means[:, 1].tolist(),
@@ -334,6 +491,8 @@ class FigurePanel:
     object_part_size: np.ndarray | None = None  # patches in the object part; -1 where the mask is a fallback
     edge_density: np.ndarray | None = None  # share of real edges in the affinity graph
     centre_masked_share: np.ndarray | None = None  # central patches the informed mask (no hints) hides; NaN: no cut
+    half_cut: np.ndarray | None = None  # bool: the object part is a spatial half (`half_cuts`)
+    object_centre_share: np.ndarray | None = None  # share of the object part in the central region; NaN: no cut
 
     def grid(self) -> np.ndarray:
         """All columns side by side, one image per row: a uint8 array [B * H, columns * W, 3] (e.g. for logging)."""
@@ -373,6 +532,7 @@ def figure_panel(
     image_std: tuple[float, ...] = MAE_IMAGE_STD,
     seed: int = 0,
     visible_statistics: bool = False,
+    position_mean: torch.Tensor | None = None,
 ) -> FigurePanel:
     """Figure-1 columns for images [B, C, H, W] (normalised with image_mean / image_std).
 
@@ -381,7 +541,8 @@ def figure_panel(
     The masks are the ones training builds (`SGMAEForPreTraining.informed_masking`); an image without a usable cut
     gets training's fallback random mask in the last two columns. With `norm_pix_loss`, `visible_statistics`
     de-normalises the predicted patches with the visible patches' statistics (`visible_patch_statistics`) instead
-    of each hidden patch's own.
+    of each hidden patch's own. With `feature_centering`, `position_mean` [N, D] (`masking_position_mean` over many
+    images) is the mean removed at each position; without it, the mean over these few images is.
     """
     config = model.config
     was_training = model.training
@@ -390,7 +551,7 @@ def figure_panel(
         pixel_values = pixel_values.to(device=model.device, dtype=model.dtype)
         generator = torch.Generator(device=model.device).manual_seed(seed)
         patch_tokens, cls_token, grid = model.vit.embeddings(pixel_values)
-        masking = model.informed_masking(patch_tokens, cls_token, generator)
+        masking = model.informed_masking(patch_tokens, cls_token, generator, position_mean=position_mean)
         informed, hinted, cut = masking.informed_mask, masking.mask, masking.bipartition
         num_masked = num_masked_patches(hinted.shape[1], config.mask_ratio)
         noise = torch.rand(hinted.shape, generator=generator, device=model.device)
@@ -420,4 +581,10 @@ def figure_panel(
         object_part_size=masking.object_part_size.cpu().numpy(),
         edge_density=masking.edge_density.float().cpu().numpy(),
         centre_masked_share=centre_masked_share(informed, cut.has_cut, grid).cpu().numpy(),
+        half_cut=(half_cuts(cut.object_part, grid) & cut.has_cut).cpu().numpy(),
+        object_centre_share=torch.where(
+            cut.has_cut, object_centre_share(cut.object_part, grid), torch.tensor(float("nan"), device=model.device)
+        )
+        .cpu()
+        .numpy(),
     )

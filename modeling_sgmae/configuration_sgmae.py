@@ -41,9 +41,18 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
         `SGMAEForPreTraining.informed_mask_scores` that the training application stores per image and crops with
         each view (the authors' design, docs/method.md §8); `"step"`: ranked from the given image at every step.
     mask_feature_layer: encoder blocks run on the full image to get the clustered features (None: all).
-    graph_edges: `"similarity"` (max(S, 0) + eps), `"binary_fixed"` (1 where S > graph_threshold, else graph_eps)
-        or `"binary_mean"` (1 where S exceeds the image's mean similarity).
-    foreground_rule: the NCut part holding argmax |y| (`"max_abs"`, TokenCut) or the `"smaller"` one.
+    graph_edges: `"similarity"` (max(S, 0) + eps), `"binary_fixed"` (1 where S > graph_threshold, else graph_eps),
+        `"binary_mean"` (1 where S exceeds the image's mean similarity), `"binary_quantile"` (1 where S exceeds the
+        image's `graph_quantile` quantile of its off-diagonal similarities) or `"knn"` (1 between a patch and its
+        `graph_knn` most similar patches, symmetrised).
+    foreground_rule: the NCut part holding argmax |y| (`"max_abs"`, TokenCut), the `"smaller"` one, or the `"inner"`
+        one (the smaller share of its patches on the border of the patch grid).
+    partition_split: the NCut parts are split at the `"mean"` of the Fiedler vector y or at `"zero"` (y is
+        orthogonal to the degrees, so zero is the degree-weighted mean).
+    mask_feature_source: what the masking clusters: the block output (`"hidden"`), that output after the encoder's
+        final LayerNorm (`"layernorm"`), or the attention keys of block `mask_feature_layer` (`"keys"`).
+    feature_centering: `"position_mean"` subtracts, at each grid position, the mean feature of that position over
+        the images (a given mean, or the batch's) before the graph, removing what position alone contributes.
     hint_ratio / hint_sampling: `round(hint_ratio * K)` masked patches revealed again, drawn by object similarity
         or uniformly.
     hint_count_base / hint_min_count / hint_portion: the authors' variants (docs/method.md §3 step 7): the count as
@@ -91,10 +100,10 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     informed_masking_auto_start: bool = False
     informed_mask_source: Literal["cached", "step"] = "cached"
     mask_feature_layer: int | None = None
-    graph_edges: Literal["similarity", "binary_fixed", "binary_mean"] = "similarity"
+    graph_edges: Literal["similarity", "binary_fixed", "binary_mean", "binary_quantile", "knn"] = "binary_quantile"
     graph_threshold: float | int = interval(min=-1.0, max=1.0)(default=0.2)
     graph_eps: float = interval(min=1e-12, max=1.0)(default=1e-5)
-    foreground_rule: Literal["max_abs", "smaller"] = "max_abs"
+    foreground_rule: Literal["max_abs", "smaller", "inner"] = "inner"
     hint_ratio: float | int = interval(min=0.0, max=0.5)(default=0.06)
     hint_sampling: Literal["similarity", "uniform"] = "similarity"
     hint_count_base: Literal["masked", "patches"] = "masked"
@@ -111,6 +120,11 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     add_fpn: bool = False
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
+    mask_feature_source: Literal["hidden", "layernorm", "keys"] = "hidden"
+    feature_centering: Literal["none", "position_mean"] = "position_mean"
+    graph_quantile: float | int = fraction(default=0.8)
+    graph_knn: int = at_least_one(default=10)
+    partition_split: Literal["mean", "zero"] = "mean"
 
     def __post_init__(self, **kwargs) -> None:
         kwargs.setdefault("auto_map", dict(AUTO_MAP))

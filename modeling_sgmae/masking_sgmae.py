@@ -40,26 +40,56 @@ def mask_from_noise(noise: torch.Tensor, num_masked: int) -> torch.Tensor:
 
 
 def affinity_graph(
-    features: torch.Tensor, edges: str, threshold: float, eps: float
+    features: torch.Tensor,
+    edges: str,
+    threshold: float,
+    eps: float,
+    quantile: float = 0.5,
+    knn: int = 10,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Affinity W [B, N, N] of L2-normalised features, and each graph's edge density [B].
 
-    Edge density is the share of off-diagonal pairs joined by a real edge (weight above eps): near 1 means
-    the graph is almost complete and the cut is decided by very few edges.
+    `edges`: `similarity` (max(S, 0)); binary graphs joining the pairs whose similarity is above `threshold`
+    (`binary_fixed`), the image's mean similarity (`binary_mean`) or the image's `quantile` quantile of its
+    off-diagonal similarities (`binary_quantile`); or `knn`, joining each patch to its `knn` most similar other
+    patches (and so, symmetrised, to every patch that counts it among its own `knn`). Edge density is the share of
+    off-diagonal pairs joined by a real edge (weight above eps): near 1 means the graph is almost complete and the
+    cut is decided by very few edges.
     """
     similarity = features @ features.transpose(1, 2)
+    num_nodes = features.shape[1]
+    off_diagonal = ~torch.eye(num_nodes, dtype=torch.bool, device=features.device)
     if edges == "similarity":
         weights = similarity.clamp(min=0)
+    elif edges == "knn":
+        neighbours = similarity.masked_fill(~off_diagonal, float("-inf")).topk(min(knn, num_nodes - 1), dim=2).indices
+        joined = torch.zeros_like(similarity, dtype=torch.bool).scatter_(2, neighbours, True)
+        weights = (joined | joined.transpose(1, 2)).to(similarity.dtype)
     else:
         if edges == "binary_fixed":
             tau = torch.full_like(similarity[:, :1, :1], threshold)
+        elif edges == "binary_quantile":
+            pairs = similarity[:, off_diagonal]  # [B, N(N-1)]
+            tau = torch.quantile(pairs, quantile, dim=1)[:, None, None]
         else:  # binary_mean: the image's own mean similarity, so the graph is never near complete
             tau = similarity.mean(dim=(1, 2), keepdim=True)
         weights = (similarity > tau).to(similarity.dtype)
-    num_nodes = features.shape[1]
-    off_diagonal = ~torch.eye(num_nodes, dtype=torch.bool, device=features.device)
     density = ((weights > 0) & off_diagonal).sum(dim=(1, 2)) / max(num_nodes * (num_nodes - 1), 1)
     return weights + eps, density
+
+
+def center_by_position(features: torch.Tensor, position_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Subtract from each patch feature [B, N, D] the mean feature of its grid position over images [N, D].
+
+    Without `position_mean`, the batch's own mean is used (a batch of one image is returned unchanged: its mean
+    is the image itself). What all images share at a grid position (the position embedding's trace, which
+    dominates a small MAE's features) goes; what the image adds there stays.
+    """
+    if position_mean is None:
+        if features.shape[0] < 2:
+            return features
+        position_mean = features.mean(dim=0)
+    return features - position_mean.to(features.dtype)
 
 
 def _normalized_affinity(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,17 +219,42 @@ def fiedler_vector(weights: torch.Tensor, config: SGMAEConfig) -> torch.Tensor:
     return fiedler_vector_lanczos(weights, config.fiedler_lanczos_steps)
 
 
-def object_part(fiedler: torch.Tensor, rule: str) -> torch.Tensor:
-    """Bi-partition at the mean of y and pick the object part [B, N] (bool).
+def border_patches(grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+    """[N] bool: the patches in the first or last row or column of a row-major grid."""
+    rows = torch.arange(grid[0], device=device)[:, None]
+    columns = torch.arange(grid[1], device=device)[None, :]
+    return ((rows == 0) | (rows == grid[0] - 1) | (columns == 0) | (columns == grid[1] - 1)).flatten()
+
+
+def object_part(
+    fiedler: torch.Tensor, rule: str, split: str = "mean", grid: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Bi-partition y at its mean (`split="mean"`) or at zero (`"zero"`) and pick the object part [B, N] (bool).
 
     `max_abs` (TokenCut): the part holding the node with the largest |y|; `smaller`: the part with fewer nodes
-    (at a tie, the `max_abs` part). Both are invariant to the sign of y, which eigen-solvers leave arbitrary.
+    (at a tie, the `max_abs` part); `inner`: the part with the smaller share of its patches on the border of the
+    patch grid (rows, columns) `grid` (the boundary prior of saliency detection: the background touches the frame;
+    at a tie, the `max_abs` part). All are invariant to the sign of y, which eigen-solvers leave arbitrary.
     """
-    upper = fiedler > fiedler.mean(dim=1, keepdim=True)
+    boundary = fiedler.mean(dim=1, keepdim=True) if split == "mean" else torch.zeros_like(fiedler[:, :1])
+    upper = fiedler > boundary
     extreme = fiedler.abs().argmax(dim=1, keepdim=True)
     max_abs_part = upper == upper.gather(1, extreme)
     if rule == "max_abs":
         return max_abs_part
+    if rule == "inner":
+        if grid is None:
+            raise ValueError("foreground_rule 'inner' needs the patch grid")
+        border = border_patches(grid, fiedler.device).to(fiedler.dtype)
+        upper_float = upper.to(fiedler.dtype)
+        upper_share = (upper_float * border).sum(dim=1, keepdim=True) / upper_float.sum(dim=1, keepdim=True).clamp(
+            min=1
+        )
+        lower_share = ((1 - upper_float) * border).sum(dim=1, keepdim=True) / (1 - upper_float).sum(
+            dim=1, keepdim=True
+        ).clamp(min=1)
+        inner_part = upper == (upper_share < lower_share)
+        return torch.where(upper_share == lower_share, max_abs_part, inner_part)
     upper_size = upper.sum(dim=1, keepdim=True) * 2
     smaller_part = upper == (upper_size < fiedler.shape[1])
     return torch.where(upper_size == fiedler.shape[1], max_abs_part, smaller_part)
@@ -308,9 +363,21 @@ class Bipartition:
 
 def ncut_bipartition(unit_features: torch.Tensor, config: SGMAEConfig) -> Bipartition:
     """Bi-partition L2-normalised features [B, N, D] with the config's graph, solver and foreground rule."""
-    weights, density = affinity_graph(unit_features, config.graph_edges, config.graph_threshold, config.graph_eps)
+    weights, density = affinity_graph(
+        unit_features,
+        config.graph_edges,
+        config.graph_threshold,
+        config.graph_eps,
+        config.graph_quantile,
+        config.graph_knn,
+    )
     fiedler = fiedler_vector(weights, config)
-    part = object_part(fiedler, config.foreground_rule)
+    num_patches = unit_features.shape[1]
+    grid = config.grid_size if config.grid_size[0] * config.grid_size[1] == num_patches else None
+    if grid is None and math.isqrt(num_patches) ** 2 == num_patches:  # another image size: a square grid
+        grid = (math.isqrt(num_patches),) * 2
+    rule = config.foreground_rule if grid is not None or config.foreground_rule != "inner" else "max_abs"
+    part = object_part(fiedler, rule, config.partition_split, grid)  # `inner` without a known grid: `max_abs`
     part_size = part.sum(dim=1)
     # Patches that are all alike (e.g. identical features), or a graph whose edges all weigh the same (a binary
     # graph with every pair above the threshold), have no cut worth following.

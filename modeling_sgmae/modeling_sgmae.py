@@ -17,7 +17,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_sgmae import AUTO_MAP, SGMAEConfig, num_masked_patches
-from .masking_sgmae import MaskingResult, MaskType, SelfGuidedMasking, hint_decay, object_part_of_scores
+from .masking_sgmae import (
+    MaskingResult,
+    MaskType,
+    SelfGuidedMasking,
+    center_by_position,
+    hint_decay,
+    object_part_of_scores,
+)
 from .vit_mae_conversion import LEGACY_SCHEDULE_KEYS, sgmae_config_for
 
 logger = logging.get_logger(__name__)
@@ -435,6 +442,37 @@ class SGMAEModel(SGMAEPreTrainedModel):
         )
         return hidden_states[:, 1:], attentions
 
+    def masking_features(
+        self,
+        patch_tokens: torch.Tensor,
+        cls_token: torch.Tensor,
+        position_mean: torch.Tensor | None = None,
+        centre: bool | None = None,
+    ) -> torch.Tensor:
+        """The features [B, N, D] the self-guided masking cuts (docs/method.md §3, step 1), by the config's
+        `mask_feature_layer`, `mask_feature_source` and, unless `centre` says otherwise, `feature_centering`.
+
+        `"hidden"`: block `mask_feature_layer`'s output (`patch_features`); `"layernorm"`: the same after the final
+        LayerNorm; `"keys"`: that block's attention keys (its LayerNorm and qkv projection applied to the previous
+        block's output; heads concatenated). With `feature_centering="position_mean"`, each grid position's mean
+        feature over images is subtracted: `position_mean` [N, D] when given (e.g. over a refresh pass's images),
+        else the batch's (`center_by_position`). `centre=False` returns the uncentred features (to compute a mean).
+        """
+        config = self.config
+        layer = config.feature_layer
+        if config.mask_feature_source == "keys":
+            hidden_states, _, _ = self.encode(patch_tokens, cls_token, layer - 1)
+            block = self.layers[layer - 1]
+            qkv = block.attention.qkv(block.layernorm_before(hidden_states))
+            features = qkv[:, 1:, config.hidden_size : 2 * config.hidden_size]
+        else:
+            features = self.patch_features(patch_tokens, cls_token, layer)[0]
+            if config.mask_feature_source == "layernorm":
+                features = self.layernorm(features)
+        if centre is None:
+            centre = config.feature_centering == "position_mean"
+        return center_by_position(features, position_mean) if centre else features
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -738,11 +776,13 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         noise = torch.rand(batch_size, num_patches, device=patch_tokens.device, generator=generator)
         return torch.argsort(noise, dim=1), mask_type.fill_(int(MaskType.RANDOM)), None, None
 
-    def mask_features(self, patch_tokens: torch.Tensor, cls_token: torch.Tensor) -> torch.Tensor:
-        """The features the self-guided masking clusters (docs/method.md §3, step 1): the full image's patch
-        tokens after `feature_layer` blocks, without gradients. patch_tokens: [B, N, D] with positions."""
+    def mask_features(
+        self, patch_tokens: torch.Tensor, cls_token: torch.Tensor, position_mean: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The features the self-guided masking clusters (docs/method.md §3, step 1; `SGMAEModel.masking_features`),
+        without gradients. patch_tokens: [B, N, D] with positions."""
         with torch.no_grad():
-            return self.vit.patch_features(patch_tokens.detach(), cls_token.detach(), self.config.feature_layer)[0]
+            return self.vit.masking_features(patch_tokens.detach(), cls_token.detach(), position_mean)
 
     @torch.no_grad()
     def informed_masking(
@@ -751,14 +791,16 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         cls_token: torch.Tensor,
         generator: torch.Generator | None = None,
         num_masked: int | None = None,
+        position_mean: torch.Tensor | None = None,
     ) -> MaskingResult:
         """The self-guided masks of embedded images ranked from those same images (docs/method.md §3), with what the
-        masking saw: the per-step source, the analysis and the Figure-1 panel. patch_tokens: [B, N, D] with
-        positions."""
+        masking saw: the per-step source, the analysis and the Figure-1 panel. `position_mean` [N, D] for
+        `feature_centering` (else the batch's). patch_tokens: [B, N, D] with positions."""
         num_masked = (
             num_masked if num_masked is not None else num_masked_patches(patch_tokens.shape[1], self.config.mask_ratio)
         )
-        return self.masking(self.mask_features(patch_tokens, cls_token), num_masked, generator, self.hint_decay)
+        features = self.mask_features(patch_tokens, cls_token, position_mean)
+        return self.masking(features, num_masked, generator, self.hint_decay)
 
     @property
     def hint_decay(self) -> float:
@@ -771,13 +813,19 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         )  # fmt: skip
 
     @torch.no_grad()
-    def informed_mask_scores(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+    def informed_mask_scores(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        position_mean: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Whole images' informed-mask rankings [B, N] on their patch grid (docs/method.md §3, steps 1-5): the NCut
         object part first (similarity + 3), then the other patches by similarity to the object; a NaN row where an
-        image has no usable cut (it will get a random mask). `forward(mask_scores=...)` masks the top K of a ranking,
-        cropped and flipped with the view it is given for (docs/method.md §8). Call it in eval mode."""
+        image has no usable cut (it will get a random mask). `position_mean` [N, D] for `feature_centering` (else
+        the batch's). `forward(mask_scores=...)` masks the top K of a ranking, cropped and flipped with the view it
+        is given for (docs/method.md §8). Call it in eval mode."""
         patch_tokens, cls_token, _ = self.vit.embeddings(pixel_values, interpolate_pos_encoding)
-        return self.masking.ranking_scores(self.mask_features(patch_tokens, cls_token))
+        return self.masking.ranking_scores(self.mask_features(patch_tokens, cls_token, position_mean))
 
     def forward(
         self,

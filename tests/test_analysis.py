@@ -58,6 +58,18 @@ METRIC_KEYS = {
     "exploitation_rate_mask",
     "reconstruction_loss",
     "probe_seed",
+    "mask_feature_source",
+    "feature_centering",
+    "partition_split",
+    "object_part_fraction_median",
+    "object_part_fraction_q25",
+    "object_part_fraction_q75",
+    "half_cut_share",
+    "one_sided_part_share",
+    "object_centre_share",
+    "position_share",
+    "same_position_cosine",
+    "within_image_cosine",
 }
 
 

@@ -85,6 +85,7 @@ def test_collect_only_gathers_written_results_and_later_sittings_keep_them(
     runs, output = tmp_path / "runs", tmp_path / "out"
     analysis = {"feature_variance": 0.5, "attention_distance": [3.0, 5.0], "exploitation_rate_mask": [0.4, 0.6]}
     analysis |= {"reconstruction_loss": 0.7, "bipartition_gap": 0.2, "object_part_fraction": 0.3}
+    analysis |= {"half_cut_share": 0.8, "object_centre_share": 0.29, "position_share": [0.2, 0.6]}
     for seed, (variant, top1) in itertools.product((0, 1), (("mae", 0.40), ("sgmae", 0.42))):
         missing = variant == "sgmae" and seed == 1
         found = None if missing else top1 + seed / 100
@@ -100,6 +101,8 @@ def test_collect_only_gathers_written_results_and_later_sittings_keep_them(
     assert (mae["variant"], mae["knn_mean"], mae["linear_probe_cls"], mae["train_minutes"]) == ("mae", 40.0, 40.0, 1.5)
     assert (mae["attention_distance_last"], mae["exploitation_mask_share"]) == (5.0, 0.5)
     assert mae["object_part_fraction"] == 0.3
+    assert (mae["half_cut_share"], mae["object_centre_share"], mae["position_share_last"]) == (0.8, 0.29, 0.6)
+    assert sgmae["half_cut_share"] is None and sgmae["position_share_last"] is None
     assert sgmae["knn_cls"] == pytest.approx(42.0) and sgmae["feature_variance"] is None
     assert (mae_1["seed"], mae_1["knn_cls"]) == (1, pytest.approx(41.0))
     # the summary: mean and spread over the seeds that have a value, and the difference from the first variant

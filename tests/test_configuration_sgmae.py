@@ -129,10 +129,14 @@ def test_masking_defaults_follow_method_md():
     assert config.informed_masking_auto_start is False
     assert config.mask_feature_layer is None
     assert config.feature_layer == config.num_hidden_layers  # last block by default
-    assert config.graph_edges == "similarity"  # W = max(S, 0) + eps, not the tau = 0.2 binary graph
+    # issue 32 (benchmarks/results/mask_quality_imagenette196.md): centred features, the binary graph at the image's
+    # 0.8 quantile, the part away from the border
+    assert config.feature_centering == "position_mean" and config.mask_feature_source == "hidden"
+    assert config.graph_edges == "binary_quantile" and config.graph_quantile == 0.8
     assert config.graph_eps == 1e-5
     assert config.graph_threshold == 0.2
-    assert config.foreground_rule == "max_abs"
+    assert config.foreground_rule == "inner" and config.partition_split == "mean"
+    assert config.graph_knn == 10
     assert config.hint_ratio == 0.06
     assert config.hint_sampling == "similarity"
     assert config.fiedler_solver == "lanczos"
