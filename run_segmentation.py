@@ -2,7 +2,7 @@
 """Fine-tune an SG-MAE (or transformers ViTMAE) encoder for semantic segmentation: transformers' UperNet on the
 SG-MAE backbone with BEiT / MAE's feature pyramid, MAE's ADE20K recipe by default (docs/segmentation.md).
 
-    accelerate launch --config_file configuration/accelerate/single_gpu.yaml run_segmentation.py \
+    accelerate launch -q --config_file configuration/accelerate/single_gpu.yaml run_segmentation.py \
         --dataset_name zhoubolei/scene_parse_150 --num_labels 150 --reduce_labels \
         --label_names_file configuration/datasets/ade20k-id2label.json \
         --model_name_or_path outputs/sgmae-vit-base --output_dir outputs/sgmae-ade20k

@@ -62,7 +62,7 @@ def test_smoke_runs_every_step_and_writes_results_with_device_commit_and_command
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "plan: model step" in result.stderr and "gpu_run.sh: done" in result.stdout
-    assert "x (measured for cifar)" in result.stderr  # the plan read bench_model.py's self-guided ratio
+    assert "x (measured for cifar, cached masks" in result.stderr  # the plan read bench_model.py's measured ratio
 
     model = json.loads((output / "bench_model_gpu.json").read_text())
     assert model["commit"] and "bench_model.py" in model["command"] and model["results"][0]["config"] == "cifar"
