@@ -37,7 +37,7 @@ from transformers import ViTImageProcessor
 from modeling_sgmae import MaskType, SGMAEConfig, SGMAEForPreTraining
 from modeling_sgmae.analysis import FigurePanel, figure_panel
 from sgmae_training.analyze import load_image_processor
-from sgmae_training.data import DEMO_PHOTOS
+from sgmae_training.data.loading import DEMO_PHOTOS
 from sgmae_training.hub import check_checkpoint_kind
 
 DEFAULT_MODEL = "outputs/sgmae-demo"  # the folder the README's first command leaves

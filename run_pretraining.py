@@ -29,9 +29,9 @@ from transformers import HfArgumentParser, PreTrainedConfig
 
 from modeling_sgmae import MaskType, SGMAEConfig, SGMAEForPreTraining
 from modeling_sgmae.analysis import figure_panel
-from sgmae_training import data
 from sgmae_training.analyze import save_figure_panel
 from sgmae_training.arguments import (
+    LOOP_POSITIVE_ARGUMENTS,
     RunArguments,
     check_positive,
     dataset_reachable,
@@ -39,6 +39,34 @@ from sgmae_training.arguments import (
     parse_script_args,
 )
 from sgmae_training.augment import BatchAugmentation
+from sgmae_training.data.images import (
+    ImageCollator,
+    TrainTransform,
+    check_num_channels,
+    eval_transform,
+    image_processor_for,
+    image_statistics,
+)
+from sgmae_training.data.loaders import (
+    decode_all,
+    decoded_epoch_batches,
+    decoded_whole_images,
+    whole_image_batches,
+    worker_epoch_batches,
+)
+from sgmae_training.data.loading import (
+    DEMO_PHOTOS,
+    INDEX_COLUMN,
+    DataArguments,
+    check_data_arguments,
+    evaluation_split,
+    find_image_column,
+    limit_samples,
+    load_split,
+    prepare_images,
+    training_length,
+    with_index,
+)
 from sgmae_training.engine import (
     LoopSettings,
     TrainingHooks,
@@ -60,10 +88,7 @@ from sgmae_training.training_state import TrainingState
 
 logger = logging.getLogger("run_pretraining")
 DEMO_CONFIG = Path(__file__).parent / "configuration" / "models" / "sgmae-vit-tiny-patch4-cifar.json"
-POSITIVE_ARGUMENTS = (
-    "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
-    "visualization_steps", "exploitation_check_steps", "storage_size",
-)  # fmt: skip
+POSITIVE_ARGUMENTS = (*LOOP_POSITIVE_ARGUMENTS, "visualization_steps", "exploitation_check_steps", "storage_size")
 INPUT_PATHS = ("workers", "decode_once")
 
 
@@ -160,14 +185,14 @@ class PretrainingArguments(RunArguments):
     )
 
 
-def parse_args() -> tuple[ModelArguments, data.DataArguments, PretrainingArguments]:
+def parse_args() -> tuple[ModelArguments, DataArguments, PretrainingArguments]:
     """The three argument groups, checked before anything is loaded."""
     model_args, data_args, args = parse_script_args(
-        HfArgumentParser((ModelArguments, data.DataArguments, PretrainingArguments))
+        HfArgumentParser((ModelArguments, DataArguments, PretrainingArguments))
     )
     args.check()
     check_positive(args, POSITIVE_ARGUMENTS)
-    data.check_data_arguments(data_args)
+    check_data_arguments(data_args)
     if not args.num_train_epochs > 0:
         raise SystemExit(f"error: --num_train_epochs must be positive, got {args.num_train_epochs}")
     stop = args.stop_after_minutes
@@ -190,7 +215,7 @@ def demo_dataset() -> datasets.Dataset:
             "error: the demo needs scikit-image (`pip install .[demo]`) or pass --dataset_name"
         ) from error
 
-    images = [Image.fromarray(getattr(samples, name)()).convert("RGB") for name in data.DEMO_PHOTOS]
+    images = [Image.fromarray(getattr(samples, name)()).convert("RGB") for name in DEMO_PHOTOS]
     images = [image.resize((128, 128 * image.height // image.width)) for image in images]
     return datasets.Dataset.from_dict({"image": images * 256})
 
@@ -214,7 +239,7 @@ def build_model(model_args: ModelArguments, num_channels: int | None = None) -> 
         if path:
             check_checkpoint_kind(path)
             model = SGMAEForPreTraining.from_pretrained(path, **overrides)
-            data.check_num_channels(num_channels, model.config, path)
+            check_num_channels(num_channels, model.config, path)
             return model
         config = SGMAEConfig.from_json_file(model_args.config_name or DEMO_CONFIG)
         config.update(overrides | ({"num_channels": num_channels} if num_channels else {}))
@@ -226,21 +251,21 @@ def build_model(model_args: ModelArguments, num_channels: int | None = None) -> 
     return SGMAEForPreTraining(config)
 
 
-def load_data(data_args: data.DataArguments) -> tuple[datasets.Dataset | datasets.IterableDataset, list | None, str]:
+def load_data(data_args: DataArguments) -> tuple[datasets.Dataset | datasets.IterableDataset, list | None, str]:
     """The training split (undecoded images), the probe rows (first 8 of the evaluation split, else of the training
     split; None for a stream without one) and the image column."""
     if not (data_args.dataset_name or data_args.train_dir):
         train_data = demo_dataset()
-        eval_data = train_data.select(range(len(data.DEMO_PHOTOS)))  # the probe: each photo once
+        eval_data = train_data.select(range(len(DEMO_PHOTOS)))  # the probe: each photo once
         data_args.streaming = False
     else:
-        train_data = data.load_split(data_args, data_args.train_split, data_args.streaming)
-        eval_split = data.evaluation_split(data_args, data_args.validation_split)
-        eval_data = data.load_split(data_args, eval_split, False) if eval_split else None
+        train_data = load_split(data_args, data_args.train_split, data_args.streaming)
+        eval_split = evaluation_split(data_args, data_args.validation_split)
+        eval_data = load_split(data_args, eval_split, False) if eval_split else None
         if eval_data is None:
             logger.info("the probe images (mask panels, exploitation rates) come from the training split")
-    image_column = data.find_image_column(train_data.features, data_args.image_column)
-    train_data = data.prepare_images(data.limit_samples(train_data, data_args.max_train_samples), image_column)
+    image_column = find_image_column(train_data.features, data_args.image_column)
+    train_data = prepare_images(limit_samples(train_data, data_args.max_train_samples), image_column)
     probe_source = eval_data if eval_data is not None else (None if data_args.streaming else train_data)
     probe_rows = [probe_source[index] for index in range(min(8, len(probe_source)))] if probe_source else None
     return train_data, probe_rows, image_column
@@ -341,10 +366,10 @@ def main() -> None:
 
     # ----- optimiser, schedule -----
     config = model.config
-    statistics = data.image_statistics(data_args, config, train_data, image_column, model_args.model_name_or_path)
-    processor = data.image_processor_for(config, statistics)
+    statistics = image_statistics(data_args, config, train_data, image_column, model_args.model_name_or_path)
+    processor = image_processor_for(config, statistics)
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    steps_per_epoch, total_steps = data.training_length(
+    steps_per_epoch, total_steps = training_length(
         train_data, data_args, global_batch, args.num_train_epochs, args.max_train_steps
     )
     if model_args.informed_masking_start_epoch is not None:
@@ -358,7 +383,7 @@ def main() -> None:
         accelerator.unwrap_model(model).compile_blocks()
     unwrapped: SGMAEForPreTraining = accelerator.unwrap_model(model)
     if uses_mask_cache(config):
-        train_data = data.with_index(train_data) if isinstance(train_data, datasets.Dataset) else train_data
+        train_data = with_index(train_data) if isinstance(train_data, datasets.Dataset) else train_data
     mask_cache = new_mask_cache(args, config, train_data, steps_per_epoch, total_steps)
     objects = {"mask_cache": mask_cache} if mask_cache is not None else {}
     state = resume_state(accelerator, optimizer, args.output_dir, args.resume_from_checkpoint, objects, total_steps)
@@ -370,7 +395,7 @@ def main() -> None:
     log_plan(config, unwrapped, total_steps, steps_per_epoch, global_batch, learning_rate, mask_cache)
 
     # ----- training -----
-    probe_collate = data.ImageCollator(data.eval_transform(processor), image_column, num_channels=config.num_channels)
+    probe_collate = ImageCollator(eval_transform(processor), image_column, num_channels=config.num_channels)
     probe = probe_collate(probe_rows) if probe_rows else None
     args.exploitation_check_steps = args.exploitation_check_steps or max(steps_per_epoch // 4, 1)
     epoch_batches, whole_images = input_pipeline(
@@ -447,25 +472,25 @@ def input_pipeline(
         storage = args.storage_size or round(1.15 * max(config.image_height_width))
         if storage < max(config.image_height_width):
             raise SystemExit(f"error: --storage_size {storage} is smaller than the model's images")
-        images, left_out = data.decode_all(
+        images, left_out = decode_all(
             train_data, image_column, storage, data_args.dataloader_num_workers, args.decode_once_max_gib,
             config.num_channels,
         )  # fmt: skip
         augment = BatchAugmentation(config.image_height_width, processor.image_mean, processor.image_std)
-        epoch_batches = partial(data.decoded_epoch_batches, images, accelerator=accelerator, batch_size=batch_size,
+        epoch_batches = partial(decoded_epoch_batches, images, accelerator=accelerator, batch_size=batch_size,
                                 seed=args.seed, augment=augment.with_crops, left_out=left_out)  # fmt: skip
-        return epoch_batches, partial(data.decoded_whole_images, images, processor, accelerator, batch_size)
+        return epoch_batches, partial(decoded_whole_images, images, processor, accelerator, batch_size)
     streamed = isinstance(train_data, datasets.IterableDataset)
     key_column = args.mask_cache_key_column if streamed and uses_mask_cache(config) else None
-    index_column = data.INDEX_COLUMN if data.INDEX_COLUMN in (train_data.features or {}) else None
-    collate = data.ImageCollator(
-        data.TrainTransform(processor), image_column, index_column=index_column, num_channels=config.num_channels,
+    index_column = INDEX_COLUMN if INDEX_COLUMN in (train_data.features or {}) else None
+    collate = ImageCollator(
+        TrainTransform(processor), image_column, index_column=index_column, num_channels=config.num_channels,
         key_column=key_column,
     )  # fmt: skip
-    epoch_batches = partial(data.worker_epoch_batches, train_data, accelerator=accelerator, data_args=data_args,
+    epoch_batches = partial(worker_epoch_batches, train_data, accelerator=accelerator, data_args=data_args,
                             batch_size=batch_size, collate=collate, seed=args.seed)  # fmt: skip
     whole_images = partial(
-        data.whole_image_batches, train_data, image_column, processor, accelerator, batch_size,
+        whole_image_batches, train_data, image_column, processor, accelerator, batch_size,
         data_args.dataloader_num_workers, config.num_channels, key_column,
     )  # fmt: skip
     return epoch_batches, whole_images

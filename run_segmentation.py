@@ -35,8 +35,16 @@ from transformers import HfArgumentParser, SegformerImageProcessor
 
 from modeling_sgmae import SGMAEBackbone, SGMAEConfig, SGMAEForSemanticSegmentation, SGMAEUperNetConfig
 from modeling_sgmae.modeling_sgmae import resize_position_table
-from sgmae_training import data
-from sgmae_training.arguments import RunArguments, check_positive, parse_script_args
+from sgmae_training.arguments import LOOP_POSITIVE_ARGUMENTS, RunArguments, check_positive, parse_script_args
+from sgmae_training.data.images import check_num_channels, image_processor_for, image_statistics
+from sgmae_training.data.loaders import shard_for_process, worker_epoch_batches
+from sgmae_training.data.loading import (
+    find_column,
+    limit_samples,
+    prepare_images,
+    training_and_evaluation_splits,
+    training_length,
+)
 from sgmae_training.engine import LoopSettings, TrainingHooks, resume_state, start_run, train
 from sgmae_training.hub import (
     check_checkpoint_kind,
@@ -67,12 +75,7 @@ CHECKPOINT_KINDS = {
     "sgmae": "an SG-MAE (pre-training or classification)", "sgmae_upernet": "an SG-MAE segmentation",
     "vit_mae": "a transformers ViTMAE",
 }  # fmt: skip
-POSITIVE_ARGUMENTS = (
-    "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
-)  # fmt: skip
 RECIPE_STEPS = 160_000  # MAE's ADE20K schedule (mmsegmentation's schedule_160k)
-# Training-state fields left out of eval_results.json, so a resumed run's file equals an uninterrupted run's.
-UNREPRODUCIBLE = ("samples_in_epoch", "train_seconds")
 
 
 @dataclass
@@ -133,7 +136,7 @@ def validate_args(model_args: ModelArguments, data_args: SegmentationDataArgumen
     if args.num_train_epochs is not None and args.num_train_epochs <= 0:
         raise SystemExit(f"error: --num_train_epochs must be positive, got {args.num_train_epochs}")
     args.check()
-    check_positive(args, POSITIVE_ARGUMENTS)
+    check_positive(args, LOOP_POSITIVE_ARGUMENTS)
     check_positive(model_args, ("head_channels",))
     check_positive(args, ("warmup_steps", "eval_every_epochs"), minimum=0)
     if args.per_device_train_batch_size < 2:
@@ -172,12 +175,12 @@ def build_model(
                 path, cache_dir=cache_dir, ignore_mismatched_sizes=True, loss_ignore_index=data_args.ignore_index,
                 **labels,
             )  # fmt: skip
-            data.check_num_channels(data_args.num_channels, model.config.backbone_config, path)
+            check_num_channels(data_args.num_channels, model.config.backbone_config, path)
             return model
         if path:
             encoder = SGMAEBackbone.from_pretrained(path, cache_dir=cache_dir)
             backbone_config = SGMAEConfig.from_dict(encoder.config.to_dict())
-            data.check_num_channels(data_args.num_channels, backbone_config, path)
+            check_num_channels(data_args.num_channels, backbone_config, path)
         else:
             backbone_config = SGMAEConfig.from_json_file(model_args.config_name)
             if data_args.num_channels:
@@ -233,7 +236,7 @@ def evaluate_model(task: Task) -> dict[str, Any]:
     `mean_iou` metric (every image counted once: the shards do not overlap)."""
     accelerator, data_args, model = task.accelerator, task.data_args, task.model
     num_labels = model.config.num_labels
-    shard = data.shard_for_process(task.eval_data, accelerator, seed=0, epoch=0, shuffle=False, buffer_size=0)
+    shard = shard_for_process(task.eval_data, accelerator, seed=0, epoch=0, shuffle=False, buffer_size=0)
     loader = DataLoader(
         shard, batch_size=1, collate_fn=task.eval_collate, num_workers=data_args.dataloader_num_workers
     )
@@ -329,7 +332,7 @@ def finetune(task: Task, train_data, collate: SegmentationCollator) -> TrainingS
     """The training loop: AdamW with layer-wise lr decay, linear warm-up then poly decay, checkpoints and resume."""
     accelerator, data_args, args = task.accelerator, task.data_args, task.args
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    steps_per_epoch, total_steps = data.training_length(
+    steps_per_epoch, total_steps = training_length(
         train_data, data_args, global_batch, args.num_train_epochs, args.max_train_steps
     )
     model = task.model
@@ -350,7 +353,7 @@ def finetune(task: Task, train_data, collate: SegmentationCollator) -> TrainingS
         "crops %d", total_steps, math.ceil(total_steps / steps_per_epoch), steps_per_epoch, global_batch,
         args.learning_rate, args.layer_decay, task.model.backbone.config.drop_path_rate, data_args.crop_size,
     )  # fmt: skip
-    loader = partial(data.worker_epoch_batches, train_data, accelerator=accelerator, data_args=data_args,
+    loader = partial(worker_epoch_batches, train_data, accelerator=accelerator, data_args=data_args,
                      batch_size=args.per_device_train_batch_size, collate=collate, seed=args.seed)  # fmt: skip
 
     hooks = SegmentationHooks(task, total_steps)
@@ -372,21 +375,16 @@ def finetune(task: Task, train_data, collate: SegmentationCollator) -> TrainingS
 # ----- main ----------------------------------------------------------------------------------------------------------
 def load_data(data_args: SegmentationDataArguments):
     """Training and evaluation splits (undecoded images and masks) and their image and mask columns."""
-    train_data = data.load_split(data_args, data_args.train_split, data_args.streaming)
-    eval_split = data.evaluation_split(data_args, data_args.validation_split)
-    if eval_split is None:
-        raise SystemExit("error: the dataset has no split to evaluate on; name one with --validation_split")
-    eval_data = data.load_split(data_args, eval_split, False)
-    image_column = data.find_image_column(train_data.features, data_args.image_column)
+    train_data, eval_data, eval_split, image_column = training_and_evaluation_splits(data_args)
     mask_column = find_mask_column(train_data.features, data_args.mask_column, image_column)
     for column in (image_column, mask_column):
-        data.find_column(eval_data.features, column, (), f"{eval_split} split's")
-    train_data = data.limit_samples(train_data, data_args.max_train_samples)
-    eval_data = data.limit_samples(eval_data, data_args.max_eval_samples)
+        find_column(eval_data.features, column, (), f"{eval_split} split's")
+    train_data = limit_samples(train_data, data_args.max_train_samples)
+    eval_data = limit_samples(eval_data, data_args.max_eval_samples)
     if not len(eval_data):
         raise SystemExit(f"error: the {eval_split!r} split is empty")
-    train_data = data.prepare_images(data.prepare_images(train_data, image_column), mask_column)
-    eval_data = data.prepare_images(data.prepare_images(eval_data, image_column), mask_column)
+    train_data = prepare_images(prepare_images(train_data, image_column), mask_column)
+    eval_data = prepare_images(prepare_images(eval_data, image_column), mask_column)
     return train_data, eval_data, image_column, mask_column
 
 
@@ -407,10 +405,8 @@ def main() -> None:
     if data_args.photometric_distortion and channels != 3:
         raise SystemExit(f"error: --photometric_distortion takes RGB images, not {channels} channels; pass "
                          "--photometric_distortion false")  # fmt: skip
-    statistics = data.image_statistics(
-        data_args, backbone_config, train_data, image_column, model_args.model_name_or_path
-    )
-    processor = data.image_processor_for(backbone_config, statistics)  # MAE's mean/std unless the data need others
+    statistics = image_statistics(data_args, backbone_config, train_data, image_column, model_args.model_name_or_path)
+    processor = image_processor_for(backbone_config, statistics)  # MAE's mean/std unless the data need others
     mean, std = list(processor.image_mean), list(processor.image_std)
     common = dict(image_column=image_column, mask_column=mask_column, num_labels=len(names),
                   reduce_labels=data_args.reduce_labels, num_channels=channels)  # fmt: skip
@@ -436,7 +432,7 @@ def main() -> None:
         "eval_mode": data_args.eval_mode,
         "crop_size": data_args.crop_size,
         **task.results,
-        **{key: value for key, value in state.state_dict().items() if key not in UNREPRODUCIBLE},
+        **state.results(),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -64,7 +64,6 @@ Usage (CPU defaults: cifar batch 64 x 20 steps, vitb batch 8 x 5 steps; about 7 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -76,10 +75,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import transformers
-from transformers import ViTMAEConfig, ViTMAEForPreTraining
+from transformers import HfArgumentParser, ViTMAEConfig, ViTMAEForPreTraining
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -88,6 +88,7 @@ from provenance import code_commit  # noqa: E402
 
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining  # noqa: E402
 from modeling_sgmae.masking_sgmae import MaskType  # noqa: E402
+from sgmae_training.arguments import parse_script_args  # noqa: E402
 from sgmae_training.augment import BatchAugmentation, crop_maps  # noqa: E402
 
 # Architecture fields shared by ViTMAEConfig and SGMAEConfig.
@@ -701,29 +702,47 @@ def print_legend(rows: list[dict]) -> None:
         )
 
 
+@dataclass
+class BenchModelArguments:
+    """Where, what and how long to time (the step counts and batch sizes default per config and device)."""
+
+    device: str | None = field(
+        default=None, metadata={"help": "cpu, cuda or cpu,cuda (default: cpu, plus cuda when available)"}
+    )
+    configs: str | None = field(
+        default=None,
+        metadata={
+            "help": "comma-separated subset of: " + ",".join(CONFIGS) + " (default: all with a GPU, else cifar,vitb)"
+        },
+    )
+    steps: int | None = field(
+        default=None, metadata={"help": "timed steps per variant (default per config and device)"}
+    )
+    warmup: int | None = field(default=None, metadata={"help": "untimed rounds first (default per config and device)"})
+    batch_size: int | None = field(default=None, metadata={"help": "images per step (default per config and device)"})
+    threads: int | None = field(
+        default=None, metadata={"help": "torch threads (default: the CPU cores this process may use)"}
+    )
+    precision: Literal["fp32", "bf16"] | None = field(
+        default=None, metadata={"help": "default: bf16 on a GPU, fp32 on the CPU"}
+    )
+    no_compile: bool = field(default=False, metadata={"help": "leave out ours with compile_blocks()"})
+    layouts: str | None = field(
+        default=None,
+        metadata={
+            "help": "measurement 1 in several layouts, one after another in this process: ';'-separated lists of "
+            f"{','.join(VS_VIT_MAE_VARIANTS)} (each with vit_mae and one sgmae variant); default: all four"
+        },
+    )
+    skip_self_guided: bool = field(default=False, metadata={"help": "leave out measurements 2 and 3"})
+    skip_vit_mae: bool = field(default=False, metadata={"help": "leave out measurement 1"})
+    skip_cached: bool = field(default=False, metadata={"help": "leave out measurement 4"})
+    output: Path = REPO_ROOT / "benchmarks" / "results" / "bench_model.json"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", help="cpu, cuda or cpu,cuda (default: cpu, plus cuda when available)")
-    parser.add_argument(
-        "--configs",
-        help="comma-separated subset of: " + ",".join(CONFIGS) + " (default: all with a GPU, else cifar,vitb)",
-    )
-    parser.add_argument("--steps", type=int, help="timed steps per variant (default per config and device)")
-    parser.add_argument("--warmup", type=int, help="untimed rounds first (default per config and device)")
-    parser.add_argument("--batch-size", type=int, help="images per step (default per config and device)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: the CPU cores this process may use)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), help="default: bf16 on a GPU, fp32 on the CPU")
-    parser.add_argument("--no-compile", action="store_true", help="leave out ours with compile_blocks()")
-    parser.add_argument(
-        "--layouts",
-        help="measurement 1 in several layouts, one after another in this process: ';'-separated lists of "
-        f"{','.join(VS_VIT_MAE_VARIANTS)} (each with vit_mae and one sgmae variant); default: all four",
-    )
-    parser.add_argument("--skip-self-guided", action="store_true", help="leave out measurements 2 and 3")
-    parser.add_argument("--skip-vit-mae", action="store_true", help="leave out measurement 1")
-    parser.add_argument("--skip-cached", action="store_true", help="leave out measurement 4")
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "bench_model.json")
-    args = parser.parse_args()
+    parser = HfArgumentParser(BenchModelArguments, description=__doc__.split("\n")[0])
+    (args,) = parse_script_args(parser)
 
     if args.device:
         devices = [name.strip() for name in args.device.split(",") if name.strip()]

@@ -16,9 +16,11 @@ even if one run already fills the device.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
 
 # Without a measurement on the device: SG-MAE's pre-training wall-clock over MAE's in the 64-patch CPU comparison
 # (compare_masking_imagenette64.json: 1.39 and 1.43).
@@ -66,15 +68,28 @@ def plan(
     return epochs, evaluations, epoch_seconds
 
 
+@dataclass
+class PlanArguments:
+    """The budget and the comparison to fit in it (bench_script.py's JSON is the one positional argument)."""
+
+    seconds_left: float
+    runs: int
+    steps_per_epoch: int
+    batch_size: int
+    max_epochs: int
+    bench_model_json: str | None = field(
+        default=None, metadata={"help": "bench_model.py's JSON from the same device."}
+    )
+    bench_model_config: str = field(default="imagenette196", metadata={"help": "Its config for the compared model."})
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("bench_script_json")
-    for name in ("seconds_left", "runs", "steps_per_epoch", "batch_size", "max_epochs"):
-        parser.add_argument(f"--{name}", type=float if name == "seconds_left" else int, required=True)
-    parser.add_argument("--bench_model_json", default=None, help="bench_model.py's JSON from the same device.")
-    parser.add_argument("--bench_model_config", default="imagenette196", help="Its config for the compared model.")
-    args = parser.parse_args()
-    with open(args.bench_script_json) as handle:
+    parser = HfArgumentParser(PlanArguments, description=__doc__.split("\n\n")[0])
+    parser.add_argument("bench_script_json")  # positional: a dataclass field can only be a --flag
+    values = vars(parser.parse_args())  # argparse's own usage error for an unknown or missing option
+    bench_script_json = values.pop("bench_script_json")
+    args = PlanArguments(**values)
+    with open(bench_script_json) as handle:
         rate = json.load(handle)["medians"]["model"]
     cost, source = self_guided_cost(args.bench_model_json, args.bench_model_config, args.max_epochs)
     epochs, evaluations, epoch_seconds = plan(

@@ -22,16 +22,8 @@ from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining
 from modeling_sgmae.analysis import HINT_GREEN, MASKED_GREY, OBJECT_RED, FigurePanel, analysis_metrics, figure_panel
 
 from .arguments import dataset_reachable, parse_script_args
-from .data import (
-    IMAGE_COLUMNS,
-    DataArguments,
-    evaluation_split,
-    find_image_column,
-    image_processor_for,
-    load_split,
-    saved_statistics,
-    to_channels,
-)
+from .data.images import image_processor_for, saved_statistics, to_channels
+from .data.loading import IMAGE_COLUMNS, DataArguments, evaluation_split, find_image_column, load_split
 
 logger = logging.getLogger(__name__)
 PANEL_LEGEND = (  # what the panel's colours mean (modeling_sgmae.analysis tints the columns with them)

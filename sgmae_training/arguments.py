@@ -82,6 +82,10 @@ def check_positive(arguments: object, names: tuple[str, ...], minimum: int = 1) 
 
 
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16", "fp8")
+# The loop's integer arguments that every training script declares and checks with `check_positive`.
+LOOP_POSITIVE_ARGUMENTS = (
+    "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
+)  # fmt: skip
 
 
 def check_checkpointing_steps(value: str | None) -> None:

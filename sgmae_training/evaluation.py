@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import shard_for_process
+from .data.loaders import shard_for_process
 
 METRIC_PATH = Path(__file__).parent / "metrics" / "accuracy"  # shipped, so evaluate.load works offline
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from transformers import PreTrainedConfig, PreTrainedModel, ViTImageProcessor
 
-from .data import DataArguments
+from .data.loading import DataArguments
 from .training_state import TrainingState
 
 # The checkpoints an encoder can come from: model_type -> how an error message names them.

@@ -24,7 +24,8 @@ from torch import nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from . import data
+from .data.images import decode_image
+from .data.loading import DataArguments, check_data_arguments, find_column
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ CROP_ATTEMPTS = 10  # mmsegmentation's RandomCrop: tries for a crop whose larges
 
 
 @dataclass
-class SegmentationDataArguments(data.DataArguments):
+class SegmentationDataArguments(DataArguments):
     """DataArguments plus the mask column, the classes and the ADE20K recipe's crops."""
 
     validation_split: str = field(default="validation", metadata={"help": "Split to evaluate on."})
@@ -76,7 +77,7 @@ class SegmentationDataArguments(data.DataArguments):
 
 def check_segmentation_arguments(data_args: SegmentationDataArguments) -> None:
     """Clear errors, before anything is loaded, for data arguments out of range."""
-    data.check_data_arguments(data_args)
+    check_data_arguments(data_args)
     if data_args.eval_mode not in EVAL_MODES:
         raise SystemExit(f"error: --eval_mode must be one of {', '.join(EVAL_MODES)}, got {data_args.eval_mode!r}")
     if data_args.crop_size < 1 or (data_args.eval_stride is not None and data_args.eval_stride < 1):
@@ -121,7 +122,7 @@ def find_mask_column(features: datasets.Features | None, given: str | None, imag
     column besides the input images; a clear error otherwise."""
     features = features or {}
     if given:
-        data.find_column(features, given, (), "mask")
+        find_column(features, given, (), "mask")
         if features and not isinstance(features[given], datasets.Image):
             raise SystemExit(f"error: mask column {given!r} holds {type(features[given]).__name__} values, not images")
         return given
@@ -317,7 +318,7 @@ class SegmentationCollator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         pixels, labels, index = [], [], []
         for row in rows:
-            image = data.decode_image(row[self.image_column], self.num_channels)
+            image = decode_image(row[self.image_column], self.num_channels)
             if image is None:
                 continue
             mask = decode_mask(

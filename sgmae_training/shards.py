@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import HfArgumentParser
 
 from .arguments import dataset_reachable, parse_script_args
-from .data import LABEL_COLUMNS, DataArguments, find_column, find_image_column, load_split, prepare_images
+from .data.loading import LABEL_COLUMNS, DataArguments, find_column, find_image_column, load_split, prepare_images
 
 logger = logging.getLogger(__name__)
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "TIFF": "tif", "WEBP": "webp", "BMP": "bmp", "GIF": "gif"}

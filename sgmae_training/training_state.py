@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+# Fields left out of a run's eval_results.json, so a resumed run's file equals an uninterrupted run's.
+UNREPRODUCIBLE = ("samples_in_epoch", "train_seconds")
+
 
 @dataclass
 class TrainingState:
@@ -25,6 +28,10 @@ class TrainingState:
     def state_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
         return asdict(self)
+
+    def results(self) -> dict[str, Any]:
+        """The fields that eval_results.json records: all but the UNREPRODUCIBLE ones."""
+        return {key: value for key, value in asdict(self).items() if key not in UNREPRODUCIBLE}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """Take the saved fields; a field missing from an older checkpoint keeps its value, an unknown key is

@@ -21,7 +21,9 @@ from test_run_pretraining import config_file as config_file  # a fixture
 from transformers import AutoImageProcessor
 
 from modeling_sgmae import SGMAEForPreTraining
-from sgmae_training import data
+from sgmae_training.data.images import image_processor_for, image_statistics
+from sgmae_training.data.loaders import decode_all
+from sgmae_training.data.loading import prepare_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import run_pretraining
@@ -146,14 +148,14 @@ def test_channel_counts_and_statistics_that_do_not_fit_are_one_line_each(
             model_args, data_args, _ = run_pretraining.parse_args()
             model = run_pretraining.build_model(model_args, data_args.num_channels)
             train_data, _, image_column = run_pretraining.load_data(data_args)
-            statistics = data.image_statistics(data_args, model.config, train_data, image_column)
-            data.image_processor_for(model.config, statistics)
+            statistics = image_statistics(data_args, model.config, train_data, image_column)
+            image_processor_for(model.config, statistics)
 
 
 def test_decode_once_keeps_each_image_s_channels(tmp_path):
     dataset, pixels = channel_dataset(tmp_path / "four", bands=4, train_size=6, test_size=2)
-    split = data.prepare_images(datasets.load_dataset(str(dataset), split="train"), "image")
-    images, skipped = data.decode_all(split, "image", size=32, num_workers=0, max_gib=1.0, num_channels=4)
+    split = prepare_images(datasets.load_dataset(str(dataset), split="train"), "image")
+    images, skipped = decode_all(split, "image", size=32, num_workers=0, max_gib=1.0, num_channels=4)
     assert images.shape == (5, 4, 32, 32) and skipped == 1  # the RGB image left out
     assert torch.equal(images[0], torch.from_numpy(pixels[0]).permute(2, 0, 1))
     assert torch.equal(images[1], torch.from_numpy(pixels[1]).permute(2, 0, 1))  # the TIFF

@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional
 
-from sgmae_training.data import decode_all, decode_image, decoded_epoch_batches, prepare_images, worker_epoch_batches
+from sgmae_training.data.images import decode_image
+from sgmae_training.data.loaders import decode_all, decoded_epoch_batches, worker_epoch_batches
+from sgmae_training.data.loading import prepare_images
 from sgmae_training.training_state import TrainingState
 
 

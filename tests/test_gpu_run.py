@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from conftest import REPO_ROOT
 
 SCRIPT = str(REPO_ROOT / "benchmarks" / "gpu_run.sh")
 spec = importlib.util.spec_from_file_location("gpu_plan", REPO_ROOT / "benchmarks/gpu_plan.py")
-gpu_plan = importlib.util.module_from_spec(spec)
+gpu_plan = sys.modules["gpu_plan"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
 spec.loader.exec_module(gpu_plan)
 
 

@@ -13,7 +13,7 @@ from transformers import ViTImageProcessor
 
 from modeling_sgmae import MaskType, SGMAEForPreTraining
 from sgmae_training.augment import BatchAugmentation, crop_maps
-from sgmae_training.data import TrainTransform
+from sgmae_training.data.images import TrainTransform
 from sgmae_training.mask_cache import MaskRankingCache, default_refresh_epochs
 
 GRID = (8, 8)

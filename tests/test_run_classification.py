@@ -19,8 +19,10 @@ from conftest import CLASS_NAMES, REPO_ROOT, check_folder_in_fresh_process, free
 from safetensors.torch import load_file
 
 from modeling_sgmae import SGMAEForImageClassification, SGMAEForPreTraining
-from sgmae_training.data import decode_image, eval_transform, image_processor_for
-from sgmae_training.evaluation import METRIC_PATH
+from sgmae_training.classification import fold_probe, frozen_features
+from sgmae_training.data.images import decode_image, eval_transform, image_processor_for
+from sgmae_training.evaluation import METRIC_PATH, gather_samples, knn_scores
+from sgmae_training.optim import layer_decay_groups
 
 SCRIPT = REPO_ROOT / "run_classification.py"
 METRIC = str(METRIC_PATH)
@@ -254,12 +256,12 @@ def test_knn_votes_recover_classes_that_the_features_separate():
     test_labels = torch.randint(0, num_classes, (100,), generator=generator)
     train = centres[train_labels] + 0.1 * torch.randn(200, width, generator=generator)
     test = centres[test_labels] + 0.1 * torch.randn(100, width, generator=generator)
-    scores = rc.knn_scores(train, train_labels, test, num_classes, k=20, temperature=0.07, chunk_size=16)
+    scores = knn_scores(train, train_labels, test, num_classes, k=20, temperature=0.07, chunk_size=16)
     assert scores.shape == (100, num_classes)
     assert evaluate.load(METRIC).compute(predictions=scores.numpy(), references=test_labels.numpy())["accuracy"] == 1
     # DINO's weights: each of the k neighbours votes exp(cosine / T) for its class
     bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    votes = rc.knn_scores(bank, torch.tensor([0, 1, 1]), torch.tensor([[2.0, 0.0]]), 2, k=2, temperature=0.5)
+    votes = knn_scores(bank, torch.tensor([0, 1, 1]), torch.tensor([[2.0, 0.0]]), 2, k=2, temperature=0.5)
     torch.testing.assert_close(votes, torch.tensor([[torch.e**2, torch.e ** (2**-0.5 / 0.5)]]))
 
 
@@ -272,8 +274,8 @@ def test_folded_probe_reproduces_batchnorm_plus_linear_after_saving(pooling, tmp
     linear = torch.nn.Linear(32, 10)
     pixels = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
-        expected = linear(norm(rc.frozen_features(model, pixels)))
-        rc.fold_probe(model, norm, linear)
+        expected = linear(norm(frozen_features(model, pixels)))
+        fold_probe(model, norm, linear)
         model.save_pretrained(tmp_path)
         reloaded = SGMAEForImageClassification.from_pretrained(tmp_path).eval()
         torch.testing.assert_close(reloaded(pixels).logits, expected, rtol=1e-4, atol=1e-5)
@@ -281,7 +283,7 @@ def test_folded_probe_reproduces_batchnorm_plus_linear_after_saving(pooling, tmp
 
 def test_layer_decay_scales_the_lr_by_block_depth():
     model = SGMAEForImageClassification(tiny_config(num_labels=10, num_hidden_layers=3))
-    groups = rc.layer_decay_groups(model, base_lr=1.0, weight_decay=0.05, decay=0.5)
+    groups = layer_decay_groups(model, base_lr=1.0, weight_decay=0.05, decay=0.5)
     lr_of = {id(p): (group["lr"], group["weight_decay"]) for group in groups for p in group["params"]}
     named = dict(model.named_parameters())
     assert lr_of[id(named["vit.embeddings.patch_embeddings.projection.weight"])] == (0.5**4, 0.05)
@@ -299,7 +301,7 @@ def test_gathered_predictions_drop_padding_and_duplicates():
 
     accelerator = Accelerator()  # as main() builds it: one process here
     local = {"index": torch.tensor([3, 1, 3, 0]), "values": torch.arange(8.0).view(4, 2), "labels": torch.zeros(4)}
-    gathered = rc.gather_samples(accelerator, local)
+    gathered = gather_samples(accelerator, local)
     assert gathered["index"].tolist() == [0, 1, 3]
     assert gathered["values"].tolist() == [[6.0, 7.0], [2.0, 3.0], [0.0, 1.0]]
 

@@ -19,8 +19,10 @@ from PIL import Image
 from test_run_pretraining import check_ok, run
 from test_run_pretraining import config_file as config_file  # a fixture
 
-from sgmae_training import data, shards
-from sgmae_training.data import DataArguments, load_split, shard_for_process
+from sgmae_training import shards
+from sgmae_training.data import loaders
+from sgmae_training.data.loaders import shard_for_process
+from sgmae_training.data.loading import DataArguments, load_split
 
 
 def write_shards(source: Path, output: Path, num_shards: int) -> dict[str, int]:
@@ -187,7 +189,7 @@ def test_tool_converts_an_image_folder_and_leaves_out_unreadable_files(tmp_path)
 def test_a_stream_is_split_by_whole_shards_only_when_they_divide_evenly(
     small_dataset_dir, tmp_path, caplog, monkeypatch
 ):
-    monkeypatch.setattr(data, "_WARNED_UNEVEN", set())  # whatever ran before in this process
+    monkeypatch.setattr(loaders, "_WARNED_UNEVEN", set())  # whatever ran before in this process
     shard_dir = tmp_path / "shards"
     write_shards(small_dataset_dir, shard_dir, 3)
     stream = datasets.load_dataset(str(shard_dir), split="train", streaming=True)
