@@ -14,38 +14,47 @@ into a temporary git worktree; the JSON records both commits, the steps and ever
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import HfArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from provenance import code_commit  # noqa: E402
+
+from sgmae_training.arguments import parse_script_args  # noqa: E402
 
 PRESET = "image_size=112,patch_size=8,num_hidden_layers=4,decoder_num_hidden_layers=2"
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--commit", default="ae7b06e", help="The commit whose MAE runs are to stand in.")
-    parser.add_argument("--dataset_name", required=True)
-    parser.add_argument("--dataset_config_name", default="112px")
-    parser.add_argument("--steps", type=int, default=2, help="Optimiser steps to compare (the first checkpoint).")
-    parser.add_argument("--epochs", type=int, default=30, help="The schedule length of the run compared.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, required=True, help="Where the JSON goes.")
-    return parser.parse_args()
+@dataclass
+class CheckArguments:
+    """The commit to compare with, the run compared and where the verdict goes."""
+
+    dataset_name: str = field(metadata={"help": "Imagenette in the Hub layout (a local folder)."})
+    output: Path = field(metadata={"help": "Where the JSON goes."})
+    commit: str = field(default="ae7b06e", metadata={"help": "The commit whose MAE runs are to stand in."})
+    dataset_config_name: str = field(default="112px", metadata={"help": "The dataset's configuration."})
+    steps: int = field(default=2, metadata={"help": "Optimiser steps to compare (the first checkpoint)."})
+    epochs: int = field(default=30, metadata={"help": "The schedule length of the run compared."})
+    seed: int = field(default=0, metadata={"help": "The run's seed."})
 
 
-def train_first_steps(code: Path, args: argparse.Namespace, output_dir: Path) -> Path:
+def parse_args() -> CheckArguments:
+    (args,) = parse_script_args(HfArgumentParser(CheckArguments))
+    return args
+
+
+def train_first_steps(code: Path, args: CheckArguments, output_dir: Path) -> Path:
     """The MAE arm's command with `code`'s run_pretraining.py, stopped at checkpoint-<steps>."""
     command = [
         sys.executable, str(code / "run_pretraining.py"), "--dataset_name", str(Path(args.dataset_name).resolve()),

@@ -30,16 +30,18 @@ commit) and, with `--markdown`, a table; with `--panel_dir`, Figure-1 panels of 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import json
 import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import datasets
 import torch
+from transformers import HfArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -55,6 +57,7 @@ from modeling_sgmae.analysis import (  # noqa: E402
     masking_position_mean,
 )
 from sgmae_training.analyze import load_image_processor, probe_batch  # noqa: E402
+from sgmae_training.arguments import parse_script_args  # noqa: E402
 
 GRAPHS = ("similarity", "binary_fixed", "binary_mean")
 RULES = ("max_abs", "smaller")
@@ -119,25 +122,33 @@ def parse_assignments(text: str) -> dict:
     return overrides
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset_name", required=True)
-    parser.add_argument("--dataset_config_name", default=None)
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--checkpoints", nargs="+", required=True, help="Pre-training checkpoints or model folders.")
-    parser.add_argument("--num_images", type=int, default=512)
-    parser.add_argument("--batch_size", type=int, default=128, help="Images per forward pass (and per-batch mean).")
-    parser.add_argument("--options", choices=("graphs", "mask_quality"), default="graphs")
-    parser.add_argument("--option", action="append", default=[], help="Extra option: NAME=field=value,field=value")
-    parser.add_argument("--only", nargs="*", default=None, help="Run only these option names.")
-    parser.add_argument("--graph_threshold", type=float, default=0.2, help="tau of the binary_fixed graph.")
-    parser.add_argument("--fiedler_solver", choices=("power", "eigh"), default=None, help="Default: the config's.")
-    parser.add_argument("--output", default=str(REPO / "benchmarks/results/graph_options.json"))
-    parser.add_argument("--markdown", default=None, help="Also write the table as Markdown here.")
-    parser.add_argument("--panel_dir", default=None, help="Write Figure-1 panels of --panel_options here.")
-    parser.add_argument("--panel_options", nargs="*", default=["today"])
-    parser.add_argument("--panel_images", type=int, default=6)
-    return parser.parse_args()
+@dataclass
+class GraphOptionsArguments:
+    """Which checkpoints and images, which option grid, and where the results go."""
+
+    dataset_name: str = field(metadata={"help": "Dataset in the Hub layout (a local folder offline)."})
+    checkpoints: list[str] = field(metadata={"help": "Pre-training checkpoints or model folders."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration."})
+    split: str = field(default="test", metadata={"help": "The split the images come from."})
+    num_images: int = field(default=512, metadata={"help": "The first N images of the split."})
+    batch_size: int = field(default=128, metadata={"help": "Images per forward pass (and per-batch mean)."})
+    options: Literal["graphs", "mask_quality"] = field(default="graphs", metadata={"help": "The option grid."})
+    option: list[str] = field(default_factory=list, metadata={"help": "Extra options: NAME=field=value,field=value"})
+    only: list[str] | None = field(default=None, metadata={"help": "Run only these option names."})
+    graph_threshold: float = field(default=0.2, metadata={"help": "tau of the binary_fixed graph."})
+    fiedler_solver: Literal["lanczos", "power", "eigh"] | None = field(
+        default=None, metadata={"help": "Default: the config's."}
+    )
+    output: str = field(default=str(REPO / "benchmarks/results/graph_options.json"), metadata={"help": "JSON path."})
+    markdown: str | None = field(default=None, metadata={"help": "Also write the table as Markdown here."})
+    panel_dir: str | None = field(default=None, metadata={"help": "Write Figure-1 panels of --panel_options here."})
+    panel_options: list[str] = field(default_factory=lambda: ["today"], metadata={"help": "Options with panels."})
+    panel_images: int = field(default=6, metadata={"help": "Images per panel."})
+
+
+def parse_args() -> GraphOptionsArguments:
+    (args,) = parse_script_args(HfArgumentParser(GraphOptionsArguments))
+    return args
 
 
 def training_position(checkpoint: Path) -> tuple[int, float | None]:

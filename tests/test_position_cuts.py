@@ -283,6 +283,7 @@ def _graph_options():
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("graph_options", REPO_ROOT / "benchmarks/graph_options.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["graph_options"] = module  # its options dataclass looks its module up
     spec.loader.exec_module(module)
     return module
 
