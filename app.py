@@ -45,8 +45,9 @@ MAKE_DEFAULT_MODEL = (  # the README's first command
     "accelerate launch -q --config_file configuration/accelerate/default.yaml run_pretraining.py "
     f"--output_dir {DEFAULT_MODEL}"
 )
-GRAPH_EDGES = ("similarity", "binary_fixed", "binary_mean")  # SGMAEConfig's choices (tests/test_app.py checks)
-FOREGROUND_RULES = ("max_abs", "smaller")
+# SGMAEConfig's choices, all of them (tests/test_app.py checks): a checkpoint's own setting is always one of them
+GRAPH_EDGES = ("similarity", "binary_fixed", "binary_mean", "binary_quantile", "knn")
+FOREGROUND_RULES = ("max_abs", "smaller", "inner")
 PANEL_TITLES = ("input", "random mask", "NCut bi-partition", "informed mask", "informed + hints", "reconstruction")
 MAX_PHOTO_PIXELS = 100_000_000  # refused before decoding: a bigger upload would take seconds and gigabytes
 WORKING_SIDE = 1024  # photos are decoded (and cached) at most this long: the model sees far fewer pixels
@@ -308,7 +309,7 @@ def masking_controls(start: MaskingControls, num_layers: int) -> list[gr.compone
         gr.Radio(list(GRAPH_EDGES), value=start.graph_edges, label="Graph", elem_id="graph"),
         gr.Radio(
             list(FOREGROUND_RULES), value=start.foreground_rule, label="Object part", elem_id="foreground-rule",
-            info="max_abs: the part holding the Fiedler vector's extreme",
+            info="max_abs: the part holding the Fiedler vector's extreme; inner: the part with fewer border patches",
         ),
         gr.Number(start.seed, precision=0, minimum=0, label="Seed (random mask, hints)", elem_id="seed"),
     ]  # fmt: skip
