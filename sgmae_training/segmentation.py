@@ -8,7 +8,6 @@ photometric distortion, padding with the ignore index; evaluation at the short s
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -24,7 +23,7 @@ from torch import nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from .data.images import decode_image
+from .data.images import decode_image, open_cell
 from .data.loading import DataArguments, check_data_arguments, find_column
 
 logger = logging.getLogger(__name__)
@@ -169,13 +168,7 @@ def decode_mask(
     image's (width, height) `size` and the classes; a BadMaskError with one line otherwise."""
     name = cell_name(value)
     try:
-        if isinstance(value, Image.Image):
-            mask = value
-        elif isinstance(value, dict) and value.get("bytes") is not None:
-            mask = Image.open(io.BytesIO(value["bytes"]))
-        else:
-            mask = Image.open(value["path"] if isinstance(value, dict) else value)
-        mask.load()
+        mask = open_cell(value)  # as stored: a palette map keeps its class ids
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, TypeError) as error:
         raise BadMaskError(f"error: cannot read the segmentation map of {name}: {error}") from error
     if len(mask.getbands()) != 1:

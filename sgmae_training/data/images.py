@@ -26,17 +26,24 @@ logger = logging.getLogger(__name__)
 CHANNEL_MODES = {1: "L", 3: "RGB"}
 
 
+def open_cell(value: Any) -> Image.Image:
+    """The image of a cell (undecoded dict with bytes or a path, PIL image, or path), loaded as stored (no mode
+    conversion); PIL's own errors when the file is unreadable."""
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, dict) and value.get("bytes") is not None:
+        image = Image.open(io.BytesIO(value["bytes"]))
+    else:
+        image = Image.open(value["path"] if isinstance(value, dict) else value)
+    image.load()
+    return image
+
+
 def decode_image(value: Any, num_channels: int = 3) -> Image.Image | None:
     """Decode an image cell (undecoded dict, PIL image or path) to `num_channels` channels (see `to_channels`);
     None when the file is corrupt or its bands cannot become that many channels."""
     try:
-        if isinstance(value, Image.Image):
-            image = value
-        elif isinstance(value, dict) and value.get("bytes") is not None:
-            image = Image.open(io.BytesIO(value["bytes"]))
-        else:
-            image = Image.open(value["path"] if isinstance(value, dict) else value)
-        image.load()
+        image = open_cell(value)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         name = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
         logger.warning("skipping a corrupt image (%s): %s", name or "no file name", error)
