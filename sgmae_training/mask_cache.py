@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from modeling_sgmae import SGMAEForPreTraining
+from modeling_sgmae.masking_sgmae import object_part_of_scores
 
 from .augment import crop_maps
 
@@ -91,7 +92,9 @@ class MaskRankingCache:
         logs = {
             "mask_refresh_seconds": seconds,
             "mask_refresh_fallback_share": 1 - usable.float().mean().item(),
-            "mask_refresh_object_part": (flat[usable] > 1.5).float().mean().item() if usable.any() else math.nan,
+            "mask_refresh_object_part": (
+                object_part_of_scores(flat[usable]).float().mean().item() if usable.any() else math.nan
+            ),
         }
         logger.info(
             "ranked %d whole images for informed masks in %.1f s (no usable cut: %.1f %%, object part %.1f %% of the "
