@@ -416,6 +416,7 @@ def evaluate_checkpoint(args: CompareArguments, name: str, seed: int, epoch: int
         "object_centre_share": metrics.get("object_centre_share"),
         "position_share_last": metrics["position_share"][-1] if metrics.get("position_share") else None,
         "reconstruction_loss": metrics.get("reconstruction_loss"),
+        "commit": code_commit(),  # sittings may run different commits (a run's own sitting trains and evaluates it)
     }
 
 
