@@ -7,9 +7,11 @@ and with this checkout's, and compare the checkpoints bitwise.
 
 The run is the 196-patch comparison's MAE arm (compare_masking.py's preset and arguments: 112 px / patch 8, 4 + 2
 blocks, batch 128, base lr 1e-3, decode-once input, its 30-epoch schedule), stopped at its first checkpoint after
-`--steps` steps. Equal weights, optimizer moments and losses there mean that the committed MAE runs of that commit
-are the runs this checkout would train, so they may stand in for a new MAE arm. The commit's code is checked out
-into a temporary git worktree; the JSON records both commits, the steps and every tensor that differs.
+`--steps` steps. Equal parameters, optimizer moments and losses there mean that the committed MAE runs of that commit
+are the runs this checkout would train, so they may stand in for a new MAE arm. Buffers are listed apart: they hold
+the informed-masking schedule's state (renamed since ae7b06e), which random masking never reads. The commit's code
+is checked out into a temporary git worktree; the JSON records both commits, the steps and every tensor that
+differs.
 """
 
 from __future__ import annotations
@@ -71,21 +73,33 @@ def train_first_steps(code: Path, args: CheckArguments, output_dir: Path) -> Pat
 
 
 def compare(expected: Path, actual: Path) -> dict:
-    """Tensors of the two checkpoints' weights and optimizer states that are not bitwise equal, and their losses."""
-    differing = []
+    """Tensors of the two checkpoints' parameters and optimizer states that are not bitwise equal, their losses, and
+    the buffers that differ (the informed-masking schedule's state, which random masking never reads)."""
+    from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining
+
+    parameters = {name for name, _ in SGMAEForPreTraining(SGMAEConfig.from_pretrained(actual)).named_parameters()}
     weights = (load_file(expected / "model.safetensors"), load_file(actual / "model.safetensors"))
-    differing += [
-        key for key in weights[0] if key not in weights[1] or not torch.equal(weights[0][key], weights[1][key])
+    differing = [
+        key
+        for key in sorted(set(weights[0]) | set(weights[1]))
+        if key not in weights[0] or key not in weights[1] or not torch.equal(weights[0][key], weights[1][key])
     ]
     moments = [
         torch.load(path / "optimizer.bin", map_location="cpu", weights_only=True) for path in (expected, actual)
     ]
-    for index, state in moments[0]["state"].items():
-        for name, value in state.items():
-            if not torch.equal(value, moments[1]["state"][index][name]):
-                differing.append(f"optimizer.state.{index}.{name}")
+    differing_moments = [
+        f"optimizer.state.{index}.{name}"
+        for index, state in moments[0]["state"].items()
+        for name, value in state.items()
+        if not torch.equal(value, moments[1]["state"][index][name])
+    ]
     losses = [json.loads((path / "trainer_state.json").read_text())["train_loss"] for path in (expected, actual)]
-    return {"differing_tensors": differing, "tensors_compared": len(weights[0]), "losses": losses}
+    return {
+        "differing_parameters": [key for key in differing if key in parameters] + differing_moments,
+        "differing_buffers": [key for key in differing if key not in parameters],
+        "parameters_compared": len(parameters),
+        "losses": losses,
+    }
 
 
 def main() -> None:
@@ -100,7 +114,7 @@ def main() -> None:
             result = compare(expected, actual)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)], check=False)
-    unchanged = not result["differing_tensors"] and result["losses"][0] == result["losses"][1]
+    unchanged = not result["differing_parameters"] and result["losses"][0] == result["losses"][1]
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "commit": code_commit(),
@@ -113,7 +127,7 @@ def main() -> None:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
-    verdict = "bitwise the same" if unchanged else f"DIFFERENT ({len(result['differing_tensors'])} tensors)"
+    verdict = "bitwise the same" if unchanged else f"DIFFERENT ({len(result['differing_parameters'])} tensors)"
     print(f"MAE path after {args.steps} steps, {args.commit} vs this checkout: {verdict}; losses {result['losses']}")
 
 
