@@ -62,9 +62,10 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     hint_decay_power / hint_ratio_final / hint_portion_final: with a power p, the ratio (and portion) move from
         their values to the final ones as 1 - ((t - start) / (T - start))**p falls from 1 to 0 between the
         informed-masking start and the end of training (the authors' polynomial schedule); None: constant.
-    fiedler_solver / fiedler_lanczos_steps / fiedler_power_steps: batched Lanczos iteration (`steps` Krylov
-        vectors, exact from N - 1), batched power iteration (2**steps; 16 matches `eigh` at 64 and 196 patches) or
-        `torch.linalg.eigh`.
+    fiedler_solver / fiedler_lanczos_steps / fiedler_lanczos_tolerance / fiedler_power_steps: batched Lanczos
+        iteration (at most `steps` Krylov vectors, exact from N - 1; it stops early once every image's Fiedler vector
+        is within about `tolerance` radians of the true one; None: always `steps`), batched power iteration
+        (2**steps; 16 matches `eigh` at 64 and 196 patches) or `torch.linalg.eigh`.
     out_features / out_indices, apply_layernorm, reshape_hidden_states: `SGMAEBackbone`'s stages (`"stem"`,
         `"stage1"`..`"stageL"`; the last when unset), final LayerNorm, and [B, D, H/p, W/p] maps.
     add_fpn: `SGMAEBackbone` turns its four stages into maps at strides p/4, p/2, p, 2p (BEiT / MAE's pyramid for a
@@ -113,7 +114,8 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     hint_ratio_final: float | int = interval(min=0.0, max=0.5)(default=0.0)
     hint_portion_final: float | int = fraction(default=0.2)
     fiedler_solver: Literal["lanczos", "power", "eigh"] = "lanczos"
-    fiedler_lanczos_steps: int = at_least_one(default=32)
+    fiedler_lanczos_steps: int = at_least_one(default=64)
+    fiedler_lanczos_tolerance: float | int | None = 1e-3
     fiedler_power_steps: int = at_least_one(default=16)
     apply_layernorm: bool = True
     reshape_hidden_states: bool = True
@@ -163,6 +165,8 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
             )
         if (portion := self.hint_portion) is not None and not 0 < portion <= 1:
             raise ValueError(f"SGMAEConfig.hint_portion must be None or in (0, 1], got {portion}")
+        if (tolerance := self.fiedler_lanczos_tolerance) is not None and not 0 < tolerance < 1:
+            raise ValueError(f"SGMAEConfig.fiedler_lanczos_tolerance must be None or in (0, 1), got {tolerance}")
         if (power := self.hint_decay_power) is not None and not power > 0:
             raise ValueError(f"SGMAEConfig.hint_decay_power must be None or positive, got {power}")
         if (start_step := self.informed_masking_start_step) is not None and start_step < 0:

@@ -40,14 +40,14 @@ def mask_from_noise(noise: torch.Tensor, num_masked: int) -> torch.Tensor:
 
 
 def affinity_graph(
-    features: torch.Tensor,
+    similarity: torch.Tensor,
     edges: str,
     threshold: float,
     eps: float,
     quantile: float = 0.5,
     knn: int = 10,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Affinity W [B, N, N] of L2-normalised features, and each graph's edge density [B].
+    """Affinity W [B, N, N] of cosine similarities [B, N, N], and each graph's edge density [B].
 
     `edges`: `similarity` (max(S, 0)); binary graphs joining the pairs whose similarity is above `threshold`
     (`binary_fixed`), the image's mean similarity (`binary_mean`) or the image's `quantile` quantile of its
@@ -56,9 +56,8 @@ def affinity_graph(
     off-diagonal pairs joined by a real edge (weight above eps): near 1 means the graph is almost complete and the
     cut is decided by very few edges.
     """
-    similarity = features @ features.transpose(1, 2)
-    num_nodes = features.shape[1]
-    off_diagonal = ~torch.eye(num_nodes, dtype=torch.bool, device=features.device)
+    num_nodes = similarity.shape[1]
+    off_diagonal = ~torch.eye(num_nodes, dtype=torch.bool, device=similarity.device)
     if edges == "similarity":
         weights = similarity.clamp(min=0)
     elif edges == "knn":
@@ -69,13 +68,23 @@ def affinity_graph(
         if edges == "binary_fixed":
             tau = torch.full_like(similarity[:, :1, :1], threshold)
         elif edges == "binary_quantile":
-            pairs = similarity[:, off_diagonal]  # [B, N(N-1)]
-            tau = torch.quantile(pairs, quantile, dim=1)[:, None, None]
+            tau = off_diagonal_quantile(similarity, quantile)[:, None, None]
         else:  # binary_mean: the image's own mean similarity, so the graph is never near complete
             tau = similarity.mean(dim=(1, 2), keepdim=True)
         weights = (similarity > tau).to(similarity.dtype)
     density = ((weights > 0) & off_diagonal).sum(dim=(1, 2)) / max(num_nodes * (num_nodes - 1), 1)
     return weights + eps, density
+
+
+def off_diagonal_quantile(similarity: torch.Tensor, quantile: float) -> torch.Tensor:
+    """The order statistic of each symmetric [N, N] matrix's off-diagonal entries at `quantile` [B]: the largest
+    value not above `torch.quantile`'s linear interpolation, so `similarity > it` joins the same pairs. Found by
+    selection (`kthvalue`) among the N(N-1)/2 pairs above the diagonal, each of which appears twice in the full list,
+    instead of sorting all N(N-1)."""
+    num_nodes = similarity.shape[1]
+    rows, columns = torch.triu_indices(num_nodes, num_nodes, offset=1, device=similarity.device)
+    lower = math.floor(quantile * (num_nodes * (num_nodes - 1) - 1))  # torch.quantile's lower index, full list
+    return similarity[:, rows, columns].kthvalue(lower // 2 + 1, dim=1).values
 
 
 def center_by_position(features: torch.Tensor, position_mean: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,7 +174,14 @@ def fiedler_vector_power(weights: torch.Tensor, steps: int = 16) -> torch.Tensor
     return z * inv_sqrt_degree
 
 
-def fiedler_vector_lanczos(weights: torch.Tensor, steps: int = 32) -> torch.Tensor:
+def _top_ritz_pairs(alphas: torch.Tensor, betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ritz values [B, k] (ascending) and vectors [B, k, k] of the Lanczos tridiagonal with diagonal `alphas` [B, k]
+    and off-diagonal `betas` [B, k - 1], in float64."""
+    tridiagonal = torch.diag_embed(alphas) + torch.diag_embed(betas, 1) + torch.diag_embed(betas, -1)
+    return torch.linalg.eigh(tridiagonal.double())
+
+
+def fiedler_vector_lanczos(weights: torch.Tensor, steps: int = 64, tolerance: float | None = 1e-3) -> torch.Tensor:
     """Fiedler vector by batched Lanczos iteration with full re-orthogonalisation. [B, N].
 
     Krylov vectors of M = D^-1/2 W D^-1/2 are built from a fixed start vector with the trivial eigenvector sqrt(d)
@@ -174,8 +190,14 @@ def fiedler_vector_lanczos(weights: torch.Tensor, steps: int = 32) -> torch.Tens
     Lanczos converges on an extreme eigenvalue with the square root of the power method's gap dependence, and with
     `steps` >= N - 1 it is exact. Each new vector is orthogonalised against the earlier ones and the trivial vector
     twice (classical Gram-Schmidt). A row whose Krylov space is exhausted early stops growing
-    (its later Ritz values are pushed below the spectrum). Returns non-finite values where the operator vanishes, so
-    callers can fall back.
+    (its later Ritz values are pushed below the spectrum).
+
+    With a `tolerance`, the iteration stops once every row's top Ritz pair has converged: its residual
+    ||M z - theta z|| = beta_k |y_k| is at most `tolerance` times the gap to the next Ritz value, which bounds the
+    sine of z's angle to the true eigenvector by about `tolerance` (Davis-Kahan). It is checked after 12 steps and
+    then at 1.5 times the last check (each check is a small batched `eigh`): graphs with a clear cut stop after a
+    dozen steps; nearly degenerate ones (a sparse binary graph with several loose clusters) run up to `steps`.
+    Returns non-finite values where the operator vanishes, so callers can fall back.
     """
     normalized, inv_sqrt_degree = _normalized_affinity(weights)
     batch_size, num_nodes, _ = weights.shape
@@ -192,6 +214,7 @@ def fiedler_vector_lanczos(weights: torch.Tensor, steps: int = 32) -> torch.Tens
     alphas = torch.zeros(batch_size, steps, dtype=weights.dtype, device=weights.device)
     betas = torch.zeros(batch_size, steps, dtype=weights.dtype, device=weights.device)
     growing = torch.ones(batch_size, dtype=torch.bool, device=weights.device)
+    size, next_check = steps, 12
     for step in range(steps):
         basis[:, step + 1] = vector
         product = torch.bmm(normalized, vector[:, :, None]).squeeze(2)
@@ -200,13 +223,20 @@ def fiedler_vector_lanczos(weights: torch.Tensor, steps: int = 32) -> torch.Tens
         for _ in range(2):  # twice is enough (Kahan): once loses orthogonality when eigenvalues cluster
             product = product - torch.bmm(known.transpose(1, 2), torch.bmm(known, product[:, :, None])).squeeze(2)
         norm = product.norm(dim=1)
-        if step + 1 < steps:
-            growing = growing & (norm > 1e-6)
-            betas[:, step] = torch.where(growing, norm, 0.0)
-            vector = torch.where(growing[:, None], product / norm.clamp(min=1e-30)[:, None], 0.0)
-    tridiagonal = torch.diag_embed(alphas) + torch.diag_embed(betas[:, :-1], 1) + torch.diag_embed(betas[:, :-1], -1)
-    _, ritz_vectors = torch.linalg.eigh(tridiagonal.double())
-    z = torch.bmm(basis[:, 1:].transpose(1, 2), ritz_vectors[:, :, -1:].to(weights.dtype)).squeeze(2)
+        if step + 1 == steps:
+            break
+        growing = growing & (norm > 1e-6)
+        betas[:, step] = torch.where(growing, norm, 0.0)
+        vector = torch.where(growing[:, None], product / norm.clamp(min=1e-30)[:, None], 0.0)
+        if tolerance is not None and step + 1 == next_check:
+            next_check = math.ceil(next_check * 1.5)
+            values, vectors = _top_ritz_pairs(alphas[:, : step + 1], betas[:, :step])
+            residual = betas[:, step].double() * vectors[:, -1, -1].abs()
+            if bool((residual <= tolerance * (values[:, -1] - values[:, -2])).all()):
+                size = step + 1
+                break
+    _, ritz_vectors = _top_ritz_pairs(alphas[:, :size], betas[:, : size - 1])
+    z = torch.bmm(basis[:, 1 : size + 1].transpose(1, 2), ritz_vectors[:, :, -1:].to(weights.dtype)).squeeze(2)
     return z * inv_sqrt_degree
 
 
@@ -216,7 +246,7 @@ def fiedler_vector(weights: torch.Tensor, config: SGMAEConfig) -> torch.Tensor:
         return fiedler_vector_eigh(weights)
     if config.fiedler_solver == "power":
         return fiedler_vector_power(weights, config.fiedler_power_steps)
-    return fiedler_vector_lanczos(weights, config.fiedler_lanczos_steps)
+    return fiedler_vector_lanczos(weights, config.fiedler_lanczos_steps, config.fiedler_lanczos_tolerance)
 
 
 def border_patches(grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
@@ -363,8 +393,9 @@ class Bipartition:
 
 def ncut_bipartition(unit_features: torch.Tensor, config: SGMAEConfig) -> Bipartition:
     """Bi-partition L2-normalised features [B, N, D] with the config's graph, solver and foreground rule."""
+    similarity = unit_features @ unit_features.transpose(1, 2)
     weights, density = affinity_graph(
-        unit_features,
+        similarity,
         config.graph_edges,
         config.graph_threshold,
         config.graph_eps,
@@ -381,7 +412,7 @@ def ncut_bipartition(unit_features: torch.Tensor, config: SGMAEConfig) -> Bipart
     part_size = part.sum(dim=1)
     # Patches that are all alike (e.g. identical features), or a graph whose edges all weigh the same (a binary
     # graph with every pair above the threshold), have no cut worth following.
-    similarity_spread = (unit_features @ unit_features.transpose(1, 2)).amin(dim=(1, 2))
+    similarity_spread = similarity.amin(dim=(1, 2))
     weight_max = weights.amax(dim=(1, 2))
     flat_graph = weight_max - weights.amin(dim=(1, 2)) <= 1e-6 * weight_max
     has_cut = (

@@ -25,6 +25,11 @@ CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "
 INVALID_CONFIG = (ValueError, StrictDataclassError)
 
 
+def gram(features: torch.Tensor) -> torch.Tensor:
+    """Pairwise dot products [B, N, N] of features [B, N, D]: the cosine similarities of unit features."""
+    return features @ features.transpose(1, 2)
+
+
 def tiny_config(**overrides) -> SGMAEConfig:
     """A 32x32, patch-4 (64 patches) SG-MAE small enough for CPU tests."""
     fields = dict(

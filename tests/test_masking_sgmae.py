@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import gram, tiny_config
 from torch import nn
 
 from modeling_sgmae import MaskType, SelfGuidedMasking, SGMAEForPreTraining
@@ -232,7 +232,7 @@ def solver_agreement(
     features: torch.Tensor, edges: str = "similarity", solver: str = "power"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """|cos| between an iterative solver's and eigh's Fiedler vectors, and the share of nodes whose side agrees."""
-    weights, _ = affinity_graph(unit(features), edges, 0.2, 1e-5)
+    weights, _ = affinity_graph(gram(unit(features)), edges, 0.2, 1e-5)
     power, reference = ITERATIVE_SOLVERS[solver](weights), fiedler_vector_eigh(weights)
     assert torch.isfinite(power).all()
     cosine = nn.functional.cosine_similarity(power, reference, dim=1).abs()
@@ -259,7 +259,7 @@ def test_iterative_solvers_match_eigh_on_random_graphs(num_patches, dim, offset,
 
 
 @pytest.mark.parametrize("num_patches", [64, 196])
-@pytest.mark.parametrize("edges", ["similarity", "binary_fixed", "binary_mean"])
+@pytest.mark.parametrize("edges", ["similarity", "binary_fixed", "binary_mean", "binary_quantile", "knn"])
 @pytest.mark.parametrize("solver", ITERATIVE_SOLVERS)
 def test_iterative_solvers_match_eigh_on_clustered_graphs(num_patches, edges, solver):
     generator = torch.Generator().manual_seed(7)
@@ -267,8 +267,10 @@ def test_iterative_solvers_match_eigh_on_clustered_graphs(num_patches, edges, so
     cosine, agreement = solver_agreement(features, edges, solver)
     assert agreement.min() >= 0.99
     assert cosine.min() > 0.9999
-    if edges != "binary_fixed":  # with tau = 0.2 many cross-cluster pairs (cosine ~0.15 +- 0.1) are edges too
-        weights, _ = affinity_graph(unit(features), edges, 0.2, 1e-5)
+    # binary_fixed: with tau = 0.2 many cross-cluster pairs (cosine ~0.15 +- 0.1) are edges too; binary_quantile and
+    # knn: a fixed share of pairs or neighbours, not the clusters, decides the edges
+    if edges in ("similarity", "binary_mean"):
+        weights, _ = affinity_graph(gram(unit(features)), edges, 0.2, 1e-5)
         sides = ITERATIVE_SOLVERS[solver](weights)
         sides = sides > sides.mean(dim=1, keepdim=True)
         recovered = (sides == is_object).float().mean(dim=1)
@@ -284,12 +286,43 @@ def test_every_solver_gives_the_same_masks():
         assert torch.equal(results[0].mask, result.mask)
 
 
+class CountBatchedProducts(torch.overrides.TorchFunctionMode):
+    """Counts torch.bmm calls: Lanczos makes one matrix-vector product per step, plus its re-orthogonalisation."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.bmm
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("edges", ["similarity", "binary_quantile"])
+def test_lanczos_stops_once_every_fiedler_vector_has_converged(edges):
+    generator = torch.Generator().manual_seed(3)
+    features, _ = clustered_features(24, 196, dim=64, noise=0.6, offset=0.5, generator=generator)
+    weights, _ = affinity_graph(gram(unit(features)), edges, 0.2, 1e-5, quantile=0.8)
+    reference = fiedler_vector_eigh(weights)
+    reference_sides = reference > reference.mean(dim=1, keepdim=True)
+    counts = []
+    for tolerance in (1e-3, None):
+        with CountBatchedProducts() as counter:
+            fiedler = fiedler_vector_lanczos(weights, steps=64, tolerance=tolerance)
+        counts.append(counter.count)
+        assert nn.functional.cosine_similarity(fiedler, reference, dim=1).abs().min() > 0.999
+        sides = fiedler > fiedler.mean(dim=1, keepdim=True)
+        assert ((sides == reference_sides).all(dim=1) | (sides != reference_sides).all(dim=1)).all()
+    # a clear cut on the weighted graph converges in a fraction of the 64 steps; the sparse binary one takes longer
+    assert counts[0] < counts[1] / (2 if edges == "similarity" else 1)
+
+
 def test_lanczos_stops_growing_an_exhausted_krylov_space():
     """Two identical blocks of patches: the normalised operator has few distinct eigenvalues, so the Krylov space
     is exhausted long before `steps`; the Fiedler vector still splits the blocks, and nothing is NaN."""
     block = torch.zeros(1, 8, 8)
     features = torch.cat([block + torch.tensor([1.0] + [0.0] * 7), block + torch.tensor([0.0, 1.0] + [0.0] * 6)], 1)
-    weights, _ = affinity_graph(unit(features), "similarity", 0.2, 1e-5)
+    weights, _ = affinity_graph(gram(unit(features)), "similarity", 0.2, 1e-5)
     fiedler = fiedler_vector_lanczos(weights, steps=15)
     assert torch.isfinite(fiedler).all()
     sides = fiedler > fiedler.mean(dim=1, keepdim=True)
@@ -376,7 +409,7 @@ def test_identical_features_fall_back_to_a_random_mask(graph_edges):
 def test_complete_binary_graph_falls_back_to_a_random_mask():
     """All pairs above tau: every edge weighs the same and no cut is worth following."""
     features, _ = clustered_features(3, 196, noise=0.3, offset=3.0)  # all cosines well above 0.2
-    _, density = affinity_graph(unit(features), "binary_fixed", 0.2, 1e-5)
+    _, density = affinity_graph(gram(unit(features)), "binary_fixed", 0.2, 1e-5)
     assert density.tolist() == [1.0] * 3
     result = masking(graph_edges="binary_fixed")(features, 147)
     assert result.mask_type.tolist() == [int(MaskType.FALLBACK)] * 3
@@ -410,7 +443,7 @@ def three_unit_vectors() -> torch.Tensor:
 
 
 def test_similarity_graph_weights_and_density():
-    weights, density = affinity_graph(three_unit_vectors(), "similarity", 0.2, 1e-5)
+    weights, density = affinity_graph(gram(three_unit_vectors()), "similarity", 0.2, 1e-5)
     expected = torch.tensor([[[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 1.0]]]) + 1e-5
     assert torch.allclose(weights, expected, atol=1e-6)
     assert density.tolist() == pytest.approx([2 / 6])
@@ -418,7 +451,7 @@ def test_similarity_graph_weights_and_density():
 
 @pytest.mark.parametrize(("threshold", "expected_density"), [(0.2, 2 / 6), (0.6, 0.0), (-0.7, 4 / 6)])
 def test_binary_fixed_graph_weights_and_density(threshold, expected_density):
-    weights, density = affinity_graph(three_unit_vectors(), "binary_fixed", threshold, 1e-3)
+    weights, density = affinity_graph(gram(three_unit_vectors()), "binary_fixed", threshold, 1e-3)
     similarity = three_unit_vectors() @ three_unit_vectors().transpose(1, 2)
     expected = (similarity > threshold).float() + 1e-3
     assert torch.allclose(weights, expected)  # 1 + eps for an edge, eps otherwise
@@ -427,7 +460,7 @@ def test_binary_fixed_graph_weights_and_density(threshold, expected_density):
 
 def test_binary_mean_graph_uses_each_images_mean_similarity():
     features = torch.cat([three_unit_vectors(), three_unit_vectors()[:, [0, 0, 1]]])  # second: S = 1, 1, 0.5
-    weights, density = affinity_graph(features, "binary_mean", 0.2, 1e-5)
+    weights, density = affinity_graph(gram(features), "binary_mean", 0.2, 1e-5)
     # Image 0: mean S = 1/9, so only the 0.5 pair is an edge. Image 1: mean S = 7/9, so only the 1.0 pair is.
     assert (weights[0] > 0.5).tolist() == [[True, True, False], [True, True, False], [False, False, True]]
     assert (weights[1] > 0.5).tolist() == [[True, True, False], [True, True, False], [False, False, True]]
@@ -437,7 +470,7 @@ def test_binary_mean_graph_uses_each_images_mean_similarity():
 def test_masking_reports_edge_density_and_object_part_size():
     features, is_object = clustered_features(4, NUM_PATCHES, object_size=12, noise=0.2)
     result = masking(graph_edges="binary_fixed", graph_threshold=0.5)(features, NUM_MASKED)
-    _, expected_density = affinity_graph(unit(features), "binary_fixed", 0.5, 1e-5)
+    _, expected_density = affinity_graph(gram(unit(features)), "binary_fixed", 0.5, 1e-5)
     assert torch.allclose(result.edge_density, expected_density)
     assert bool(((result.edge_density > 0) & (result.edge_density < 1)).all())
     assert result.object_part_size.tolist() == [12] * 4

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import gram, tiny_config
 from torch import nn
 
 from modeling_sgmae import SGMAEForPreTraining
@@ -24,7 +24,13 @@ from modeling_sgmae.analysis import (
     object_centre_share,
     one_sided_parts,
 )
-from modeling_sgmae.masking_sgmae import affinity_graph, center_by_position, ncut_bipartition, object_part
+from modeling_sgmae.masking_sgmae import (
+    affinity_graph,
+    center_by_position,
+    ncut_bipartition,
+    object_part,
+    off_diagonal_quantile,
+)
 
 GRID = (8, 8)
 
@@ -171,17 +177,30 @@ def test_quantile_graph_keeps_the_share_of_pairs_above_the_quantile():
     torch.manual_seed(0)
     features = nn.functional.normalize(torch.randn(3, 20, 8), dim=-1)
     for quantile in (0.5, 0.8):
-        weights, density = affinity_graph(features, "binary_quantile", 0.2, 1e-5, quantile=quantile)
+        weights, density = affinity_graph(gram(features), "binary_quantile", 0.2, 1e-5, quantile=quantile)
         # distinct random similarities: the share above the q quantile of the 380 off-diagonal pairs is 1 - q
         assert density.tolist() == pytest.approx([1 - quantile] * 3, abs=1 / 380 + 1e-6)
         assert set(weights.sub(1e-5).round().unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("num_patches", [5, 20, 196])
+def test_quantile_by_selection_joins_the_pairs_torch_quantile_joins(num_patches):
+    torch.manual_seed(num_patches)
+    features = nn.functional.normalize(torch.randn(4, num_patches, 16), dim=-1)
+    similarity = features @ features.transpose(1, 2)
+    similarity = (similarity + similarity.transpose(1, 2)) / 2  # exactly symmetric, as the pairs are counted twice
+    off_diagonal = ~torch.eye(num_patches, dtype=torch.bool)
+    for quantile in (0.0, 0.3, 0.5, 0.8, 1.0):
+        reference = torch.quantile(similarity[:, off_diagonal], quantile, dim=1)[:, None, None]
+        selected = off_diagonal_quantile(similarity, quantile)[:, None, None]
+        assert torch.equal((similarity > reference) & off_diagonal, (similarity > selected) & off_diagonal)
 
 
 def test_knn_graph_joins_each_patch_to_its_nearest_and_is_symmetric():
     # points on a line: the nearest neighbours are known
     angles = torch.tensor([0.0, 0.1, 0.2, 1.0, 1.1, 3.0])
     features = torch.stack([angles.cos(), angles.sin()], dim=1)[None]
-    weights, density = affinity_graph(features, "knn", 0.2, 0.0, knn=1)
+    weights, density = affinity_graph(gram(features), "knn", 0.2, 0.0, knn=1)
     expected = torch.zeros(6, 6)
     for i, j in [(0, 1), (1, 0), (2, 1), (3, 4), (4, 3), (5, 4)]:  # each point's nearest other point
         expected[i, j] = expected[j, i] = 1.0
