@@ -240,13 +240,15 @@ def fiedler_vector_lanczos(weights: torch.Tensor, steps: int = 64, tolerance: fl
     return z * inv_sqrt_degree
 
 
-def fiedler_vector(weights: torch.Tensor, config: SGMAEConfig) -> torch.Tensor:
-    """The Fiedler vector [B, N] with the config's solver."""
+def fiedler_vector(weights: torch.Tensor, config: SGMAEConfig, early_stop: bool = True) -> torch.Tensor:
+    """The Fiedler vector [B, N] with the config's solver; Lanczos without `early_stop` takes all its steps (its
+    convergence check reads a value back from the device)."""
     if config.fiedler_solver == "eigh":
         return fiedler_vector_eigh(weights)
     if config.fiedler_solver == "power":
         return fiedler_vector_power(weights, config.fiedler_power_steps)
-    return fiedler_vector_lanczos(weights, config.fiedler_lanczos_steps, config.fiedler_lanczos_tolerance)
+    tolerance = config.fiedler_lanczos_tolerance if early_stop else None
+    return fiedler_vector_lanczos(weights, config.fiedler_lanczos_steps, tolerance)
 
 
 def border_patches(grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
@@ -391,8 +393,9 @@ class Bipartition:
     has_cut: torch.Tensor  # [B] bool; False where the image gets a random mask instead (step 8)
 
 
-def ncut_bipartition(unit_features: torch.Tensor, config: SGMAEConfig) -> Bipartition:
-    """Bi-partition L2-normalised features [B, N, D] with the config's graph, solver and foreground rule."""
+def ncut_bipartition(unit_features: torch.Tensor, config: SGMAEConfig, early_stop: bool = True) -> Bipartition:
+    """Bi-partition L2-normalised features [B, N, D] with the config's graph, solver (`fiedler_vector`) and
+    foreground rule."""
     similarity = unit_features @ unit_features.transpose(1, 2)
     weights, density = affinity_graph(
         similarity,
@@ -402,7 +405,7 @@ def ncut_bipartition(unit_features: torch.Tensor, config: SGMAEConfig) -> Bipart
         config.graph_quantile,
         config.graph_knn,
     )
-    fiedler = fiedler_vector(weights, config)
+    fiedler = fiedler_vector(weights, config, early_stop)
     num_patches = unit_features.shape[1]
     grid = config.grid_size if config.grid_size[0] * config.grid_size[1] == num_patches else None
     if grid is None and math.isqrt(num_patches) ** 2 == num_patches:  # another image size: a square grid
@@ -450,13 +453,15 @@ class SelfGuidedMasking(nn.Module):
         self.config = config
 
     @torch.no_grad()
-    def cut(self, features: torch.Tensor) -> tuple[Bipartition, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def cut(
+        self, features: torch.Tensor, early_stop: bool = True
+    ) -> tuple[Bipartition, torch.Tensor, torch.Tensor, torch.Tensor]:
         """NCut of patch features [B, N, D] (any dtype; float32 inside): the bi-partition, the similarity s [B, N] to
         the object prototype, the usable images [B] and the ranking scores [B, N] (NaN rows where not usable)."""
         features = features.float()
         finite = torch.isfinite(features).all(dim=(1, 2))
         features = nn.functional.normalize(torch.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0), dim=-1)
-        cut = ncut_bipartition(features, self.config)
+        cut = ncut_bipartition(features, self.config, early_stop)
         usable = finite & cut.has_cut
         similarity = object_similarity(features, cut.object_part)
         return cut, similarity, usable, ranking_scores(similarity, cut.object_part, usable)
@@ -504,7 +509,8 @@ class SelfGuidedMasking(nn.Module):
         num_patches = features.shape[1]
         if not 0 < num_masked < num_patches:
             raise ValueError(f"num_masked must be in [1, {num_patches - 1}], got {num_masked}")
-        cut, similarity, usable, scores = self.cut(features)
+        # Inside a training step: no early stop, so the step never waits for the device.
+        cut, similarity, usable, scores = self.cut(features, early_stop=False)
         mask, mask_type, before_hints = self.mask_from_scores(scores, num_masked, generator, hint_decay)
         part = cut.object_part
         return MaskingResult(
