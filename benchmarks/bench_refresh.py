@@ -12,7 +12,8 @@ are not a trained model's: how many steps the Lanczos solver needs depends on th
 alternation with a plain eval forward of the encoder over the same images (`bench_model.py`'s method: one pass each
 per round, paired per-round ratios, disturbed rounds left out). Issue 31's target: refresh <= 1.2x the eval forward
 at the 196-patch preset. Also reported per option: the share of images whose object part is the one `eigh` gives
-(same option, exact solver), and the Lanczos steps taken (batched matrix-vector products counted).
+(same option, exact solver), the Lanczos steps taken, and how well separated each graph's Fiedler vector is (the
+median lambda_2 of I - D^-1/2 W D^-1/2, and (lambda_3 - lambda_2) / lambda_2: the smaller, the more steps).
 """
 
 from __future__ import annotations
@@ -84,15 +85,23 @@ class LanczosSteps(torch.overrides.TorchFunctionMode):
 
 @torch.no_grad()
 def solver_report(model: SGMAEForPreTraining, pixels: torch.Tensor) -> dict:
-    """Share of images whose object part equals the exact solver's, and the Lanczos steps taken."""
+    """Share of images whose object part equals the exact solver's, the Lanczos steps taken, and the spectrum."""
     with LanczosSteps() as counter:
         parts = model.masking.cut(model.mask_features(*model.vit.embeddings(pixels)[:2]))[0].object_part
     with overridden(model.config, {"fiedler_solver": "eigh"}):
-        exact = model.masking.cut(model.mask_features(*model.vit.embeddings(pixels)[:2]))[0].object_part
+        exact = model.masking.cut(model.mask_features(*model.vit.embeddings(pixels)[:2]))[0]
+    weights = exact.weights.double()
+    inv_sqrt_degree = weights.sum(dim=2).rsqrt()
+    normalized = inv_sqrt_degree[:, :, None] * weights * inv_sqrt_degree[:, None, :]
+    eigenvalues = torch.linalg.eigvalsh(torch.eye(weights.shape[1], dtype=torch.float64) - normalized)
+    relative_gap = (eigenvalues[:, 2] - eigenvalues[:, 1]) / eigenvalues[:, 1]
     lanczos = model.config.fiedler_solver == "lanczos"
     return {
-        "same_part_as_eigh": (parts == exact).all(dim=1).float().mean().item(),
+        "same_part_as_eigh": (parts == exact.object_part).all(dim=1).float().mean().item(),
         "lanczos_steps": counter.count if lanczos else None,
+        "lambda2_median": eigenvalues[:, 1].median().item(),  # of I - D^-1/2 W D^-1/2
+        "relative_gap_q05": relative_gap.quantile(0.05).item(),  # (lambda3 - lambda2) / lambda2
+        "relative_gap_median": relative_gap.median().item(),
     }
 
 
@@ -131,11 +140,12 @@ def main() -> None:
         })  # fmt: skip
     print(f"refresh pass vs eval forward ({median_of(forward.times, rounds) * 1e3:.0f} ms for {len(pixels)} images), "
           f"{args.checkpoint}; target <= {REFRESH_TARGET}x")  # fmt: skip
-    print(f"{'option':<34}{'ms':>8}{'ratio':>8}{'best':>8}{'= eigh':>8}{'steps':>7}")
+    print(f"{'option':<34}{'ms':>8}{'ratio':>8}{'best':>8}{'= eigh':>8}{'steps':>7}{'lambda2':>9}{'gap q5':>8}")
     for row in rows:
         steps = "-" if row["lanczos_steps"] is None else str(row["lanczos_steps"])
         print(f"{row['option'][:34]:<34}{row['median_s'] * 1e3:>8.0f}{row['ratio_vs_eval_forward']:>8.3f}"
-              f"{row['ratio_vs_eval_forward_best']:>8.3f}{row['same_part_as_eigh']:>8.3f}{steps:>7}")  # fmt: skip
+              f"{row['ratio_vs_eval_forward_best']:>8.3f}{row['same_part_as_eigh']:>8.3f}{steps:>7}"
+              f"{row['lambda2_median']:>9.4f}{row['relative_gap_q05']:>8.3f}")  # fmt: skip
     report = {
         "command": " ".join(["python", *sys.argv]),
         "commit": code_commit(),

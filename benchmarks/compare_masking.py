@@ -414,6 +414,8 @@ def evaluate_checkpoint(args: CompareArguments, name: str, seed: int, epoch: int
         "object_part_fraction_median": metrics.get("object_part_fraction_median"),
         "half_cut_share": metrics.get("half_cut_share"),
         "object_centre_share": metrics.get("object_centre_share"),
+        "part_overlap": metrics.get("part_overlap"),
+        "part_overlap_chance": metrics.get("part_overlap_chance"),
         "position_share_last": metrics["position_share"][-1] if metrics.get("position_share") else None,
         "reconstruction_loss": metrics.get("reconstruction_loss"),
         "commit": code_commit(),  # sittings may run different commits (a run's own sitting trains and evaluates it)

@@ -22,7 +22,9 @@ the split are cut with every option of the chosen set, always on the same images
 Reported per option: whether the cut follows position (the share of "half" cuts, where the object part and the rest
 lie >= 85 % on opposite sides of a midline; the share of object parts >= 85 % on one side), the object part's size
 (median and quartiles, as a share of the patches) and its share inside the central region, the share of the central
-patches that the informed mask hides (a random mask: the mask ratio), the cosine gap (mean cosine of patch pairs
+patches that the informed mask hides (a random mask: the mask ratio), how alike the object parts of different images
+are (mean pairwise IoU, next to its value for the same sizes placed at random: a cut that follows position stands
+well above it), the cosine gap (mean cosine of patch pairs
 inside a part minus across parts, on the features that were cut), the edge density and the images without a cut;
 per checkpoint, the position share of every block's features (`PositionShare`). Writes JSON (with the code's
 commit) and, with `--markdown`, a table; with `--panel_dir`, Figure-1 panels of `--panel_options`.
@@ -211,6 +213,8 @@ COLUMNS = (  # (title, key, format)
     ("part IQR", None, ""),
     ("part ctr", "object_centre_share", ".2f"),
     ("mask ctr", "informed_mask_centre_share", ".3f"),
+    ("overlap", "part_overlap", ".2f"),
+    ("chance", "part_overlap_chance", ".2f"),
     ("cos gap", "bipartition_cosine_gap", ".3f"),
     ("edges", "edge_density", ".2f"),
     ("no cut", "num_images_without_cut", "d"),

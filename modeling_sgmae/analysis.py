@@ -85,7 +85,25 @@ class FeatureStatistics:
             "half_cut_share": _mean(self.half_cut[cut]),
             "one_sided_part_share": _mean(self.one_sided[cut]),
             "object_centre_share": _mean(self.object_centre_share[cut]),
+            **part_overlap(self.object_part[cut]),
         }
+
+
+def part_overlap(parts: torch.Tensor) -> dict[str, float | None]:
+    """How alike the object parts [B, N] (bool) of different images are: their mean pairwise IoU, and what it would be
+    with each part's patches placed at random (the same sizes; ab/N expected shared patches for sizes a and b).
+
+    A cut that follows position puts the same patches in the object part whatever the image shows (a centre blob, a
+    half), so its overlap stands well above chance; a cut that follows content stays near chance."""
+    if parts.shape[0] < 2:
+        return {"part_overlap": None, "part_overlap_chance": None}
+    parts = parts.double()
+    sizes = parts.sum(dim=1)
+    shared, expected = parts @ parts.T, sizes[:, None] * sizes[None, :] / parts.shape[1]
+    pairs = ~torch.eye(parts.shape[0], dtype=torch.bool, device=parts.device)
+    overlap = shared / (sizes[:, None] + sizes[None, :] - shared).clamp(min=1)
+    chance = expected / (sizes[:, None] + sizes[None, :] - expected).clamp(min=1)
+    return {"part_overlap": overlap[pairs].mean().item(), "part_overlap_chance": chance[pairs].mean().item()}
 
 
 def _spread(name: str, values: torch.Tensor) -> dict[str, float | None]:

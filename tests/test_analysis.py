@@ -67,6 +67,8 @@ METRIC_KEYS = {
     "half_cut_share",
     "one_sided_part_share",
     "object_centre_share",
+    "part_overlap",
+    "part_overlap_chance",
     "position_share",
     "same_position_cosine",
     "within_image_cosine",

@@ -23,6 +23,7 @@ from modeling_sgmae.analysis import (
     masking_position_mean,
     object_centre_share,
     one_sided_parts,
+    part_overlap,
 )
 from modeling_sgmae.masking_sgmae import (
     affinity_graph,
@@ -181,6 +182,18 @@ def test_quantile_graph_keeps_the_share_of_pairs_above_the_quantile():
         # distinct random similarities: the share above the q quantile of the 380 off-diagonal pairs is 1 - q
         assert density.tolist() == pytest.approx([1 - quantile] * 3, abs=1 / 380 + 1e-6)
         assert set(weights.sub(1e-5).round().unique().tolist()) <= {0.0, 1.0}
+
+
+def test_part_overlap_tells_a_fixed_part_from_parts_that_move():
+    fixed = torch.zeros(32, 64, dtype=torch.bool)
+    fixed[:, 20:44] = True  # every image: the same 24 patches
+    moving = torch.stack([torch.randperm(64, generator=torch.Generator().manual_seed(i)) < 24 for i in range(32)])
+    chance = 9 / 39  # parts of 24 of 64 patches share 24 * 24 / 64 = 9 at random, of 24 + 24 - 9 in either
+    assert part_overlap(fixed) == pytest.approx({"part_overlap": 1.0, "part_overlap_chance": chance})
+    overlap = part_overlap(moving)
+    assert overlap["part_overlap_chance"] == pytest.approx(chance)
+    assert abs(overlap["part_overlap"] - overlap["part_overlap_chance"]) < 0.03
+    assert part_overlap(fixed[:1]) == {"part_overlap": None, "part_overlap_chance": None}
 
 
 @pytest.mark.parametrize("num_patches", [5, 20, 196])
