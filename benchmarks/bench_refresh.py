@@ -48,7 +48,12 @@ MASKING_FIELDS = (
 OPTIONS = {
     "default": {},
     "Lanczos 32 steps, no early stop": {"fiedler_lanczos_steps": 32, "fiedler_lanczos_tolerance": None},
-    "similarity graph": {"graph_edges": "similarity"},
+    "0.8-quantile graph": {"graph_edges": "binary_quantile"},
+    "0.8-quantile graph, Lanczos 32, no early stop": {
+        "graph_edges": "binary_quantile",
+        "fiedler_lanczos_steps": 32,
+        "fiedler_lanczos_tolerance": None,
+    },
     "knn 10 graph": {"graph_edges": "knn"},
     "power solver": {"fiedler_solver": "power"},
 }

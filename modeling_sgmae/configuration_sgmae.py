@@ -101,7 +101,7 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     informed_masking_auto_start: bool = False
     informed_mask_source: Literal["cached", "step"] = "cached"
     mask_feature_layer: int | None = None
-    graph_edges: Literal["similarity", "binary_fixed", "binary_mean", "binary_quantile", "knn"] = "binary_quantile"
+    graph_edges: Literal["similarity", "binary_fixed", "binary_mean", "binary_quantile", "knn"] = "similarity"
     graph_threshold: float | int = interval(min=-1.0, max=1.0)(default=0.2)
     graph_eps: float = interval(min=1e-12, max=1.0)(default=1e-5)
     foreground_rule: Literal["max_abs", "smaller", "inner"] = "inner"

