@@ -63,8 +63,9 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
         their values to the final ones as 1 - ((t - start) / (T - start))**p falls from 1 to 0 between the
         informed-masking start and the end of training (the authors' polynomial schedule); None: constant.
     fiedler_solver / fiedler_lanczos_steps / fiedler_lanczos_tolerance / fiedler_power_steps: batched Lanczos
-        iteration (at most `steps` Krylov vectors, exact from N - 1; it stops early once every image's Fiedler vector
-        is within about `tolerance` radians of the true one; None: always `steps`), batched power iteration
+        iteration (at most `steps` Krylov vectors, exact from N - 1; outside a training step it stops early once every
+        image's Fiedler vector is within about `tolerance` radians of the true one; None: always `steps`; sparse
+        binary graphs such as `"binary_quantile"` need about 64), batched power iteration
         (2**steps; 16 matches `eigh` at 64 and 196 patches) or `torch.linalg.eigh`.
     out_features / out_indices, apply_layernorm, reshape_hidden_states: `SGMAEBackbone`'s stages (`"stem"`,
         `"stage1"`..`"stageL"`; the last when unset), final LayerNorm, and [B, D, H/p, W/p] maps.
@@ -114,7 +115,7 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     hint_ratio_final: float | int = interval(min=0.0, max=0.5)(default=0.0)
     hint_portion_final: float | int = fraction(default=0.2)
     fiedler_solver: Literal["lanczos", "power", "eigh"] = "lanczos"
-    fiedler_lanczos_steps: int = at_least_one(default=64)
+    fiedler_lanczos_steps: int = at_least_one(default=32)
     fiedler_lanczos_tolerance: float | int | None = 1e-3
     fiedler_power_steps: int = at_least_one(default=16)
     apply_layernorm: bool = True

@@ -181,7 +181,7 @@ def _top_ritz_pairs(alphas: torch.Tensor, betas: torch.Tensor) -> tuple[torch.Te
     return torch.linalg.eigh(tridiagonal.double())
 
 
-def fiedler_vector_lanczos(weights: torch.Tensor, steps: int = 64, tolerance: float | None = 1e-3) -> torch.Tensor:
+def fiedler_vector_lanczos(weights: torch.Tensor, steps: int = 32, tolerance: float | None = 1e-3) -> torch.Tensor:
     """Fiedler vector by batched Lanczos iteration with full re-orthogonalisation. [B, N].
 
     Krylov vectors of M = D^-1/2 W D^-1/2 are built from a fixed start vector with the trivial eigenvector sqrt(d)

@@ -140,7 +140,7 @@ def test_masking_defaults_follow_method_md():
     assert config.hint_ratio == 0.06
     assert config.hint_sampling == "similarity"
     assert config.fiedler_solver == "lanczos"
-    assert config.fiedler_lanczos_steps == 64 and config.fiedler_lanczos_tolerance == 1e-3
+    assert config.fiedler_lanczos_steps == 32 and config.fiedler_lanczos_tolerance == 1e-3
     assert config.informed_mask_source == "cached"  # the authors' design: whole-image rankings, cropped per view
     assert config.classifier_pooling == "mean"
     # "about 9 of 147 at 224 px / patch 16"
