@@ -3,7 +3,7 @@
 #   1. bench_model.py   our step against transformers' ViTMAE, bf16, MFU, and the host-sync check of our steps
 #   2. bench_script.py  run_pretraining.py against the model step, 112 px Imagenette, both input paths
 #   3. compare_masking.py  MAE vs SG-MAE (defaults: cached whole-image masks) vs SG-MAE with per-step masks at
-#      196 patches (112 px / patch 8), seeds 0 and 1,
+#      196 patches (112 px / patch 8), seeds 0 and 1, tables led by the [CLS] probe (MAE's protocol),
 #      all six runs side by side on the device, for as many epochs (up to 100) as fit in the rest of the budget at
 #      the step rate bench_script.py and the self-guided cost bench_model.py just measured (gpu_plan.py counts).
 # Every JSON lands in $OUTPUT (default benchmarks/results/) with the device, the commit and the command in it.
@@ -97,5 +97,6 @@ MINUTES_LEFT=$(python3 -c "print(max(2.0, $BUDGET_MINUTES - ($SECONDS - $START) 
 python3 benchmarks/compare_masking.py "${CONFIG_ARGS[@]}" --config_name "$MODEL" --variants "$VARIANTS" \
   --seeds "$SEEDS" --epochs "$EPOCHS" --eval_epochs "$EVAL_EPOCHS" --batch_size "$BATCH" --base_learning_rate 1e-3 \
   --input_path decode_once --parallel_runs 6 --evaluation_minutes 1.5 --stop_after_minutes "$MINUTES_LEFT" \
+  --probe_pooling cls \
   --output_dir "$OUTPUT/imagenette196_gpu" --runs_dir "${RUNS_DIR:-$(mktemp -d)}" "${RUN_ARGS[@]}"
 echo "gpu_run.sh: done in $(( SECONDS - START )) s; results in $OUTPUT"
