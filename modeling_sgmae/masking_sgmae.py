@@ -174,7 +174,7 @@ def fiedler_vector_power(weights: torch.Tensor, steps: int = 16) -> torch.Tensor
     return z * inv_sqrt_degree
 
 
-def _top_ritz_pairs(alphas: torch.Tensor, betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _ritz_pairs(alphas: torch.Tensor, betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Ritz values [B, k] (ascending) and vectors [B, k, k] of the Lanczos tridiagonal with diagonal `alphas` [B, k]
     and off-diagonal `betas` [B, k - 1], in float64."""
     tridiagonal = torch.diag_embed(alphas) + torch.diag_embed(betas, 1) + torch.diag_embed(betas, -1)
@@ -230,12 +230,12 @@ def fiedler_vector_lanczos(weights: torch.Tensor, steps: int = 32, tolerance: fl
         vector = torch.where(growing[:, None], product / norm.clamp(min=1e-30)[:, None], 0.0)
         if tolerance is not None and step + 1 == next_check:
             next_check = math.ceil(next_check * 1.5)
-            values, vectors = _top_ritz_pairs(alphas[:, : step + 1], betas[:, :step])
+            values, vectors = _ritz_pairs(alphas[:, : step + 1], betas[:, :step])
             residual = betas[:, step].double() * vectors[:, -1, -1].abs()
             if bool((residual <= tolerance * (values[:, -1] - values[:, -2])).all()):
                 size = step + 1
                 break
-    _, ritz_vectors = _top_ritz_pairs(alphas[:, :size], betas[:, : size - 1])
+    _, ritz_vectors = _ritz_pairs(alphas[:, :size], betas[:, : size - 1])
     z = torch.bmm(basis[:, 1 : size + 1].transpose(1, 2), ritz_vectors[:, :, -1:].to(weights.dtype)).squeeze(2)
     return z * inv_sqrt_degree
 
