@@ -70,6 +70,8 @@ INVALID_VALUES = [
     ("hint_count_base", "visible"),
     ("hint_min_count", -1),
     ("fiedler_lanczos_steps", 0),
+    ("fiedler_lanczos_tolerance", 0.0),
+    ("fiedler_lanczos_tolerance", 1.5),
     ("informed_mask_source", "epoch"),
     ("classifier_pooling", "max"),
     ("informed_masking_start_step", -1),
