@@ -35,7 +35,7 @@ from skimage import data as sample_photos
 from transformers import ViTImageProcessor
 
 from modeling_sgmae import MaskType, SGMAEConfig, SGMAEForPreTraining
-from modeling_sgmae.analysis import FigurePanel, figure_panel
+from modeling_sgmae.analysis import FigurePanel, figure_panel, masking_position_mean
 from sgmae_training.analyze import load_image_processor
 from sgmae_training.data.loading import DEMO_PHOTOS
 from sgmae_training.hub import check_checkpoint_kind
@@ -56,6 +56,7 @@ UNTRAINED_DECODER = (
     "This checkpoint has no decoder weights (a classifier?): the reconstruction comes from an untrained, random "
     "decoder and means nothing; the masks are the encoder's own"
 )
+CONFIG_CONTROLS = 5  # MaskingControls' fields that are config fields (all but the seed, the last)
 MODELS_KEPT = 2  # checkpoints kept loaded for the sessions that show them
 WELCOME = "Drop a photo in *Your photo*, or pick one of the examples under the panels."
 OPENING = "An example photo. Drop your own in *Your photo*, or pick another example under the panels."
@@ -154,7 +155,22 @@ class DemoModel:
     model: SGMAEForPreTraining
     processor: ViTImageProcessor
     untrained_decoder: bool  # the checkpoint had no decoder weights (e.g. a classification checkpoint)
+    # The example photos as the model sees them: with `feature_centering`, each grid position's mean feature over
+    # them is what is removed (one photo's own mean is the photo itself, so it cannot centre itself).
+    reference_pixels: torch.Tensor
     lock: threading.Lock = field(default_factory=threading.Lock)  # the controls change the config: one call at once
+    _position_means: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+    def position_mean(self) -> torch.Tensor | None:
+        """[N, D] each grid position's mean masking feature over the example photos under the config's current
+        feature layer, computed once per layer; None when the config does not centre."""
+        config = self.model.config
+        if config.feature_centering != "position_mean":
+            return None
+        key = (config.feature_layer, config.mask_feature_source)
+        if key not in self._position_means:
+            self._position_means[key] = masking_position_mean(self.model, [self.reference_pixels])
+        return self._position_means[key]
 
     def describe(self) -> str:
         """One line of Markdown: the checkpoint and its geometry."""
@@ -200,7 +216,8 @@ def load_model(name: str, device: str) -> DemoModel:
         raise ModelError(f"{name!r} takes {model.config.num_channels}-channel images; this demo shows RGB photos")
     untrained_decoder = any(key.startswith("decoder.") for key in info["missing_keys"])
     processor = load_image_processor(name, model.config)
-    return DemoModel(name, model.to(device).eval(), processor, untrained_decoder)
+    references = processor([read_photo(path) for path in example_photos()], return_tensors="pt")["pixel_values"]
+    return DemoModel(name, model.to(device).eval(), processor, untrained_decoder, references.to(device))
 
 
 # ----- one view ---------------------------------------------------------------------------------------------------
@@ -266,6 +283,7 @@ def masking_view(demo: DemoModel, photo: Image.Image, controls: MaskingControls)
     processor = demo.processor
     pixel_values = processor(photo, return_tensors="pt")["pixel_values"]
     with demo.lock, masking_settings(demo.model.config, controls):
+        position_mean = demo.position_mean()
         panel = figure_panel(
             demo.model,
             pixel_values,
@@ -273,8 +291,11 @@ def masking_view(demo: DemoModel, photo: Image.Image, controls: MaskingControls)
             tuple(processor.image_std),
             controls.seed,
             visible_statistics=True,  # the reconstruction does not peek at the hidden patches
+            position_mean=position_mean,
         )
         statistics = statistics_line(panel, demo.model.config)
+    if position_mean is not None:
+        statistics += f" · features centred on the {len(demo.reference_pixels)} example photos' mean at each position"
     # The model saw a resized square: each column is stretched back to the photo's aspect, patches kept sharp.
     size = display_size(photo.size)
     columns = np.split(panel.grid(), len(panel.columns), axis=1)
@@ -393,29 +414,20 @@ class DemoServer:
         controls = (mask_ratio, hint_ratio, mask_feature_layer, graph_edges, foreground_rule, seed)
         return self.show(model_name, uploaded_path(photo), *controls)
 
-    def switch(self, requested: str, current: str, photo: dict | str | None, *controls) -> tuple:
-        """Load another checkpoint for this session: its name, description and feature-layer range, then `show`
-        (the photo unprocessed, as `mask` takes it)."""
+    def switch(self, requested: str, current: str, photo: dict | str | None, seed: float | None) -> tuple:
+        """Load another checkpoint for this session: its name, description and controls as its config sets them
+        (the feature layer's range too; the seed stays), then `show` (the photo unprocessed, as `mask` takes it)."""
         name = requested.strip()
         try:
             demo = self.model(name)
-        except ModelError as error:  # the session keeps its model and what it shows
-            unchanged = (gr.update(),) * (2 + len(PANEL_TITLES) + 2)  # description, layer, panels, two lines
+        except ModelError as error:  # the session keeps its model, controls and what it shows
+            unchanged = (gr.update(),) * (1 + CONFIG_CONTROLS + len(PANEL_TITLES) + 2)  # description ... two lines
             return (current, *unchanged, f"⚠️ {error}")
-        config = demo.model.config
-        layer = gr.update(maximum=config.num_hidden_layers, value=config.feature_layer)
-        mask_ratio, hint_ratio, _, graph_edges, foreground_rule, seed = controls
-        shown = self.show(
-            name,
-            uploaded_path(photo),
-            mask_ratio,
-            hint_ratio,
-            config.feature_layer,
-            graph_edges,
-            foreground_rule,
-            seed,
-        )
-        return (name, demo.describe(), layer, *shown)
+        start = MaskingControls.of(demo.model.config)
+        controls = [gr.update(value=value) for value in astuple(start)[:CONFIG_CONTROLS]]
+        controls[2] = gr.update(maximum=demo.model.config.num_hidden_layers, value=start.mask_feature_layer)
+        shown = self.show(name, uploaded_path(photo), *astuple(start)[:CONFIG_CONTROLS], seed)
+        return (name, demo.describe(), *controls, *shown)
 
     def page(self, model_name: str, choose_model: bool = True) -> gr.Blocks:
         """The Gradio page, starting with checkpoint `model_name` and the first example photo shown; `choose_model`
@@ -463,8 +475,8 @@ class DemoServer:
                 gr.on(
                     [load_button.click, model_box.submit],
                     self.switch,
-                    inputs=[model_box, session_model, photo, *controls],
-                    outputs=[session_model, model_info, controls[2], *outputs],
+                    inputs=[model_box, session_model, photo, controls[-1]],
+                    outputs=[session_model, model_info, *controls[:CONFIG_CONTROLS], *outputs],
                     preprocess=False,
                     api_visibility="private",
                 )

@@ -25,7 +25,7 @@ from skimage import data as sample_photos
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
 from modeling_sgmae import SGMAEConfig, SGMAEForImageClassification, SGMAEForPreTraining
-from modeling_sgmae.analysis import figure_panel
+from modeling_sgmae.analysis import figure_panel, masking_position_mean
 
 sys.path.insert(0, str(REPO_ROOT))
 import app
@@ -129,6 +129,50 @@ def test_the_panels_shown_are_the_models_own_panel_and_masks_for_the_seed(model_
     assert np.array_equal(patches_changed(seen["informed + hints"], seen["input"], patch), mask | informed)
     assert np.array_equal(patches_changed(seen["reconstruction"], seen["input"], patch), mask)
     assert config.to_dict() == before  # the controls held for that call only
+
+
+def test_one_photo_is_centred_on_the_example_photos_mean(tmp_path, photo_path):
+    """A photo's own mean at each position is the photo itself: with `feature_centering` the demo removes the mean
+    over the example photos instead, so its cut is not the uncentred one."""
+    folder = str(tmp_path / "centring")
+    config = tiny_config(feature_centering="position_mean", foreground_rule="inner")
+    SGMAEForPreTraining(config).save_pretrained(folder)
+    server = app.DemoServer("cpu")
+    *shown, statistics, _, status = server.show(folder, photo_path, 0.75, 0.0, 2, "similarity", "inner", seed=3)
+    demo = server.model(folder)
+    model = demo.model
+    examples = [app.read_photo(path) for path in app.example_photos()]
+    references = demo.processor(examples, return_tensors="pt")["pixel_values"]
+    pixel_values = demo.processor(app.load_photo(photo_path), return_tensors="pt")["pixel_values"]
+    mean, std = tuple(demo.processor.image_mean), tuple(demo.processor.image_std)
+    centred = figure_panel(model, pixel_values, mean, std, 3, True, masking_position_mean(model, [references]))
+    uncentred = figure_panel(model, pixel_values, mean, std, 3, True)
+
+    cut = model_resolution(shown[app.PANEL_TITLES.index("NCut bi-partition")], model.config.image_height_width)
+    expected = (centred.columns["NCut bi-partition"][0] * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(cut, expected)
+    assert not np.array_equal(centred.columns["NCut bi-partition"], uncentred.columns["NCut bi-partition"])
+    assert status == "" and f"centred on the {len(examples)} example photos" in statistics
+
+
+def test_loading_another_checkpoint_sets_the_controls_to_its_config(model_dir, tmp_path, photo_path):
+    other = str(tmp_path / "other")
+    SGMAEForPreTraining(
+        tiny_config(num_hidden_layers=3, mask_ratio=0.6, hint_ratio=0.1, graph_edges="knn", foreground_rule="inner")
+    ).save_pretrained(other)
+    server = app.DemoServer("cpu")
+    name, description, *controls = server.switch(f" {other} ", model_dir, photo_path, 4)
+    shown, status = controls[app.CONFIG_CONTROLS : -1], controls[-1]
+
+    assert name == other and other in description and status == ""
+    values = [update["value"] for update in controls[: app.CONFIG_CONTROLS]]
+    assert values == [0.6, 0.1, 3, "knn", "inner"] and controls[2]["maximum"] == 3
+    assert shown == list(server.show(other, photo_path, 0.6, 0.1, 3, "knn", "inner", 4)[:-1])
+
+    # a checkpoint that cannot be shown: a message, and the session keeps its model, controls and panels
+    name, *unchanged, status = server.switch(str(tmp_path / "missing"), model_dir, photo_path, 4)
+    assert name == model_dir and status.startswith("⚠️") and "missing" in status
+    assert unchanged == [{"__type__": "update"}] * (1 + app.CONFIG_CONTROLS + len(app.PANEL_TITLES) + 2)
 
 
 def test_a_control_value_the_config_refuses_is_a_message_and_changes_nothing(model_dir, photo_path):
@@ -369,6 +413,18 @@ def test_the_page_in_a_browser(app_url, browser, model_dir, tmp_path):
     browser.find_element(By.ID, "load-model").click()
     wait.until(lambda _: "'bert' checkpoint" in status())
     assert panel_sources() == shown and model_dir in browser.find_element(By.ID, "model-info").text
+
+    # another checkpoint: its own controls and its panels
+    other = tmp_path / "other"
+    SGMAEForPreTraining(tiny_config(mask_ratio=0.6, graph_edges="knn")).save_pretrained(other)
+    model_box.clear()
+    model_box.send_keys(str(other))
+    browser.find_element(By.ID, "load-model").click()
+    wait.until(lambda _: str(other) in browser.find_element(By.ID, "model-info").text and status() == "")
+    wait.until(lambda _: all(panel_sources().values()) and panel_sources()["input"] == shown["input"])
+    ratio = browser.find_element(By.CSS_SELECTOR, "#mask-ratio input[type=number]")
+    wait.until(lambda _: ratio.get_attribute("value") == "0.6")
+    assert browser.find_element(By.CSS_SELECTOR, "#graph input[value=knn]").is_selected()
 
     # the screenshot: a fresh page, with the trained checkpoint when there is one
     browser.get(app_url)
