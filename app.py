@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass, field, fields
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import gradio as gr
@@ -56,7 +56,6 @@ UNTRAINED_DECODER = (
     "This checkpoint has no decoder weights (a classifier?): the reconstruction comes from an untrained, random "
     "decoder and means nothing; the masks are the encoder's own"
 )
-CONFIG_CONTROLS = 5  # MaskingControls' fields that are config fields (all but the seed, the last)
 MODELS_KEPT = 2  # checkpoints kept loaded for the sessions that show them
 WELCOME = "Drop a photo in *Your photo*, or pick one of the examples under the panels."
 OPENING = "An example photo. Drop your own in *Your photo*, or pick another example under the panels."
@@ -155,9 +154,6 @@ class DemoModel:
     model: SGMAEForPreTraining
     processor: ViTImageProcessor
     untrained_decoder: bool  # the checkpoint had no decoder weights (e.g. a classification checkpoint)
-    # The example photos as the model sees them: with `feature_centering`, each grid position's mean feature over
-    # them is what is removed (one photo's own mean is the photo itself, so it cannot centre itself).
-    reference_pixels: torch.Tensor
     lock: threading.Lock = field(default_factory=threading.Lock)  # the controls change the config: one call at once
     _position_means: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
@@ -171,6 +167,14 @@ class DemoModel:
         if key not in self._position_means:
             self._position_means[key] = masking_position_mean(self.model, [self.reference_pixels])
         return self._position_means[key]
+
+    @cached_property
+    def reference_pixels(self) -> torch.Tensor:
+        """The example photos as the model sees them [B, C, H, W]: with `feature_centering`, each grid position's
+        mean feature over them is what is removed (one photo's own mean is the photo itself, so it cannot centre
+        itself). Prepared on first use, from the decoded photos `load_photo` keeps."""
+        photos = [load_photo(path) for path in example_photos()]
+        return self.processor(photos, return_tensors="pt")["pixel_values"].to(self.model.device)
 
     def describe(self) -> str:
         """One line of Markdown: the checkpoint and its geometry."""
@@ -216,8 +220,7 @@ def load_model(name: str, device: str) -> DemoModel:
         raise ModelError(f"{name!r} takes {model.config.num_channels}-channel images; this demo shows RGB photos")
     untrained_decoder = any(key.startswith("decoder.") for key in info["missing_keys"])
     processor = load_image_processor(name, model.config)
-    references = processor([read_photo(path) for path in example_photos()], return_tensors="pt")["pixel_values"]
-    return DemoModel(name, model.to(device).eval(), processor, untrained_decoder, references.to(device))
+    return DemoModel(name, model.to(device).eval(), processor, untrained_decoder)
 
 
 # ----- one view ---------------------------------------------------------------------------------------------------
@@ -240,6 +243,9 @@ class MaskingControls:
         return cls(
             config.mask_ratio, config.hint_ratio, config.feature_layer, config.graph_edges, config.foreground_rule
         )
+
+
+CONFIG_CONTROLS = len(fields(MaskingControls)) - 1  # the controls that are config fields: all but the seed, the last
 
 
 @contextmanager
