@@ -302,8 +302,9 @@ def cell(value: float | None, spec: str) -> str:
 
 def summarise(records: list[dict], headline: str) -> dict:
     """Per variant and epoch, each SUMMARISED value's mean, min and max over seeds and, for the accuracies, the
-    difference of means from the first variant; per variant, when its mean `headline` probe first reaches the first
-    variant's final one (epoch, pre-training minutes, and those minutes over the first variant's total)."""
+    difference of means from the first variant; per linear probe (`headline` pooling first) and variant, when its
+    mean probe first reaches the first variant's final one (epoch, pre-training minutes, and both over the first
+    variant's final epoch and total minutes)."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for record in records:
         groups.setdefault((record["variant"], record["epoch"]), []).append(record)
@@ -321,20 +322,28 @@ def summarise(records: list[dict], headline: str) -> dict:
         for key in ACCURACIES:
             if row[key] and base and base[key]:
                 row[f"delta_{key}"] = row[key]["mean"] - base[key]["mean"]
-    probe = f"linear_probe_{headline}"
+    probes = [f"linear_probe_{pooling}" for pooling in dict.fromkeys((headline, "cls", "mean"))]
+    reached = {probe: first_reaching(rows, reference, probe) for probe in probes}
+    return {"reference": reference, "headline": probes[0], "rows": rows, "reached": reached}
+
+
+def first_reaching(rows: list[dict], reference: str, probe: str) -> dict:
+    """Per variant, its first evaluation whose mean `probe` is at least the reference variant's final one."""
     reference_rows = [row for row in rows if row["variant"] == reference and row[probe] and row["train_minutes"]]
+    if not reference_rows:
+        return {}
+    final = max(reference_rows, key=lambda row: row["epoch"])
     reached = {}
-    if reference_rows:
-        final = max(reference_rows, key=lambda row: row["epoch"])
-        for variant in dict.fromkeys(row["variant"] for row in rows):
-            curve = sorted((row for row in rows if row["variant"] == variant and row[probe]), key=lambda r: r["epoch"])
-            first = next((row for row in curve if row[probe]["mean"] >= final[probe]["mean"]), None)
-            reached[variant] = first and {
-                "epoch": first["epoch"],
-                "train_minutes": first["train_minutes"]["mean"],
-                "time_ratio": first["train_minutes"]["mean"] / final["train_minutes"]["mean"],
-            }
-    return {"reference": reference, "target": f"{reference}'s final {probe}", "rows": rows, "reached": reached}
+    for variant in dict.fromkeys(row["variant"] for row in rows):
+        curve = sorted((row for row in rows if row["variant"] == variant and row[probe]), key=lambda r: r["epoch"])
+        first = next((row for row in curve if row[probe]["mean"] >= final[probe]["mean"]), None)
+        reached[variant] = first and {
+            "epoch": first["epoch"],
+            "epoch_ratio": first["epoch"] / final["epoch"],
+            "train_minutes": first["train_minutes"]["mean"],
+            "time_ratio": first["train_minutes"]["mean"] / final["train_minutes"]["mean"],
+        }
+    return reached
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -389,7 +398,8 @@ def print_tables(records: list[dict], summary: dict, headline: str) -> None:
             cells.append(cell(row.get(f"delta_{key}"), "+.2f"))
         print(f"{row['variant']:<12}{row['epoch']:>6}" + "".join(f"{c:>22}" if i % 2 == 0 else f"{c:>8}"
                                                          for i, c in enumerate(cells)))  # fmt: skip
-    print(f"\nfirst reaching {summary['target']}: {json.dumps(summary['reached'])}")
+    for probe, reached in summary["reached"].items():
+        print(f"\nfirst reaching {summary['reference']}'s final {probe}: {json.dumps(reached)}")
 
 
 def evaluate_checkpoint(args: CompareArguments, name: str, seed: int, epoch: int, checkpoint: Path) -> dict:

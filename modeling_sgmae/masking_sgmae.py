@@ -101,7 +101,7 @@ def center_by_position(features: torch.Tensor, position_mean: torch.Tensor | Non
     return features - position_mean.to(features.dtype)
 
 
-def _normalized_affinity(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def normalized_affinity(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """M = D^-1/2 W D^-1/2 and D^-1/2 (as a vector [B, N])."""
     inv_sqrt_degree = weights.sum(dim=2).rsqrt()
     return inv_sqrt_degree[:, :, None] * weights * inv_sqrt_degree[:, None, :], inv_sqrt_degree
@@ -109,7 +109,7 @@ def _normalized_affinity(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def fiedler_vector_eigh(weights: torch.Tensor) -> torch.Tensor:
     """Reference solver: the second eigenvector of I - D^-1/2 W D^-1/2, mapped back by y = D^-1/2 z. [B, N]."""
-    normalized, inv_sqrt_degree = _normalized_affinity(weights.double())
+    normalized, inv_sqrt_degree = normalized_affinity(weights.double())
     eye = torch.eye(weights.shape[1], dtype=normalized.dtype, device=weights.device)
     _, eigenvectors = torch.linalg.eigh(eye - normalized)
     return (eigenvectors[:, :, 1] * inv_sqrt_degree).to(weights.dtype)
@@ -153,7 +153,7 @@ def fiedler_vector_power(weights: torch.Tensor, steps: int = 16) -> torch.Tensor
     to the power 2**steps in `steps` batched matmuls, which is fast on CPU and GPU alike (batched eigh is slow on
     CUDA). Returns non-finite values where the operator vanishes, so callers can fall back.
     """
-    normalized, inv_sqrt_degree = _normalized_affinity(weights)
+    normalized, inv_sqrt_degree = normalized_affinity(weights)
     trivial = weights.sum(dim=2).sqrt()
     trivial = trivial / trivial.norm(dim=1, keepdim=True)
     deflated = _project_out(normalized, trivial)
@@ -199,7 +199,7 @@ def fiedler_vector_lanczos(weights: torch.Tensor, steps: int = 32, tolerance: fl
     dozen steps; nearly degenerate ones (a sparse binary graph with several loose clusters) run up to `steps`.
     Returns non-finite values where the operator vanishes, so callers can fall back.
     """
-    normalized, inv_sqrt_degree = _normalized_affinity(weights)
+    normalized, inv_sqrt_degree = normalized_affinity(weights)
     batch_size, num_nodes, _ = weights.shape
     steps = min(steps, num_nodes - 1)
     trivial = weights.sum(dim=2).sqrt()

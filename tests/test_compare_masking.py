@@ -112,8 +112,10 @@ def test_collect_only_gathers_written_results_and_later_sittings_keep_them(
     assert sgmae_row["delta_knn_mean"] == pytest.approx(1.5)
     assert mae_row["feature_variance"] == pytest.approx({"mean": 0.5, "min": 0.5, "max": 0.5})
     assert sgmae_row["feature_variance"] is None
-    assert written["summary"]["reached"]["sgmae"] == pytest.approx(
-        {"epoch": 1, "train_minutes": 1.5, "time_ratio": 1.0}
+    reached = written["summary"]["reached"]
+    assert list(reached) == ["linear_probe_mean", "linear_probe_cls"]  # the headline pooling first
+    assert reached["linear_probe_cls"]["sgmae"] == pytest.approx(
+        {"epoch": 1, "epoch_ratio": 1.0, "train_minutes": 1.5, "time_ratio": 1.0}
     )
     assert (output / "compare_masking.png").stat().st_size > 0
 
@@ -188,3 +190,16 @@ def test_the_pretraining_command_is_one_run_pretraining_accepts(monkeypatch: pyt
 def test_parallel_runs_below_one_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SystemExit, match="error: --parallel_runs must be at least 1"):
         parse(monkeypatch, "--parallel_runs", "0")
+
+
+def test_first_reaching_names_the_first_epoch_at_the_reference_final_probe() -> None:
+    def row(variant: str, epoch: int, probe: float, minutes: float) -> dict:
+        spread = {"mean": probe, "min": probe, "max": probe}
+        return {"variant": variant, "epoch": epoch, "linear_probe_cls": spread, "train_minutes": {"mean": minutes}}
+
+    rows = [row("mae", 10, 50.0, 10.0), row("mae", 20, 55.0, 20.0)]
+    rows += [row("sgmae", 10, 55.5, 12.0), row("sgmae", 20, 58.0, 25.0), row("late", 10, 40.0, 9.0)]
+    reached = compare_masking.first_reaching(rows, "mae", "linear_probe_cls")
+    assert reached["mae"] == {"epoch": 20, "epoch_ratio": 1.0, "train_minutes": 20.0, "time_ratio": 1.0}
+    assert reached["sgmae"] == {"epoch": 10, "epoch_ratio": 0.5, "train_minutes": 12.0, "time_ratio": 0.6}
+    assert reached["late"] is None
