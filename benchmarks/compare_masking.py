@@ -14,7 +14,8 @@ evaluation is added to `OUTPUT_DIR/compare_masking.json` at once, and `--stop_af
 checkpoint with its evaluations done. The same command continues: runs resume from their newest checkpoint, the
 evaluations in the JSON are kept, and a run whose checkpoints are gone restarts from its seed (bitwise the same run).
 The JSON holds every record and, per variant and epoch, the mean and spread over seeds; the tables are printed and
-the learning curves drawn against epoch and pre-training wall-clock time.
+written as Markdown (`compare_masking.md`, as the docs show them), and the learning curves drawn against epoch and
+pre-training wall-clock time.
 """
 
 from __future__ import annotations
@@ -402,6 +403,59 @@ def print_tables(records: list[dict], summary: dict, headline: str) -> None:
         print(f"\nfirst reaching {summary['reference']}'s final {probe}: {json.dumps(reached)}")
 
 
+ANALYSIS_COLUMNS = {
+    "centre_masked_share": ("centre share", ".3f"), "object_part_fraction": ("object part", ".3f"),
+    "half_cut_share": ("half cuts", ".2f"), "position_share_last": ("position share", ".2f"),
+    "attention_distance_last": ("attn dist last (px)", ".1f"), "feature_variance": ("feature variance", ".3f"),
+}  # fmt: skip
+
+
+def markdown_report(records: list[dict], summary: dict, headline: str) -> str:
+    """The tables of the docs: means over seeds with the difference from the first variant (accuracies, `headline`
+    pooling first, then the analysis columns), every evaluation per seed, and when each variant first reaches the
+    first variant's final probe. Minus signs are U+2212, as in the docs' prose."""
+
+    def number(value: float | None, spec: str) -> str:
+        return cell(value, spec).replace("-", "\u2212") if value is not None else "-"
+
+    other = "mean" if headline == "cls" else "cls"
+    accuracies = [f"{protocol}_{pooling}" for protocol in ("linear_probe", "knn") for pooling in (headline, other)]
+    titles = [f"{'probe' if key.startswith('linear') else 'kNN'}, {'[CLS]' if key.endswith('cls') else 'mean'}"
+              for key in accuracies]  # fmt: skip
+    analysis = [(key, *ANALYSIS_COLUMNS[key]) for key in ANALYSIS_COLUMNS]
+    lines = [f"Means over seeds [min, max]; Δ: minus {summary['reference']} at the same epoch.", ""]
+    header = ["variant", "epoch", *(f"{title} (Δ)" for title in titles), *(title for _, title, _ in analysis)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in summary["rows"]:
+        cells = [row["variant"], str(row["epoch"])]
+        for key in accuracies:
+            value, delta = row[key], row.get(f"delta_{key}")
+            text = f"{value['mean']:.2f} [{value['min']:.2f}, {value['max']:.2f}]" if value else "-"
+            shown = delta is not None and row["variant"] != summary["reference"]
+            cells.append(text + (f" ({number(delta, '+.2f')})" if shown else ""))
+        cells += [number(row[key] and row[key]["mean"], spec) for key, _, spec in analysis]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Every evaluation (pre-training minutes: the run's own clock, on a machine it may have shared).", ""]
+    header = ["variant", "seed", "epoch", *titles, "centre share", "object part", "pre-training min"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for record in records:
+        cells = [record["variant"], str(record["seed"]), str(record["epoch"])]
+        cells += [number(record[key], ".2f") for key in accuracies]
+        cells += [number(record[key], ".3f") for key in ("centre_masked_share", "object_part_fraction")]
+        lines.append("| " + " | ".join([*cells, number(record["train_minutes"], ".1f")]) + " |")
+    lines.append("")
+    for probe, reached in summary["reached"].items():
+        lines.append(f"First reaching {summary['reference']}'s final {probe} (mean of seeds):")
+        for variant, first in reached.items():
+            found = "not within the evaluated epochs" if first is None else (
+                f"epoch {first['epoch']} ({first['epoch_ratio']:.2f}x the epochs, "
+                f"{first['time_ratio']:.2f}x the minutes)"
+            )  # fmt: skip
+            lines.append(f"- {variant}: {found}")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def evaluate_checkpoint(args: CompareArguments, name: str, seed: int, epoch: int, checkpoint: Path) -> dict:
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     metrics = run_analysis(args, checkpoint)
@@ -475,6 +529,8 @@ class Records:
         temporary = self.path.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(written, indent=2))
         temporary.replace(self.path)
+        if records:
+            self.path.with_suffix(".md").write_text(markdown_report(records, summary, self.args.probe_pooling))
         return summary
 
 

@@ -118,6 +118,14 @@ def test_collect_only_gathers_written_results_and_later_sittings_keep_them(
         {"epoch": 1, "epoch_ratio": 1.0, "train_minutes": 1.5, "time_ratio": 1.0}
     )
     assert (output / "compare_masking.png").stat().st_size > 0
+    report = (output / "compare_masking.md").read_text()  # the docs' tables, headline (mean) pooling first
+    assert (
+        "| mae | 1 | 40.50 [40.00, 41.00] | 40.50 [40.00, 41.00] | 40.50 [40.00, 41.00] | 40.50 [40.00, 41.00] | "
+        "- | 0.300 | 0.80 | 0.60 | 5.0 | 0.500 |" in report
+    )
+    assert "| sgmae | 1 | 42.00 [42.00, 42.00] (+1.50) | 42.00 [42.00, 42.00] (+1.50) | " in report
+    assert "| mae | 1 | 1 | 41.00 | 41.00 | 41.00 | 41.00 | - | - | 1.5 |" in report
+    assert "- sgmae: epoch 1 (1.00x the epochs, 1.00x the minutes)" in report
 
     # a later sitting: the checkpoints are gone, the records stay, and the missing evaluation is added
     shutil.rmtree(runs)
