@@ -437,7 +437,7 @@ def test_the_page_in_a_browser(app_url, browser, model_dir, tmp_path):
         wait.until(lambda _: SCREENSHOT_MODEL in browser.find_element(By.ID, "model-info").text)
     upload(photos["chelsea"])  # a landscape photo: the panels keep its aspect
     wait.until(lambda _: all(panel_sources().values()) and status() == "")
-    browser.set_window_size(1400, 1500)  # the whole page, controls included
+    browser.set_window_size(1400, 1650)  # the whole page, controls included
     screenshot = REPO_ROOT / "docs" / "demo.png" if SCREENSHOT_MODEL else tmp_path / "demo.png"
     assert browser.save_screenshot(str(screenshot))
     assert Image.open(screenshot).size[0] >= 1000
