@@ -416,16 +416,18 @@ def markdown_report(records: list[dict], summary: dict, headline: str) -> str:
     first variant's final probe. Minus signs are U+2212, as in the docs' prose."""
 
     def number(value: float | None, spec: str) -> str:
-        return cell(value, spec).replace("-", "\u2212") if value is not None else "-"
+        return "-" if value is None else format(value, spec).replace("-", "\u2212")
+
+    def table_row(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
 
     other = "mean" if headline == "cls" else "cls"
     accuracies = [f"{protocol}_{pooling}" for protocol in ("linear_probe", "knn") for pooling in (headline, other)]
     titles = [f"{'probe' if key.startswith('linear') else 'kNN'}, {'[CLS]' if key.endswith('cls') else 'mean'}"
               for key in accuracies]  # fmt: skip
-    analysis = [(key, *ANALYSIS_COLUMNS[key]) for key in ANALYSIS_COLUMNS]
     lines = [f"Means over seeds [min, max]; Δ: minus {summary['reference']} at the same epoch.", ""]
-    header = ["variant", "epoch", *(f"{title} (Δ)" for title in titles), *(title for _, title, _ in analysis)]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    header = ["variant", "epoch", *(f"{title} (Δ)" for title in titles), *(t for t, _ in ANALYSIS_COLUMNS.values())]
+    lines += [table_row(header), "|" + "---|" * len(header)]
     for row in summary["rows"]:
         cells = [row["variant"], str(row["epoch"])]
         for key in accuracies:
@@ -433,16 +435,16 @@ def markdown_report(records: list[dict], summary: dict, headline: str) -> str:
             text = f"{value['mean']:.2f} [{value['min']:.2f}, {value['max']:.2f}]" if value else "-"
             shown = delta is not None and row["variant"] != summary["reference"]
             cells.append(text + (f" ({number(delta, '+.2f')})" if shown else ""))
-        cells += [number(row[key] and row[key]["mean"], spec) for key, _, spec in analysis]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells += [number(row[key] and row[key]["mean"], spec) for key, (_, spec) in ANALYSIS_COLUMNS.items()]
+        lines.append(table_row(cells))
     lines += ["", "Every evaluation (pre-training minutes: the run's own clock, on a machine it may have shared).", ""]
     header = ["variant", "seed", "epoch", *titles, "centre share", "object part", "pre-training min"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [table_row(header), "|" + "---|" * len(header)]
     for record in records:
         cells = [record["variant"], str(record["seed"]), str(record["epoch"])]
         cells += [number(record[key], ".2f") for key in accuracies]
         cells += [number(record[key], ".3f") for key in ("centre_masked_share", "object_part_fraction")]
-        lines.append("| " + " | ".join([*cells, number(record["train_minutes"], ".1f")]) + " |")
+        lines.append(table_row([*cells, number(record["train_minutes"], ".1f")]))
     lines.append("")
     for probe, reached in summary["reached"].items():
         lines.append(f"First reaching {summary['reference']}'s final {probe} (mean of seeds):")
