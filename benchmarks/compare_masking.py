@@ -410,10 +410,39 @@ ANALYSIS_COLUMNS = {
 }  # fmt: skip
 
 
+def target_table(summary: dict, poolings: list[str]) -> list[str]:
+    """Markdown lines: each variant against the reference on the comparison's targets, per pooling: the evaluated
+    epochs where its mean probe leads by at least 1 point, those where its mean kNN trails, and whether it first
+    reaches the reference's final probe within 0.8x the epochs."""
+    reference = summary["reference"]
+    lines = [f"Targets against {reference}, per pooling (means of seeds at each evaluated epoch):", ""]
+    header = ["variant", "pooling", f"probe ≥ {reference} + 1", f"kNN below {reference}", f"{reference}'s final probe"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant in dict.fromkeys(row["variant"] for row in summary["rows"]):
+        if variant == reference:
+            continue
+        rows = sorted((row for row in summary["rows"] if row["variant"] == variant), key=lambda row: row["epoch"])
+        for pooling in poolings:
+            probe, knn = f"delta_linear_probe_{pooling}", f"delta_knn_{pooling}"
+            compared = [row for row in rows if probe in row]
+            ahead = [str(row["epoch"]) for row in compared if row[probe] >= 1.0]
+            behind = [str(row["epoch"]) for row in rows if knn in row and row[knn] < 0]
+            first = summary["reached"].get(f"linear_probe_{pooling}", {}).get(variant)
+            reached = "not reached" if first is None else (
+                f"epoch {first['epoch']}, {first['epoch_ratio']:.2f}x the epochs "
+                f"({'met' if first['epoch_ratio'] <= 0.8 else 'not met'})"
+            )  # fmt: skip
+            cells = [variant, "[CLS]" if pooling == "cls" else "mean"]
+            cells += [f"{len(ahead)} of {len(compared)} epochs" + (f" ({', '.join(ahead)})" if ahead else "")]
+            cells += [", ".join(behind) or "none", reached]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown_report(records: list[dict], summary: dict, headline: str) -> str:
     """The tables of the docs: means over seeds with the difference from the first variant (accuracies, `headline`
-    pooling first, then the analysis columns), every evaluation per seed, and when each variant first reaches the
-    first variant's final probe. Minus signs are U+2212, as in the docs' prose."""
+    pooling first, then the analysis columns), every evaluation per seed, the targets, and when each variant first
+    reaches the first variant's final probe. Minus signs are U+2212, as in the docs' prose."""
 
     def number(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec).replace("-", "\u2212")
@@ -445,7 +474,7 @@ def markdown_report(records: list[dict], summary: dict, headline: str) -> str:
         cells += [number(record[key], ".2f") for key in accuracies]
         cells += [number(record[key], ".3f") for key in ("centre_masked_share", "object_part_fraction")]
         lines.append(table_row([*cells, number(record["train_minutes"], ".1f")]))
-    lines.append("")
+    lines += ["", *target_table(summary, [headline, other]), ""]
     for probe, reached in summary["reached"].items():
         lines.append(f"First reaching {summary['reference']}'s final {probe} (mean of seeds):")
         for variant, first in reached.items():

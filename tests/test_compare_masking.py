@@ -126,6 +126,7 @@ def test_collect_only_gathers_written_results_and_later_sittings_keep_them(
     assert "| sgmae | 1 | 42.00 [42.00, 42.00] (+1.50) | 42.00 [42.00, 42.00] (+1.50) | " in report
     assert "| mae | 1 | 1 | 41.00 | 41.00 | 41.00 | 41.00 | - | - | 1.5 |" in report
     assert "- sgmae: epoch 1 (1.00x the epochs, 1.00x the minutes)" in report
+    assert "| sgmae | mean | 1 of 1 epochs (1) | none | epoch 1, 1.00x the epochs (not met) |" in report
 
     # a later sitting: the checkpoints are gone, the records stay, and the missing evaluation is added
     shutil.rmtree(runs)
@@ -211,3 +212,15 @@ def test_first_reaching_names_the_first_epoch_at_the_reference_final_probe() -> 
     assert reached["mae"] == {"epoch": 20, "epoch_ratio": 1.0, "train_minutes": 20.0, "time_ratio": 1.0}
     assert reached["sgmae"] == {"epoch": 10, "epoch_ratio": 0.5, "train_minutes": 12.0, "time_ratio": 0.6}
     assert reached["late"] is None
+
+
+def test_target_table_counts_the_epochs_ahead_by_a_point_and_behind_on_knn() -> None:
+    rows = [{"variant": "mae", "epoch": epoch} for epoch in (10, 20)]
+    rows += [
+        {"variant": "sgmae", "epoch": 10, "delta_linear_probe_cls": 1.2, "delta_knn_cls": -0.3},
+        {"variant": "sgmae", "epoch": 20, "delta_linear_probe_cls": 0.9, "delta_knn_cls": 0.0},
+    ]
+    reached = {"linear_probe_cls": {"sgmae": {"epoch": 10, "epoch_ratio": 0.5}}}
+    lines = compare_masking.target_table({"reference": "mae", "rows": rows, "reached": reached}, ["cls"])
+    assert lines[-1] == "| sgmae | [CLS] | 1 of 2 epochs (10) | 10 | epoch 10, 0.50x the epochs (met) |"
+    assert len(lines) == 5  # title, blank, header, rule, one row: the reference gets none
