@@ -302,8 +302,9 @@ def cell(value: float | None, spec: str) -> str:
 
 
 def summarise(records: list[dict], headline: str) -> dict:
-    """Per variant and epoch, each SUMMARISED value's mean, min and max over seeds and, for the accuracies, the
-    difference of means from the first variant; per linear probe (`headline` pooling first) and variant, when its
+    """Per variant and epoch, each SUMMARISED value's mean, min and max over seeds and, for the accuracies, the mean
+    difference from the first variant over the seeds both have evaluated (paired, so that a seed still to come does not
+    shift it); per linear probe (`headline` pooling first) and variant, when its
     mean probe first reaches the first variant's final one (epoch, pre-training minutes, and both over the first
     variant's final epoch and total minutes)."""
     groups: dict[tuple[str, int], list[dict]] = {}
@@ -317,12 +318,17 @@ def summarise(records: list[dict], headline: str) -> dict:
             row[key] = {"mean": fmean(values), "min": min(values), "max": max(values)} if values else None
         rows.append(row)
     reference = records[0]["variant"]
-    by_run = {(row["variant"], row["epoch"]): row for row in rows}
+    by_evaluation = {(record["variant"], record["seed"], record["epoch"]): record for record in records}
     for row in rows:
-        base = by_run.get((reference, row["epoch"]))
+        epoch = row["epoch"]
+        pairs = [
+            (by_evaluation[row["variant"], seed, epoch], by_evaluation.get((reference, seed, epoch)))
+            for seed in row["seeds"]
+        ]
         for key in ACCURACIES:
-            if row[key] and base and base[key]:
-                row[f"delta_{key}"] = row[key]["mean"] - base[key]["mean"]
+            differences = [run[key] - base[key] for run, base in pairs if base and None not in (run[key], base[key])]
+            if differences:
+                row[f"delta_{key}"] = fmean(differences)
     probes = [f"linear_probe_{pooling}" for pooling in dict.fromkeys((headline, "cls", "mean"))]
     reached = {probe: first_reaching(rows, reference, probe) for probe in probes}
     return {"reference": reference, "headline": probes[0], "rows": rows, "reached": reached}
@@ -389,7 +395,7 @@ def print_tables(records: list[dict], summary: dict, headline: str) -> None:
         cells = [cell(r[key], ".3f" if key == "centre_masked_share" else ".2f") for key in keys]
         print(f"{r['variant']:<12}{r['seed']:>5}{r['epoch']:>6}{r['train_minutes']:>9.1f}"
               + "".join(f"{c:>8}" for c in cells))  # fmt: skip
-    print(f"\nmean over seeds [min, max]; delta: minus {summary['reference']} at the same epoch")
+    print(f"\nmean over seeds [min, max]; delta: minus {summary['reference']}, paired by seed, mean over seeds")
     print(f"{'variant':<12}{'epoch':>6}{'probe':>22}{'delta':>8}{'kNN':>22}{'delta':>8}")
     for row in summary["rows"]:
         cells = []
@@ -415,7 +421,7 @@ def target_table(summary: dict, poolings: list[str]) -> list[str]:
     epochs where its mean probe leads by at least 1 point, those where its mean kNN trails, and whether it first
     reaches the reference's final probe within 0.8x the epochs."""
     reference = summary["reference"]
-    lines = [f"Targets against {reference}, per pooling (means of seeds at each evaluated epoch):", ""]
+    lines = [f"Targets against {reference}, per pooling (the Δ of the first table at each evaluated epoch):", ""]
     header = ["variant", "pooling", f"probe ≥ {reference} + 1", f"kNN below {reference}", f"{reference}'s final probe"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant in dict.fromkeys(row["variant"] for row in summary["rows"]):
@@ -454,7 +460,7 @@ def markdown_report(records: list[dict], summary: dict, headline: str) -> str:
     accuracies = [f"{protocol}_{pooling}" for protocol in ("linear_probe", "knn") for pooling in (headline, other)]
     titles = [f"{'probe' if key.startswith('linear') else 'kNN'}, {'[CLS]' if key.endswith('cls') else 'mean'}"
               for key in accuracies]  # fmt: skip
-    lines = [f"Means over seeds [min, max]; Δ: minus {summary['reference']} at the same epoch.", ""]
+    lines = [f"Means over seeds [min, max]; Δ: minus {summary['reference']}, paired by seed, mean over seeds.", ""]
     header = ["variant", "epoch", *(f"{title} (Δ)" for title in titles), *(t for t, _ in ANALYSIS_COLUMNS.values())]
     lines += [table_row(header), "|" + "---|" * len(header)]
     for row in summary["rows"]:

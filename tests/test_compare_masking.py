@@ -109,7 +109,7 @@ def test_collect_only_gathers_written_results_and_later_sittings_keep_them(
     mae_row, sgmae_row = written["summary"]["rows"]
     assert mae_row["linear_probe_mean"] == pytest.approx({"mean": 40.5, "min": 40.0, "max": 41.0})
     assert sgmae_row["linear_probe_mean"] == pytest.approx({"mean": 42.0, "min": 42.0, "max": 42.0})
-    assert sgmae_row["delta_knn_mean"] == pytest.approx(1.5)
+    assert sgmae_row["delta_knn_mean"] == pytest.approx(2.0)  # paired: seed 0 only, the seed both have
     assert mae_row["feature_variance"] == pytest.approx({"mean": 0.5, "min": 0.5, "max": 0.5})
     assert sgmae_row["feature_variance"] is None
     reached = written["summary"]["reached"]
@@ -123,7 +123,7 @@ def test_collect_only_gathers_written_results_and_later_sittings_keep_them(
         "| mae | 1 | 40.50 [40.00, 41.00] | 40.50 [40.00, 41.00] | 40.50 [40.00, 41.00] | 40.50 [40.00, 41.00] | "
         "- | 0.300 | 0.80 | 0.60 | 5.0 | 0.500 |" in report
     )
-    assert "| sgmae | 1 | 42.00 [42.00, 42.00] (+1.50) | 42.00 [42.00, 42.00] (+1.50) | " in report
+    assert "| sgmae | 1 | 42.00 [42.00, 42.00] (+2.00) | 42.00 [42.00, 42.00] (+2.00) | " in report
     assert "| mae | 1 | 1 | 41.00 | 41.00 | 41.00 | 41.00 | - | - | 1.5 |" in report
     assert "- sgmae: epoch 1 (1.00x the epochs, 1.00x the minutes)" in report
     assert "| sgmae | mean | 1 of 1 epochs (1) | none | epoch 1, 1.00x the epochs (not met) |" in report
