@@ -416,6 +416,11 @@ ANALYSIS_COLUMNS = {
 }  # fmt: skip
 
 
+def table_row(cells: list[str]) -> str:
+    """One Markdown table line."""
+    return "| " + " | ".join(cells) + " |"
+
+
 def target_table(summary: dict, poolings: list[str]) -> list[str]:
     """Markdown lines: each variant against the reference on the comparison's targets, per pooling: the evaluated
     epochs where its mean probe leads by at least 1 point, those where its mean kNN trails, and whether it first
@@ -423,7 +428,7 @@ def target_table(summary: dict, poolings: list[str]) -> list[str]:
     reference = summary["reference"]
     lines = [f"Targets against {reference}, per pooling (the Δ of the first table at each evaluated epoch):", ""]
     header = ["variant", "pooling", f"probe ≥ {reference} + 1", f"kNN below {reference}", f"{reference}'s final probe"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [table_row(header), "|" + "---|" * len(header)]
     for variant in dict.fromkeys(row["variant"] for row in summary["rows"]):
         if variant == reference:
             continue
@@ -441,7 +446,7 @@ def target_table(summary: dict, poolings: list[str]) -> list[str]:
             cells = [variant, "[CLS]" if pooling == "cls" else "mean"]
             cells += [f"{len(ahead)} of {len(compared)} epochs" + (f" ({', '.join(ahead)})" if ahead else "")]
             cells += [", ".join(behind) or "none", reached]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(table_row(cells))
     return lines
 
 
@@ -452,9 +457,6 @@ def markdown_report(records: list[dict], summary: dict, headline: str) -> str:
 
     def number(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec).replace("-", "\u2212")
-
-    def table_row(cells: list[str]) -> str:
-        return "| " + " | ".join(cells) + " |"
 
     other = "mean" if headline == "cls" else "cls"
     accuracies = [f"{protocol}_{pooling}" for protocol in ("linear_probe", "knn") for pooling in (headline, other)]
