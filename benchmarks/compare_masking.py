@@ -32,6 +32,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from statistics import fmean
 from typing import Literal
@@ -47,7 +48,7 @@ SUMMARISED = (
 # Arguments that do not change what is measured: a sitting may change them and keep the records of earlier ones.
 SITTING_ARGUMENTS = {
     "output_dir", "runs_dir", "parallel_runs", "stop_after_minutes", "evaluation_minutes", "evaluate_only",
-    "collect_only", "num_workers", "panel_epochs",
+    "collect_only", "num_workers", "panel_epochs", "schedule_timings",
 }  # fmt: skip
 POLL_SECONDS = 15.0
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]  # the checkout's own packages, not an installed copy
@@ -151,6 +152,14 @@ class CompareArguments:
             "--eval_epochs)."
         },
     )
+    schedule_timings: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated bench_schedule.py JSONs timing these variants' whole schedules side by side on "
+            "a quiet machine; the time to the first variant's final probe is then also given on their seconds per "
+            "epoch (refresh passes included), not only on the runs' own clocks."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.parallel_runs < 1:
@@ -162,6 +171,9 @@ class CompareArguments:
         if self.runs_dir is None:
             cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
             self.runs_dir = str(cache / "sgmae" / "compare_masking" / Path(self.output_dir).resolve().name)
+        missing = [path for path in (self.schedule_timings or "").split(",") if path and not Path(path).is_file()]
+        if missing:
+            raise SystemExit(f"error: --schedule_timings: no such file: {', '.join(missing)}")
 
 
 def parse_args() -> CompareArguments:
@@ -301,12 +313,27 @@ def cell(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def summarise(records: list[dict], headline: str) -> dict:
+def schedule_clocks(paths: str | None, epochs: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Per variant timed in a bench_schedule.py JSON: its measured seconds up to the end of each epoch, and those of
+    that file's reference variant (the ratio of the two is read within one file, since they ran side by side)."""
+    clocks = {}
+    for path in (paths or "").split(","):
+        if not path:
+            continue
+        timing = json.loads(Path(path).read_text())
+        seconds = {row["variant"]: list(accumulate(row["epoch_s_median"])) for row in timing["rows"]}
+        if any(len(cumulative) != epochs for cumulative in seconds.values()):
+            raise SystemExit(f"error: --schedule_timings: {path} does not time a {epochs}-epoch schedule")
+        for variant, cumulative in seconds.items():
+            clocks.setdefault(variant, (cumulative, seconds[timing["reference"]]))
+    return clocks
+
+
+def summarise(records: list[dict], headline: str, clocks: dict | None = None) -> dict:
     """Per variant and epoch, each SUMMARISED value's mean, min and max over seeds and, for the accuracies, the mean
     difference from the first variant over the seeds both have evaluated (paired, so that a seed still to come does not
-    shift it); per linear probe (`headline` pooling first) and variant, when its
-    mean probe first reaches the first variant's final one (epoch, pre-training minutes, and both over the first
-    variant's final epoch and total minutes)."""
+    shift it); per linear probe (`headline` pooling first) and variant, when its mean probe first reaches the first
+    variant's final one (see first_reaching)."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for record in records:
         groups.setdefault((record["variant"], record["epoch"]), []).append(record)
@@ -330,12 +357,14 @@ def summarise(records: list[dict], headline: str) -> dict:
             if differences:
                 row[f"delta_{key}"] = fmean(differences)
     probes = [f"linear_probe_{pooling}" for pooling in dict.fromkeys((headline, "cls", "mean"))]
-    reached = {probe: first_reaching(rows, reference, probe) for probe in probes}
+    reached = {probe: first_reaching(rows, reference, probe, clocks or {}) for probe in probes}
     return {"reference": reference, "headline": probes[0], "rows": rows, "reached": reached}
 
 
-def first_reaching(rows: list[dict], reference: str, probe: str) -> dict:
-    """Per variant, its first evaluation whose mean `probe` is at least the reference variant's final one."""
+def first_reaching(rows: list[dict], reference: str, probe: str, clocks: dict) -> dict:
+    """Per variant, its first evaluation whose mean `probe` is at least the reference variant's final one: the epoch
+    and pre-training minutes, both over the reference's final ones, and, for a variant in `clocks`
+    (schedule_clocks), the measured seconds to that epoch over the reference's to its final epoch."""
     reference_rows = [row for row in rows if row["variant"] == reference and row[probe] and row["train_minutes"]]
     if not reference_rows:
         return {}
@@ -350,6 +379,9 @@ def first_reaching(rows: list[dict], reference: str, probe: str) -> dict:
             "train_minutes": first["train_minutes"]["mean"],
             "time_ratio": first["train_minutes"]["mean"] / final["train_minutes"]["mean"],
         }
+        if first and variant in clocks:
+            seconds, reference_seconds = clocks[variant]
+            reached[variant]["clock_ratio"] = seconds[first["epoch"] - 1] / reference_seconds[final["epoch"] - 1]
     return reached
 
 
@@ -424,7 +456,7 @@ def table_row(cells: list[str]) -> str:
 def target_table(summary: dict, poolings: list[str]) -> list[str]:
     """Markdown lines: each variant against the reference on the comparison's targets, per pooling: the evaluated
     epochs where its mean probe leads by at least 1 point, those where its mean kNN trails, and whether it first
-    reaches the reference's final probe within 0.8x the epochs."""
+    reaches the reference's final probe within 0.8x the epochs (and the measured time, where timed)."""
     reference = summary["reference"]
     lines = [f"Targets against {reference}, per pooling (the Δ of the first table at each evaluated epoch):", ""]
     header = ["variant", "pooling", f"probe ≥ {reference} + 1", f"kNN below {reference}", f"{reference}'s final probe"]
@@ -439,9 +471,9 @@ def target_table(summary: dict, poolings: list[str]) -> list[str]:
             ahead = [str(row["epoch"]) for row in compared if row[probe] >= 1.0]
             behind = [str(row["epoch"]) for row in rows if knn in row and row[knn] < 0]
             first = summary["reached"].get(f"linear_probe_{pooling}", {}).get(variant)
-            reached = "not reached" if first is None else (
-                f"epoch {first['epoch']}, {first['epoch_ratio']:.2f}x the epochs "
-                f"({'met' if first['epoch_ratio'] <= 0.8 else 'not met'})"
+            reached = "not reached" if first is None else f"epoch {first['epoch']}, " + ", ".join(
+                f"{first[key]:.2f}x the {unit} ({'met' if first[key] <= 0.8 else 'not met'})"
+                for key, unit in (("epoch_ratio", "epochs"), ("clock_ratio", "measured time")) if key in first
             )  # fmt: skip
             cells = [variant, "[CLS]" if pooling == "cls" else "mean"]
             cells += [f"{len(ahead)} of {len(compared)} epochs" + (f" ({', '.join(ahead)})" if ahead else "")]
@@ -488,7 +520,8 @@ def markdown_report(records: list[dict], summary: dict, headline: str) -> str:
         for variant, first in reached.items():
             found = "not within the evaluated epochs" if first is None else (
                 f"epoch {first['epoch']} ({first['epoch_ratio']:.2f}x the epochs, "
-                f"{first['time_ratio']:.2f}x the minutes)"
+                f"{first['time_ratio']:.2f}x the minutes"
+                + (f", {first['clock_ratio']:.2f}x the measured schedule time)" if "clock_ratio" in first else ")")
             )  # fmt: skip
             lines.append(f"- {variant}: {found}")
         lines.append("")
@@ -562,7 +595,8 @@ class Records:
 
     def write(self) -> dict:
         records = self.sorted()
-        summary = summarise(records, self.args.probe_pooling) if records else {"rows": [], "reached": {}}
+        clocks = schedule_clocks(self.args.schedule_timings, self.args.epochs)
+        summary = summarise(records, self.args.probe_pooling, clocks) if records else {"rows": [], "reached": {}}
         written = {"command": self.command, "device": self.device, "args": vars(self.args), "commit": code_commit()}
         written |= {"records": records, "summary": summary}
         temporary = self.path.with_suffix(".json.tmp")

@@ -208,10 +208,36 @@ def test_first_reaching_names_the_first_epoch_at_the_reference_final_probe() -> 
 
     rows = [row("mae", 10, 50.0, 10.0), row("mae", 20, 55.0, 20.0)]
     rows += [row("sgmae", 10, 55.5, 12.0), row("sgmae", 20, 58.0, 25.0), row("late", 10, 40.0, 9.0)]
-    reached = compare_masking.first_reaching(rows, "mae", "linear_probe_cls")
+    reached = compare_masking.first_reaching(rows, "mae", "linear_probe_cls", {})
     assert reached["mae"] == {"epoch": 20, "epoch_ratio": 1.0, "train_minutes": 20.0, "time_ratio": 1.0}
     assert reached["sgmae"] == {"epoch": 10, "epoch_ratio": 0.5, "train_minutes": 12.0, "time_ratio": 0.6}
     assert reached["late"] is None
+
+
+def test_measured_schedules_give_the_time_to_the_reference_final_probe(tmp_path) -> None:
+    """Seconds up to the variant's epoch over the reference's up to its final epoch, each from its own file."""
+    timings = []
+    for name, variant, seconds in (("cached", "sgmae", [1.0, 3.0]), ("step", "sgmae_step", [2.0, 2.0])):
+        rows = [{"variant": "mae", "epoch_s_median": [1.0, 1.0]}, {"variant": variant, "epoch_s_median": seconds}]
+        timings.append(tmp_path / f"{name}.json")
+        timings[-1].write_text(json.dumps({"reference": "mae", "rows": rows}))
+    clocks = compare_masking.schedule_clocks(",".join(map(str, timings)), epochs=2)
+    assert clocks["sgmae"] == ([1.0, 4.0], [1.0, 2.0]) and clocks["sgmae_step"] == ([2.0, 4.0], [1.0, 2.0])
+
+    def row(variant: str, epoch: int, probe: float) -> dict:
+        spread = {"mean": probe, "min": probe, "max": probe}
+        return {"variant": variant, "epoch": epoch, "linear_probe_cls": spread, "train_minutes": {"mean": 1.0}}
+
+    rows = [row("mae", 1, 50.0), row("mae", 2, 55.0), row("sgmae", 1, 56.0), row("sgmae_step", 1, 55.0)]
+    reached = compare_masking.first_reaching(rows, "mae", "linear_probe_cls", clocks)
+    assert [reached[name]["clock_ratio"] for name in ("mae", "sgmae", "sgmae_step")] == [1.0, 0.5, 1.0]
+    with pytest.raises(SystemExit, match="does not time a 3-epoch schedule"):
+        compare_masking.schedule_clocks(str(timings[0]), epochs=3)
+
+
+def test_a_missing_schedule_timing_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    with pytest.raises(SystemExit, match=r"error: --schedule_timings: no such file: .*absent\.json"):
+        parse(monkeypatch, "--schedule_timings", str(tmp_path / "absent.json"))
 
 
 def test_target_table_counts_the_epochs_ahead_by_a_point_and_behind_on_knn() -> None:
@@ -224,3 +250,6 @@ def test_target_table_counts_the_epochs_ahead_by_a_point_and_behind_on_knn() -> 
     lines = compare_masking.target_table({"reference": "mae", "rows": rows, "reached": reached}, ["cls"])
     assert lines[-1] == "| sgmae | [CLS] | 1 of 2 epochs (10) | 10 | epoch 10, 0.50x the epochs (met) |"
     assert len(lines) == 5  # title, blank, header, rule, one row: the reference gets none
+    reached["linear_probe_cls"]["sgmae"]["clock_ratio"] = 0.81
+    lines = compare_masking.target_table({"reference": "mae", "rows": rows, "reached": reached}, ["cls"])
+    assert lines[-1].endswith("| epoch 10, 0.50x the epochs (met), 0.81x the measured time (not met) |")
