@@ -456,7 +456,8 @@ def table_row(cells: list[str]) -> str:
 def target_table(summary: dict, poolings: list[str]) -> list[str]:
     """Markdown lines: each variant against the reference on the comparison's targets, per pooling: the evaluated
     epochs where its mean probe leads by at least 1 point, those where its mean kNN trails, and whether it first
-    reaches the reference's final probe within 0.8x the epochs (and the measured time, where timed)."""
+    reaches the reference's final probe within 0.8x the epochs (and the measured time, where timed), naming the
+    reference's own first epoch at that probe where it is earlier than its final one (its curve has levelled off)."""
     reference = summary["reference"]
     lines = [f"Targets against {reference}, per pooling (the Δ of the first table at each evaluated epoch):", ""]
     header = ["variant", "pooling", f"probe ≥ {reference} + 1", f"kNN below {reference}", f"{reference}'s final probe"]
@@ -470,11 +471,12 @@ def target_table(summary: dict, poolings: list[str]) -> list[str]:
             compared = [row for row in rows if probe in row]
             ahead = [str(row["epoch"]) for row in compared if row[probe] >= 1.0]
             behind = [str(row["epoch"]) for row in rows if knn in row and row[knn] < 0]
-            first = summary["reached"].get(f"linear_probe_{pooling}", {}).get(variant)
+            reached_by = summary["reached"].get(f"linear_probe_{pooling}", {})
+            first, own = reached_by.get(variant), reached_by.get(reference)
             reached = "not reached" if first is None else f"epoch {first['epoch']}, " + ", ".join(
                 f"{first[key]:.2f}x the {unit} ({'met' if first[key] <= 0.8 else 'not met'})"
                 for key, unit in (("epoch_ratio", "epochs"), ("clock_ratio", "measured time")) if key in first
-            )  # fmt: skip
+            ) + (f"; {reference} itself: epoch {own['epoch']}" if own and own["epoch_ratio"] < 1 else "")  # fmt: skip
             cells = [variant, "[CLS]" if pooling == "cls" else "mean"]
             cells += [f"{len(ahead)} of {len(compared)} epochs" + (f" ({', '.join(ahead)})" if ahead else "")]
             cells += [", ".join(behind) or "none", reached]

@@ -253,3 +253,6 @@ def test_target_table_counts_the_epochs_ahead_by_a_point_and_behind_on_knn() -> 
     reached["linear_probe_cls"]["sgmae"]["clock_ratio"] = 0.81
     lines = compare_masking.target_table({"reference": "mae", "rows": rows, "reached": reached}, ["cls"])
     assert lines[-1].endswith("| epoch 10, 0.50x the epochs (met), 0.81x the measured time (not met) |")
+    reached["linear_probe_cls"]["mae"] = {"epoch": 10, "epoch_ratio": 0.5}  # the reference levels off at epoch 10
+    lines = compare_masking.target_table({"reference": "mae", "rows": rows, "reached": reached}, ["cls"])
+    assert lines[-1].endswith("0.81x the measured time (not met); mae itself: epoch 10 |")
