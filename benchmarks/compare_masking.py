@@ -15,7 +15,8 @@ checkpoint with its evaluations done. The same command continues: runs resume fr
 evaluations in the JSON are kept, and a run whose checkpoints are gone restarts from its seed (bitwise the same run).
 The JSON holds every record and, per variant and epoch, the mean and spread over seeds; the tables are printed and
 written as Markdown (`compare_masking.md`, as the docs show them), and the learning curves drawn against epoch and
-pre-training wall-clock time.
+time (with `--schedule_timings`, the variants' schedules as bench_schedule.py measured them side by side; otherwise
+the runs' own clocks).
 """
 
 from __future__ import annotations
@@ -385,8 +386,10 @@ def first_reaching(rows: list[dict], reference: str, probe: str, clocks: dict) -
     return reached
 
 
-def plot(summary: dict, path: Path) -> None:
-    """Learning curves: mean over seeds, the band spanning the seeds; mean pooling solid, [CLS] dashed."""
+def plot(summary: dict, path: Path, clocks: dict) -> None:
+    """Learning curves: mean over seeds, the band spanning the seeds; mean pooling solid, [CLS] dashed. Against epochs,
+    and against time: the measured schedule time where `clocks` (schedule_clocks) times every variant, as a share of
+    the reference's whole schedule, else the runs' own clocks."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -394,6 +397,16 @@ def plot(summary: dict, path: Path) -> None:
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, 2)
     variants = list(dict.fromkeys(row["variant"] for row in summary["rows"]))
+    measured = all(name in clocks for name in variants)
+
+    def time_of(row: dict) -> float:
+        if not measured:
+            return row["train_minutes"]["mean"]
+        seconds, reference_seconds = clocks[row["variant"]]
+        return seconds[row["epoch"] - 1] / reference_seconds[-1]
+
+    reference = summary["reference"]
+    time_label = f"measured schedule time ({reference}'s = 1)" if measured else "pre-training wall-clock (min)"
     for variant_index, name in enumerate(variants):
         rows = sorted((row for row in summary["rows"] if row["variant"] == name), key=lambda row: row["epoch"])
         color = f"C{variant_index % 10}"
@@ -401,14 +414,14 @@ def plot(summary: dict, path: Path) -> None:
             for row_index, protocol in enumerate(("linear_probe", "knn")):
                 key = f"{protocol}_{pooling}"
                 points = [row for row in rows if row[key] and row["train_minutes"]]
-                for column, x_of in enumerate((lambda r: r["epoch"], lambda r: r["train_minutes"]["mean"])):
+                for column, x_of in enumerate((lambda r: r["epoch"], time_of)):
                     axis = axes[row_index, column]
                     x = [x_of(row) for row in points]
                     axis.plot(x, [row[key]["mean"] for row in points], style, marker="o", color=color,
                               label=f"{name}, {pooling}")  # fmt: skip
                     axis.fill_between(x, [row[key]["min"] for row in points], [row[key]["max"] for row in points],
                                       color=color, alpha=0.15)  # fmt: skip
-                    axis.set_xlabel("epoch" if column == 0 else "pre-training wall-clock (min)")
+                    axis.set_xlabel("epoch" if column == 0 else time_label)
                     axis.set_ylabel(f"{protocol} top-1 (%)")
                     axis.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
@@ -683,7 +696,8 @@ def main() -> None:
     missing = len(runs) * len(eval_epochs) - len(records.by_key)
     if records.by_key:
         print_tables(records.sorted(), summary, args.probe_pooling)
-        plot(summary, Path(args.output_dir) / "compare_masking.png")
+        clocks = schedule_clocks(args.schedule_timings, args.epochs)
+        plot(summary, Path(args.output_dir) / "compare_masking.png", clocks)
     if missing:
         print(f"\n{missing} evaluations still to come; the same command continues (runs in {args.runs_dir})")
 

@@ -231,6 +231,10 @@ def test_measured_schedules_give_the_time_to_the_reference_final_probe(tmp_path)
     rows = [row("mae", 1, 50.0), row("mae", 2, 55.0), row("sgmae", 1, 56.0), row("sgmae_step", 1, 55.0)]
     reached = compare_masking.first_reaching(rows, "mae", "linear_probe_cls", clocks)
     assert [reached[name]["clock_ratio"] for name in ("mae", "sgmae", "sgmae_step")] == [1.0, 0.5, 1.0]
+    for summary_row in rows:  # the curves against the measured time
+        summary_row |= {key: summary_row["linear_probe_cls"] for key in compare_masking.ACCURACIES}
+    compare_masking.plot({"reference": "mae", "rows": rows}, tmp_path / "curves.png", clocks)
+    assert (tmp_path / "curves.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="does not time a 3-epoch schedule"):
         compare_masking.schedule_clocks(str(timings[0]), epochs=3)
 
