@@ -583,6 +583,8 @@ class Records:
         self.command = shlex.join(["python", *sys.argv])
         self.device = device_name()
         self.by_key: dict[tuple[str, int, int], dict] = {}
+        # read once, before any run trains: a file timing another schedule is refused at the start, not hours in
+        self.clocks = schedule_clocks(args.schedule_timings, args.epochs)
         if self.path.is_file():
             earlier = json.loads(self.path.read_text())
             differing = sorted(
@@ -610,8 +612,7 @@ class Records:
 
     def write(self) -> dict:
         records = self.sorted()
-        clocks = schedule_clocks(self.args.schedule_timings, self.args.epochs)
-        summary = summarise(records, self.args.probe_pooling, clocks) if records else {"rows": [], "reached": {}}
+        summary = summarise(records, self.args.probe_pooling, self.clocks) if records else {"rows": [], "reached": {}}
         written = {"command": self.command, "device": self.device, "args": vars(self.args), "commit": code_commit()}
         written |= {"records": records, "summary": summary}
         temporary = self.path.with_suffix(".json.tmp")
@@ -696,8 +697,7 @@ def main() -> None:
     missing = len(runs) * len(eval_epochs) - len(records.by_key)
     if records.by_key:
         print_tables(records.sorted(), summary, args.probe_pooling)
-        clocks = schedule_clocks(args.schedule_timings, args.epochs)
-        plot(summary, Path(args.output_dir) / "compare_masking.png", clocks)
+        plot(summary, Path(args.output_dir) / "compare_masking.png", records.clocks)
     if missing:
         print(f"\n{missing} evaluations still to come; the same command continues (runs in {args.runs_dir})")
 

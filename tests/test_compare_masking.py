@@ -244,6 +244,15 @@ def test_a_missing_schedule_timing_is_refused(monkeypatch: pytest.MonkeyPatch, t
         parse(monkeypatch, "--schedule_timings", str(tmp_path / "absent.json"))
 
 
+def test_a_timing_of_another_schedule_is_refused_before_any_run(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    timing = tmp_path / "timing.json"
+    timing.write_text(json.dumps({"reference": "mae", "rows": [{"variant": "mae", "epoch_s_median": [1.0, 1.0]}]}))
+    arguments = ["--epochs", "3", "--schedule_timings", str(timing), "--output_dir", str(tmp_path / "out")]
+    args = parse(monkeypatch, *arguments)
+    with pytest.raises(SystemExit, match="does not time a 3-epoch schedule"):
+        compare_masking.Records(args, [("mae", "--mask_strategy random", 0)])
+
+
 def test_target_table_counts_the_epochs_ahead_by_a_point_and_behind_on_knn() -> None:
     rows = [{"variant": "mae", "epoch": epoch} for epoch in (10, 20)]
     rows += [
