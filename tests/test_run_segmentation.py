@@ -33,10 +33,17 @@ from torch import nn
 
 from modeling_sgmae import SGMAEBackbone, SGMAEForPreTraining, SGMAEForSemanticSegmentation, SGMAEUperNetConfig
 from sgmae_training.optim import layer_decay_groups
-from sgmae_training.segmentation import PairTransform, SegmentationCollator, decode_mask, pixel_areas, predict
+from sgmae_training.data.segmentation import (
+    PairTransform,
+    SegmentationCollator,
+    SegmentationDataArguments,
+    decode_mask,
+    label_names,
+)
+from sgmae_training.data.shapes import CLASS_NAMES, random_pair
+from sgmae_training.segmentation import pixel_areas, predict
 
 SCRIPT = REPO_ROOT / "run_segmentation.py"
-CLASS_NAMES = ["background", "square", "disk", "triangle"]
 
 _spec = importlib.util.spec_from_file_location("run_segmentation", SCRIPT)
 rs = sys.modules["run_segmentation"] = importlib.util.module_from_spec(_spec)
@@ -44,38 +51,6 @@ _spec.loader.exec_module(rs)
 
 
 # ----- data ----------------------------------------------------------------------------------------------------------
-def shape_masks(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Class ids [H, W]: background 0 and up to three shapes (square 1, disk 2, triangle 3) at random places."""
-    mask = np.zeros((height, width), dtype=np.uint8)
-    rows, columns = np.mgrid[:height, :width]
-    for label in rng.permutation([1, 2, 3])[: rng.integers(1, 4)]:
-        side = int(rng.integers(10, 18))
-        top, left = int(rng.integers(0, height - side)), int(rng.integers(0, width - side))
-        inside = (rows >= top) & (rows < top + side) & (columns >= left) & (columns < left + side)
-        if label == 2:
-            inside &= (rows - top - side / 2) ** 2 + (columns - left - side / 2) ** 2 <= (side / 2) ** 2
-        elif label == 3:
-            inside &= (rows - top) >= np.abs(columns - left - side / 2) * 2
-        mask[inside] = label
-    return mask
-
-
-def textured_image(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
-    """RGB pixels whose colour and texture tell the classes apart: grey noise, red stripes, green noise, blue
-    checks."""
-    height, width = mask.shape
-    rows, columns = np.mgrid[:height, :width]
-    noise = rng.integers(0, 40, (height, width, 3))
-    pixels = 90 + noise
-    stripes = ((rows // 2) % 2)[..., None] * 60
-    checks = (((rows // 3) + (columns // 3)) % 2)[..., None] * 60
-    colours = {1: (150, 30, 30), 2: (30, 150, 30), 3: (30, 30, 150)}
-    textures = {1: stripes, 2: noise, 3: checks}
-    for label, colour in colours.items():
-        pixels = np.where((mask == label)[..., None], np.array(colour) + textures[label], pixels)
-    return pixels.clip(0, 255).astype(np.uint8)
-
-
 def write_shapes_dataset(root: Path, train_size: int = 48, validation_size: int = 12) -> Path:
     """Textured shapes with exact masks in the Hub's scene_parse_150 layout (`image`, `annotation` columns), stored
     as ADE20K stores them: 0 = "other" (here the shapes' outlines), class k as k + 1 (so --reduce_labels)."""
@@ -87,14 +62,13 @@ def write_shapes_dataset(root: Path, train_size: int = 48, validation_size: int 
     for split, size in (("train", train_size), ("validation", validation_size)):
         images, masks = [], []
         for _ in range(size):
-            height, width = int(rng.choice([32, 40])), int(rng.choice([40, 48]))
-            mask = shape_masks(rng, height, width)
+            image, mask = random_pair(rng)
             stored = mask + 1
             edges = np.zeros_like(mask, dtype=bool)
             edges[:, 1:] |= mask[:, 1:] != mask[:, :-1]
             edges[1:, :] |= mask[1:, :] != mask[:-1, :]
             stored[edges] = 0
-            images.append(Image.fromarray(textured_image(rng, mask)))
+            images.append(Image.fromarray(image))
             masks.append(Image.fromarray(stored, mode="L"))
         split_data = datasets.Dataset.from_dict({"image": images, "annotation": masks}, features=features)
         split_data.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
@@ -118,7 +92,7 @@ def pretrained(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def names_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("names") / "id2label.json"
-    path.write_text(json.dumps(CLASS_NAMES))
+    path.write_text(json.dumps(list(CLASS_NAMES)))
     return path
 
 
@@ -397,7 +371,7 @@ def test_pyramid_strides_defaults_and_layer_decay():
 
 
 def test_encoder_position_table_is_resized_to_the_crop(pretrained):
-    names = rs.SegmentationDataArguments(crop_size=48, num_labels=3)
+    names = SegmentationDataArguments(crop_size=48, num_labels=3)
     model = rs.build_model(
         rs.ModelArguments(model_name_or_path=str(pretrained), head_channels=16), names, ["a", "b", "c"]
     )
@@ -482,7 +456,7 @@ def test_a_segmentation_checkpoint_continues_with_new_heads_and_the_ade20k_names
         SGMAEUperNetConfig(backbone_config=config, hidden_size=16, auxiliary_in_channels=32, num_labels=4)
     )
     trained.save_pretrained(tmp_path / "segmenter")
-    data_args = rs.SegmentationDataArguments(crop_size=32, num_labels=3)
+    data_args = SegmentationDataArguments(crop_size=32, num_labels=3)
     model = rs.build_model(
         rs.ModelArguments(model_name_or_path=str(tmp_path / "segmenter")), data_args, ["a", "b", "c"]
     )
@@ -496,6 +470,6 @@ def test_a_segmentation_checkpoint_continues_with_new_heads_and_the_ade20k_names
     )
     assert scratch.backbone.config.out_indices == [2, 3, 4, 6] and scratch.backbone.config.drop_path_rate == 0.2
     assert scratch.backbone.config.grid_size == (8, 8) and scratch.auxiliary_head is not None
-    ade = rs.SegmentationDataArguments(label_names_file=str(REPO_ROOT / "configuration/datasets/ade20k-id2label.json"))
-    names = rs.label_names(ade)
+    ade = SegmentationDataArguments(label_names_file=str(REPO_ROOT / "configuration/datasets/ade20k-id2label.json"))
+    names = label_names(ade)
     assert len(names) == 150 and names[:3] == ["wall", "building", "sky"] and names[-1] == "flag"
