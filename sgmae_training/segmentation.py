@@ -5,6 +5,7 @@ and calls `finetune`; the image/map data are in `data/segmentation.py`."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -245,8 +246,9 @@ def finetune(task: Task) -> TrainingState:
         return train_and_evaluate(task)
     except BadMaskError as error:
         message = one_line(error)
-    # Raised here, once the handled error is gone: the loop's frames, its progress bar among them, are released and
-    # closed first, so the bar is not drawn again under the message at exit.
+    # The loop's progress bar closes (and draws itself a last time) when its frame is freed; a worker's re-raised error
+    # holds that frame in a reference cycle, so free it now, and the message stays the run's last line.
+    gc.collect()
     raise SystemExit(message)
 
 

@@ -32,7 +32,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from modeling_sgmae import SGMAEBackbone, SGMAEForPreTraining, SGMAEForSemanticSegmentation, SGMAEUperNetConfig
-from sgmae_training.optim import layer_decay_groups
 from sgmae_training.data.segmentation import (
     PairTransform,
     SegmentationCollator,
@@ -40,10 +39,12 @@ from sgmae_training.data.segmentation import (
     decode_mask,
     label_names,
 )
-from sgmae_training.data.shapes import CLASS_NAMES, random_pair
+from sgmae_training.data.shapes import CLASS_NAMES, random_pair, write_shapes
+from sgmae_training.optim import layer_decay_groups
 from sgmae_training.segmentation import pixel_areas, predict
 
 SCRIPT = REPO_ROOT / "run_segmentation.py"
+DEFAULT_LAUNCH_CONFIG = REPO_ROOT / "configuration/accelerate/default.yaml"
 
 _spec = importlib.util.spec_from_file_location("run_segmentation", SCRIPT)
 rs = sys.modules["run_segmentation"] = importlib.util.module_from_spec(_spec)
@@ -143,11 +144,24 @@ model = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_co
 torch.manual_seed(0)
 with torch.no_grad():
     logits = model(pixel_values=torch.randn(1, 3, 32, 48)).logits
+import logging
+from transformers.utils import logging as transformers_logging
+
+
+class Keep(logging.Handler):  # what transformers logs, at the level a user sees (warnings and errors)
+    def emit(self, record):
+        logged.append(record.getMessage())
+
+
+logged = []
+transformers_logging.get_logger("transformers").addHandler(Keep())
 segment = pipeline("image-segmentation", model=folder, trust_remote_code=True)
+transformers_logging.get_logger("transformers.pipelines.base").warning("a warning still reaches users")
 image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
 found = segment(image)
 print("REPORT " + json.dumps({
     "class": type(model).__name__, "backbone": type(model.backbone).__name__, "logits_sum": float(logits.sum()),
+    "logged": logged,
     "labels": [item["label"] for item in found], "mask_sizes": [list(item["mask"].size) for item in found],
 }))
 """
@@ -217,6 +231,8 @@ def test_training_raises_miou_resumes_exactly_and_the_folder_segments_in_a_fresh
         expected = model(pixel_values=torch.randn(1, 3, 32, 48)).logits.sum().item()
     assert report["logits_sum"] == pytest.approx(expected, rel=1e-5, abs=1e-4)
     assert report["labels"] and set(report["labels"]) <= set(CLASS_NAMES)
+    # the pipeline takes the model without its "not supported" error; other warnings are not hidden
+    assert report["logged"] == ["a warning still reaches users"], report["logged"]
     assert all(size == [48, 40] for size in report["mask_sizes"])  # (width, height) of the input image
 
     # a run stopped after epoch 3 and resumed (by plain python) ends with the same weights and results
@@ -430,15 +446,43 @@ def test_bad_input_ends_in_one_line(shapes_dir, pretrained, names_file, tmp_path
     (not_a_model / "config.json").write_text(json.dumps({"model_type": "bert"}))
     check(run_main(monkeypatch, *args(model_name_or_path=str(not_a_model))), "error: ")
     # masks stored ADE20K's way (0 = other, class k as k + 1) without --reduce_labels: class 4 of 4, in a worker too
+    # parquet rows keep no file name: the message names the row by its number in the split, and that row is bad
+    training_maps = datasets.load_dataset(str(shapes_dir), split="train")["annotation"]
     for workers in ("0", "1"):
         message = run_main(monkeypatch, *args(dataloader_num_workers=workers))
-        check(message, "error: the segmentation map of")
+        check(message, "error: the segmentation map of row ")
         assert "holds class 4, outside 0..3" in message and "need --reduce_labels" in message
+        row = int(re.search(r"of row (\d+) of the 'train' split holds", message).group(1))
+        assert np.asarray(training_maps[row]).max() == 4
     bad = write_bad_mask_dataset(tmp_path / "bad")
     message = run_main(monkeypatch, *args("--reduce_labels", dataset_name=str(bad), per_device_train_batch_size="2"))
-    check(message, "error: the segmentation map of")
-    assert "is 20x16 but its image is 40x32" in message
+    check(message, "error: the segmentation map of row 1 of the 'train' split is 20x16 but its image is 40x32")
     assert not (tmp_path / "out" / "eval_results.json").exists()
+    # a folder's rows keep their file names
+    folder = write_shapes(tmp_path / "folder", train_size=4, validation_size=2)
+    (folder / "train" / "annotations" / "0002.png").write_bytes(b"not a png")
+    message = run_main(
+        monkeypatch,
+        *args(dataset_name=None, train_dir=str(folder / "train"), validation_dir=str(folder / "validation")),
+    )
+    check(message, "error: cannot read the segmentation map of '")
+    assert "0002.png' (row 2 of the 'train' split)" in message
+
+
+def test_a_bad_map_is_the_last_line_of_a_quiet_launch(pretrained, tmp_path):
+    """Under `accelerate launch -q`, a bad map met by a DataLoader worker ends the run with its line, and nothing (no
+    progress bar drawn again as it closes) comes after it."""
+    bad = write_bad_mask_dataset(tmp_path / "bad")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file", str(DEFAULT_LAUNCH_CONFIG)]
+    command += [str(SCRIPT), "--dataset_name", str(bad), "--model_name_or_path", str(pretrained), "--num_labels", "4"]
+    command += ["--output_dir", str(tmp_path / "out"), "--crop_size", "32", "--per_device_train_batch_size", "2"]
+    command += ["--max_train_steps", "2", "--head_channels", "16", "--dataloader_num_workers", "1", "--reduce_labels"]
+    result = subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    printed = [line for line in re.split(r"[\r\n]", result.stderr + result.stdout) if line.strip()]
+    assert printed[-1] == (
+        "error: the segmentation map of row 1 of the 'train' split is 20x16 but its image is 40x32 (width x height)"
+    ), printed[-3:]
 
 
 def test_mask_decoding_rejects_colour_maps():
