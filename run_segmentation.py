@@ -12,7 +12,7 @@ SG-MAE backbone with BEiT / MAE's feature pyramid, MAE's ADE20K recipe by defaul
     accelerate launch -q --config_file configuration/accelerate/single_gpu.yaml run_segmentation.py \
         --dataset_name data/scene_parse_150/scene_parsing --num_labels 150 --reduce_labels \
         --label_names_file configuration/datasets/ade20k-id2label.json \
-        --model_name_or_path outputs/sgmae-vit-base --output_dir outputs/sgmae-ade20k
+        --model_name_or_path outputs/sgmae-vit-base-in1k --output_dir outputs/sgmae-ade20k
 
 Saves a Hub-ready SGMAEForSemanticSegmentation folder (`pipeline("image-segmentation", trust_remote_code=True)`
 works on it) and eval_results.json (mIoU, per-class IoU and accuracy, pixel accuracy, through the shipped `mean_iou`

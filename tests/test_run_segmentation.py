@@ -517,3 +517,35 @@ def test_a_segmentation_checkpoint_continues_with_new_heads_and_the_ade20k_names
     ade = SegmentationDataArguments(label_names_file=str(REPO_ROOT / "configuration/datasets/ade20k-id2label.json"))
     names = label_names(ade)
     assert len(names) == 150 and names[:3] == ["wall", "building", "sky"] and names[-1] == "flag"
+
+
+# ----- the documented try -------------------------------------------------------------------------------------------
+def test_the_documented_offline_try_runs_as_written(pretrained, tmp_path):
+    """docs/segmentation.md's first command (generate the shapes, fine-tune the demo model on them), run as written
+    with a tiny encoder in place of the demo model and a temporary folder in place of outputs/."""
+    from PIL import Image
+
+    block = re.search(r"```bash\n(.*?)```", (REPO_ROOT / "docs/segmentation.md").read_text(), re.DOTALL).group(1)
+    assert "python -m sgmae_training.data.shapes outputs/shapes" in block and "outputs/sgmae-demo " in block
+    command = block.replace("outputs/sgmae-demo ", f"{pretrained} ").replace("outputs/", f"{tmp_path}/")
+    env = script_env() | {"PATH": f"{Path(sys.executable).parent}:{script_env()['PATH']}"}  # `python`, `accelerate`
+    result = subprocess.run(
+        ["bash", "-c", command], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    output = next(path for path in tmp_path.iterdir() if (path / "eval_results.json").is_file())
+    results = json.loads((output / "eval_results.json").read_text())
+    maps = [np.asarray(Image.open(path)) for path in sorted((tmp_path / "shapes/validation/annotations").iterdir())]
+    pixels = np.concatenate([values.ravel() for values in maps])
+    chance = (pixels == 0).mean() / len(CLASS_NAMES)  # every pixel called background, the largest class
+    assert results["eval_samples"] == len(maps) and results["eval_mean_iou"] > 2 * chance, (results, chance)
+    assert (output / "model.safetensors").is_file() and "| triangle |" in (output / "README.md").read_text()
+
+
+def test_the_folder_arguments_describe_the_map_layout():
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((rs.ModelArguments, SegmentationDataArguments, rs.SegmentationArguments))
+    help_text = " ".join(parser.format_help().split())
+    assert "metadata.jsonl whose rows name an image (`file_name`) and its map (`annotation_file_name`)" in help_text
+    assert "class subfolders" not in help_text

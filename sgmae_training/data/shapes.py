@@ -79,7 +79,7 @@ def write_shapes(root: str | Path, train_size: int = 64, validation_size: int = 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sgmae_training.data.shapes", description=__doc__.split("\n\n")[0])
     parser.add_argument("output_dir", help="Folder to write (train/, validation/, id2label.json).")
     parser.add_argument("--train_size", type=int, default=64, help="Training images (64).")
     parser.add_argument("--validation_size", type=int, default=16, help="Validation images (16).")
