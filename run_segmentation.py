@@ -55,9 +55,10 @@ from sgmae_training.segmentation import RECIPE_STEPS, SegmentationArguments, Tas
 logger = logging.getLogger("run_segmentation")
 # An encoder (SG-MAE or ViTMAE) starts a model; a segmentation checkpoint is continued.
 CHECKPOINT_KINDS = {
-    "sgmae": "an SG-MAE (pre-training or classification)", "sgmae_upernet": "an SG-MAE segmentation",
+    "sgmae": "an SG-MAE (pre-training or classification)",
+    "sgmae_upernet": "an SG-MAE segmentation",
     "vit_mae": "a transformers ViTMAE",
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -130,10 +131,8 @@ def build_model(
     encoder: SGMAEBackbone | None = None
     try:
         if path and check_checkpoint_kind(path, cache_dir, kinds=CHECKPOINT_KINDS) == "sgmae_upernet":
-            model = SGMAEForSemanticSegmentation.from_pretrained(
-                path, cache_dir=cache_dir, ignore_mismatched_sizes=True, loss_ignore_index=data_args.ignore_index,
-                **labels,
-            )  # fmt: skip
+            continued = {"ignore_mismatched_sizes": True, "loss_ignore_index": data_args.ignore_index, **labels}
+            model = SGMAEForSemanticSegmentation.from_pretrained(path, cache_dir=cache_dir, **continued)
             check_num_channels(data_args.num_channels, model.config.backbone_config, path)
             return model
         if path:
@@ -144,26 +143,36 @@ def build_model(
             backbone_config = SGMAEConfig.from_json_file(model_args.config_name)
             if data_args.num_channels:
                 backbone_config.num_channels = data_args.num_channels
-        stages = pyramid_stages(model_args, backbone_config.num_hidden_layers)
-        backbone_config.update(
-            {"image_size": data_args.crop_size, "drop_path_rate": model_args.drop_path, "add_fpn": True,
-             "apply_layernorm": False, "reshape_hidden_states": True, "out_indices": stages}
-        )  # fmt: skip
-        backbone_config.validate()
-        config = SGMAEUperNetConfig(
-            backbone_config=backbone_config, hidden_size=model_args.head_channels,
-            use_auxiliary_head=model_args.auxiliary_loss_weight > 0,
-            auxiliary_loss_weight=model_args.auxiliary_loss_weight, auxiliary_in_channels=backbone_config.hidden_size,
-            loss_ignore_index=data_args.ignore_index, **labels,
-        )  # fmt: skip
+        config = upernet_config(model_args, data_args, backbone_config, labels)
     except (OSError, ValueError, TypeError, SafetensorError, StrictDataclassError) as error:
         reason = " ".join(str(error).split())  # one line (strict config errors span two)
-        raise SystemExit(f"error: cannot build the segmentation model from {path or model_args.config_name!r}: "
-                         f"{reason}") from error  # fmt: skip
+        raise SystemExit(
+            f"error: cannot build the segmentation model from {path or model_args.config_name!r}: {reason}"
+        ) from error
     model = SGMAEForSemanticSegmentation(config)
     if encoder is not None:
         load_encoder(model, encoder)
     return model
+
+
+def upernet_config(
+    model_args: ModelArguments, data_args: SegmentationDataArguments, backbone_config: SGMAEConfig, labels: dict
+) -> SGMAEUperNetConfig:
+    """UperNet's configuration on `backbone_config`, set to the crop size with the pyramid's four stages (and no final
+    LayerNorm on them)."""
+    stages = pyramid_stages(model_args, backbone_config.num_hidden_layers)
+    pyramid = {"add_fpn": True, "apply_layernorm": False, "reshape_hidden_states": True, "out_indices": stages}
+    backbone_config.update({"image_size": data_args.crop_size, "drop_path_rate": model_args.drop_path, **pyramid})
+    backbone_config.validate()
+    return SGMAEUperNetConfig(
+        backbone_config=backbone_config,
+        hidden_size=model_args.head_channels,
+        use_auxiliary_head=model_args.auxiliary_loss_weight > 0,
+        auxiliary_loss_weight=model_args.auxiliary_loss_weight,
+        auxiliary_in_channels=backbone_config.hidden_size,
+        loss_ignore_index=data_args.ignore_index,
+        **labels,
+    )
 
 
 def load_encoder(model: SGMAEForSemanticSegmentation, encoder: SGMAEBackbone) -> None:
@@ -179,26 +188,32 @@ def load_encoder(model: SGMAEForSemanticSegmentation, encoder: SGMAEBackbone) ->
 def main() -> None:
     model_args, data_args, args = parse_args()
     names = label_names(data_args)
+    accumulation = args.gradient_accumulation_steps
     accelerator = start_run(
-        args.output_dir, args.seed, args.gradient_accumulation_steps, args.mixed_precision, args.report_to,
-        args.ddp_timeout,
-    )  # fmt: skip
+        args.output_dir, args.seed, accumulation, args.mixed_precision, args.report_to, args.ddp_timeout
+    )
     with dataset_reachable(data_args.dataset_name):
         data = load_segmentation_data(data_args)
     model = build_model(model_args, data_args, names)
     backbone_config = model.config.backbone_config
     if data_args.photometric_distortion and backbone_config.num_channels != 3:
-        raise SystemExit(f"error: --photometric_distortion takes RGB images, not {backbone_config.num_channels} "
-                         "channels; pass --photometric_distortion false")  # fmt: skip
+        channels = backbone_config.num_channels
+        raise SystemExit(
+            f"error: --photometric_distortion takes RGB images, not {channels} channels; pass "
+            "--photometric_distortion false"
+        )
     statistics = image_statistics(
         data_args, backbone_config, data.train, data.image_column, model_args.model_name_or_path
     )
     processor = image_processor_for(backbone_config, statistics)  # MAE's mean/std unless the data need others
+    reduced = " (labels reduced)" if data_args.reduce_labels else ""
+    columns = (data.image_column, data.mask_column, reduced, accelerator.num_processes)
     logger.info(
-        "segmentation of %d classes (%s...), image column %r, mask column %r%s, %d processes", len(names),
-        ", ".join(names[:3]), data.image_column, data.mask_column,
-        " (labels reduced)" if data_args.reduce_labels else "", accelerator.num_processes,
-    )  # fmt: skip
+        "segmentation of %d classes (%s...), image column %r, mask column %r%s, %d processes",
+        len(names),
+        ", ".join(names[:3]),
+        *columns,
+    )
     task = Task(accelerator, data_args, args, model, data, list(processor.image_mean), list(processor.image_std))
     state = finetune(task)
 
@@ -225,9 +240,11 @@ def save_outputs(model_args: ModelArguments, task: Task, results: dict) -> None:
     write_json_atomically(output / "eval_results.json", results)
     logger.info("mIoU %s over %d images", results.get("eval_mean_iou"), results["eval_samples"])
     processor = SegformerImageProcessor(
-        size={"height": data_args.crop_size, "width": data_args.crop_size}, image_mean=task.image_mean,
-        image_std=task.image_std, do_reduce_labels=data_args.reduce_labels,
-    )  # fmt: skip
+        size={"height": data_args.crop_size, "width": data_args.crop_size},
+        image_mean=task.image_mean,
+        image_std=task.image_std,
+        do_reduce_labels=data_args.reduce_labels,
+    )
     card = segmentation_card(model_args, data_args, args, task.model, results)
     task.model.eval()
     save_hub_folder(task.model, processor, output, card)

@@ -225,12 +225,7 @@ def segmentation_card(model_args, data_args, args, model, results: dict) -> str:
     """The model card of run_segmentation.py: the pipeline call, mIoU and pixel accuracy (model-index), the recipe and
     the per-class IoU."""
     name = args.hub_model_id or Path(args.output_dir).name
-    data_name, split, crop, mode = (
-        dataset_id(data_args),
-        data_args.validation_split,
-        data_args.crop_size,
-        data_args.eval_mode,
-    )
+    data_name, split = dataset_id(data_args), data_args.validation_split
     metrics = [
         {"type": "mean_iou", "value": round(results["eval_mean_iou"], 4), "name": "mIoU"},
         {"type": "accuracy", "value": round(results["eval_overall_accuracy"], 4), "name": "Pixel accuracy"},
@@ -238,16 +233,18 @@ def segmentation_card(model_args, data_args, args, model, results: dict) -> str:
     task = {"type": "image-segmentation", "name": "Semantic Segmentation"}
     dataset = {"name": data_name, "type": data_name, "split": split}
     metadata = {
-        "library_name": "transformers", "pipeline_tag": "image-segmentation", "license": "apache-2.0",
-        "tags": ["sgmae", "mae", "upernet", "semantic-segmentation", "vision"], "datasets": [data_name],
+        "library_name": "transformers",
+        "pipeline_tag": "image-segmentation",
+        "license": "apache-2.0",
+        "tags": ["sgmae", "mae", "upernet", "semantic-segmentation", "vision"],
+        "datasets": [data_name],
         "model-index": [{"name": name, "results": [{"task": task, "dataset": dataset, "metrics": metrics}]}],
-    }  # fmt: skip
+    }
     if model_args.model_name_or_path and not Path(model_args.model_name_or_path).exists():
         metadata["base_model"] = model_args.model_name_or_path
-    per_class = "\n".join(
-        f"| {label} | {'n/a' if iou is None else f'{iou:.4f}'} |"
-        for label, iou in results["eval_per_category_iou"].items()
-    )
+    ious = results["eval_per_category_iou"].items()
+    per_class = "\n".join(f"| {label} | {'n/a' if iou is None else f'{iou:.4f}'} |" for label, iou in ious)
+    crop, mode = data_args.crop_size, data_args.eval_mode
     body = f"""
 transformers' UperNet on an SG-MAE (Self-Guided Masked Autoencoder, Shin et al., NeurIPS 2024) encoder, fine-tuned
 with `run_segmentation.py`. Use it with `trust_remote_code=True`:

@@ -91,13 +91,24 @@ def collator(task: Task, train: bool) -> SegmentationCollator:
     """Training's (augmented crops) or evaluation's (resized whole images, full-size maps) collator."""
     data_args, data = task.data_args, task.data
     transform = PairTransform(
-        data_args.crop_size, task.image_mean, task.image_std, data_args.ignore_index, train,
-        tuple(data_args.scale_range), data_args.cat_max_ratio, data_args.photometric_distortion,
-    )  # fmt: skip
+        data_args.crop_size,
+        task.image_mean,
+        task.image_std,
+        data_args.ignore_index,
+        train,
+        tuple(data_args.scale_range),
+        data_args.cat_max_ratio,
+        data_args.photometric_distortion,
+    )
     return SegmentationCollator(
-        transform, data.image_column, data.mask_column, task.model.config.num_labels, data_args.reduce_labels,
-        task.model.config.backbone_config.num_channels, data.train_split if train else data.eval_split,
-    )  # fmt: skip
+        transform,
+        data.image_column,
+        data.mask_column,
+        task.model.config.num_labels,
+        data_args.reduce_labels,
+        task.model.config.backbone_config.num_channels,
+        data.train_split if train else data.eval_split,
+    )
 
 
 # ----- inference and scoring -----------------------------------------------------------------------------------------
@@ -190,9 +201,12 @@ def evaluate_model(task: Task) -> dict[str, Any]:
     if not accelerator.is_main_process:
         return results
     scores = evaluate.load(str(METRIC_PATH)).compute(
-        predictions=[], references=[], num_labels=model.config.num_labels, ignore_index=task.data_args.ignore_index,
+        predictions=[],
+        references=[],
+        num_labels=model.config.num_labels,
+        ignore_index=task.data_args.ignore_index,
         areas=dict(zip(AREA_NAMES, areas.cpu().numpy(), strict=True)),
-    )  # fmt: skip
+    )
     id2label = model.config.id2label
     return results | {
         "eval_mean_iou": scores["mean_iou"],
@@ -234,9 +248,11 @@ class SegmentationHooks(TrainingHooks):
             self.evaluate(state.step)
             if "eval_mean_iou" in self.results:
                 logger.info(
-                    "epoch %d: mIoU %.4f, pixel accuracy %.4f", state.epoch, self.results["eval_mean_iou"],
+                    "epoch %d: mIoU %.4f, pixel accuracy %.4f",
+                    state.epoch,
+                    self.results["eval_mean_iou"],
                     self.results["eval_overall_accuracy"],
-                )  # fmt: skip
+                )
 
 
 def finetune(task: Task) -> TrainingState:
@@ -253,17 +269,55 @@ def finetune(task: Task) -> TrainingState:
 
 
 def train_and_evaluate(task: Task) -> TrainingState:
-    """The training loop: AdamW with layer-wise lr decay, linear warm-up then poly decay, checkpoints and resume."""
+    """The training loop (checkpoints, resume, evaluations after epochs), then the final evaluation if the last epoch
+    did not end with one."""
     accelerator, data_args, args = task.accelerator, task.data_args, task.args
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     steps_per_epoch, total_steps = training_length(
         task.data.train, data_args, global_batch, args.num_train_epochs, args.max_train_steps
     )
-    model = task.model
-    optimizer = torch.optim.AdamW(
-        layer_decay_groups(model, args.learning_rate, args.weight_decay, args.layer_decay, encoder="backbone.vit"),
-        betas=(0.9, 0.999),
+    model, optimizer, scheduler, state = prepare_training(task, total_steps)
+    schedule = (total_steps, math.ceil(total_steps / steps_per_epoch), steps_per_epoch, global_batch)
+    recipe = (args.learning_rate, args.layer_decay, task.model.backbone.config.drop_path_rate, data_args.crop_size)
+    logger.info(
+        "fine-tuning %d steps (%d epochs of %d steps), global batch %d, lr %.2e, layer decay %s, drop path %s, "
+        "crops %d",
+        *schedule,
+        *recipe,
     )
+    epoch_batches: Callable[[TrainingState], Iterator[dict]] = partial(
+        worker_epoch_batches,
+        task.data.train,
+        accelerator=accelerator,
+        data_args=data_args,
+        batch_size=args.per_device_train_batch_size,
+        collate=collator(task, train=True),
+        seed=args.seed,
+    )
+    hooks, config = SegmentationHooks(task, total_steps), task.model.config
+    settings = LoopSettings(
+        args.output_dir,
+        args.logging_steps,
+        args.checkpointing_steps,
+        args.save_total_limit,
+        args.max_grad_norm,
+        config,
+    )
+    state = train(accelerator, model, optimizer, scheduler, epoch_batches, state, settings, hooks, {})
+    if state.skipped_images:
+        logger.warning("skipped %d corrupt training images", state.skipped_images)
+    if hooks.evaluated_at != state.step:
+        hooks.evaluate(state.step)
+    task.results = hooks.results
+    return state
+
+
+def prepare_training(task: Task, total_steps: int) -> tuple[nn.Module, torch.optim.Optimizer, Any, TrainingState]:
+    """AdamW with layer-wise lr decay (SyncBN across GPUs), prepared by Accelerate (`task.model` becomes the unwrapped
+    model), the state resumed if asked, the warm-up + poly schedule, the trackers started."""
+    accelerator, args, model = task.accelerator, task.args, task.model
+    groups = layer_decay_groups(model, args.learning_rate, args.weight_decay, args.layer_decay, encoder="backbone.vit")
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmsegmentation's SyncBN: batch statistics of all
     prepared_model, optimizer = accelerator.prepare(model, optimizer)
@@ -272,24 +326,4 @@ def train_and_evaluate(task: Task) -> TrainingState:
     scheduler = poly_scheduler(optimizer, args.warmup_steps, total_steps, args.poly_power, state.step)
     if accelerator.is_main_process:
         accelerator.init_trackers("sgmae_segmentation", config={k: str(v) for k, v in asdict(args).items()})
-    logger.info(
-        "fine-tuning %d steps (%d epochs of %d steps), global batch %d, lr %.2e, layer decay %s, drop path %s, "
-        "crops %d", total_steps, math.ceil(total_steps / steps_per_epoch), steps_per_epoch, global_batch,
-        args.learning_rate, args.layer_decay, task.model.backbone.config.drop_path_rate, data_args.crop_size,
-    )  # fmt: skip
-    epoch_batches: Callable[[TrainingState], Iterator[dict]] = partial(
-        worker_epoch_batches, task.data.train, accelerator=accelerator, data_args=data_args,
-        batch_size=args.per_device_train_batch_size, collate=collator(task, train=True), seed=args.seed,
-    )  # fmt: skip
-    hooks = SegmentationHooks(task, total_steps)
-    settings = LoopSettings(
-        args.output_dir, args.logging_steps, args.checkpointing_steps, args.save_total_limit, args.max_grad_norm,
-        task.model.config,
-    )  # fmt: skip
-    state = train(accelerator, prepared_model, optimizer, scheduler, epoch_batches, state, settings, hooks, {})
-    if state.skipped_images:
-        logger.warning("skipped %d corrupt training images", state.skipped_images)
-    if hooks.evaluated_at != state.step:
-        hooks.evaluate(state.step)
-    task.results = hooks.results
-    return state
+    return prepared_model, optimizer, scheduler, state

@@ -203,37 +203,16 @@ def test_training_raises_miou_resumes_exactly_and_the_folder_segments_in_a_fresh
         for scores, (_, mask) in zip(predictions, rows, strict=True)
     ]
     metric = evaluate.load(str(REPO_ROOT / "sgmae_training/metrics/mean_iou"))
-    direct = metric.compute(
-        predictions=[prediction.numpy() for prediction in predictions],
-        references=[mask[0].numpy() for _, mask in rows], num_labels=len(CLASS_NAMES), ignore_index=255,
-    )  # fmt: skip
+    maps = {
+        "predictions": [prediction.numpy() for prediction in predictions],
+        "references": [m[0].numpy() for _, m in rows],
+    }
+    direct = metric.compute(**maps, num_labels=len(CLASS_NAMES), ignore_index=255)
     assert direct["mean_iou"] == pytest.approx(results["eval_mean_iou"], abs=1e-6)
     assert direct["overall_accuracy"] == pytest.approx(results["eval_overall_accuracy"], abs=1e-6)
 
-    # the folder: weights, code, processor, card with the mIoU
-    for name in ("model.safetensors", "segmentation_sgmae.py", "modeling_sgmae.py", "preprocessor_config.json"):
-        assert (straight / name).is_file(), name
-    config = json.loads((straight / "config.json").read_text())
-    assert config["model_type"] == "sgmae_upernet" and config["id2label"]["1"] == "square"
-    assert config["auto_map"]["AutoModelForSemanticSegmentation"] == "segmentation_sgmae.SGMAEForSemanticSegmentation"
-    backbone = config["backbone_config"]
-    assert backbone["add_fpn"] and backbone["out_indices"] == [1, 2, 3, 4] and backbone["image_size"] == 32
-    card = (straight / "README.md").read_text()
-    metadata = yaml.safe_load(card.split("---\n")[1])
-    assert metadata["pipeline_tag"] == "image-segmentation"
-    assert metadata["model-index"][0]["results"][0]["metrics"][0]["value"] == round(results["eval_mean_iou"], 4)
-    assert 'pipeline("image-segmentation"' in card and "| square |" in card
-
-    report = run_in_fresh_process(FRESH_PROCESS_CHECK, straight, tmp_path)
-    assert report["class"] == "SGMAEForSemanticSegmentation" and report["backbone"] == "SGMAEBackbone"
-    torch.manual_seed(0)
-    with torch.no_grad():
-        expected = model(pixel_values=torch.randn(1, 3, 32, 48)).logits.sum().item()
-    assert report["logits_sum"] == pytest.approx(expected, rel=1e-5, abs=1e-4)
-    assert report["labels"] and set(report["labels"]) <= set(CLASS_NAMES)
-    # the pipeline takes the model without its "not supported" error; other warnings are not hidden
-    assert report["logged"] == ["a warning still reaches users"], report["logged"]
-    assert all(size == [48, 40] for size in report["mask_sizes"])  # (width, height) of the input image
+    check_hub_folder(straight, results)
+    check_fresh_process(straight, model, tmp_path)
 
     # a run stopped after epoch 3 and resumed (by plain python) ends with the same weights and results
     resumed = tmp_path / "resumed"
@@ -253,6 +232,36 @@ def test_training_raises_miou_resumes_exactly_and_the_folder_segments_in_a_fresh
     assert json.loads((resumed / "eval_results.json").read_text()) == results
 
 
+def check_hub_folder(folder: Path, results: dict) -> None:
+    """The folder: weights, code, processor, config with the pyramid, card with the mIoU."""
+    for name in ("model.safetensors", "segmentation_sgmae.py", "modeling_sgmae.py", "preprocessor_config.json"):
+        assert (folder / name).is_file(), name
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "sgmae_upernet" and config["id2label"]["1"] == "square"
+    assert config["auto_map"]["AutoModelForSemanticSegmentation"] == "segmentation_sgmae.SGMAEForSemanticSegmentation"
+    backbone = config["backbone_config"]
+    assert backbone["add_fpn"] and backbone["out_indices"] == [1, 2, 3, 4] and backbone["image_size"] == 32
+    card = (folder / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    assert metadata["pipeline_tag"] == "image-segmentation"
+    assert metadata["model-index"][0]["results"][0]["metrics"][0]["value"] == round(results["eval_mean_iou"], 4)
+    assert 'pipeline("image-segmentation"' in card and "| square |" in card
+
+
+def check_fresh_process(folder: Path, model: SGMAEForSemanticSegmentation, tmp_path: Path) -> None:
+    """A process that cannot import this package loads the folder and segments with it as `model` does here."""
+    report = run_in_fresh_process(FRESH_PROCESS_CHECK, folder, tmp_path)
+    assert report["class"] == "SGMAEForSemanticSegmentation" and report["backbone"] == "SGMAEBackbone"
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = model(pixel_values=torch.randn(1, 3, 32, 48)).logits.sum().item()
+    assert report["logits_sum"] == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    assert report["labels"] and set(report["labels"]) <= set(CLASS_NAMES)
+    # the pipeline takes the model without its "not supported" error; other warnings are not hidden
+    assert report["logged"] == ["a warning still reaches users"], report["logged"]
+    assert all(size == [48, 40] for size in report["mask_sizes"])  # (width, height) of the input image
+
+
 def test_two_processes_score_every_validation_image_once(shapes_dir, pretrained, names_file, tmp_path):
     """Each process scores its shard (11 images: one process gets 6, the other 5); the summed areas equal the
     saved model's scores on all images in one process."""
@@ -267,11 +276,15 @@ def test_two_processes_score_every_validation_image_once(shapes_dir, pretrained,
     rows = validation_rows(shapes_dir)[:11]
     areas = sum(
         pixel_areas(
-            nn.functional.interpolate(predict(model, pixels, "whole", 32, 21, 8), size=mask.shape[1:], mode="bilinear")
-            .argmax(1), mask, len(CLASS_NAMES), 255,
+            nn.functional.interpolate(
+                predict(model, pixels, "whole", 32, 21, 8), size=mask.shape[1:], mode="bilinear"
+            ).argmax(1),
+            mask,
+            len(CLASS_NAMES),
+            255,
         )
         for pixels, mask in rows
-    )  # fmt: skip
+    )
     iou = areas[0] / areas[1]
     # (every process scores with the saved BatchNorm statistics: process 0's)
     assert results["eval_mean_iou"] == pytest.approx(iou[areas[1] > 0].mean().item(), abs=1e-5)
@@ -301,9 +314,12 @@ def test_mean_iou_metric_from_pixels_and_from_areas_agrees_with_a_count_by_hand(
     assert scores["overall_accuracy"] == pytest.approx(3 / 5)
     areas = pixel_areas(torch.from_numpy(prediction), torch.from_numpy(reference), 4, 255).numpy()
     from_areas = metric.compute(
-        predictions=[], references=[], num_labels=4, ignore_index=255,
+        predictions=[],
+        references=[],
+        num_labels=4,
+        ignore_index=255,
         areas=dict(zip(("intersect", "union", "pred_label", "label"), areas, strict=True)),
-    )  # fmt: skip
+    )
     np.testing.assert_array_equal(from_areas["per_category_iou"], scores["per_category_iou"])
     # ADE20K's reduction: stored 0 is ignored, k becomes k - 1
     reduced = metric.compute(
@@ -341,8 +357,7 @@ def test_training_crops_keep_image_and_mask_aligned_and_pad_with_the_ignore_inde
     torch.manual_seed(0)
     mask = torch.randint(0, 4, (32, 48))
     image = rgb_image((mask * 40).to(torch.uint8))
-    transform = PairTransform(32, [0.0] * 3, [1 / 255] * 3, 255, train=True, scale_range=(1.0, 1.0),
-                              photometric=False)  # fmt: skip
+    transform = PairTransform(32, [0.0] * 3, [1 / 255] * 3, 255, train=True, scale_range=(1.0, 1.0), photometric=False)
     for _ in range(5):
         pixels, labels = transform(image, mask)
         assert pixels.shape == (3, 32, 32) and labels.shape == (32, 32)
@@ -382,8 +397,11 @@ def test_pyramid_strides_defaults_and_layer_decay():
     assert rate_of[id(model.backbone.vit.layers[3].mlp.fc1.weight)] == 0.5
     assert rate_of[id(model.backbone.vit.embeddings.patch_embeddings.projection.weight)] == 0.5**5
     frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
-    assert frozen == {"backbone.vit.embeddings.position_embeddings", "backbone.vit.layernorm.weight",
-                      "backbone.vit.layernorm.bias"}  # fmt: skip
+    assert frozen == {
+        "backbone.vit.embeddings.position_embeddings",
+        "backbone.vit.layernorm.weight",
+        "backbone.vit.layernorm.bias",
+    }
 
 
 def test_encoder_position_table_is_resized_to_the_crop(pretrained):
@@ -433,13 +451,17 @@ def test_bad_input_ends_in_one_line(shapes_dir, pretrained, names_file, tmp_path
         assert message.startswith(start) and "\n" not in message, message
 
     check(run_main(monkeypatch, *args(num_labels=None)), "error: give --num_labels (ADE20K: 150)")
-    check(run_main(monkeypatch, *args(per_device_train_batch_size="1")),
-          "error: --per_device_train_batch_size must be at least 2")  # fmt: skip
+    check(
+        run_main(monkeypatch, *args(per_device_train_batch_size="1")),
+        "error: --per_device_train_batch_size must be at least 2",
+    )
     check(run_main(monkeypatch, *args(eval_mode="tiles")), "error: --eval_mode must be one of slide, whole")
     check(run_main(monkeypatch, *args(ignore_index="3")), "error: --ignore_index 3 is one of the 4 class ids")
     check(run_main(monkeypatch, *args(mask_column="segments")), "error: mask column 'segments' not in the dataset")
-    check(run_main(monkeypatch, *args(label_names_file=str(names_file), num_labels="5")),
-          "error: --num_labels 5 disagrees with the 4 names")  # fmt: skip
+    check(
+        run_main(monkeypatch, *args(label_names_file=str(names_file), num_labels="5")),
+        "error: --num_labels 5 disagrees with the 4 names",
+    )
     check(run_main(monkeypatch, *args(model_name_or_path=None)), "error: give --model_name_or_path")
     not_a_model = tmp_path / "bert"
     not_a_model.mkdir()

@@ -118,8 +118,10 @@ def label_names(data_args: SegmentationDataArguments) -> list[str]:
     else:
         names = read_label_names(path, count)
     if data_args.ignore_index < len(names):
-        raise SystemExit(f"error: --ignore_index {data_args.ignore_index} is one of the {len(names)} class ids; use "
-                         f"{len(names)} or more (ADE20K: 255)")  # fmt: skip
+        raise SystemExit(
+            f"error: --ignore_index {data_args.ignore_index} is one of the {len(names)} class ids; use "
+            f"{len(names)} or more (ADE20K: 255)"
+        )
     return names
 
 
@@ -375,9 +377,13 @@ class SegmentationCollator:
             if image is None:
                 continue
             mask = decode_mask(
-                row[self.mask_column], image.size, self.num_labels, self.transform.ignore_index, self.reduce_labels,
+                row[self.mask_column],
+                image.size,
+                self.num_labels,
+                self.transform.ignore_index,
+                self.reduce_labels,
                 row_name(row, self.mask_column, self.split),
-            )  # fmt: skip
+            )
             image_pixels, mask = self.transform(image, mask)
             pixels.append(image_pixels)
             labels.append(mask)
