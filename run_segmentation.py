@@ -2,12 +2,12 @@
 """Fine-tune an SG-MAE (or transformers ViTMAE) encoder for semantic segmentation: transformers' UperNet on the
 SG-MAE backbone with BEiT / MAE's feature pyramid, MAE's ADE20K recipe by default (docs/segmentation.md).
 
-    # offline, on generated shapes, from the README's demo model (a minute or two on a CPU)
+    # offline: generated shapes, the README's demo model (about a minute on a CPU)
     python -m sgmae_training.data.shapes outputs/shapes && \
     accelerate launch -q --config_file configuration/accelerate/default.yaml run_segmentation.py \
         --train_dir outputs/shapes/train --validation_dir outputs/shapes/validation \
         --label_names_file outputs/shapes/id2label.json --model_name_or_path outputs/sgmae-demo \
-        --output_dir outputs/sgmae-demo-shapes --crop_size 32 --head_channels 64 --max_train_steps 80 ...
+        --output_dir outputs/sgmae-demo-shapes --crop_size 32 --head_channels 64 ...   # see docs/segmentation.md
     # ADE20K (needs the dataset, see the docs) from a ViT-B encoder
     accelerate launch -q --config_file configuration/accelerate/single_gpu.yaml run_segmentation.py \
         --dataset_name data/scene_parse_150/scene_parsing --num_labels 150 --reduce_labels \

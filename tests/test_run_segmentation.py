@@ -41,7 +41,7 @@ from sgmae_training.data.segmentation import (
 )
 from sgmae_training.data.shapes import CLASS_NAMES, random_pair, write_shapes
 from sgmae_training.optim import layer_decay_groups
-from sgmae_training.segmentation import pixel_areas, predict
+from sgmae_training.segmentation import METRIC_PATH, pixel_areas, predict
 
 SCRIPT = REPO_ROOT / "run_segmentation.py"
 DEFAULT_LAUNCH_CONFIG = REPO_ROOT / "configuration/accelerate/default.yaml"
@@ -199,15 +199,11 @@ def test_training_raises_miou_resumes_exactly_and_the_folder_segments_in_a_fresh
     model = SGMAEForSemanticSegmentation.from_pretrained(straight).eval()
     predictions = [predict(model, pixels, "slide", 32, 21, 8) for pixels, _ in rows]
     predictions = [
-        nn.functional.interpolate(scores, size=mask.shape[1:], mode="bilinear").argmax(1)[0]
+        nn.functional.interpolate(scores, size=mask.shape[1:], mode="bilinear").argmax(1)[0].numpy()
         for scores, (_, mask) in zip(predictions, rows, strict=True)
     ]
-    metric = evaluate.load(str(REPO_ROOT / "sgmae_training/metrics/mean_iou"))
-    maps = {
-        "predictions": [prediction.numpy() for prediction in predictions],
-        "references": [m[0].numpy() for _, m in rows],
-    }
-    direct = metric.compute(**maps, num_labels=len(CLASS_NAMES), ignore_index=255)
+    metric, references = evaluate.load(str(METRIC_PATH)), [mask[0].numpy() for _, mask in rows]
+    direct = metric.compute(predictions=predictions, references=references, num_labels=4, ignore_index=255)
     assert direct["mean_iou"] == pytest.approx(results["eval_mean_iou"], abs=1e-6)
     assert direct["overall_accuracy"] == pytest.approx(results["eval_overall_accuracy"], abs=1e-6)
 
@@ -216,18 +212,13 @@ def test_training_raises_miou_resumes_exactly_and_the_folder_segments_in_a_fresh
 
     # a run stopped after epoch 3 and resumed (by plain python) ends with the same weights and results
     resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-18", resumed / "checkpoint-18")
+    shutil.copytree(straight / "checkpoint-18", resumed / "checkpoint-18")  # makes `resumed` too
     result = launch(
-        common_args(shapes_dir, resumed, pretrained, names_file, "--resume_from_checkpoint", "latest"),
-        plain_python=True,
+        common_args(shapes_dir, resumed, pretrained, names_file, "--resume_from_checkpoint", "latest"), True
     )
     assert "resumed from" in result.stderr + result.stdout
-    straight_weights, resumed_weights = (
-        load_file(straight / "model.safetensors"),
-        load_file(resumed / "model.safetensors"),
-    )
-    for key, tensor in straight_weights.items():
+    resumed_weights = load_file(resumed / "model.safetensors")
+    for key, tensor in load_file(straight / "model.safetensors").items():
         torch.testing.assert_close(resumed_weights[key], tensor, rtol=0, atol=0, msg=key)
     assert json.loads((resumed / "eval_results.json").read_text()) == results
 
@@ -303,7 +294,7 @@ def test_a_streamed_training_split_trains_and_is_scored_whole(shapes_dir, pretra
 
 # ----- parts ---------------------------------------------------------------------------------------------------------
 def test_mean_iou_metric_from_pixels_and_from_areas_agrees_with_a_count_by_hand():
-    metric = evaluate.load(str(REPO_ROOT / "sgmae_training/metrics/mean_iou"))
+    metric = evaluate.load(str(METRIC_PATH))
     prediction = np.array([[0, 1, 1], [2, 2, 0]])
     reference = np.array([[0, 1, 2], [2, 255, 1]])
     # class 0: I 1, U 2; class 1: I 1, U 3; class 2: I 1, U 2 (the ignored pixel's prediction counts nowhere)
@@ -549,6 +540,7 @@ def test_the_documented_offline_try_runs_as_written(pretrained, tmp_path):
 
     block = re.search(r"```bash\n(.*?)```", (REPO_ROOT / "docs/segmentation.md").read_text(), re.DOTALL).group(1)
     assert "python -m sgmae_training.data.shapes outputs/shapes" in block and "outputs/sgmae-demo " in block
+    assert f"```bash\n{block}```" in (REPO_ROOT / "README.md").read_text()  # the README shows the same command
     command = block.replace("outputs/sgmae-demo ", f"{pretrained} ").replace("outputs/", f"{tmp_path}/")
     env = script_env() | {"PATH": f"{Path(sys.executable).parent}:{script_env()['PATH']}"}  # `python`, `accelerate`
     result = subprocess.run(
