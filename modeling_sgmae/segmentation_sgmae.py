@@ -8,6 +8,7 @@ losses, outputs, `pipeline("image-segmentation")`) is transformers' UperNet.
 """
 
 from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation
+from transformers.models.auto import modeling_auto
 
 from .configuration_sgmae import SGMAEConfig
 from .modeling_sgmae import SGMAEBackbone
@@ -80,3 +81,8 @@ class SGMAEForSemanticSegmentation(UperNetForSemanticSegmentation):
 # Every save copies this file and the SG-MAE files it imports beside the weights (Hub remote code).
 SGMAEUperNetConfig.register_for_auto_class()
 SGMAEForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+# transformers' image-segmentation pipeline checks a model against merged copies of its task tables, which drop the
+# classes AutoModelForSemanticSegmentation.register added, and logs "not supported" before it works: name this one.
+modeling_auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(
+    SGMAEUperNetConfig.model_type, SGMAEForSemanticSegmentation.__name__
+)

@@ -219,3 +219,71 @@ see how each changes them.
 | final training loss | {loss_text} |
 """
     return model_card(metadata, f"SG-MAE: {Path(args.output_dir).name}", body)
+
+
+def segmentation_card(model_args, data_args, args, model, results: dict) -> str:
+    """The model card of run_segmentation.py: the pipeline call, mIoU and pixel accuracy (model-index), the recipe and
+    the per-class IoU."""
+    name = args.hub_model_id or Path(args.output_dir).name
+    data_name, split = dataset_id(data_args), data_args.validation_split
+    metrics = [
+        {"type": "mean_iou", "value": round(results["eval_mean_iou"], 4), "name": "mIoU"},
+        {"type": "accuracy", "value": round(results["eval_overall_accuracy"], 4), "name": "Pixel accuracy"},
+    ]
+    task = {"type": "image-segmentation", "name": "Semantic Segmentation"}
+    dataset = {"name": data_name, "type": data_name, "split": split}
+    metadata = {
+        "library_name": "transformers",
+        "pipeline_tag": "image-segmentation",
+        "license": "apache-2.0",
+        "tags": ["sgmae", "mae", "upernet", "semantic-segmentation", "vision"],
+        "datasets": [data_name],
+        "model-index": [{"name": name, "results": [{"task": task, "dataset": dataset, "metrics": metrics}]}],
+    }
+    if model_args.model_name_or_path and not Path(model_args.model_name_or_path).exists():
+        metadata["base_model"] = model_args.model_name_or_path
+    ious = results["eval_per_category_iou"].items()
+    per_class = "\n".join(f"| {label} | {'n/a' if iou is None else f'{iou:.4f}'} |" for label, iou in ious)
+    crop, mode = data_args.crop_size, data_args.eval_mode
+    body = f"""
+transformers' UperNet on an SG-MAE (Self-Guided Masked Autoencoder, Shin et al., NeurIPS 2024) encoder, fine-tuned
+with `run_segmentation.py`. Use it with `trust_remote_code=True`:
+
+```python
+from transformers import pipeline
+segmenter = pipeline("image-segmentation", model="{name}", trust_remote_code=True)
+masks = segmenter("photo.jpg")  # one {{"label", "mask"}} per class present
+```
+
+The pipeline resizes an image to {crop}x{crop}; the scores below come from {mode} evaluation (short side {crop},
+scored at the original resolution).
+
+## Results on {data_name} ({split}, {results["eval_samples"]} images)
+| mIoU | mean accuracy | pixel accuracy |
+|---|---|---|
+| {results["eval_mean_iou"]:.4f} | {results["eval_mean_accuracy"]:.4f} | {results["eval_overall_accuracy"]:.4f} |
+
+{segmentation_recipe(model_args, data_args, args, model, results)}
+## IoU per class
+| class | IoU |
+|---|---|
+{per_class}
+"""
+    return model_card(metadata, f"SG-MAE UperNet: {Path(args.output_dir).name}", body)
+
+
+def segmentation_recipe(model_args, data_args, args, model, results: dict) -> str:
+    """The segmentation card's Training table: encoder, architecture, crops, pyramid, schedule."""
+    backbone = model.config.backbone_config
+    return f"""## Training
+| | |
+|---|---|
+| encoder | {model_args.model_name_or_path or "random init (" + str(model_args.config_name) + ")"} |
+| architecture | {backbone.num_hidden_layers} x {backbone.hidden_size}, patch {backbone.patch_size} |
+| crops | {backbone.image_size} x {backbone.image_size}, {data_args.eval_mode} evaluation |
+| pyramid | blocks {backbone.out_indices}, strides p/4, p/2, p, 2p; UperNet width {model.config.hidden_size} |
+| optimiser steps | {results.get("step", 0)} of {results.get("total_steps", 0)} |
+| lr / weight decay | {args.learning_rate} / {args.weight_decay} (AdamW) |
+| layer decay / drop path | {args.layer_decay} / {backbone.drop_path_rate} |
+| schedule | {args.warmup_steps} warm-up steps, poly power {args.poly_power} |
+"""

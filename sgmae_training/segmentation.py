@@ -1,333 +1,114 @@
-"""Semantic segmentation data and inference: mask columns, checked masks, joint augmentation of image and mask,
-sliding-window and whole-image prediction, and per-class pixel areas for mIoU.
-
-The recipe is mmsegmentation's ADE20K pipeline (configs/_base_/datasets/ade20k.py), which BEiT and MAE fine-tune
-UperNet with: random rescale within (4c, c) x [0.5, 2], a c x c crop in which no class covers 75 % or more, flip,
-photometric distortion, padding with the ignore index; evaluation at the short side c, scored at full resolution.
-"""
+"""Semantic segmentation on an SG-MAE encoder, MAE's ADE20K protocol: transformers' UperNet fine-tuned end to end by
+the shared loop (AdamW with layer-wise lr decay, linear warm-up then poly decay), evaluated at full resolution by
+sliding windows (or the whole image) through the shipped `mean_iou` metric. `run_segmentation.py` prepares a `Task`
+and calls `finetune`; the image/map data are in `data/segmentation.py`."""
 
 from __future__ import annotations
 
-import json
+import gc
 import logging
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import datasets
-import numpy as np
+import evaluate
 import torch
-from PIL import Image, UnidentifiedImageError
+from accelerate import Accelerator
+from accelerate.utils import broadcast
 from torch import nn
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
+from torch.utils.data import DataLoader
 
-from .data.images import decode_image, open_cell
-from .data.loading import DataArguments, check_data_arguments, find_column
+from modeling_sgmae import SGMAEForSemanticSegmentation
+
+from .arguments import RunArguments
+from .data.loaders import shard_for_process, worker_epoch_batches
+from .data.loading import training_length
+from .data.segmentation import (
+    BadMaskError,
+    PairTransform,
+    SegmentationCollator,
+    SegmentationData,
+    SegmentationDataArguments,
+    one_line,
+)
+from .engine import LoopSettings, TrainingHooks, resume_state, train
+from .optim import layer_decay_groups, poly_scheduler
+from .training_state import TrainingState
 
 logger = logging.getLogger(__name__)
 
-MASK_COLUMNS = ("annotation", "segmentation_map", "semantic_map", "mask", "label", "labels", "seg_map")
-EVAL_MODES = ("slide", "whole")
-# mmsegmentation's PhotoMetricDistortion: brightness delta, contrast and saturation ranges, hue delta (OpenCV's
-# 0..180 hue scale, so 18 is a tenth of the circle)
-BRIGHTNESS_DELTA, CONTRAST_RANGE, SATURATION_RANGE, HUE_DELTA = 32, (0.5, 1.5), (0.5, 1.5), 18 / 180
-CROP_ATTEMPTS = 10  # mmsegmentation's RandomCrop: tries for a crop whose largest class stays under cat_max_ratio
+METRIC_PATH = Path(__file__).parent / "metrics" / "mean_iou"  # shipped: evaluate loads it offline
+RECIPE_STEPS = 160_000  # MAE's ADE20K schedule (mmsegmentation's schedule_160k)
+AREA_NAMES = (
+    "intersect",
+    "union",
+    "pred_label",
+    "label",
+)  # the mean_iou metric's per-class areas, in pixel_areas' order
 
 
 @dataclass
-class SegmentationDataArguments(DataArguments):
-    """DataArguments plus the mask column, the classes and the ADE20K recipe's crops."""
+class SegmentationArguments(RunArguments):
+    """Optimisation, schedule, evaluation, logging and output (defaults: MAE's ADE20K recipe, see the docs)."""
 
-    validation_split: str = field(default="validation", metadata={"help": "Split to evaluate on."})
-    mask_column: str | None = field(
-        default=None,
-        metadata={"help": f"Segmentation-map column (one band of class ids); found among {MASK_COLUMNS} when unset."},
+    output_dir: str = field(default="outputs/sgmae-segmentation", metadata={"help": "Where results go."})
+    seed: int = field(default=0, metadata={"help": "Seed for the heads, data order and augmentation."})
+    per_device_train_batch_size: int = field(
+        default=16, metadata={"help": "Crops per device/step (16 in all, e.g. 2 x 8 GPUs; BatchNorm needs >= 2)."}
     )
-    num_labels: int | None = field(
-        default=None, metadata={"help": "Number of classes (ADE20K: 150); from --label_names_file when unset."}
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": f"Total optimiser steps (overrides epochs; neither given: {RECIPE_STEPS})."}
     )
-    label_names_file: str | None = field(
-        default=None, metadata={"help": "JSON list of class names, or {id: name} (saved as the model's id2label)."}
-    )
-    reduce_labels: bool = field(
-        default=False,
-        metadata={
-            "help": "Mask value 0 is 'other' (ignored) and class k is stored as k + 1 (ADE20K, scene_parse_150)."
-        },
-    )
-    ignore_index: int = field(default=255, metadata={"help": "Mask value left out of the loss and the metric."})
-    crop_size: int = field(default=512, metadata={"help": "Training crop and sliding window, c x c (MAE/BEiT: 512)."})
-    scale_range: list[float] = field(
-        default_factory=lambda: [0.5, 2.0], metadata={"help": "Random rescale ratios of the (4c, c) scale."}
-    )
-    cat_max_ratio: float = field(
-        default=0.75, metadata={"help": "Re-draw a crop (up to 10 times) where one class covers this share or more."}
-    )
-    photometric_distortion: bool = field(
-        default=True, metadata={"help": "mmsegmentation's brightness/contrast/saturation/hue jitter (RGB only)."}
-    )
-    eval_mode: str = field(default="slide", metadata={"help": f"One of {EVAL_MODES} (MAE/BEiT: slide)."})
-    eval_stride: int | None = field(
-        default=None, metadata={"help": "Sliding-window stride (default: 2c/3 rounded down, 341 for 512)."}
-    )
-
-
-def check_segmentation_arguments(data_args: SegmentationDataArguments) -> None:
-    """Clear errors, before anything is loaded, for data arguments out of range."""
-    check_data_arguments(data_args)
-    if data_args.eval_mode not in EVAL_MODES:
-        raise SystemExit(f"error: --eval_mode must be one of {', '.join(EVAL_MODES)}, got {data_args.eval_mode!r}")
-    if data_args.crop_size < 1 or (data_args.eval_stride is not None and data_args.eval_stride < 1):
-        raise SystemExit("error: --crop_size and --eval_stride must be positive")
-    ratios = data_args.scale_range
-    if len(ratios) != 2 or not 0 < ratios[0] <= ratios[1]:
-        raise SystemExit(f"error: --scale_range takes two ratios 0 < low <= high, got {data_args.scale_range}")
-    if not 0 < data_args.cat_max_ratio <= 1:
-        raise SystemExit(f"error: --cat_max_ratio must be in (0, 1], got {data_args.cat_max_ratio}")
-    if not 0 <= data_args.ignore_index <= 65535:
-        raise SystemExit(f"error: --ignore_index must be a mask value in 0..65535, got {data_args.ignore_index}")
-    if data_args.eval_stride is None:
-        data_args.eval_stride = data_args.crop_size * 2 // 3
-
-
-def label_names(data_args: SegmentationDataArguments) -> list[str]:
-    """Class names from --label_names_file (a JSON list, or {id: name} for ids 0..N-1), else "0".."N-1"."""
-    path, count = data_args.label_names_file, data_args.num_labels
-    if path is None:
-        if count is None:
-            raise SystemExit("error: give --num_labels (ADE20K: 150) or --label_names_file")
-        if count < 2:
-            raise SystemExit(f"error: --num_labels must be at least 2, got {count}")
-        return [str(index) for index in range(count)]
-    try:
-        loaded = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise SystemExit(f"error: cannot read --label_names_file {path!r}: {error}") from error
-    if isinstance(loaded, dict):
-        if sorted(str(key) for key in loaded) != sorted(str(index) for index in range(len(loaded))):
-            raise SystemExit(f"error: --label_names_file {path!r} must map the ids 0..N-1 to names")
-        loaded = [loaded.get(str(index), loaded.get(index)) for index in range(len(loaded))]
-    if not isinstance(loaded, list) or len(loaded) < 2:
-        raise SystemExit(f"error: --label_names_file {path!r} must hold a list of at least 2 class names")
-    if count is not None and count != len(loaded):
-        raise SystemExit(f"error: --num_labels {count} disagrees with the {len(loaded)} names in {path!r}")
-    return [str(name) for name in loaded]
-
-
-def find_mask_column(features: datasets.Features | None, given: str | None, image_column: str) -> str:
-    """The segmentation-map column: the named one, the first image column among MASK_COLUMNS, or the only image
-    column besides the input images; a clear error otherwise."""
-    features = features or {}
-    if given:
-        find_column(features, given, (), "mask")
-        if features and not isinstance(features[given], datasets.Image):
-            raise SystemExit(f"error: mask column {given!r} holds {type(features[given]).__name__} values, not images")
-        return given
-    images = [name for name, value in features.items() if isinstance(value, datasets.Image) and name != image_column]
-    for name in MASK_COLUMNS:
-        if name in images:
-            return name
-    if len(images) == 1:
-        return images[0]
-    raise SystemExit(
-        f"error: no segmentation-map column found among {list(features)} (image columns besides {image_column!r}: "
-        f"{images or 'none'}); pass --mask_column"
-    )
-
-
-class BadMaskError(ValueError):
-    """A segmentation map that cannot be used: unreadable, not one band, another size than its image, or a class id
-    out of range. Raised in a DataLoader worker, it reaches the main process wrapped in a traceback (`one_line`)."""
-
-
-def one_line(error: BadMaskError) -> str:
-    """The original message of a BadMaskError, also when a DataLoader worker re-raised it inside its traceback."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if f"{BadMaskError.__name__}: " in line:
-            return line.split(f"{BadMaskError.__name__}: ", 1)[1]
-    return lines[-1] if lines else BadMaskError.__name__
-
-
-def cell_name(value: Any) -> str:
-    """How a message names an image or mask cell: its file name when the dataset kept one."""
-    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
-    return repr(path) if path else "a row without a file name"
-
-
-def decode_mask(
-    value: Any,
-    size: tuple[int, int],
-    num_labels: int,
-    ignore_index: int,
-    reduce_labels: bool,
-) -> torch.Tensor:
-    """A mask cell as class ids [H, W] (int64): reduced if asked (0 -> ignore, k -> k - 1), checked against its
-    image's (width, height) `size` and the classes; a BadMaskError with one line otherwise."""
-    name = cell_name(value)
-    try:
-        mask = open_cell(value)  # as stored: a palette map keeps its class ids
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, TypeError) as error:
-        raise BadMaskError(f"error: cannot read the segmentation map of {name}: {error}") from error
-    if len(mask.getbands()) != 1:
-        raise BadMaskError(
-            f"error: the segmentation map of {name} has {len(mask.getbands())} bands (mode {mask.mode}); a map is one "
-            "band of class ids (PNG mode L, P or I)"
-        )
-    if mask.size != size:
-        raise BadMaskError(
-            f"error: the segmentation map of {name} is {mask.size[0]}x{mask.size[1]} but its image is "
-            f"{size[0]}x{size[1]} (width x height)"
-        )
-    labels = torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
-    if reduce_labels:  # mmsegmentation's reduce_zero_label
-        labels = torch.where(labels == 0, ignore_index, labels - 1)
-        labels[labels == ignore_index - 1] = ignore_index
-    valid = labels[labels != ignore_index]
-    if len(valid) and (valid.min() < 0 or valid.max() >= num_labels):
-        bad = int(valid.max() if valid.max() >= num_labels else valid.min())
-        hint = "; masks whose 0 means 'other' (ADE20K) need --reduce_labels" if bad == num_labels else ""
-        reduced = " after --reduce_labels" if reduce_labels else ""
-        raise BadMaskError(
-            f"error: the segmentation map of {name} holds class {bad}{reduced}, outside 0..{num_labels - 1} "
-            f"(--num_labels {num_labels}; {ignore_index} is ignored){hint}"
-        )
-    return labels
-
-
-def rescale_size(height: int, width: int, long_side: float, short_side: float) -> tuple[int, int]:
-    """mmsegmentation's keep-ratio rescale to fit (long_side, short_side): the largest size within both bounds."""
-    scale = min(long_side / max(height, width), short_side / min(height, width))
-    return max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1)
-
-
-def uniform(low: float, high: float) -> float:
-    return low + (high - low) * torch.rand(()).item()
-
-
-def photometric_distortion(pixels: torch.Tensor) -> torch.Tensor:
-    """mmsegmentation's PhotoMetricDistortion on a [3, H, W] float image in 0..255: each of brightness (added),
-    contrast (multiplied), saturation and hue (torchvision's operations) with probability 1/2, contrast before or after
-    the colour changes at random, clipped to 0..255 after each."""
-
-    def maybe() -> bool:
-        return bool(torch.rand(()) < 0.5)
-
-    if maybe():
-        pixels = (pixels + uniform(-BRIGHTNESS_DELTA, BRIGHTNESS_DELTA)).clamp(0, 255)
-    contrast_first = maybe()
-    if contrast_first and maybe():
-        pixels = (pixels * uniform(*CONTRAST_RANGE)).clamp(0, 255)
-    if maybe():
-        pixels = F.adjust_saturation(pixels / 255, uniform(*SATURATION_RANGE)).clamp(0, 1) * 255
-    if maybe():
-        pixels = F.adjust_hue(pixels / 255, uniform(-HUE_DELTA, HUE_DELTA)).clamp(0, 1) * 255
-    if not contrast_first and maybe():
-        pixels = (pixels * uniform(*CONTRAST_RANGE)).clamp(0, 255)
-    return pixels
-
-
-def random_crop_box(mask: torch.Tensor, crop: int, cat_max_ratio: float, ignore_index: int) -> tuple[int, int]:
-    """Top-left corner of a crop x crop window; re-drawn up to CROP_ATTEMPTS times while one class covers
-    `cat_max_ratio` or more of its labelled pixels (mmsegmentation's RandomCrop)."""
-    height, width = mask.shape
-
-    def draw() -> tuple[int, int]:
-        top = int(torch.randint(max(height - crop, 0) + 1, ()))
-        return top, int(torch.randint(max(width - crop, 0) + 1, ()))
-
-    top, left = draw()
-    if cat_max_ratio >= 1:
-        return top, left
-    for _ in range(CROP_ATTEMPTS):
-        window = mask[top : top + crop, left : left + crop]
-        counts = torch.bincount(window[window != ignore_index].flatten())
-        counts = counts[counts > 0]
-        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
-            break
-        top, left = draw()
-    return top, left
+    num_train_epochs: float | None = field(default=None, metadata={"help": "Epochs, when --max_train_steps is unset."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak AdamW lr, not scaled by the batch (1e-4)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (0.05)."})
+    layer_decay: float = field(default=0.65, metadata={"help": "lr x layer_decay^(depth from the top) (0.65)."})
+    warmup_steps: int = field(default=1500, metadata={"help": "Linear warm-up steps before the poly decay (1500)."})
+    poly_power: float = field(default=1.0, metadata={"help": "Power of the poly decay to 0 (1.0)."})
+    eval_every_epochs: int = field(default=1, metadata={"help": "Evaluate every N epochs (0: only at the end)."})
+    logging_steps: int = field(default=50, metadata={"help": "Log loss and lr every N steps."})
 
 
 @dataclass
-class PairTransform:
-    """Image and mask together: training's augmentation (`train=True`) or evaluation's resize; both normalise."""
+class Task:
+    """What run_segmentation.py prepared for `finetune`."""
 
-    crop_size: int
+    accelerator: Accelerator
+    data_args: SegmentationDataArguments
+    args: SegmentationArguments
+    model: SGMAEForSemanticSegmentation
+    data: SegmentationData
     image_mean: list[float]
     image_std: list[float]
-    ignore_index: int
-    train: bool
-    scale_range: tuple[float, float] = (0.5, 2.0)
-    cat_max_ratio: float = 0.75
-    photometric: bool = True
-
-    def __call__(self, image: Image.Image, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """image: PIL, mask: [H, W] class ids. Training: ([C, c, c] pixels, [c, c] mask). Evaluation: pixels with
-        the short side c (long side at most 4c) and the mask unchanged, scored at its own resolution."""
-        pixels = F.pil_to_tensor(image).float()  # [C, H, W], 0..255
-        crop = self.crop_size
-        ratio = uniform(*self.scale_range) if self.train else 1.0
-        size = rescale_size(*pixels.shape[1:], 4 * crop * ratio, crop * ratio)
-        pixels = F.resize(pixels, list(size), interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
-        if not self.train:
-            return self.normalise(pixels), mask
-        mask = F.resize(mask[None], list(size), interpolation=v2.InterpolationMode.NEAREST)[0]
-        top, left = random_crop_box(mask, crop, self.cat_max_ratio, self.ignore_index)
-        pixels, mask = pixels[:, top : top + crop, left : left + crop], mask[top : top + crop, left : left + crop]
-        if torch.rand(()) < 0.5:
-            pixels, mask = pixels.flip(-1), mask.flip(-1)
-        if self.photometric:
-            pixels = photometric_distortion(pixels)
-        pad = (0, crop - pixels.shape[2], 0, crop - pixels.shape[1])  # right and bottom, to crop x crop
-        pixels = nn.functional.pad(self.normalise(pixels), pad)  # 0: the mean after normalisation
-        return pixels, nn.functional.pad(mask, pad, value=self.ignore_index)
-
-    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(pixels / 255, self.image_mean, self.image_std)
+    results: dict[str, Any] = field(default_factory=dict)  # the last evaluation's eval_results.json entries
 
 
-class SegmentationCollator:
-    """Decode, check and transform rows of (image, mask): stacked [B, C, c, c] pixels and [B, c, c] labels for
-    training, or one row's resized pixels [1, C, h, w] and full-size labels [1, H, W] for evaluation (batch 1:
-    images differ in size). Corrupt images are dropped and counted; a bad mask raises BadMaskError."""
-
-    def __init__(
-        self,
-        transform: PairTransform,
-        image_column: str,
-        mask_column: str,
-        num_labels: int,
-        reduce_labels: bool,
-        num_channels: int = 3,
-        index_column: str | None = None,
-    ):
-        self.transform, self.image_column, self.mask_column = transform, image_column, mask_column
-        self.num_labels, self.reduce_labels, self.num_channels = num_labels, reduce_labels, num_channels
-        self.index_column = index_column
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        pixels, labels, index = [], [], []
-        for row in rows:
-            image = decode_image(row[self.image_column], self.num_channels)
-            if image is None:
-                continue
-            mask = decode_mask(
-                row[self.mask_column], image.size, self.num_labels, self.transform.ignore_index, self.reduce_labels
-            )
-            image_pixels, mask = self.transform(image, mask)
-            pixels.append(image_pixels)
-            labels.append(mask)
-            if self.index_column:
-                index.append(row[self.index_column])
-        batch = {
-            "pixel_values": torch.stack(pixels) if pixels else torch.empty(0),
-            "labels": torch.stack(labels) if labels else torch.empty(0, dtype=torch.long),
-            "skipped": len(rows) - len(pixels),  # a plain int: counting never touches the device
-        }
-        return batch | ({"index": torch.tensor(index, dtype=torch.long)} if self.index_column else {})
+def collator(task: Task, train: bool) -> SegmentationCollator:
+    """Training's (augmented crops) or evaluation's (resized whole images, full-size maps) collator."""
+    data_args, data = task.data_args, task.data
+    transform = PairTransform(
+        data_args.crop_size,
+        task.image_mean,
+        task.image_std,
+        data_args.ignore_index,
+        train,
+        tuple(data_args.scale_range),
+        data_args.cat_max_ratio,
+        data_args.photometric_distortion,
+    )
+    return SegmentationCollator(
+        transform,
+        data.image_column,
+        data.mask_column,
+        task.model.config.num_labels,
+        data_args.reduce_labels,
+        task.model.config.backbone_config.num_channels,
+        data.train_split if train else data.eval_split,
+    )
 
 
 # ----- inference and scoring -----------------------------------------------------------------------------------------
@@ -376,3 +157,173 @@ def pixel_areas(prediction: torch.Tensor, labels: torch.Tensor, num_labels: int,
     predicted = torch.bincount(prediction, minlength=num_labels)[:num_labels]
     reference = torch.bincount(labels, minlength=num_labels)[:num_labels]
     return torch.stack([intersect, predicted + reference - intersect, predicted, reference])
+
+
+def shard_areas(task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's shard of the evaluation split predicted at full resolution: per-class areas [4, K] and counts
+    [2] (images scored, corrupt images skipped)."""
+    accelerator, data_args, model = task.accelerator, task.data_args, task.model
+    shard = shard_for_process(task.data.eval, accelerator, seed=0, epoch=0, shuffle=False, buffer_size=0)
+    loader = DataLoader(
+        shard, batch_size=1, collate_fn=collator(task, train=False), num_workers=data_args.dataloader_num_workers
+    )
+    areas = torch.zeros(4, model.config.num_labels, dtype=torch.long, device=accelerator.device)
+    counts = torch.zeros(2, dtype=torch.long, device=accelerator.device)
+    multiple = 2 * model.backbone.config.patch_size  # the pyramid's coarsest stride
+    for batch in loader:
+        counts[1] += batch["skipped"]
+        if not len(batch["pixel_values"]):
+            continue
+        pixels, labels = batch["pixel_values"].to(accelerator.device), batch["labels"].to(accelerator.device)
+        with accelerator.autocast():
+            scores = predict(model, pixels, data_args.eval_mode, data_args.crop_size, data_args.eval_stride, multiple)
+        scores = nn.functional.interpolate(scores, size=labels.shape[1:], mode="bilinear", align_corners=False)
+        areas += pixel_areas(scores.argmax(1), labels, model.config.num_labels, data_args.ignore_index)
+        counts[0] += 1
+    return areas, counts
+
+
+def evaluate_model(task: Task) -> dict[str, Any]:
+    """mIoU, per-class IoU and accuracy, pixel accuracy over the evaluation split: each process scores its shard, and
+    the summed areas go through the shipped `mean_iou` metric (every image counted once: the shards do not overlap)."""
+    accelerator, model = task.accelerator, task.model
+    if accelerator.num_processes > 1:
+        # DDP copies BatchNorm statistics from process 0 only at the start of each forward, so the others end training
+        # with their own last update: every process scores with process 0's, the statistics that are saved.
+        for buffer in model.buffers():
+            buffer.data.copy_(broadcast(buffer.data.clone(), from_process=0))
+    was_training = model.training
+    model.eval()
+    areas, counts = shard_areas(task)
+    model.train(was_training)
+    areas, counts = accelerator.reduce(areas, "sum"), accelerator.reduce(counts, "sum").tolist()
+    results: dict[str, Any] = {"eval_samples": counts[0], "eval_skipped_images": counts[1]}
+    if not accelerator.is_main_process:
+        return results
+    scores = evaluate.load(str(METRIC_PATH)).compute(
+        predictions=[],
+        references=[],
+        num_labels=model.config.num_labels,
+        ignore_index=task.data_args.ignore_index,
+        areas=dict(zip(AREA_NAMES, areas.cpu().numpy(), strict=True)),
+    )
+    id2label = model.config.id2label
+    return results | {
+        "eval_mean_iou": scores["mean_iou"],
+        "eval_mean_accuracy": scores["mean_accuracy"],
+        "eval_overall_accuracy": scores["overall_accuracy"],
+        "eval_per_category_iou": {id2label[i]: none_if_nan(v) for i, v in enumerate(scores["per_category_iou"])},
+        "eval_per_category_accuracy": {
+            id2label[i]: none_if_nan(v) for i, v in enumerate(scores["per_category_accuracy"])
+        },
+    }
+
+
+def none_if_nan(value: float) -> float | None:
+    """A class absent from references and predictions has no IoU (JSON has no NaN)."""
+    return None if math.isnan(value) else float(value)
+
+
+# ----- training ------------------------------------------------------------------------------------------------------
+class SegmentationHooks(TrainingHooks):
+    """UperNet's loss (decode head + 0.4 x auxiliary head, ignore index left out) and the evaluations."""
+
+    def __init__(self, task: Task, total_steps: int):
+        self.task, self.total_steps = task, total_steps
+        self.results: dict[str, Any] = {}
+        self.evaluated_at = -1
+
+    def loss(self, model, batch: dict[str, torch.Tensor]):
+        return model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss, None
+
+    def evaluate(self, step: int) -> None:
+        self.results = evaluate_model(self.task)
+        self.evaluated_at = step
+        scalars = {key: value for key, value in self.results.items() if isinstance(value, (int, float))}
+        self.task.accelerator.log(scalars, step=step)
+
+    def after_epoch(self, state: TrainingState) -> None:
+        every = self.task.args.eval_every_epochs
+        if (every and state.epoch % every == 0) or state.step >= self.total_steps:
+            self.evaluate(state.step)
+            if "eval_mean_iou" in self.results:
+                logger.info(
+                    "epoch %d: mIoU %.4f, pixel accuracy %.4f",
+                    state.epoch,
+                    self.results["eval_mean_iou"],
+                    self.results["eval_overall_accuracy"],
+                )
+
+
+def finetune(task: Task) -> TrainingState:
+    """Fine-tune `task.model` and evaluate it at the end (`task.results`). A bad map, found in training or evaluation
+    (in a DataLoader worker or here), ends the run with its one line, printed as the last line of the run."""
+    try:
+        return train_and_evaluate(task)
+    except BadMaskError as error:
+        message = one_line(error)
+    # The loop's progress bar closes (and draws itself a last time) when its frame is freed; a worker's re-raised error
+    # holds that frame in a reference cycle, so free it now, and the message stays the run's last line.
+    gc.collect()
+    raise SystemExit(message)
+
+
+def train_and_evaluate(task: Task) -> TrainingState:
+    """The training loop (checkpoints, resume, evaluations after epochs), then the final evaluation if the last epoch
+    did not end with one."""
+    accelerator, data_args, args = task.accelerator, task.data_args, task.args
+    global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    steps_per_epoch, total_steps = training_length(
+        task.data.train, data_args, global_batch, args.num_train_epochs, args.max_train_steps
+    )
+    model, optimizer, scheduler, state = prepare_training(task, total_steps)
+    schedule = (total_steps, math.ceil(total_steps / steps_per_epoch), steps_per_epoch, global_batch)
+    recipe = (args.learning_rate, args.layer_decay, task.model.backbone.config.drop_path_rate, data_args.crop_size)
+    logger.info(
+        "fine-tuning %d steps (%d epochs of %d steps), global batch %d, lr %.2e, layer decay %s, drop path %s, "
+        "crops %d",
+        *schedule,
+        *recipe,
+    )
+    epoch_batches: Callable[[TrainingState], Iterator[dict]] = partial(
+        worker_epoch_batches,
+        task.data.train,
+        accelerator=accelerator,
+        data_args=data_args,
+        batch_size=args.per_device_train_batch_size,
+        collate=collator(task, train=True),
+        seed=args.seed,
+    )
+    hooks, config = SegmentationHooks(task, total_steps), task.model.config
+    settings = LoopSettings(
+        args.output_dir,
+        args.logging_steps,
+        args.checkpointing_steps,
+        args.save_total_limit,
+        args.max_grad_norm,
+        config,
+    )
+    state = train(accelerator, model, optimizer, scheduler, epoch_batches, state, settings, hooks, {})
+    if state.skipped_images:
+        logger.warning("skipped %d corrupt training images", state.skipped_images)
+    if hooks.evaluated_at != state.step:
+        hooks.evaluate(state.step)
+    task.results = hooks.results
+    return state
+
+
+def prepare_training(task: Task, total_steps: int) -> tuple[nn.Module, torch.optim.Optimizer, Any, TrainingState]:
+    """AdamW with layer-wise lr decay (SyncBN across GPUs), prepared by Accelerate (`task.model` becomes the unwrapped
+    model), the state resumed if asked, the warm-up + poly schedule, the trackers started."""
+    accelerator, args, model = task.accelerator, task.args, task.model
+    groups = layer_decay_groups(model, args.learning_rate, args.weight_decay, args.layer_decay, encoder="backbone.vit")
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmsegmentation's SyncBN: batch statistics of all
+    prepared_model, optimizer = accelerator.prepare(model, optimizer)
+    task.model = accelerator.unwrap_model(prepared_model)
+    state = resume_state(accelerator, optimizer, args.output_dir, args.resume_from_checkpoint, {}, total_steps)
+    scheduler = poly_scheduler(optimizer, args.warmup_steps, total_steps, args.poly_power, state.step)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("sgmae_segmentation", config={k: str(v) for k, v in asdict(args).items()})
+    return prepared_model, optimizer, scheduler, state
