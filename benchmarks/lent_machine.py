@@ -7,7 +7,10 @@ files from its output folder (none deeper than two folders, each at most 16 MiB)
 
 from __future__ import annotations
 
+import ast
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,3 +46,68 @@ def files_coming_back(output: Path) -> list[str]:
         if path.stat().st_size > FILE_LIMIT:
             problems.append(f"{relative} is over {FILE_LIMIT // MiB} MiB")
     return problems
+
+
+# ----- what the lent machine's Python has ---------------------------------------------------------------------------
+LENT_PACKAGES = ("torch", "transformers", "accelerate", "torchvision", "timm", "pyarrow", "pandas", "scikit-learn")
+PINNED = {"transformers": "5.17.0", "accelerate": "1.15.0"}  # the lent machine's: the code may use nothing newer
+API_LIST = Path(__file__).with_name("lent_apis.txt")
+CODE_FOLDERS = ("modeling_sgmae", "sgmae_training", "benchmarks")
+
+
+def code_files(repo: Path = REPO) -> list[Path]:
+    """The Python files that run on a lent machine: the scripts at the root and the packages they use."""
+    return sorted([*repo.glob("*.py"), *(path for folder in CODE_FOLDERS for path in (repo / folder).rglob("*.py"))])
+
+
+def pinned_names(paths: list[Path]) -> set[str]:
+    """Every `module.name` the files take from transformers or accelerate: `from transformers.x import Name` gives
+    `transformers.x.Name`; `import transformers` then `transformers.a.b` gives `transformers.a` (its first level)."""
+    names = set()
+    for path in paths:
+        tree = ast.parse(path.read_text(), str(path))
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] in PINNED:
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                imported.update(a.asname or a.name for a in node.names if a.name.split(".")[0] in PINNED)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in imported:
+                names.add(f"{node.value.id}.{node.attr}")
+    return names
+
+
+def listed_names() -> set[str]:
+    """The names checked against the pinned releases (one a line; `#` starts a comment)."""
+    lines = (line.partition("#")[0].strip() for line in API_LIST.read_text().splitlines())
+    return {line for line in lines if line}
+
+
+RESOLVE = """
+import importlib, sys
+missing = []
+for name in sys.argv[1:]:
+    module, _, attribute = name.rpartition(".")
+    try:
+        getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+print("\\n".join(missing))
+"""
+
+
+def missing_from_pinned(site: Path, names: set[str]) -> list[str]:
+    """The names that transformers and accelerate as installed in `site` (the pinned releases) do not have."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    versions = "import transformers, accelerate; print(transformers.__version__, accelerate.__version__)"
+    found = subprocess.run([sys.executable, "-c", versions], env=env, capture_output=True, text=True, check=True)
+    if found.stdout.split() != [PINNED["transformers"], PINNED["accelerate"]]:
+        raise SystemExit(f"error: {site} holds transformers/accelerate {found.stdout.strip()}, not {PINNED}")
+    result = subprocess.run(
+        [sys.executable, "-c", RESOLVE, *sorted(names)], env=env, capture_output=True, text=True, check=True
+    )
+    return result.stdout.split()

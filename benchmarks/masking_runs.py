@@ -25,7 +25,7 @@ from benchmarks.provenance import REPO, code_commit
 # Arguments that do not change what is measured: a sitting may change them and keep the records of earlier ones.
 SITTING_ARGUMENTS = {
     "output_dir", "runs_dir", "parallel_runs", "stop_after_minutes", "evaluation_minutes", "evaluate_only",
-    "collect_only", "num_workers", "panel_epochs", "schedule_timings",
+    "collect_only", "num_workers", "panel_epochs", "schedule_timings", "seeds", "keep_checkpoints",
 }  # fmt: skip
 POLL_SECONDS = 15.0
 
@@ -121,6 +121,13 @@ class CompareArguments:
         metadata={
             "help": "Epochs whose Figure-1 panels are copied to --output_dir (default: the first and last of "
             "--eval_epochs)."
+        },
+    )
+    keep_checkpoints: Literal["all", "evaluated"] = field(
+        default="all",
+        metadata={
+            "help": "evaluated: delete each checkpoint that is neither an evaluation epoch's nor a run's newest as "
+            "the runs go on (a large model's 100 epoch checkpoints would fill a lent machine's disk)."
         },
     )
     schedule_timings: str | None = field(
@@ -396,6 +403,8 @@ def run_and_evaluate(
             records.add(record)
             waiting.remove(epoch)
             copy_panel(args, name, seed, epoch, checkpoints[epoch])
+        if args.keep_checkpoints == "evaluated":
+            prune_unevaluated(folder, eval_epochs)
         if not running:
             break
         time.sleep(POLL_SECONDS)
@@ -404,6 +413,15 @@ def run_and_evaluate(
     for epoch in waiting:
         if args.collect_only or epoch not in epoch_checkpoints(folder):
             print(f"not yet evaluated: {name} seed {seed} epoch {epoch}")
+
+
+def prune_unevaluated(folder: Path, eval_epochs: list[int]) -> None:
+    """Delete a run's complete checkpoints that are neither at an evaluation epoch nor its newest (it resumes
+    there)."""
+    checkpoints = epoch_checkpoints(folder)
+    for epoch, checkpoint in checkpoints.items():
+        if epoch not in eval_epochs and epoch != max(checkpoints):
+            shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def copy_panel(args: CompareArguments, name: str, seed: int, epoch: int, checkpoint: Path) -> None:
