@@ -111,9 +111,12 @@ CONFIGS["vit_tiny"] = dict(  # ViT-Tiny/16 at 224 px, transformers' default 8 x 
 CONFIGS["imagenette196"] = CONFIGS["cifar"] | dict(
     image_size=112, patch_size=8, num_hidden_layers=4, decoder_num_hidden_layers=2
 )
+# One block each side: the smoke setting of gpu_run.sh (the same path on a CPU in seconds).
+CONFIGS["smoke"] = CONFIGS["cifar"] | dict(num_hidden_layers=1, decoder_num_hidden_layers=1)
 # (batch size, timed steps, warm-up rounds) per config and device.
 DEFAULTS = {
     ("cifar", "cpu"): (64, 20, 3),
+    ("smoke", "cpu"): (2, 1, 0),
     ("vitb", "cpu"): (8, 5, 1),
     ("vit_tiny", "cpu"): (8, 4, 1),
     ("imagenette196", "cpu"): (128, 8, 1),

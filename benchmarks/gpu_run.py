@@ -167,7 +167,7 @@ def vit_b_step(log: Log, work: Path, smoke: bool) -> dict | None:
         "--skip_cached",
     ]
     if smoke:
-        command += ["--device", "cpu", "--configs", "cifar", "--batch_size", "2", "--steps", "1", "--warmup", "0"]
+        command += ["--device", "cpu", "--configs", "smoke"]
     else:
         command += ["--device", "cuda", "--configs", "vitb", "--steps", "10", "--warmup", "3"]
     try:

@@ -9,7 +9,6 @@ import pytest
 
 from benchmarks.lent_machine import TREE_LIMIT, MiB, tracked_bytes
 
-
 NEEDS_GIT = pytest.mark.skipif(shutil.which("git") is None, reason="needs git to list the tracked files")
 
 
