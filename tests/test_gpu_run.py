@@ -4,6 +4,7 @@ call on the CPU (≤ 8 files back, none too deep; its archive rebuilds its table
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -11,12 +12,14 @@ import shlex
 import subprocess
 import sys
 import tarfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO_ROOT
 
-from benchmarks import compare_masking, lent_prepare
+from benchmarks import compare_masking, gpu_run, lent_prepare
 from benchmarks.lent_machine import (
     CARRY_LIMIT,
     COMMAND_CHARACTERS,
@@ -123,3 +126,43 @@ def test_smoke_runs_the_whole_call_and_what_comes_back_fits_and_reads_back(
     compare_masking.main()  # in this process: its imports are paid already
     tables = (unpacked / "comparison/compare_masking.md").read_text()
     assert tables == (output / "compare_masking.md").read_text() and "| sgmae | 1 |" in tables
+
+
+def comparison_in(tmp_path: Path, stop_in: float) -> gpu_run.Comparison:
+    """A Comparison of the vits preset whose budget ends in `stop_in` seconds, logging into tmp_path."""
+    args = argparse.Namespace(data=str(tmp_path), evaluation_minutes=0.5)
+    log = gpu_run.Log(tmp_path / "gpu_run.log", started=time.time())
+    return gpu_run.Comparison(args, gpu_run.PRESETS["vits"], tmp_path, log, stop_at=time.time() + stop_in)
+
+
+def test_the_budget_end_stops_the_comparison_keeping_what_it_wrote(tmp_path) -> None:
+    comparison = comparison_in(tmp_path, stop_in=1.0)
+    comparison.process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    comparison.started, started = time.time(), time.time()
+    comparison.supervise(measure_after=1e9)
+    assert comparison.process.poll() is not None and time.time() - started < 10
+    assert "the budget's end: stopping the comparison" in (tmp_path / "gpu_run.log").read_text()
+
+
+def test_runs_too_slow_for_every_seed_go_on_with_seed_0(tmp_path, monkeypatch) -> None:
+    """Four runs at 100 s an epoch cannot finish 100 epochs in 10 minutes: the comparison restarts with seed 0."""
+    for name in ("mae-seed0", "sgmae-seed0", "mae-seed1", "sgmae-seed1"):
+        (tmp_path / "runs" / name / "checkpoint-73").mkdir(parents=True)
+        state = {"epoch": 1, "step": 73, "samples_seen": 9344, "train_seconds": 100.0}
+        (tmp_path / "runs" / name / "checkpoint-73/trainer_state.json").write_text(json.dumps(state))
+    comparison = comparison_in(tmp_path, stop_in=600)
+    restarted = []
+
+    def start(seeds: str) -> None:
+        restarted.append(seeds)
+        comparison.seeds, comparison.started = seeds, time.time()
+        comparison.process = subprocess.Popen(["true"])
+
+    monkeypatch.setattr(comparison, "start", start)
+    comparison.seeds, comparison.started = "0,1", time.time()
+    comparison.process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    comparison.supervise(measure_after=0)
+    assert restarted == ["0"] and comparison.decisions[0]["seeds"] == "0,1" and not comparison.decisions[0]["fits"]
+    speed = gpu_run.speed(tmp_path, gpu_run.PRESETS["vits"], device_flops=1e12)
+    assert speed["runs"]["mae-seed0"]["images_per_s"] == pytest.approx(93.44)
+    assert speed["gflop_per_image"] == pytest.approx(10.79, abs=0.01)  # the ViT-S step of the cost model
