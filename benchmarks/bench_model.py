@@ -688,9 +688,15 @@ def measure_config(args: BenchModelArguments, name: str, device: torch.device, l
     fields = CONFIGS[name]
     print(f"[{name} on {device.type}] batch {batch}, {steps} timed steps after {warmup} warm-up rounds")
     row = {
-        "config": name, "device": device.type, "batch_size": batch, "precision": precision, "steps": steps,
-        "warmup": warmup, "fields": fields, "num_hidden_layers": SGMAEConfig(**fields).num_hidden_layers,
-    }  # fmt: skip
+        "config": name,
+        "device": device.type,
+        "batch_size": batch,
+        "precision": precision,
+        "steps": steps,
+        "warmup": warmup,
+        "fields": fields,
+        "num_hidden_layers": SGMAEConfig(**fields).num_hidden_layers,
+    }
     pressure_before = cpu_pressure()
     if not args.skip_vit_mae:
         row["vs_vit_mae"] = [

@@ -120,14 +120,18 @@ def refresh_variants(model: SGMAEForPreTraining, pixels: torch.Tensor, options: 
 
 
 def print_rows(rows: list[dict], forward_s: float, images: int, checkpoint: str) -> None:
-    print(f"refresh pass vs eval forward ({forward_s * 1e3:.0f} ms for {images} images), {checkpoint}; "
-          f"target <= {REFRESH_TARGET}x")  # fmt: skip
+    print(
+        f"refresh pass vs eval forward ({forward_s * 1e3:.0f} ms for {images} images), {checkpoint}; "
+        f"target <= {REFRESH_TARGET}x"
+    )
     print(f"{'option':<34}{'ms':>8}{'ratio':>8}{'best':>8}{'= eigh':>8}{'steps':>7}{'lambda2':>9}{'gap q5':>8}")
     for row in rows:
         steps = "-" if row["lanczos_steps"] is None else str(row["lanczos_steps"])
-        print(f"{row['option'][:34]:<34}{row['median_s'] * 1e3:>8.0f}{row['ratio_vs_eval_forward']:>8.3f}"
-              f"{row['ratio_vs_eval_forward_best']:>8.3f}{row['same_part_as_eigh']:>8.3f}{steps:>7}"
-              f"{row['lambda2_median']:>9.4f}{row['relative_gap_q05']:>8.3f}")  # fmt: skip
+        print(
+            f"{row['option'][:34]:<34}{row['median_s'] * 1e3:>8.0f}{row['ratio_vs_eval_forward']:>8.3f}"
+            f"{row['ratio_vs_eval_forward_best']:>8.3f}{row['same_part_as_eigh']:>8.3f}{steps:>7}"
+            f"{row['lambda2_median']:>9.4f}{row['relative_gap_q05']:>8.3f}"
+        )
 
 
 def main() -> None:
@@ -147,14 +151,16 @@ def main() -> None:
     for variant, overrides in zip(variants[1:], options.values(), strict=True):
         with overridden(model.config, defaults | overrides):
             report = solver_report(model, pixels)
-        rows.append({
-            "option": variant.name,
-            "overrides": overrides,
-            "median_s": median_of(variant.times, rounds),
-            "ratio_vs_eval_forward": paired_ratio(variant, forward, rounds),
-            "ratio_vs_eval_forward_best": best_ratio(variant, forward),
-            **report,
-        })  # fmt: skip
+        rows.append(
+            {
+                "option": variant.name,
+                "overrides": overrides,
+                "median_s": median_of(variant.times, rounds),
+                "ratio_vs_eval_forward": paired_ratio(variant, forward, rounds),
+                "ratio_vs_eval_forward_best": best_ratio(variant, forward),
+                **report,
+            }
+        )
     print_rows(rows, median_of(forward.times, rounds), len(pixels), args.checkpoint)
     report = {
         "command": " ".join(["python", *sys.argv]),

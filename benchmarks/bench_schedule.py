@@ -49,8 +49,10 @@ class ScheduleArguments:
 def epoch_seconds(folder: Path) -> list[float]:
     """The loop's seconds in each epoch of a finished run, from its epoch checkpoints' cumulative clock."""
     checkpoints = epoch_checkpoints(folder)
-    totals = [json.loads((checkpoints[epoch] / "trainer_state.json").read_text())["train_seconds"]
-              for epoch in sorted(checkpoints)]  # fmt: skip
+    totals = [
+        json.loads((checkpoints[epoch] / "trainer_state.json").read_text())["train_seconds"]
+        for epoch in sorted(checkpoints)
+    ]
     return [later - earlier for earlier, later in zip([0.0, *totals], totals, strict=False)]
 
 

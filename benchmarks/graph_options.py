@@ -272,9 +272,12 @@ def write_panels(
         with overridden(model.config, fields):
             mean = masking_position_mean(model, chunks) if model.config.feature_centering == "position_mean" else None
             panel = figure_panel(
-                model, pixel_values[: args.panel_images], tuple(processor.image_mean), tuple(processor.image_std),
+                model,
+                pixel_values[: args.panel_images],
+                tuple(processor.image_mean),
+                tuple(processor.image_std),
                 position_mean=mean,
-            )  # fmt: skip
+            )
         slug = name.replace(" + ", "_").replace(" ", "_")
         path = Path(args.panel_dir) / f"figure_panel_{where['run']}_epoch{where['epoch']:g}_{slug}.png"
         panel.save(path)
@@ -306,11 +309,15 @@ def main() -> None:
         where = {"checkpoint": str(checkpoint), "run": checkpoint.parent.name, "step": step, "epoch": epoch}
         shares = position_shares(model, chunks)
         checkpoints.append(where | shares)
-        print(f"{checkpoint} (epoch {epoch}): position share per block "
-              + ", ".join(f"{v:.2f}" for v in shares["position_share"])
-              + "; same-position cosine " + ", ".join(f"{v:.2f}" for v in shares["same_position_cosine"])
-              + "; within-image cosine " + ", ".join(f"{v:.2f}" for v in shares["within_image_cosine"]),
-              flush=True)  # fmt: skip
+        print(
+            f"{checkpoint} (epoch {epoch}): position share per block "
+            + ", ".join(f"{v:.2f}" for v in shares["position_share"])
+            + "; same-position cosine "
+            + ", ".join(f"{v:.2f}" for v in shares["same_position_cosine"])
+            + "; within-image cosine "
+            + ", ".join(f"{v:.2f}" for v in shares["within_image_cosine"]),
+            flush=True,
+        )
         options = option_set(args.options, model.config.num_hidden_layers, args.option, args.graph_threshold)
         records += option_records(args, model, chunks, hidden, options, where)
         if args.panel_dir:
@@ -318,8 +325,13 @@ def main() -> None:
     print()
     print_table(records)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    written = {"command": "python " + " ".join(sys.argv), "commit": code_commit(), "num_images": args.num_images,
-               "checkpoints": checkpoints, "records": records}  # fmt: skip
+    written = {
+        "command": "python " + " ".join(sys.argv),
+        "commit": code_commit(),
+        "num_images": args.num_images,
+        "checkpoints": checkpoints,
+        "records": records,
+    }
     Path(args.output).write_text(json.dumps(written, indent=2) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(markdown_table(records))

@@ -134,20 +134,25 @@ def plot(summary: dict, path: Path, clocks: dict) -> None:
                 for column, x_of in enumerate((lambda r: r["epoch"], time_of)):
                     axis = axes[row_index, column]
                     x = [x_of(row) for row in points]
-                    axis.plot(x, [row[key]["mean"] for row in points], style, marker="o", color=color,
-                              label=f"{name}, {pooling}")  # fmt: skip
-                    axis.fill_between(x, [row[key]["min"] for row in points], [row[key]["max"] for row in points],
-                                      color=color, alpha=0.15)  # fmt: skip
+                    means = [row[key]["mean"] for row in points]
+                    axis.plot(x, means, style, marker="o", color=color, label=f"{name}, {pooling}")
+                    low, high = ([row[key][bound] for row in points] for bound in ("min", "max"))
+                    axis.fill_between(x, low, high, color=color, alpha=0.15)
                     axis.set_xlabel("epoch" if column == 0 else time_label)
                     axis.set_ylabel(f"{protocol} top-1 (%)")
                     axis.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     figure.tight_layout()
-    drawn = io.BytesIO()
-    figure.savefig(drawn, format="png", dpi=110)
-    # a palette of 256 colours keeps the curves sharp at a third of the bytes (the tree travels to lent machines)
+    save_compact(figure, path)
+
+
+def save_compact(figure, path: Path) -> None:
+    """The figure as a PNG of 256 colours: the curves stay sharp at a third of the bytes (the tree travels to lent
+    machines)."""
     from PIL import Image
 
+    drawn = io.BytesIO()
+    figure.savefig(drawn, format="png", dpi=110)
     Image.open(drawn).convert("RGB").quantize(256).save(path, format="PNG", optimize=True)
 
 
@@ -160,8 +165,10 @@ def print_tables(records: list[dict], summary: dict, headline: str) -> None:
     print(f"{'variant':<12}{'seed':>5}{'epoch':>6}{'minutes':>9}" + "".join(f"{name:>8}" for name in names))
     for r in records:
         cells = [cell(r[key], ".3f" if key == "centre_masked_share" else ".2f") for key in keys]
-        print(f"{r['variant']:<12}{r['seed']:>5}{r['epoch']:>6}{r['train_minutes']:>9.1f}"
-              + "".join(f"{c:>8}" for c in cells))  # fmt: skip
+        print(
+            f"{r['variant']:<12}{r['seed']:>5}{r['epoch']:>6}{r['train_minutes']:>9.1f}"
+            + "".join(f"{c:>8}" for c in cells)
+        )
     print(f"\nmean over seeds [min, max]; delta: minus {summary['reference']}, paired by seed, mean over seeds")
     print(f"{'variant':<12}{'epoch':>6}{'probe':>22}{'delta':>8}{'kNN':>22}{'delta':>8}")
     for row in summary["rows"]:
@@ -170,8 +177,10 @@ def print_tables(records: list[dict], summary: dict, headline: str) -> None:
             value = row[key]
             cells.append(f"{value['mean']:.2f} [{value['min']:.2f}, {value['max']:.2f}]" if value else "-")
             cells.append(cell(row.get(f"delta_{key}"), "+.2f"))
-        print(f"{row['variant']:<12}{row['epoch']:>6}" + "".join(f"{c:>22}" if i % 2 == 0 else f"{c:>8}"
-                                                         for i, c in enumerate(cells)))  # fmt: skip
+        print(
+            f"{row['variant']:<12}{row['epoch']:>6}"
+            + "".join(f"{c:>22}" if i % 2 == 0 else f"{c:>8}" for i, c in enumerate(cells))
+        )
     for probe, reached in summary["reached"].items():
         print(f"\nfirst reaching {summary['reference']}'s final {probe}: {json.dumps(reached)}")
 
@@ -208,10 +217,17 @@ def target_table(summary: dict, poolings: list[str]) -> list[str]:
             behind = [str(row["epoch"]) for row in rows if knn in row and row[knn] < 0]
             reached_by = summary["reached"].get(f"linear_probe_{pooling}", {})
             first, own = reached_by.get(variant), reached_by.get(reference)
-            reached = "not reached" if first is None else f"epoch {first['epoch']}, " + ", ".join(
-                f"{first[key]:.2f}x the {unit} ({'met' if first[key] <= 0.8 else 'not met'})"
-                for key, unit in (("epoch_ratio", "epochs"), ("clock_ratio", "measured time")) if key in first
-            ) + (f"; {reference} itself: epoch {own['epoch']}" if own and own["epoch_ratio"] < 1 else "")  # fmt: skip
+            reached = (
+                "not reached"
+                if first is None
+                else f"epoch {first['epoch']}, "
+                + ", ".join(
+                    f"{first[key]:.2f}x the {unit} ({'met' if first[key] <= 0.8 else 'not met'})"
+                    for key, unit in (("epoch_ratio", "epochs"), ("clock_ratio", "measured time"))
+                    if key in first
+                )
+                + (f"; {reference} itself: epoch {own['epoch']}" if own and own["epoch_ratio"] < 1 else "")
+            )
             cells = [variant, "[CLS]" if pooling == "cls" else "mean"]
             cells += [f"{len(ahead)} of {len(compared)} epochs" + (f" ({', '.join(ahead)})" if ahead else "")]
             cells += [", ".join(behind) or "none", reached]
@@ -229,8 +245,10 @@ def markdown_report(records: list[dict], summary: dict, headline: str) -> str:
 
     other = "mean" if headline == "cls" else "cls"
     accuracies = [f"{protocol}_{pooling}" for protocol in ("linear_probe", "knn") for pooling in (headline, other)]
-    titles = [f"{'probe' if key.startswith('linear') else 'kNN'}, {'[CLS]' if key.endswith('cls') else 'mean'}"
-              for key in accuracies]  # fmt: skip
+    titles = [
+        f"{'probe' if key.startswith('linear') else 'kNN'}, {'[CLS]' if key.endswith('cls') else 'mean'}"
+        for key in accuracies
+    ]
     lines = [f"Means over seeds [min, max]; Δ: minus {summary['reference']}, paired by seed, mean over seeds.", ""]
     header = ["variant", "epoch", *(f"{title} (Δ)" for title in titles), *(t for t, _ in ANALYSIS_COLUMNS.values())]
     lines += [table_row(header), "|" + "---|" * len(header)]
@@ -255,11 +273,15 @@ def markdown_report(records: list[dict], summary: dict, headline: str) -> str:
     for probe, reached in summary["reached"].items():
         lines.append(f"First reaching {summary['reference']}'s final {probe} (mean of seeds):")
         for variant, first in reached.items():
-            found = "not within the evaluated epochs" if first is None else (
-                f"epoch {first['epoch']} ({first['epoch_ratio']:.2f}x the epochs, "
-                f"{first['time_ratio']:.2f}x the minutes"
-                + (f", {first['clock_ratio']:.2f}x the measured schedule time)" if "clock_ratio" in first else ")")
-            )  # fmt: skip
+            found = (
+                "not within the evaluated epochs"
+                if first is None
+                else (
+                    f"epoch {first['epoch']} ({first['epoch_ratio']:.2f}x the epochs, "
+                    f"{first['time_ratio']:.2f}x the minutes"
+                    + (f", {first['clock_ratio']:.2f}x the measured schedule time)" if "clock_ratio" in first else ")")
+                )
+            )
             lines.append(f"- {variant}: {found}")
         lines.append("")
     return "\n".join(lines)

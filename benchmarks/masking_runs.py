@@ -326,9 +326,10 @@ class Records:
         if self.path.is_file():
             earlier = json.loads(self.path.read_text())
             differing = sorted(
-                key for key, value in vars(args).items()
+                key
+                for key, value in vars(args).items()
                 if key not in SITTING_ARGUMENTS and key in earlier["args"] and earlier["args"][key] != value
-            )  # fmt: skip
+            )
             if differing:
                 raise SystemExit(
                     f"error: {self.path} holds a comparison with other settings ({', '.join(differing)}); "
