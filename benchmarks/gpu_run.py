@@ -155,17 +155,8 @@ def vit_b_step(log: Log, work: Path, smoke: bool) -> dict | None:
     """Our ViT-B/16 step against ViTMAE with SDPA (bf16 on a GPU), same weights and noise, in at most 60 s; None
     when it did not finish in time."""
     output = work / "bench_model_vitb.json"
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.bench_model",
-        "--layouts",
-        "vit_mae,sgmae_random",
-        "--output",
-        str(output),
-        "--skip_self_guided",
-        "--skip_cached",
-    ]
+    command = [sys.executable, "-m", "benchmarks.bench_model", "--layouts", "vit_mae,sgmae_random",
+               "--output", str(output), "--skip_self_guided", "--skip_cached"]  # fmt: skip
     if smoke:
         command += ["--device", "cpu", "--configs", "smoke"]
     else:
@@ -192,42 +183,14 @@ def comparison_command(args: argparse.Namespace, preset: Preset, seeds: str, wor
     if (Path(args.data) / "112px").is_dir():
         command += ["--dataset_config_name", "112px"]
     command += [
-        "--config_name",
-        preset.config_name,
-        "--config_overrides",
-        preset.config_overrides,
-        "--variants",
-        "mae:--mask_strategy random,sgmae:--mask_strategy self_guided",
-        "--seeds",
-        seeds,
-        "--epochs",
-        str(preset.epochs),
-        "--eval_epochs",
-        preset.eval_epochs,
-        "--batch_size",
-        str(preset.batch_size),
-        "--base_learning_rate",
-        "1e-3",
-        "--input_path",
-        "decode_once",
-        "--probe_pooling",
-        "cls",
-        "--parallel_runs",
-        str(runs),
-        "--keep_checkpoints",
-        "evaluated",
-        "--num_workers",
-        "2",
-        "--evaluation_minutes",
-        f"{args.evaluation_minutes:g}",
-        "--stop_after_minutes",
-        f"{minutes:.2f}",
-        "--output_dir",
-        str(work / "comparison"),
-        "--runs_dir",
-        str(work / "runs"),
-        *preset.extra,
-    ]
+        "--config_name", preset.config_name, "--config_overrides", preset.config_overrides,
+        "--variants", "mae:--mask_strategy random,sgmae:--mask_strategy self_guided", "--seeds", seeds,
+        "--epochs", str(preset.epochs), "--eval_epochs", preset.eval_epochs, "--batch_size", str(preset.batch_size),
+        "--base_learning_rate", "1e-3", "--input_path", "decode_once", "--probe_pooling", "cls",
+        "--parallel_runs", str(runs), "--keep_checkpoints", "evaluated", "--num_workers", "2",
+        "--evaluation_minutes", f"{args.evaluation_minutes:g}", "--stop_after_minutes", f"{minutes:.2f}",
+        "--output_dir", str(work / "comparison"), "--runs_dir", str(work / "runs"), *preset.extra,
+    ]  # fmt: skip
     return command
 
 
@@ -255,6 +218,10 @@ class Comparison:
         minutes = (self.stop_at - time.time()) / 60
         command = comparison_command(self.args, self.preset, seeds, self.work, minutes)
         self.command = command
+        if minutes <= self.args.evaluation_minutes + 0.5:
+            self.log(f"{minutes:.1f} min left: too little for the comparison and its evaluations")
+            self.process = None
+            return
         self.log(f"comparison, seeds {seeds}, {minutes:.1f} min: {shlex.join(command[1:])}")
         with (self.work / "compare_masking.log").open("a") as handle:
             self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
@@ -275,7 +242,7 @@ class Comparison:
     def supervise(self, measure_after: float) -> None:
         """Wait for the comparison; after `measure_after` s, once every run has an epoch, measure and decide."""
         measured = False
-        while self.process.poll() is None:
+        while self.process is not None and self.process.poll() is None:
             if time.time() >= self.stop_at:
                 self.log("the budget's end: stopping the comparison (every finished evaluation is kept)")
                 self.stop()
@@ -443,7 +410,7 @@ def plan_seeds(log: Log, preset: Preset, device_flops: float, stop_at: float) ->
     fits = time.time() + seconds <= stop_at
     log(
         f"estimate: {runs} runs x {images / 1e6:.2f} M images x {flops / 1e9:.1f} GFLOP at {ASSUMED_MFU:.0%} of "
-        f"{device_flops / 1e12:.0f} TFLOP/s = {seconds:.0f} s; {stop_at - time.time():.0f} s left: "
+        f"{device_flops / 1e12:.2f} TFLOP/s = {seconds:.0f} s; {stop_at - time.time():.0f} s left: "
         + ("every seed" if fits else "seed 0 alone")
     )
     return preset.seeds if fits else preset.seeds.split(",")[0]

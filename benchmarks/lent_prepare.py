@@ -5,7 +5,7 @@
 The lent machine's Python has torch, transformers, accelerate, torchvision, timm, pyarrow, pandas and scikit-learn
 but neither `datasets` nor `evaluate`: `.whl/` holds the wheels of exactly the distributions those two need beyond
 what the lent packages bring (read from this environment's metadata, at this environment's versions, for CPython
-3.10-3.13 since the lent machine's version is unknown). The names the code imports from transformers and accelerate
+3.10-3.14 since the lent machine's version is unknown). The names the code imports from transformers and accelerate
 are checked against the lent machine's releases (downloaded into `.pins/`, which does not travel). `--offline`
 repacks this environment's installed distributions as wheels instead (this Python only; what the tests use).
 Prints the sizes against the 64 MiB limit, the folders to carry and the exact command.
@@ -44,7 +44,7 @@ from benchmarks.lent_machine import (
 )
 
 NEEDED = ("datasets", "evaluate")
-PYTHONS = ("3.10", "3.11", "3.12", "3.13")
+PYTHONS = ("3.10", "3.11", "3.12", "3.13", "3.14")  # torch 2.11 needs 3.10 or newer
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_5_x86_64")
 DATA = Path("../shared/data/imagenette")
 CARRY = (".data", ".whl")

@@ -166,3 +166,10 @@ def test_runs_too_slow_for_every_seed_go_on_with_seed_0(tmp_path, monkeypatch) -
     speed = gpu_run.speed(tmp_path, gpu_run.PRESETS["vits"], device_flops=1e12)
     assert speed["runs"]["mae-seed0"]["images_per_s"] == pytest.approx(93.44)
     assert speed["gflop_per_image"] == pytest.approx(10.79, abs=0.01)  # the ViT-S step of the cost model
+
+
+def test_no_comparison_starts_without_time_for_its_evaluations(tmp_path) -> None:
+    comparison = comparison_in(tmp_path, stop_in=30)  # 0.5 min left, 0.5 min of evaluations
+    comparison.start("0")
+    comparison.supervise(measure_after=0)
+    assert comparison.process is None and "too little for the comparison" in (tmp_path / "gpu_run.log").read_text()
