@@ -26,39 +26,24 @@ variants in one precision (`--precision`: bf16 autocast by default on a GPU, flo
    (target ≤ 1.05x); and the refresh pass, `informed_mask_scores` on whole images in eval mode, against a plain
    eval forward of `SGMAEModel` over the same images (target ≤ 1.2x), with each Fiedler solver.
 
-Floor ratio (measurement 2). FLOPs per token of one transformer block of width w, MLP width m, sequence length n:
+Floor ratio (measurement 2): 1 + F(k) / (3·(E + R)), the no-grad feature pass over all patches (k blocks) against
+forward + backward of the masked encoder and the decoder, from token counts (`benchmarks/cost_model.py`).
+Target: measured ratio / floor ≤ 1.15.
 
-    t(w, m, n) = 8·w² (qkv + output projections) + 4·w·m (MLP) + 4·n·w (attention scores and weighted sum)
-
-With N patches, N_v = int(N·(1 - mask_ratio)) visible ones, L encoder blocks (D, M), L_d decoder blocks
-(D_d, M_d), P = patch_size²·channels pixels per patch ([CLS] counted as a token everywhere):
-
-    encoder  E = L · (N_v + 1) · t(D, M, N_v + 1)                      masked encoder, forward
-    decoder  R = L_d · (N + 1) · t(D_d, M_d, N + 1) + 2·(N_v + 1)·D·D_d + 2·(N + 1)·D_d·P
-    feature  F(k) = k · (N + 1) · t(D, M, N + 1)                       no-grad pass over all patches, k blocks
-    floor(k) = 1 + F(k) / (3 · (E + R))                                 forward + backward ≈ 3 x forward
-
-that is, the extra pass costs about (k/L)·N encoder-token units against 3·N_v for the masked encoder plus the
-decoder's share R/E of it. The patch embedding (< 1 %) and the optimiser step (fixed per step, which only pulls
-the real ratio below the floor) are left out. Target: measured ratio / floor ≤ 1.15.
-
-Method: all variants of one measurement live in one process and run in alternation, one step each per round
-(A, B, A, B, ...), after `--warmup` untimed rounds, so machine noise hits all of them alike. Reported: median step
-time per variant, images/s from it, and the median over rounds of the paired per-round ratio (targets are judged
-on these); next to them the same ratio in process CPU time and the ratio of the fastest steps. The CPU pressure
-of the machine (Linux PSI) is recorded: when other processes compete for the cores, OpenMP threads wait on each
-other and a step can take 10x longer. Rounds in which any step took over 1.5x its variant's fastest are left out
-of the medians (all are kept when fewer than 3 or a quarter remain); from a run with high pressure, the ratios
-still say little (rerun on an idle machine, or use --threads 1).
+Method (`benchmarks/timing.py`): all variants of one measurement live in one process and run in alternation, one
+step each per round, after `--warmup` untimed rounds. Reported: median step time per variant, images/s from it,
+and the median over rounds of the paired per-round ratio (targets are judged on these); next to them the same ratio
+in process CPU time and the ratio of the fastest steps. The CPU pressure of the machine (Linux PSI) is recorded:
+from a run with high pressure the ratios say little (rerun on an idle machine, or use --threads 1).
 
 `--layouts` repeats measurement 1 with other sets of variants in the same process (e.g. only ViTMAE-SDPA and ours),
 to see whether the other models sharing the process change the ratio.
 
 Usage (CPU defaults: cifar batch 64 x 20 steps, vitb batch 8 x 5 steps; about 7 minutes on 2 idle cores):
 
-    python benchmarks/bench_model.py
-    python benchmarks/bench_model.py --configs cifar --steps 40 --device cpu
-    python benchmarks/bench_model.py --configs vitb --skip-self-guided \
+    python -m benchmarks.bench_model
+    python -m benchmarks.bench_model --configs cifar --steps 40 --device cpu
+    python -m benchmarks.bench_model --configs vitb --skip-self-guided \
         --layouts "vit_mae_eager,vit_mae,sgmae_random,sgmae_compiled;vit_mae,sgmae_random"
 """
 
@@ -68,7 +53,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -81,15 +65,24 @@ import torch
 import transformers
 from transformers import HfArgumentParser, ViTMAEConfig, ViTMAEForPreTraining
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from provenance import code_commit  # noqa: E402
-
-from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining  # noqa: E402
-from modeling_sgmae.masking_sgmae import MaskType  # noqa: E402
-from sgmae_training.arguments import parse_script_args  # noqa: E402
-from sgmae_training.augment import BatchAugmentation, crop_maps  # noqa: E402
+from benchmarks.cost_model import floor_ratio
+from benchmarks.provenance import REPO, code_commit
+from benchmarks.timing import (
+    DISTURBED,
+    Variant,
+    alternate,
+    best_ratio,
+    cpu_pressure,
+    matmul_rate,
+    median_of,
+    paired_ratio,
+    synchronize,
+    undisturbed_rounds,
+)
+from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining
+from modeling_sgmae.masking_sgmae import MaskType
+from sgmae_training.arguments import parse_script_args
+from sgmae_training.augment import BatchAugmentation, crop_maps
 
 # Architecture fields shared by ViTMAEConfig and SGMAEConfig.
 CONFIGS: dict[str, dict] = {
@@ -118,9 +111,12 @@ CONFIGS["vit_tiny"] = dict(  # ViT-Tiny/16 at 224 px, transformers' default 8 x 
 CONFIGS["imagenette196"] = CONFIGS["cifar"] | dict(
     image_size=112, patch_size=8, num_hidden_layers=4, decoder_num_hidden_layers=2
 )
+# One block each side: the smoke setting of gpu_run.sh (the same path on a CPU in seconds).
+CONFIGS["smoke"] = CONFIGS["cifar"] | dict(num_hidden_layers=1, decoder_num_hidden_layers=1)
 # (batch size, timed steps, warm-up rounds) per config and device.
 DEFAULTS = {
     ("cifar", "cpu"): (64, 20, 3),
+    ("smoke", "cpu"): (2, 1, 0),
     ("vitb", "cpu"): (8, 5, 1),
     ("vit_tiny", "cpu"): (8, 4, 1),
     ("imagenette196", "cpu"): (128, 8, 1),
@@ -132,131 +128,10 @@ DEFAULTS = {
 SPEEDUP_TARGET, SPEEDUP_AIM, FLOOR_TARGET, MASKING_SHARE_TARGET = 1.0, 1.15, 1.15, 0.10
 CACHED_STEP_TARGET, REFRESH_TARGET = 1.05, 1.2  # measurement 4: x a random step; x a plain eval forward
 SOLVERS = ("lanczos", "power")
-DISTURBED = 1.5  # a round whose step took more than this times the variant's fastest step is left out
 VS_VIT_MAE_VARIANTS = ("vit_mae_eager", "vit_mae", "sgmae_random", "sgmae_compiled")
 
 
-# ----- cost model ---------------------------------------------------------------------------------------------
-def block_flops_per_token(width: int, mlp: int, length: int) -> float:
-    """t(w, m, n): forward FLOPs per token of one pre-LN block (projections, MLP, attention products)."""
-    return 8 * width * width + 4 * width * mlp + 4 * length * width
-
-
-def floor_ratio(config: SGMAEConfig, feature_layers: int) -> dict[str, float]:
-    """Self-guided / random step-time floor from token counts (see the module docstring)."""
-    grid_h, grid_w = config.grid_size
-    num_patches = grid_h * grid_w
-    num_visible = int(num_patches * (1 - config.mask_ratio))
-    pixels = config.patch_size**2 * config.num_channels
-    encoder = (
-        config.num_hidden_layers
-        * (num_visible + 1)
-        * block_flops_per_token(config.hidden_size, config.intermediate_size, num_visible + 1)
-    )
-    decoder = (
-        config.decoder_num_hidden_layers
-        * (num_patches + 1)
-        * block_flops_per_token(config.decoder_hidden_size, config.decoder_intermediate_size, num_patches + 1)
-        + 2 * (num_visible + 1) * config.hidden_size * config.decoder_hidden_size
-        + 2 * (num_patches + 1) * config.decoder_hidden_size * pixels
-    )
-    features = (
-        feature_layers
-        * (num_patches + 1)
-        * block_flops_per_token(config.hidden_size, config.intermediate_size, num_patches + 1)
-    )
-    return {
-        "random_step_gflop_per_image": 3 * (encoder + decoder) / 1e9,
-        "encoder_fwd_gflop_per_image": encoder / 1e9,
-        "decoder_fwd_gflop_per_image": decoder / 1e9,
-        "decoder_share_of_encoder": decoder / encoder,
-        "feature_pass_gflop_per_image": features / 1e9,
-        "floor_ratio": 1 + features / (3 * (encoder + decoder)),
-    }
-
-
-# ----- timing -------------------------------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass
-class Variant:
-    """One way of running a training step; `step(noise)` runs it, `times` collects seconds per timed step."""
-
-    name: str
-    step: Callable[[torch.Tensor | None], None]
-    times: list[float] = field(default_factory=list)
-    cpu_times: list[float] = field(default_factory=list)  # process CPU time, all threads (CPU device only)
-    peak_bytes: int = 0  # GPU: most memory allocated during a step above what was allocated before it
-
-
-def alternate(variants: list[Variant], steps: int, warmup: int, noise_shape: tuple[int, int], device) -> None:
-    """Run the variants in alternation, one step each per round; the first `warmup` rounds are not timed.
-
-    Each round draws one noise tensor that every variant gets (variants that build their own mask ignore it).
-    """
-    generator = torch.Generator().manual_seed(0)
-    for round_index in range(warmup + steps):
-        noise = torch.rand(noise_shape, generator=generator).to(device)
-        for variant in variants:
-            synchronize(device)
-            if device.type == "cuda":
-                before = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            variant.step(noise)
-            synchronize(device)
-            if round_index >= warmup:
-                variant.times.append(time.perf_counter() - start)
-                variant.cpu_times.append(time.process_time() - cpu_start)
-            if device.type == "cuda":
-                variant.peak_bytes = max(variant.peak_bytes, torch.cuda.max_memory_allocated(device) - before)
-
-
-def undisturbed_rounds(variants: list[Variant]) -> list[int]:
-    """Timed rounds in which no variant's step took more than `DISTURBED` times its fastest step.
-
-    Other processes on a shared machine come in bursts that can slow a step down tenfold (OpenMP threads wait on a
-    descheduled sibling); a round hit by one says nothing about the models. All rounds are kept when fewer than
-    three (or under a quarter) of them are undisturbed.
-    """
-    fastest = [min(variant.times) for variant in variants]
-    rounds = range(len(variants[0].times))
-    kept = [i for i in rounds if all(v.times[i] <= DISTURBED * f for v, f in zip(variants, fastest, strict=True))]
-    return kept if len(kept) >= max(3, len(rounds) / 4) else list(rounds)
-
-
-def median_of(values: list[float], rounds: list[int]) -> float:
-    return statistics.median(values[i] for i in rounds)
-
-
-def paired_ratio(numerator: Variant, denominator: Variant, rounds: list[int], cpu: bool = False) -> float:
-    """Median over the given rounds of numerator time / denominator time (same round, so shared noise cancels).
-
-    `cpu`: use process CPU time instead of wall time. On a shared machine it counts only the work this process
-    got to do, so it is less sensitive to other processes than wall time (but it counts OpenMP spin-waiting).
-    """
-    above, below = (numerator.cpu_times, denominator.cpu_times) if cpu else (numerator.times, denominator.times)
-    return statistics.median(above[i] / below[i] for i in rounds)
-
-
-def best_ratio(numerator: Variant, denominator: Variant) -> float:
-    """Ratio of the fastest steps: the least disturbed estimate when other processes load the machine."""
-    return min(numerator.times) / min(denominator.times)
-
-
-def cpu_pressure() -> float | None:
-    """Share of the last 60 s in which runnable tasks waited for a CPU (Linux PSI), or None where unavailable."""
-    try:
-        first_line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-    except (OSError, IndexError):
-        return None
-    fields = dict(item.split("=") for item in first_line.split()[1:])
-    return float(fields["avg60"]) / 100
-
-
+# ----- the timed models ----------------------------------------------------------------------------------------
 class Trainer:
     """A model with MAE's AdamW (betas 0.9/0.95, weight decay 0.05); `step` is forward + backward + update, the
     forward under bf16 autocast when `bf16`."""
@@ -318,21 +193,6 @@ def random_pixels(config: SGMAEConfig | ViTMAEConfig, batch: int, device: torch.
 
 
 # ----- measurements -------------------------------------------------------------------------------------------
-def matmul_rate(device: torch.device, bf16: bool) -> float:
-    """FLOP/s of square matmuls on the device in the step's precision (the denominator of MFU); median of 10."""
-    size = 8192 if device.type == "cuda" else 1024
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    left, right = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    times = []
-    for _ in range(13):
-        synchronize(device)
-        start = time.perf_counter()
-        left @ right
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times[3:])
-
-
 def host_syncs(device: torch.device, step: Callable[[], None]) -> str | None:
     """On a GPU, run `step` with device-to-host synchronisation as an error: None if there was none, else what
     synchronised (the error's first line). Not checked (None) on the CPU, where nothing waits on a device."""
@@ -348,11 +208,9 @@ def host_syncs(device: torch.device, step: Callable[[], None]) -> str | None:
     return None
 
 
-def compare_with_vit_mae(
-    fields: dict, batch: int, steps: int, warmup: int, device: torch.device, bf16: bool, names: tuple[str, ...]
-) -> dict:
-    """Measurement 1: SG-MAE (random masks) vs ViTMAE (eager and SDPA), same weights, noise and optimiser settings;
-    `names`: the variants of `VS_VIT_MAE_VARIANTS` in this process's memory and alternation ("vit_mae" among them)."""
+def vit_mae_models(fields: dict, names: tuple[str, ...]) -> dict[str, torch.nn.Module]:
+    """ViTMAE (SDPA, eager) and ours (as it loads, compiled) with the same weights: ours are loaded from the saved
+    ViTMAE checkpoint, which `SGMAEForPreTraining.from_pretrained` converts."""
     torch.manual_seed(0)
     vit_mae = ViTMAEForPreTraining(ViTMAEConfig(**fields))  # SDPA attention, transformers' default
     models = {}
@@ -367,28 +225,30 @@ def compare_with_vit_mae(
                 models[name] = SGMAEForPreTraining.from_pretrained(directory, mask_strategy="random")  # converts
                 if name == "sgmae_compiled":
                     models[name].compile_blocks()
+    return models
+
+
+def compare_with_vit_mae(
+    fields: dict, batch: int, steps: int, warmup: int, device: torch.device, bf16: bool, names: tuple[str, ...]
+) -> dict:
+    """Measurement 1: SG-MAE (random masks) vs ViTMAE (eager and SDPA), same weights, noise and optimiser settings;
+    `names`: the variants of `VS_VIT_MAE_VARIANTS` in this process's memory and alternation ("vit_mae" among them)."""
+    models = vit_mae_models(fields, names)
     for model in models.values():
         model.to(device).train()
-    config = models["sgmae_random"].config
+    config = next(model.config for name, model in models.items() if name.startswith("sgmae"))
     pixels = random_pixels(config, batch, device)
     grid_h, grid_w = config.grid_size
     noise_shape = (batch, grid_h * grid_w)
     noise = torch.rand(noise_shape, generator=torch.Generator().manual_seed(2)).to(device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         losses = {name: float(model(pixel_values=pixels, noise=noise).loss) for name, model in models.items()}
-    loss_gap = max(abs(loss - losses["vit_mae"]) for loss in losses.values())
-
     trainers = {name: Trainer(model, bf16) for name, model in models.items()}
     variants = [
         Variant(name, lambda noise, trainer=trainer: trainer.step(pixels, noise=noise))
         for name, trainer in trainers.items()
     ]
     alternate(variants, steps, warmup, noise_shape, device)
-    reference = variants[list(models).index("vit_mae")]  # ViTMAE with SDPA, transformers' default
-    rounds = undisturbed_rounds(variants)
-    flops_per_image = floor_ratio(config, 0)["random_step_gflop_per_image"] * 1e9
-    rate = matmul_rate(device, bf16)
-    images_per_s = {v.name: batch / median_of(v.times, rounds) for v in variants}
     ours = [v for v in variants if v.name.startswith("sgmae")]
     return {
         "attn_implementation": {name: model.config._attn_implementation for name, model in models.items()},
@@ -396,8 +256,23 @@ def compare_with_vit_mae(
             name: sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
             for name, trainer in trainers.items()
         },
-        "loss_abs_difference_same_noise": loss_gap,
+        "loss_abs_difference_same_noise": max(abs(loss - losses["vit_mae"]) for loss in losses.values()),
         "losses": losses,
+        **step_rates(variants, batch, config, device, bf16),
+        "host_syncs_in_step": host_syncs(device, lambda: trainers[ours[0].name].step(pixels, noise=noise)),
+    }
+
+
+def step_rates(variants: list[Variant], batch: int, config: SGMAEConfig, device: torch.device, bf16: bool) -> dict:
+    """Images/s, MFU and peak memory of each variant, and ours against ViTMAE with SDPA (transformers' default):
+    paired ratios on the wall clock and process CPU time, and the ratio of the fastest steps."""
+    reference = next(v for v in variants if v.name == "vit_mae")
+    rounds = undisturbed_rounds(variants)
+    flops_per_image = floor_ratio(config, 0)["random_step_gflop_per_image"] * 1e9
+    rate = matmul_rate(device, bf16)
+    images_per_s = {v.name: batch / median_of(v.times, rounds) for v in variants}
+    ours = [v for v in variants if v.name.startswith("sgmae")]
+    return {
         "rounds_used": rounds,
         "median_step_s": {v.name: median_of(v.times, rounds) for v in variants},
         "images_per_s": images_per_s,
@@ -410,18 +285,55 @@ def compare_with_vit_mae(
         },
         "speedup_cpu_time": {v.name: paired_ratio(reference, v, rounds, cpu=True) for v in ours},
         "speedup_best": {v.name: best_ratio(reference, v) for v in ours},
-        "host_syncs_in_step": host_syncs(device, lambda: trainers[ours[0].name].step(pixels, noise=noise)),
         "step_times_s": {v.name: v.times for v in variants},
         "step_cpu_times_s": {v.name: v.cpu_times for v in variants},
     }
 
 
-def measure_self_guided(fields: dict, batch: int, steps: int, warmup: int, device: torch.device, bf16: bool) -> dict:
-    """Measurements 2 and 3: random vs self-guided steps (k = L and L/2) in one model and optimiser.
+class MaskingShares:
+    """The shares of a self-guided step spent in `model.masking` (forward hooks: graph + solver + ranking + hints)
+    and in `model.vit.encode` (a wrapper: the no-grad feature pass and the masked encoder's forward), per variant."""
 
-    Forward hooks on `model.masking` time graph + solver + ranking + hints; a wrapper on `model.vit.encode` times
-    both encoder calls of a step (the no-grad feature pass and the masked encoder's forward).
-    """
+    def __init__(self, model: SGMAEForPreTraining, device: torch.device, names: list[str]):
+        self.masking, self.encode = CallTimer(device), CallTimer(device)
+        self.masking.attach(model.masking)
+        self.model, self.unwrapped = model, model.vit.encode
+        model.vit.encode = self.encode.wrap(self.unwrapped)  # an instance attribute shadows the method
+        self.shares: dict[str, dict[str, list[float]]] = {name: {"masking": [], "encode": []} for name in names}
+
+    def timed(self, name: str, device: torch.device, step: Callable[[], None]) -> None:
+        """Run one step, recording the two shares of its wall time under `name`."""
+        self.masking.take()
+        self.encode.take()
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        total = time.perf_counter() - start
+        self.shares[name]["masking"].append(self.masking.take() / total)
+        self.shares[name]["encode"].append(self.encode.take() / total)
+
+    def detach(self) -> None:
+        self.model.vit.encode = self.unwrapped
+
+
+def informed_masks_per_depth(model: SGMAEForPreTraining, pixels: torch.Tensor, depths: dict[str, int]) -> dict:
+    """Informed masks in one batch at each feature depth; raises if self-guided masking did not run (checked
+    before timing, so the self-guided variants really build informed masks)."""
+    informed = {}
+    with torch.no_grad():
+        for name, depth in depths.items():
+            model.config.mask_feature_layer = depth
+            mask_type = model(pixels).mask_type
+            if bool((mask_type == MaskType.RANDOM).any()):
+                raise RuntimeError(f"{name}: self-guided masking did not run")
+            informed[name] = int((mask_type == MaskType.INFORMED).sum())
+    return informed
+
+
+def measure_self_guided(fields: dict, batch: int, steps: int, warmup: int, device: torch.device, bf16: bool) -> dict:
+    """Measurements 2 and 3: random vs self-guided steps (k = L and L/2) in one model and optimiser, with the
+    shares of each self-guided step spent in masking and in the encoder calls."""
     torch.manual_seed(0)
     config = SGMAEConfig(
         **fields, mask_strategy="self_guided", informed_masking_start=0.0, informed_mask_source="step"
@@ -431,68 +343,34 @@ def measure_self_guided(fields: dict, batch: int, steps: int, warmup: int, devic
         raise RuntimeError("informed masking should be active from step 0 with informed_masking_start=0.0")
     trainer = Trainer(model, bf16)
     pixels = random_pixels(config, batch, device)
-    layers = config.num_hidden_layers
-    depths = {"self_guided_last": layers, "self_guided_half": max(layers // 2, 1)}
+    depths = {"self_guided_last": config.num_hidden_layers, "self_guided_half": max(config.num_hidden_layers // 2, 1)}
+    informed = informed_masks_per_depth(model, pixels, depths)
+    shares = MaskingShares(model, device, list(depths))
 
-    masking_timer, encode_timer = CallTimer(device), CallTimer(device)
-    masking_timer.attach(model.masking)
-    encode = model.vit.encode
-    model.vit.encode = encode_timer.wrap(encode)  # an instance attribute shadows the method
-    shares: dict[str, dict[str, list[float]]] = {name: {"masking": [], "encode": []} for name in depths}
-
-    def random_step(_noise: torch.Tensor | None) -> None:
-        trainer.step(pixels, random_masking=True)
-
-    def self_guided_step(name: str) -> Callable[[torch.Tensor | None], None]:
-        def step(_noise: torch.Tensor | None) -> None:
+    def self_guided_turn(name: str) -> Callable[[torch.Tensor | None], None]:
+        def turn(_noise: torch.Tensor | None) -> None:
             config.mask_feature_layer = depths[name]
-            masking_timer.take()
-            encode_timer.take()
-            synchronize(device)
-            start = time.perf_counter()
-            trainer.step(pixels)
-            synchronize(device)
-            total = time.perf_counter() - start
-            shares[name]["masking"].append(masking_timer.take() / total)
-            shares[name]["encode"].append(encode_timer.take() / total)
+            shares.timed(name, device, lambda: trainer.step(pixels))
 
-        return step
+        return turn
 
-    # Before timing: the self-guided variants must really build informed masks.
-    informed = {}
-    with torch.no_grad():
-        for name, depth in depths.items():
-            config.mask_feature_layer = depth
-            mask_type = model(pixels).mask_type
-            if bool((mask_type == MaskType.RANDOM).any()):
-                raise RuntimeError(f"{name}: self-guided masking did not run")
-            informed[name] = int((mask_type == MaskType.INFORMED).sum())
-
-    variants = [Variant("random", random_step)] + [Variant(name, self_guided_step(name)) for name in depths]
+    random_variant = Variant("random", lambda _noise: trainer.step(pixels, random_masking=True))
+    variants = [random_variant] + [Variant(name, self_guided_turn(name)) for name in depths]
     alternate(variants, steps, warmup, (batch, 1), device)
-    model.vit.encode = encode
-    random_variant = variants[0]
+    shares.detach()
     rounds = undisturbed_rounds(variants)
-    results = {}
-    for variant in variants[1:]:
-        floor = floor_ratio(config, depths[variant.name])
-        ratio = paired_ratio(variant, random_variant, rounds)
-        results[variant.name] = {
+    results = {
+        variant.name: self_guided_row(variant, random_variant, rounds, floor_ratio(config, depths[variant.name]))
+        | {
             "feature_layer": depths[variant.name],
-            "median_step_s": median_of(variant.times, rounds),
             "images_per_s": batch / median_of(variant.times, rounds),
-            "ratio_vs_random": ratio,
-            **floor,
-            "ratio_over_floor": ratio / floor["floor_ratio"],
-            "ratio_vs_random_cpu_time": paired_ratio(variant, random_variant, rounds, cpu=True),
-            "ratio_vs_random_best": best_ratio(variant, random_variant),
             # the warm-up rounds recorded shares too: keep the timed ones
-            "masking_share": median_of(shares[variant.name]["masking"][warmup:], rounds),
-            "encoder_calls_share": median_of(shares[variant.name]["encode"][warmup:], rounds),
+            "masking_share": median_of(shares.shares[variant.name]["masking"][warmup:], rounds),
+            "encoder_calls_share": median_of(shares.shares[variant.name]["encode"][warmup:], rounds),
             "informed_masks_of_batch": informed[variant.name],
-            "step_times_s": variant.times,
-            "step_cpu_times_s": variant.cpu_times,
         }
+        for variant in variants[1:]
+    }
     config.mask_feature_layer = None
     return {
         "host_syncs_in_step": host_syncs(device, lambda: trainer.step(pixels)),
@@ -502,6 +380,21 @@ def measure_self_guided(fields: dict, batch: int, steps: int, warmup: int, devic
         "random_step_times_s": random_variant.times,
         "random_step_cpu_times_s": random_variant.cpu_times,
         "self_guided": results,
+    }
+
+
+def self_guided_row(variant: Variant, random_variant: Variant, rounds: list[int], floor: dict) -> dict:
+    """A self-guided variant's step time against the random step's, and against the floor from token counts."""
+    ratio = paired_ratio(variant, random_variant, rounds)
+    return {
+        "median_step_s": median_of(variant.times, rounds),
+        "ratio_vs_random": ratio,
+        **floor,
+        "ratio_over_floor": ratio / floor["floor_ratio"],
+        "ratio_vs_random_cpu_time": paired_ratio(variant, random_variant, rounds, cpu=True),
+        "ratio_vs_random_best": best_ratio(variant, random_variant),
+        "step_times_s": variant.times,
+        "step_cpu_times_s": variant.cpu_times,
     }
 
 
@@ -521,54 +414,63 @@ def measure_cached(fields: dict, batch: int, steps: int, warmup: int, device: to
     )
     if not bool((model(pixels, mask_scores=crop_maps(stored, crops).flatten(1)).mask_type != MaskType.RANDOM).all()):
         raise RuntimeError("cached masks did not run")
+    step_variants = [
+        Variant("random", lambda _noise: trainer.step(pixels, random_masking=True)),
+        Variant("cached", lambda _noise: trainer.step(pixels, mask_scores=crop_maps(stored, crops).flatten(1))),
+    ]
+    alternate(step_variants, steps, warmup, (batch, 1), device)
+    rounds = undisturbed_rounds(step_variants)
+    random_variant, cached = step_variants
+    return {
+        "rounds_used": rounds,
+        "random_median_step_s": median_of(random_variant.times, rounds),
+        "cached_median_step_s": median_of(cached.times, rounds),
+        "cached_ratio_vs_random": paired_ratio(cached, random_variant, rounds),
+        "cached_ratio_vs_random_cpu_time": paired_ratio(cached, random_variant, rounds, cpu=True),
+        "cached_ratio_vs_random_best": best_ratio(cached, random_variant),
+        **refresh_passes(model.eval(), pixels, steps, warmup, device, bf16),
+        "step_times_s": {variant.name: variant.times for variant in step_variants},
+    }
 
-    def cached_step(_noise: torch.Tensor | None) -> None:
-        trainer.step(pixels, mask_scores=crop_maps(stored, crops).flatten(1))
 
-    steps_variants = [Variant("random", lambda _noise: trainer.step(pixels, random_masking=True))]
-    steps_variants.append(Variant("cached", cached_step))
-    alternate(steps_variants, steps, warmup, (batch, 1), device)
-    rounds = undisturbed_rounds(steps_variants)
+def refresh_passes(
+    model: SGMAEForPreTraining, pixels: torch.Tensor, steps: int, warmup: int, device: torch.device, bf16: bool
+) -> dict:
+    """The refresh pass (`informed_mask_scores` on whole images, eval mode) with each Fiedler solver against a plain
+    eval forward of the encoder over the same images."""
+    config = model.masking.config
 
-    def timed_pass(function: Callable[[], object]) -> Callable[[torch.Tensor | None], None]:
-        def run(_noise: torch.Tensor | None) -> None:
+    def no_grad_turn(function: Callable[[], object]) -> Callable[[torch.Tensor | None], None]:
+        def turn(_noise: torch.Tensor | None) -> None:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 function()
 
-        return run
+        return turn
 
-    model.eval()
-    pass_variants = [Variant("eval_forward", timed_pass(lambda: model.vit(pixels)))]
+    def refresh(solver_config: SGMAEConfig) -> None:
+        model.masking.config = solver_config
+        model.informed_mask_scores(pixels)
+
+    variants = [Variant("eval_forward", no_grad_turn(lambda: model.vit(pixels)))]
     for solver in SOLVERS:
         solver_config = SGMAEConfig(**(config.to_diff_dict() | {"fiedler_solver": solver}))
-
-        def refresh(solver_config=solver_config) -> None:
-            model.masking.config = solver_config
-            model.informed_mask_scores(pixels)
-
-        pass_variants.append(Variant(f"refresh_{solver}", timed_pass(refresh)))
-    alternate(pass_variants, steps, warmup, (batch, 1), device)
+        variants.append(Variant(f"refresh_{solver}", no_grad_turn(lambda c=solver_config: refresh(c))))
+    alternate(variants, steps, warmup, (len(pixels), 1), device)
     model.masking.config = config
-    pass_rounds = undisturbed_rounds(pass_variants)
+    rounds = undisturbed_rounds(variants)
     return {
-        "rounds_used": rounds,
-        "random_median_step_s": median_of(steps_variants[0].times, rounds),
-        "cached_median_step_s": median_of(steps_variants[1].times, rounds),
-        "cached_ratio_vs_random": paired_ratio(steps_variants[1], steps_variants[0], rounds),
-        "cached_ratio_vs_random_cpu_time": paired_ratio(steps_variants[1], steps_variants[0], rounds, cpu=True),
-        "cached_ratio_vs_random_best": best_ratio(steps_variants[1], steps_variants[0]),
-        "pass_rounds_used": pass_rounds,
-        "eval_forward_median_s": median_of(pass_variants[0].times, pass_rounds),
+        "pass_rounds_used": rounds,
+        "eval_forward_median_s": median_of(variants[0].times, rounds),
         "refresh": {
             variant.name.removeprefix("refresh_"): {
-                "median_s": median_of(variant.times, pass_rounds),
-                "ratio_vs_eval_forward": paired_ratio(variant, pass_variants[0], pass_rounds),
-                "ratio_vs_eval_forward_best": best_ratio(variant, pass_variants[0]),
-                "images_per_s": batch / median_of(variant.times, pass_rounds),
+                "median_s": median_of(variant.times, rounds),
+                "ratio_vs_eval_forward": paired_ratio(variant, variants[0], rounds),
+                "ratio_vs_eval_forward_best": best_ratio(variant, variants[0]),
+                "images_per_s": len(pixels) / median_of(variant.times, rounds),
             }
-            for variant in pass_variants[1:]
+            for variant in variants[1:]
         },
-        "step_times_s": {variant.name: variant.times for variant in steps_variants + pass_variants},
+        "pass_step_times_s": {variant.name: variant.times for variant in variants},
     }
 
 
@@ -737,13 +639,11 @@ class BenchModelArguments:
     skip_self_guided: bool = field(default=False, metadata={"help": "leave out measurements 2 and 3"})
     skip_vit_mae: bool = field(default=False, metadata={"help": "leave out measurement 1"})
     skip_cached: bool = field(default=False, metadata={"help": "leave out measurement 4"})
-    output: Path = REPO_ROOT / "benchmarks" / "results" / "bench_model.json"
+    output: Path = REPO / "benchmarks" / "results" / "bench_model.json"
 
 
-def main() -> None:
-    parser = HfArgumentParser(BenchModelArguments, description=__doc__.split("\n")[0])
-    (args,) = parse_script_args(parser)
-
+def devices_and_configs(parser: HfArgumentParser, args: BenchModelArguments) -> tuple[list[str], list[str]]:
+    """The devices and configs asked for (defaults: the CPU, plus a GPU and its configs where there is one)."""
     if args.device:
         devices = [name.strip() for name in args.device.split(",") if name.strip()]
     else:
@@ -757,6 +657,11 @@ def main() -> None:
     unknown = sorted(set(configs) - set(CONFIGS))
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
+    return devices, configs
+
+
+def vit_mae_layouts(parser: HfArgumentParser, args: BenchModelArguments) -> list[list[str]]:
+    """The sets of variants of measurement 1, each with ViTMAE (SDPA) and one of ours."""
     default_layout = [name for name in VS_VIT_MAE_VARIANTS if not (args.no_compile and name == "sgmae_compiled")]
     layouts = [
         [name.strip() for name in text.split(",")] for text in (args.layouts or ",".join(default_layout)).split(";")
@@ -765,55 +670,64 @@ def main() -> None:
         if (
             set(layout) - set(VS_VIT_MAE_VARIANTS)
             or "vit_mae" not in layout
-            or not any(n.startswith("sgmae") for n in layout)
+            or not any(name.startswith("sgmae") for name in layout)
         ):
             parser.error(
                 f"--layouts: {','.join(layout)!r} needs vit_mae and an sgmae variant, from {VS_VIT_MAE_VARIANTS}"
             )
+    return layouts
+
+
+def measure_config(args: BenchModelArguments, name: str, device: torch.device, layouts: list[list[str]]) -> dict:
+    """Every measurement asked for, of one config on one device, at its default or asked-for batch and steps."""
+    batch, steps, warmup = DEFAULTS[(name, device.type)]
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    bf16 = precision == "bf16"
+    batch, steps = args.batch_size or batch, args.steps or steps
+    warmup = args.warmup if args.warmup is not None else warmup
+    fields = CONFIGS[name]
+    print(f"[{name} on {device.type}] batch {batch}, {steps} timed steps after {warmup} warm-up rounds")
+    row = {
+        "config": name,
+        "device": device.type,
+        "batch_size": batch,
+        "precision": precision,
+        "steps": steps,
+        "warmup": warmup,
+        "fields": fields,
+        "num_hidden_layers": SGMAEConfig(**fields).num_hidden_layers,
+    }
+    pressure_before = cpu_pressure()
+    if not args.skip_vit_mae:
+        row["vs_vit_mae"] = [
+            compare_with_vit_mae(fields, batch, steps, warmup, device, bf16, tuple(layout)) for layout in layouts
+        ]
+    gc.collect()
+    if not args.skip_self_guided:
+        row["self_guided"] = measure_self_guided(fields, batch, steps, warmup, device, bf16)
+    gc.collect()
+    if not args.skip_cached:
+        row["cached"] = measure_cached(fields, batch, steps, warmup, device, bf16)
+    row["cpu_pressure_avg60"] = [pressure_before, cpu_pressure()]
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = HfArgumentParser(BenchModelArguments, description=__doc__.split("\n")[0])
+    (args,) = parse_script_args(parser)
+    devices, configs = devices_and_configs(parser, args)
+    layouts = vit_mae_layouts(parser, args)
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
-
     started = time.perf_counter()
     rows = []
     for device_name in devices:
-        device = torch.device(device_name)
         for name in configs:
-            batch, steps, warmup = DEFAULTS[(name, device.type)]
-            precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-            bf16 = precision == "bf16"
-            batch = args.batch_size or batch
-            steps = args.steps or steps
-            warmup = args.warmup if args.warmup is not None else warmup
-            fields = CONFIGS[name]
-            print(f"[{name} on {device_name}] batch {batch}, {steps} timed steps after {warmup} warm-up rounds")
-            row = {
-                "config": name,
-                "device": device_name,
-                "batch_size": batch,
-                "precision": precision,
-                "steps": steps,
-                "warmup": warmup,
-                "fields": fields,
-                "num_hidden_layers": SGMAEConfig(**fields).num_hidden_layers,
-            }
-            pressure_before = cpu_pressure()
-            if not args.skip_vit_mae:
-                row["vs_vit_mae"] = [
-                    compare_with_vit_mae(fields, batch, steps, warmup, device, bf16, tuple(layout))
-                    for layout in layouts
-                ]
-            gc.collect()
-            if not args.skip_self_guided:
-                row["self_guided"] = measure_self_guided(fields, batch, steps, warmup, device, bf16)
-            gc.collect()
-            if not args.skip_cached:
-                row["cached"] = measure_cached(fields, batch, steps, warmup, device, bf16)
-            row["cpu_pressure_avg60"] = [pressure_before, cpu_pressure()]
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            rows.append(row)
+            rows.append(measure_config(args, name, torch.device(device_name), layouts))
             write_report(args.output, rows, devices, threads, started)  # a run cut short keeps what it measured
     print_table(rows)
     print(f"\nwrote {args.output} ({time.perf_counter() - started:.0f} s)")

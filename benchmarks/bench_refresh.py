@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The refresh pass of cached informed masks against a plain eval forward, on a trained checkpoint and real images.
 
-    python benchmarks/bench_refresh.py --checkpoint RUNS/mae-seed0/checkpoint-730 \\
+    python -m benchmarks.bench_refresh --checkpoint RUNS/mae-seed0/checkpoint-730 \\
         --dataset_name ../shared/data/imagenette --dataset_config_name 112px \\
         --output benchmarks/results/bench_refresh_imagenette196.json
 
@@ -29,17 +29,13 @@ import datasets
 import torch
 from transformers import HfArgumentParser
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
-
-from bench_model import Variant, alternate, best_ratio, cpu_pressure, median_of, paired_ratio, undisturbed_rounds  # noqa: E402
-from graph_options import overridden, parse_assignments  # noqa: E402
-from provenance import code_commit  # noqa: E402
-
-from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining  # noqa: E402
-from modeling_sgmae.masking_sgmae import normalized_affinity  # noqa: E402
-from sgmae_training.analyze import load_image_processor, probe_batch  # noqa: E402
-from sgmae_training.arguments import parse_script_args  # noqa: E402
+from benchmarks.graph_options import overridden, parse_assignments
+from benchmarks.provenance import code_commit
+from benchmarks.timing import Variant, alternate, best_ratio, cpu_pressure, median_of, paired_ratio, undisturbed_rounds
+from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining
+from modeling_sgmae.masking_sgmae import normalized_affinity
+from sgmae_training.analyze import load_image_processor, probe_batch
+from sgmae_training.arguments import parse_script_args
 
 REFRESH_TARGET = 1.2
 MASKING_FIELDS = (
@@ -106,14 +102,12 @@ def solver_report(model: SGMAEForPreTraining, pixels: torch.Tensor) -> dict:
     }
 
 
-def main() -> None:
-    (args,) = parse_script_args(HfArgumentParser(RefreshArguments))
-    options = OPTIONS | {name: parse_assignments(text) for name, _, text in (o.partition("=") for o in args.option)}
-    model = SGMAEForPreTraining.from_pretrained(args.checkpoint).eval()
-    defaults = {name: getattr(SGMAEConfig(), name) for name in MASKING_FIELDS}
-    dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.split)
-    processor = load_image_processor(args.checkpoint, model.config)
-    pixels, _ = probe_batch(dataset, None, args.batch_size, processor, model.config)
+def refresh_variants(model: SGMAEForPreTraining, pixels: torch.Tensor, options: dict, defaults: dict) -> list[Variant]:
+    """A plain eval forward of the encoder, then one refresh pass (`informed_mask_scores`) per masking option."""
+
+    def forward(_noise) -> None:
+        with torch.no_grad():
+            model.vit(pixels)
 
     def refresh(overrides: dict):
         def run(_noise) -> None:
@@ -122,31 +116,52 @@ def main() -> None:
 
         return run
 
-    forward = Variant("eval_forward", lambda _noise: torch.no_grad()(model.vit)(pixels))
-    variants = [forward] + [Variant(name, refresh(overrides)) for name, overrides in options.items()]
+    return [Variant("eval_forward", forward)] + [Variant(name, refresh(o)) for name, o in options.items()]
+
+
+def print_rows(rows: list[dict], forward_s: float, images: int, checkpoint: str) -> None:
+    print(
+        f"refresh pass vs eval forward ({forward_s * 1e3:.0f} ms for {images} images), {checkpoint}; "
+        f"target <= {REFRESH_TARGET}x"
+    )
+    print(f"{'option':<34}{'ms':>8}{'ratio':>8}{'best':>8}{'= eigh':>8}{'steps':>7}{'lambda2':>9}{'gap q5':>8}")
+    for row in rows:
+        steps = "-" if row["lanczos_steps"] is None else str(row["lanczos_steps"])
+        print(
+            f"{row['option'][:34]:<34}{row['median_s'] * 1e3:>8.0f}{row['ratio_vs_eval_forward']:>8.3f}"
+            f"{row['ratio_vs_eval_forward_best']:>8.3f}{row['same_part_as_eigh']:>8.3f}{steps:>7}"
+            f"{row['lambda2_median']:>9.4f}{row['relative_gap_q05']:>8.3f}"
+        )
+
+
+def main() -> None:
+    (args,) = parse_script_args(HfArgumentParser(RefreshArguments))
+    options = OPTIONS | {name: parse_assignments(text) for name, _, text in (o.partition("=") for o in args.option)}
+    model = SGMAEForPreTraining.from_pretrained(args.checkpoint).eval()
+    defaults = {name: getattr(SGMAEConfig(), name) for name in MASKING_FIELDS}
+    dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.split)
+    processor = load_image_processor(args.checkpoint, model.config)
+    pixels, _ = probe_batch(dataset, None, args.batch_size, processor, model.config)
+    variants = refresh_variants(model, pixels, options, defaults)
+    forward = variants[0]
     started = time.time()
-    alternate(variants, args.steps, args.warmup, (1, 1), torch.device("cpu"))
+    alternate(variants, args.steps, args.warmup)
     rounds = undisturbed_rounds(variants)
     rows = []
     for variant, overrides in zip(variants[1:], options.values(), strict=True):
         with overridden(model.config, defaults | overrides):
             report = solver_report(model, pixels)
-        rows.append({
-            "option": variant.name,
-            "overrides": overrides,
-            "median_s": median_of(variant.times, rounds),
-            "ratio_vs_eval_forward": paired_ratio(variant, forward, rounds),
-            "ratio_vs_eval_forward_best": best_ratio(variant, forward),
-            **report,
-        })  # fmt: skip
-    print(f"refresh pass vs eval forward ({median_of(forward.times, rounds) * 1e3:.0f} ms for {len(pixels)} images), "
-          f"{args.checkpoint}; target <= {REFRESH_TARGET}x")  # fmt: skip
-    print(f"{'option':<34}{'ms':>8}{'ratio':>8}{'best':>8}{'= eigh':>8}{'steps':>7}{'lambda2':>9}{'gap q5':>8}")
-    for row in rows:
-        steps = "-" if row["lanczos_steps"] is None else str(row["lanczos_steps"])
-        print(f"{row['option'][:34]:<34}{row['median_s'] * 1e3:>8.0f}{row['ratio_vs_eval_forward']:>8.3f}"
-              f"{row['ratio_vs_eval_forward_best']:>8.3f}{row['same_part_as_eigh']:>8.3f}{steps:>7}"
-              f"{row['lambda2_median']:>9.4f}{row['relative_gap_q05']:>8.3f}")  # fmt: skip
+        rows.append(
+            {
+                "option": variant.name,
+                "overrides": overrides,
+                "median_s": median_of(variant.times, rounds),
+                "ratio_vs_eval_forward": paired_ratio(variant, forward, rounds),
+                "ratio_vs_eval_forward_best": best_ratio(variant, forward),
+                **report,
+            }
+        )
+    print_rows(rows, median_of(forward.times, rounds), len(pixels), args.checkpoint)
     report = {
         "command": " ".join(["python", *sys.argv]),
         "commit": code_commit(),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Whole pre-training schedules of a comparison's variants, timed against each other on one machine.
 
-    python benchmarks/bench_schedule.py <compare_masking.py's arguments> --max_train_samples 512 --rounds 2 \\
+    python -m benchmarks.bench_schedule <compare_masking.py's arguments> --max_train_samples 512 --rounds 2 \\
         --output benchmarks/results/bench_schedule_imagenette196.json
 
 `bench_model.py` times one step and `bench_refresh.py` one refresh pass; a run's wall-clock also holds the refresh
@@ -25,15 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+from transformers import HfArgumentParser
 
-from bench_model import cpu_pressure  # noqa: E402
-from compare_masking import CompareArguments, epoch_checkpoints, pretraining_command, run, split_variants  # noqa: E402
-from provenance import code_commit  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
-
-from sgmae_training.arguments import parse_script_args  # noqa: E402
+from benchmarks.compare_masking import CompareArguments
+from benchmarks.masking_runs import epoch_checkpoints, pretraining_command, run, split_variants
+from benchmarks.provenance import code_commit
+from benchmarks.timing import Variant, alternate, cpu_pressure, median_of, paired_ratio
+from sgmae_training.arguments import parse_script_args
 
 
 @dataclass
@@ -51,38 +49,55 @@ class ScheduleArguments:
 def epoch_seconds(folder: Path) -> list[float]:
     """The loop's seconds in each epoch of a finished run, from its epoch checkpoints' cumulative clock."""
     checkpoints = epoch_checkpoints(folder)
-    totals = [json.loads((checkpoints[epoch] / "trainer_state.json").read_text())["train_seconds"]
-              for epoch in sorted(checkpoints)]  # fmt: skip
+    totals = [
+        json.loads((checkpoints[epoch] / "trainer_state.json").read_text())["train_seconds"]
+        for epoch in sorted(checkpoints)
+    ]
     return [later - earlier for earlier, later in zip([0.0, *totals], totals, strict=False)]
+
+
+def schedule_variants(compare: CompareArguments, runs_dir: Path) -> tuple[list[Variant], dict[str, list]]:
+    """One variant per compared masking: a turn runs its whole schedule (first seed) and returns the loop's own
+    seconds; the seconds of each epoch are kept, per variant, in the returned lists."""
+    seed = int(compare.seeds.split(",")[0])
+    epochs: dict[str, list[list[float]]] = {}
+
+    def whole_schedule(name: str, extra: str) -> float:
+        folder = runs_dir / f"{name}-round{len(epochs[name])}"
+        print(f"round {len(epochs[name]) + 1}: {name}", flush=True)
+        run(pretraining_command(compare, name, extra, seed, folder), folder / "pretrain.log")
+        epochs[name].append(epoch_seconds(folder))
+        shutil.rmtree(folder)
+        return sum(epochs[name][-1])
+
+    variants = []
+    for name, extra in split_variants(compare.variants):
+        epochs[name] = []
+        variants.append(Variant(name, lambda _noise, name=name, extra=extra: whole_schedule(name, extra)))
+    return variants, epochs
 
 
 def main() -> None:
     compare, args = parse_script_args(HfArgumentParser((CompareArguments, ScheduleArguments)))
-    variants = split_variants(compare.variants)
-    seed = int(compare.seeds.split(",")[0])
     runs_dir = Path(compare.runs_dir) / "bench_schedule"
     shutil.rmtree(runs_dir, ignore_errors=True)
     pressure_before = cpu_pressure()
-    epochs: dict[str, list[list[float]]] = {name: [] for name, _ in variants}
-    for round_index in range(args.rounds):
-        for name, extra in variants if round_index % 2 == 0 else variants[::-1]:
-            folder = runs_dir / f"{name}-round{round_index}"
-            print(f"round {round_index + 1}/{args.rounds}: {name}", flush=True)
-            run(pretraining_command(compare, name, extra, seed, folder), folder / "pretrain.log")
-            epochs[name].append(epoch_seconds(folder))
-            shutil.rmtree(folder)
-    reference = variants[0][0]
-    rows = []
-    for name, _ in variants:
-        totals = [sum(seconds) for seconds in epochs[name]]
-        ratios = [sum(mine) / sum(base) for mine, base in zip(epochs[name], epochs[reference], strict=True)]
-        rows.append({
-            "variant": name,
-            "total_s_median": median(totals),
-            "ratio_to_reference_median": median(ratios),
-            "ratio_to_reference_per_round": ratios,
-            "epoch_s_median": [median(column) for column in zip(*epochs[name], strict=True)],
-        })  # fmt: skip
+    variants, epochs = schedule_variants(compare, runs_dir)
+    alternate(variants, rounds=args.rounds, reverse_odd_rounds=True)
+    every_round = list(range(args.rounds))
+    reference = variants[0].name
+    rows = [
+        {
+            "variant": variant.name,
+            "total_s_median": median_of(variant.times, every_round),
+            "ratio_to_reference_median": paired_ratio(variant, variants[0], every_round),
+            "ratio_to_reference_per_round": [
+                mine / base for mine, base in zip(variant.times, variants[0].times, strict=True)
+            ],
+            "epoch_s_median": [median(column) for column in zip(*epochs[variant.name], strict=True)],
+        }
+        for variant in variants
+    ]
     print(f"whole schedule, {compare.epochs} epochs, {args.rounds} round(s); ratio: to {reference}, paired per round")
     print(f"{'variant':<14}{'seconds':>10}{'ratio':>8}   per round")
     for row in rows:

@@ -4,14 +4,15 @@ augmentation, logging) against the model's own training-step rate on an in-memor
 each input path: `workers` (decode and augment each image in DataLoader workers) and `decode_once` (decode the split
 once, augment whole batches on the device).
 
-    python benchmarks/bench_script.py --dataset_name ../shared/data/cifar10
-    python benchmarks/bench_script.py --dataset_name ../shared/data/imagenette --config_name \
+    python -m benchmarks.bench_script --dataset_name ../shared/data/cifar10
+    python -m benchmarks.bench_script --dataset_name ../shared/data/imagenette --config_name \
         configuration/models/sgmae-vit-tiny-patch16-224.json --batch_size 32 --steps 10 --max_train_samples 2048 \
         --output benchmarks/results/bench_script_imagenette.json
 
 Both sides use random masking (the data path is the same for both strategies), the same config, batch, precision
 (`--mixed_precision auto`: bf16 autocast on a GPU, float32 on the CPU), device (a GPU when there is one) and threads;
-runs alternate (model, workers, decode_once, model, ...) and the table reports medians. Targets: script / model
+runs alternate (model, workers, decode_once, model, ...; `benchmarks/timing.py`) and the table reports medians and
+the script / model rate ratio paired per round. Targets: script / model
 >= 0.9; decode_once no slower than workers. Writes benchmarks/results/bench_script.json.
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,16 +30,12 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench_model import synchronize  # noqa: E402
-from provenance import code_commit  # noqa: E402
-
-from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining  # noqa: E402
-from sgmae_training.arguments import MIXED_PRECISIONS, parse_script_args  # noqa: E402
-from sgmae_training.engine import resolve_mixed_precision  # noqa: E402
-from sgmae_training.optim import parameter_groups  # noqa: E402
+from benchmarks.provenance import REPO, code_commit
+from benchmarks.timing import Variant, alternate, median_of, paired_ratio, synchronize
+from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining
+from sgmae_training.arguments import MIXED_PRECISIONS, parse_script_args
+from sgmae_training.engine import resolve_mixed_precision
+from sgmae_training.optim import parameter_groups
 
 
 @dataclass
@@ -68,8 +64,9 @@ def parse_args() -> BenchArguments:
     return args
 
 
-def model_rate(args: BenchArguments) -> float:
-    """Images/s of forward + backward + AdamW on one fixed in-memory batch, in the script's precision and device."""
+def model_seconds_per_image(args: BenchArguments) -> float:
+    """Seconds per image of forward + backward + AdamW on one fixed in-memory batch, in the script's precision and
+    device."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = SGMAEConfig.from_json_file(args.config_name)
     config.mask_strategy = "random"
@@ -87,11 +84,11 @@ def model_rate(args: BenchArguments) -> float:
         optimizer.step()
         optimizer.zero_grad()
     synchronize(device)
-    return args.steps * args.batch_size / (time.perf_counter() - started)
+    return (time.perf_counter() - started) / (args.steps * args.batch_size)
 
 
-def script_rate(args: BenchArguments, input_path: str) -> float:
-    """Images/s of run_pretraining.py over its timed steps: two runs of 5 and 5 + N steps, so start-up and the
+def script_seconds_per_image(args: BenchArguments, input_path: str) -> float:
+    """Seconds per image of run_pretraining.py over its timed steps: two runs of 5 and 5 + N steps, so start-up and the
     first steps cancel out."""
     seconds, samples = {}, {}
     for steps in (5, 5 + args.steps):
@@ -111,19 +108,19 @@ def script_rate(args: BenchArguments, input_path: str) -> float:
             subprocess.run(command, env=env, check=True, capture_output=True)
             result = json.loads((Path(output) / "train_results.json").read_text())
             seconds[steps], samples[steps] = result["train_seconds"], result["samples_seen"]
-    return (samples[5 + args.steps] - samples[5]) / (seconds[5 + args.steps] - seconds[5])
+    return (seconds[5 + args.steps] - seconds[5]) / (samples[5 + args.steps] - samples[5])
 
 
 def main() -> None:
     args = parse_args()
     paths = args.input_paths.split(",")
-    rates: dict[str, list[float]] = {"model": [], **{path: [] for path in paths}}
-    for _ in range(args.repeats):
-        rates["model"].append(model_rate(args))
-        for path in paths:
-            rates[path].append(script_rate(args, path))
-    medians = {key: statistics.median(values) for key, values in rates.items()}
-    ratio = {path: medians[path] / medians["model"] for path in paths}
+    model = Variant("model", lambda _noise: model_seconds_per_image(args))
+    scripts = [Variant(path, lambda _noise, path=path: script_seconds_per_image(args, path)) for path in paths]
+    alternate([model, *scripts], rounds=args.repeats)
+    every_round = list(range(args.repeats))
+    rates = {variant.name: [1 / seconds for seconds in variant.times] for variant in (model, *scripts)}
+    medians = {variant.name: 1 / median_of(variant.times, every_round) for variant in (model, *scripts)}
+    ratio = {script.name: paired_ratio(model, script, every_round) for script in scripts}
     print(f"{'':<40}{'img/s (median)':>16}   runs")
     for key in rates:
         label = "model step (in-memory batch)" if key == "model" else f"run_pretraining.py --input_path {key}"

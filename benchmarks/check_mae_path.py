@@ -2,7 +2,7 @@
 """Is MAE's training path unchanged since a commit? Train the first steps of the same MAE run with that commit's code
 and with this checkout's, and compare the checkpoints bitwise.
 
-    python benchmarks/check_mae_path.py --commit ae7b06e --dataset_name ../shared/data/imagenette \
+    python -m benchmarks.check_mae_path --commit ae7b06e --dataset_name ../shared/data/imagenette \
         --dataset_config_name 112px --output benchmarks/results/imagenette196/mae_path_check.json
 
 The run is the 196-patch comparison's MAE arm (compare_masking.py's preset and arguments: 112 px / patch 8, 4 + 2
@@ -28,12 +28,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import HfArgumentParser
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
-
-from provenance import code_commit  # noqa: E402
-
-from sgmae_training.arguments import parse_script_args  # noqa: E402
+from benchmarks.provenance import REPO, code_commit
+from sgmae_training.arguments import parse_script_args
 
 PRESET = "image_size=112,patch_size=8,num_hidden_layers=4,decoder_num_hidden_layers=2"
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Which features, graph, split and object rule cut a model's own patch features best? docs/method.md §3 steps 1-4.
 
-    python benchmarks/graph_options.py --dataset_name ../shared/data/cifar10 \\
+    python -m benchmarks.graph_options --dataset_name ../shared/data/cifar10 \\
         --checkpoints outputs/compare10/mae-seed0/checkpoint-*
-    python benchmarks/graph_options.py --options mask_quality --dataset_name ../shared/data/imagenette \\
+    python -m benchmarks.graph_options --options mask_quality --dataset_name ../shared/data/imagenette \\
         --dataset_config_name 112px --split validation --num_images 256 --fiedler_solver eigh \\
         --checkpoints RUNS/mae/checkpoint-* RUNS/sgmae/checkpoint-* \\
         --output benchmarks/results/mask_quality_imagenette196.json
@@ -45,21 +45,17 @@ import datasets
 import torch
 from transformers import HfArgumentParser
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from provenance import code_commit  # noqa: E402
-
-from modeling_sgmae import SGMAEForPreTraining  # noqa: E402
-from modeling_sgmae.analysis import (  # noqa: E402
+from benchmarks.provenance import REPO, code_commit
+from modeling_sgmae import SGMAEForPreTraining
+from modeling_sgmae.analysis import (
     PositionShare,
     feature_statistics,
     figure_panel,
     full_image_encoding,
     masking_position_mean,
 )
-from sgmae_training.analyze import load_image_processor, probe_batch  # noqa: E402
-from sgmae_training.arguments import parse_script_args  # noqa: E402
+from sgmae_training.analyze import load_image_processor, probe_batch
+from sgmae_training.arguments import parse_script_args
 
 GRAPHS = ("similarity", "binary_fixed", "binary_mean")
 RULES = ("max_abs", "smaller")
@@ -250,6 +246,52 @@ def markdown_table(records: list[dict]) -> str:
 
 
 @torch.no_grad()
+def option_records(args: GraphOptionsArguments, model, chunks: list, hidden, options: dict, where: dict) -> list:
+    """One record per masking option asked for: the feature statistics of the cut under that option."""
+    records = []
+    for name, overrides in options.items():
+        if args.only is not None and name not in args.only:
+            continue
+        fields = {key: value for key, value in overrides.items() if key != BATCH_CENTRED}
+        with overridden(model.config, fields) as config:
+            features = masking_features(model, chunks, overrides.get(BATCH_CENTRED, False))
+            summary = feature_statistics(hidden, config, None, features).summary()
+        records.append(where | {"option": name, "overrides": overrides, **summary})
+        print_table(records[-1:])
+    return records
+
+
+def write_panels(
+    args: GraphOptionsArguments, model, processor, pixel_values, chunks, options: dict, where: dict
+) -> dict:
+    """Figure-1 panels of the first images under each of --panel_options, and their per-image measures by option."""
+    Path(args.panel_dir).mkdir(parents=True, exist_ok=True)
+    panels = {}
+    for name in args.panel_options:
+        fields = {key: value for key, value in options[name].items() if key != BATCH_CENTRED}
+        with overridden(model.config, fields):
+            mean = masking_position_mean(model, chunks) if model.config.feature_centering == "position_mean" else None
+            panel = figure_panel(
+                model,
+                pixel_values[: args.panel_images],
+                tuple(processor.image_mean),
+                tuple(processor.image_std),
+                position_mean=mean,
+            )
+        slug = name.replace(" + ", "_").replace(" ", "_")
+        path = Path(args.panel_dir) / f"figure_panel_{where['run']}_epoch{where['epoch']:g}_{slug}.png"
+        panel.save(path)
+        panels[name] = {
+            "file": path.name,
+            "object_part_size": panel.object_part_size.tolist(),
+            "half_cut": panel.half_cut.tolist(),
+            "object_centre_share": [finite_or_none(v) for v in panel.object_centre_share.tolist()],
+            "centre_masked_share": [finite_or_none(v) for v in panel.centre_masked_share.tolist()],
+        }
+        print(f"wrote {path}", flush=True)
+    return panels
+
+
 def main() -> None:
     args = parse_args()
     dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.split)
@@ -264,59 +306,32 @@ def main() -> None:
         chunks = list(pixel_values.split(args.batch_size))
         hidden = torch.cat([full_image_encoding(model, chunk)[0] for chunk in chunks])
         step, epoch = positions[checkpoint]
-        run = checkpoint.parent.name
+        where = {"checkpoint": str(checkpoint), "run": checkpoint.parent.name, "step": step, "epoch": epoch}
         shares = position_shares(model, chunks)
-        checkpoints.append({"checkpoint": str(checkpoint), "run": run, "step": step, "epoch": epoch, **shares})
-        print(f"{checkpoint} (epoch {epoch}): position share per block "
-              + ", ".join(f"{v:.2f}" for v in shares["position_share"])
-              + "; same-position cosine " + ", ".join(f"{v:.2f}" for v in shares["same_position_cosine"])
-              + "; within-image cosine " + ", ".join(f"{v:.2f}" for v in shares["within_image_cosine"]),
-              flush=True)  # fmt: skip
+        checkpoints.append(where | shares)
+        print(
+            f"{checkpoint} (epoch {epoch}): position share per block "
+            + ", ".join(f"{v:.2f}" for v in shares["position_share"])
+            + "; same-position cosine "
+            + ", ".join(f"{v:.2f}" for v in shares["same_position_cosine"])
+            + "; within-image cosine "
+            + ", ".join(f"{v:.2f}" for v in shares["within_image_cosine"]),
+            flush=True,
+        )
         options = option_set(args.options, model.config.num_hidden_layers, args.option, args.graph_threshold)
-        for name, overrides in options.items():
-            if args.only is not None and name not in args.only:
-                continue
-            fields = {key: value for key, value in overrides.items() if key != BATCH_CENTRED}
-            with overridden(model.config, fields) as config:
-                features = masking_features(model, chunks, overrides.get(BATCH_CENTRED, False))
-                summary = feature_statistics(hidden, config, None, features).summary()
-            record = {"checkpoint": str(checkpoint), "run": run, "step": step, "epoch": epoch, "option": name,
-                      "overrides": overrides, **summary}  # fmt: skip
-            records.append(record)
-            print_table([record])
+        records += option_records(args, model, chunks, hidden, options, where)
         if args.panel_dir:
-            Path(args.panel_dir).mkdir(parents=True, exist_ok=True)
-            for name in args.panel_options:
-                overrides = options[name]
-                fields = {key: value for key, value in overrides.items() if key != BATCH_CENTRED}
-                with overridden(model.config, fields):
-                    mean = None
-                    if model.config.feature_centering == "position_mean":
-                        mean = masking_position_mean(model, chunks)
-                    panel = figure_panel(
-                        model,
-                        pixel_values[: args.panel_images],
-                        tuple(processor.image_mean),
-                        tuple(processor.image_std),
-                        position_mean=mean,
-                    )
-                slug = name.replace(" + ", "_").replace(" ", "_")
-                path = Path(args.panel_dir) / f"figure_panel_{run}_epoch{epoch:g}_{slug}.png"
-                panel.save(path)
-                checkpoints[-1].setdefault("panels", {})[name] = {
-                    "file": path.name,
-                    "object_part_size": panel.object_part_size.tolist(),
-                    "half_cut": panel.half_cut.tolist(),
-                    "object_centre_share": [finite_or_none(v) for v in panel.object_centre_share.tolist()],
-                    "centre_masked_share": [finite_or_none(v) for v in panel.centre_masked_share.tolist()],
-                }
-                print(f"wrote {path}", flush=True)
-
+            checkpoints[-1]["panels"] = write_panels(args, model, processor, pixel_values, chunks, options, where)
     print()
     print_table(records)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    written = {"command": "python " + " ".join(sys.argv), "commit": code_commit(), "num_images": args.num_images,
-               "checkpoints": checkpoints, "records": records}  # fmt: skip
+    written = {
+        "command": "python " + " ".join(sys.argv),
+        "commit": code_commit(),
+        "num_images": args.num_images,
+        "checkpoints": checkpoints,
+        "records": records,
+    }
     Path(args.output).write_text(json.dumps(written, indent=2) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(markdown_table(records))

@@ -1,18 +1,13 @@
-"""benchmarks/bench_schedule.py: whole schedules in alternating rounds, their epoch clocks and paired ratios."""
+"""benchmarks.bench_schedule: whole schedules in alternating rounds, their epoch clocks and paired ratios."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
 
-spec = importlib.util.spec_from_file_location("bench_schedule", REPO_ROOT / "benchmarks/bench_schedule.py")
-bench_schedule = sys.modules["bench_schedule"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-spec.loader.exec_module(bench_schedule)
+from benchmarks import bench_schedule
 
 # seconds of each epoch a fake run reports, per variant and round: MAE's clock drifts, SG-MAE's refresh shows
 EPOCHS = {("mae", 0): [10.0, 10.0, 10.0], ("mae", 1): [12.0, 12.0, 12.0]}

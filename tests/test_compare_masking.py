@@ -1,10 +1,12 @@
-"""benchmarks/compare_masking.py: variant parsing, per-variant config overrides and gathering copied-back results."""
+"""benchmarks.compare_masking (its runs and report modules): variant parsing, per-variant config overrides, gathering
+copied-back results, and the committed tables regenerated from their records."""
 
 from __future__ import annotations
 
 import importlib.util
 import itertools
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,14 +15,12 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
-spec = importlib.util.spec_from_file_location("compare_masking", REPO_ROOT / "benchmarks/compare_masking.py")
-compare_masking = sys.modules["compare_masking"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-spec.loader.exec_module(compare_masking)
+from benchmarks import compare_masking, masking_report, masking_runs
 
 
 def test_options_are_a_dataclass_checked_like_the_scripts(monkeypatch):
     args = parse(monkeypatch, "--seeds", "0,1", "--probe_pooling", "cls", "--evaluate_only")
-    assert isinstance(args, compare_masking.CompareArguments) and args.seeds == "0,1" and args.evaluate_only
+    assert isinstance(args, masking_runs.CompareArguments) and args.seeds == "0,1" and args.evaluate_only
     assert args.runs_dir.endswith("compare_masking")  # the default: named after the output folder
     with pytest.raises(SystemExit, match=r"unknown argument\(s\): --learning_rate \(closest: --base_learning_rate"):
         parse(monkeypatch, "--learning_rate", "1e-3")
@@ -33,30 +33,30 @@ def parse(monkeypatch: pytest.MonkeyPatch, *arguments: str):
 
 def test_split_variants_keeps_the_commas_of_config_overrides() -> None:
     text = "mae:--mask_strategy random,hint:--config_overrides hint_ratio=0.15,mask_feature_layer=2,late:"
-    assert compare_masking.split_variants(text) == [
+    assert masking_runs.split_variants(text) == [
         ("mae", "--mask_strategy random"),
         ("hint", "--config_overrides hint_ratio=0.15,mask_feature_layer=2"),
         ("late", ""),
     ]
-    assert compare_masking.split_variants("a:--seed 1, b:") == [("a", "--seed 1"), ("b", "")]
+    assert masking_runs.split_variants("a:--seed 1, b:") == [("a", "--seed 1"), ("b", "")]
     with pytest.raises(SystemExit, match="not name:extra-arguments"):
-        compare_masking.split_variants("mae")
+        masking_runs.split_variants("mae")
 
 
 def test_a_variants_config_overrides_come_after_the_common_ones(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     args = parse(monkeypatch, "--config_overrides", "num_hidden_layers=4,hint_ratio=0.06")
-    hinted = compare_masking.pretraining_command(
+    hinted = masking_runs.pretraining_command(
         args, "hint", "--config_overrides hint_ratio=0.15 --informed_masking_start 0.4", 0, tmp_path
     )
-    plain = compare_masking.pretraining_command(args, "plain", "--mask_strategy random", 0, tmp_path)
+    plain = masking_runs.pretraining_command(args, "plain", "--mask_strategy random", 0, tmp_path)
     assert hinted[hinted.index("--config_overrides") + 1] == "num_hidden_layers=4,hint_ratio=0.06,hint_ratio=0.15"
     assert hinted.count("--config_overrides") == 1
     assert hinted[hinted.index("--informed_masking_start") + 1] == "0.4"
     assert plain[plain.index("--config_overrides") + 1] == "num_hidden_layers=4,hint_ratio=0.06"
-    equals = compare_masking.pretraining_command(args, "equals", "--config_overrides=hint_ratio=0.2", 0, tmp_path)
+    equals = masking_runs.pretraining_command(args, "equals", "--config_overrides=hint_ratio=0.2", 0, tmp_path)
     assert equals[-2:] == ["--config_overrides", "num_hidden_layers=4,hint_ratio=0.06,hint_ratio=0.2"]
     with pytest.raises(SystemExit, match="without a value"):
-        compare_masking.pretraining_command(args, "broken", "--config_overrides", 0, tmp_path)
+        masking_runs.pretraining_command(args, "broken", "--config_overrides", 0, tmp_path)
 
 
 def write_checkpoint(run_dir: Path, epoch: int, top1: float | None, analysis: dict | None = None) -> Path:
@@ -66,7 +66,7 @@ def write_checkpoint(run_dir: Path, epoch: int, top1: float | None, analysis: di
     state = {"epoch": epoch, "step": 10 * epoch, "train_seconds": 90 * epoch}
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
     if top1 is not None:
-        written = {f"{pooling}_{protocol}_top1": top1 for protocol, pooling in compare_masking.POOLED}
+        written = {f"{pooling}_{protocol}_top1": top1 for protocol, pooling in masking_report.POOLED}
         (checkpoint / "eval-frozen/eval_results.json").write_text(json.dumps(written))
     if analysis is not None:
         (checkpoint / "analysis").mkdir()
@@ -80,8 +80,8 @@ def test_collect_only_gathers_written_results_and_later_sittings_keep_them(
     def no_subprocess(command, log):
         raise AssertionError(f"--collect_only ran {command}")
 
-    monkeypatch.setattr(compare_masking, "run", no_subprocess)
-    monkeypatch.setattr(compare_masking, "start", no_subprocess)
+    monkeypatch.setattr(masking_runs, "run", no_subprocess)
+    monkeypatch.setattr(masking_runs, "start", no_subprocess)
     runs, output = tmp_path / "runs", tmp_path / "out"
     analysis = {"feature_variance": 0.5, "attention_distance": [3.0, 5.0], "exploitation_rate_mask": [0.4, 0.6]}
     analysis |= {"reconstruction_loss": 0.7, "bipartition_gap": 0.2, "object_part_fraction": 0.3}
@@ -158,16 +158,16 @@ def test_checkpoints_are_evaluated_while_the_run_goes_on_and_the_run_leaves_time
     def fake_run(command, log):
         checkpoint = Path(command[command.index("--model_name_or_path") + 1])
         evaluated_while_running.append((checkpoint.name, started and not (checkpoint.parent / "done").exists()))
-        written = {f"{pooling}_{protocol}_top1": 0.5 for protocol, pooling in compare_masking.POOLED}
+        written = {f"{pooling}_{protocol}_top1": 0.5 for protocol, pooling in masking_report.POOLED}
         (checkpoint / "eval-frozen/eval_results.json").write_text(json.dumps(written))
         if checkpoint.name == "checkpoint-10":
             write_checkpoint(checkpoint.parent, 2, None)
             (checkpoint.parent / "done").touch()
 
-    monkeypatch.setattr(compare_masking, "start", fake_start)
-    monkeypatch.setattr(compare_masking, "run", fake_run)
-    monkeypatch.setattr(compare_masking, "run_analysis", lambda args, checkpoint: {})
-    monkeypatch.setattr(compare_masking, "POLL_SECONDS", 0.2)
+    monkeypatch.setattr(masking_runs, "start", fake_start)
+    monkeypatch.setattr(masking_runs, "run", fake_run)
+    monkeypatch.setattr(masking_runs, "run_analysis", lambda args, checkpoint: {})
+    monkeypatch.setattr(masking_runs, "POLL_SECONDS", 0.2)
     monkeypatch.setattr(
         "sys.argv",
         ["compare_masking.py", "--dataset_name", "data", "--variants", "mae:--mask_strategy random", "--epochs", "2",
@@ -185,7 +185,7 @@ def test_checkpoints_are_evaluated_while_the_run_goes_on_and_the_run_leaves_time
 
 def test_the_pretraining_command_is_one_run_pretraining_accepts(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     args = parse(monkeypatch, "--dataset_config_name", "112px", "--input_path", "decode_once")
-    commands = [compare_masking.pretraining_command(args, "sgmae", "--mask_strategy self_guided", 0, tmp_path)]
+    commands = [masking_runs.pretraining_command(args, "sgmae", "--mask_strategy self_guided", 0, tmp_path)]
     spec = importlib.util.spec_from_file_location("run_pretraining", REPO_ROOT / "run_pretraining.py")
     run_pretraining = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "run_pretraining", run_pretraining)  # dataclasses look their module up
@@ -208,7 +208,7 @@ def test_first_reaching_names_the_first_epoch_at_the_reference_final_probe() -> 
 
     rows = [row("mae", 10, 50.0, 10.0), row("mae", 20, 55.0, 20.0)]
     rows += [row("sgmae", 10, 55.5, 12.0), row("sgmae", 20, 58.0, 25.0), row("late", 10, 40.0, 9.0)]
-    reached = compare_masking.first_reaching(rows, "mae", "linear_probe_cls", {})
+    reached = masking_report.first_reaching(rows, "mae", "linear_probe_cls", {})
     assert reached["mae"] == {"epoch": 20, "epoch_ratio": 1.0, "train_minutes": 20.0, "time_ratio": 1.0}
     assert reached["sgmae"] == {"epoch": 10, "epoch_ratio": 0.5, "train_minutes": 12.0, "time_ratio": 0.6}
     assert reached["late"] is None
@@ -221,7 +221,7 @@ def test_measured_schedules_give_the_time_to_the_reference_final_probe(tmp_path)
         rows = [{"variant": "mae", "epoch_s_median": [1.0, 1.0]}, {"variant": variant, "epoch_s_median": seconds}]
         timings.append(tmp_path / f"{name}.json")
         timings[-1].write_text(json.dumps({"reference": "mae", "rows": rows}))
-    clocks = compare_masking.schedule_clocks(",".join(map(str, timings)), epochs=2)
+    clocks = masking_report.schedule_clocks(",".join(map(str, timings)), epochs=2)
     assert clocks["sgmae"] == ([1.0, 4.0], [1.0, 2.0]) and clocks["sgmae_step"] == ([2.0, 4.0], [1.0, 2.0])
 
     def row(variant: str, epoch: int, probe: float) -> dict:
@@ -229,14 +229,14 @@ def test_measured_schedules_give_the_time_to_the_reference_final_probe(tmp_path)
         return {"variant": variant, "epoch": epoch, "linear_probe_cls": spread, "train_minutes": {"mean": 1.0}}
 
     rows = [row("mae", 1, 50.0), row("mae", 2, 55.0), row("sgmae", 1, 56.0), row("sgmae_step", 1, 55.0)]
-    reached = compare_masking.first_reaching(rows, "mae", "linear_probe_cls", clocks)
+    reached = masking_report.first_reaching(rows, "mae", "linear_probe_cls", clocks)
     assert [reached[name]["clock_ratio"] for name in ("mae", "sgmae", "sgmae_step")] == [1.0, 0.5, 1.0]
     for summary_row in rows:  # the curves against the measured time
-        summary_row |= {key: summary_row["linear_probe_cls"] for key in compare_masking.ACCURACIES}
-    compare_masking.plot({"reference": "mae", "rows": rows}, tmp_path / "curves.png", clocks)
+        summary_row |= {key: summary_row["linear_probe_cls"] for key in masking_report.ACCURACIES}
+    masking_report.plot({"reference": "mae", "rows": rows}, tmp_path / "curves.png", clocks)
     assert (tmp_path / "curves.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="does not time a 3-epoch schedule"):
-        compare_masking.schedule_clocks(str(timings[0]), epochs=3)
+        masking_report.schedule_clocks(str(timings[0]), epochs=3)
 
 
 def test_a_missing_schedule_timing_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -250,7 +250,7 @@ def test_a_timing_of_another_schedule_is_refused_before_any_run(monkeypatch: pyt
     arguments = ["--epochs", "3", "--schedule_timings", str(timing), "--output_dir", str(tmp_path / "out")]
     args = parse(monkeypatch, *arguments)
     with pytest.raises(SystemExit, match="does not time a 3-epoch schedule"):
-        compare_masking.Records(args, [("mae", "--mask_strategy random", 0)])
+        masking_runs.Records(args, [("mae", "--mask_strategy random", 0)])
 
 
 def test_target_table_counts_the_epochs_ahead_by_a_point_and_behind_on_knn() -> None:
@@ -260,12 +260,34 @@ def test_target_table_counts_the_epochs_ahead_by_a_point_and_behind_on_knn() -> 
         {"variant": "sgmae", "epoch": 20, "delta_linear_probe_cls": 0.9, "delta_knn_cls": 0.0},
     ]
     reached = {"linear_probe_cls": {"sgmae": {"epoch": 10, "epoch_ratio": 0.5}}}
-    lines = compare_masking.target_table({"reference": "mae", "rows": rows, "reached": reached}, ["cls"])
+    lines = masking_report.target_table({"reference": "mae", "rows": rows, "reached": reached}, ["cls"])
     assert lines[-1] == "| sgmae | [CLS] | 1 of 2 epochs (10) | 10 | epoch 10, 0.50x the epochs (met) |"
     assert len(lines) == 5  # title, blank, header, rule, one row: the reference gets none
     reached["linear_probe_cls"]["sgmae"]["clock_ratio"] = 0.81
-    lines = compare_masking.target_table({"reference": "mae", "rows": rows, "reached": reached}, ["cls"])
+    lines = masking_report.target_table({"reference": "mae", "rows": rows, "reached": reached}, ["cls"])
     assert lines[-1].endswith("| epoch 10, 0.50x the epochs (met), 0.81x the measured time (not met) |")
     reached["linear_probe_cls"]["mae"] = {"epoch": 10, "epoch_ratio": 0.5}  # the reference levels off at epoch 10
-    lines = compare_masking.target_table({"reference": "mae", "rows": rows, "reached": reached}, ["cls"])
+    lines = masking_report.target_table({"reference": "mae", "rows": rows, "reached": reached}, ["cls"])
     assert lines[-1].endswith("0.81x the measured time (not met); mae itself: epoch 10 |")
+
+
+def test_the_committed_tables_regenerate_byte_identical_from_their_records(monkeypatch, tmp_path) -> None:
+    """The summary in the JSON and the Markdown tables come from the records alone: the report module and a
+    --collect_only sitting of the comparison's own command regenerate them unchanged."""
+    committed = REPO_ROOT / "benchmarks/results/imagenette196_cached/compare_masking.json"
+    text, markdown = masking_report.regenerated(committed)
+    assert text == committed.read_text()
+    assert markdown == committed.with_suffix(".md").read_text()
+
+    output = tmp_path / "imagenette196_cached"
+    output.mkdir()
+    shutil.copyfile(committed, output / "compare_masking.json")
+    command = shlex.split(json.loads(committed.read_text())["command"])[2:]  # past `python benchmarks/...py`
+    for option in ("--output_dir", "--runs_dir", "--stop_after_minutes", "--schedule_timings"):
+        at = command.index(option)
+        del command[at : at + 2]
+    timings = masking_report.checked_out(json.loads(committed.read_text())["args"]["schedule_timings"])
+    command += ["--output_dir", str(output), "--runs_dir", str(tmp_path / "runs"), "--collect_only"]
+    monkeypatch.setattr("sys.argv", ["compare_masking", *command, "--schedule_timings", timings])
+    compare_masking.main()
+    assert (output / "compare_masking.md").read_text() == committed.with_suffix(".md").read_text()

@@ -5,7 +5,6 @@ split at zero). Every test has an answer known by construction."""
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
@@ -308,16 +307,9 @@ def test_analysis_and_panel_report_the_new_metrics(model):
 
 # ----- the benchmark's option grid ----------------------------------------------------------------------------------
 def _graph_options():
-    import importlib.util
+    from benchmarks import graph_options
 
-    from conftest import REPO_ROOT
-
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("graph_options", REPO_ROOT / "benchmarks/graph_options.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["graph_options"] = module  # its options dataclass looks its module up
-    spec.loader.exec_module(module)
-    return module
+    return graph_options
 
 
 def test_mask_quality_options_vary_one_factor_at_a_time_and_every_one_is_a_valid_config():
