@@ -8,6 +8,7 @@ use, after `pip install -e ".[dev]"`; it does nothing when the files are already
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import tarfile
@@ -35,7 +36,9 @@ def fetch(package: Path) -> None:
                     (package / name.name).write_bytes(sdist.extractfile(member).read())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.parse_args(argv)  # no options: --help explains, anything else is refused before any download
     package = package_dir()
     if missing_files():
         fetch(package)

@@ -10,6 +10,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig, PreTrainedModel, ViTImageProcessor
 
+from .arguments import hub_advice, hub_unreachable, is_hub_id
+from .checkpoints import checkpoint_dirs
 from .data.loading import DataArguments
 from .training_state import TrainingState
 
@@ -24,21 +26,46 @@ def check_checkpoint_kind(
     argument: str = "--model_name_or_path",
     kinds: dict[str, str] | None = None,
 ) -> str:
-    """The checkpoint's model_type, or a clear error when it is not one of `kinds` (default: an SG-MAE or
-    transformers ViTMAE checkpoint)."""
+    """The checkpoint's model_type, or one `error:` line when it is not one of `kinds` (default: an SG-MAE or
+    transformers ViTMAE checkpoint), is a folder without config.json, or is a Hub id the Hub cannot give (found out
+    with one quick request, not after huggingface_hub's half-minute of retries)."""
     kinds = kinds or CHECKPOINT_KINDS
+    wanted = " or ".join(kinds.values())
+    unreachable = hub_unreachable(path)
     try:
         config_dict, _ = PreTrainedConfig.get_config_dict(path, cache_dir=cache_dir)
     except (OSError, ValueError) as error:
-        reason = " ".join(str(error).split())  # one line
-        if not Path(path).exists():
-            reason = f"no such local folder, and it could not be fetched from the Hub ({reason})"
+        reason = unreachable or " ".join(str(error).split())  # one line
+        if is_hub_id(path):
+            raise SystemExit(
+                f"error: {path!r} is no local folder and could not be fetched from the Hub ({reason}); "
+                f"{hub_advice(path, reason)}"
+            ) from error
+        if not Path(path).expanduser().exists():
+            reason = "no such file or folder"
         raise SystemExit(f"error: cannot read a model configuration from {path!r}: {reason}") from error
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise SystemExit(
+            f"error: {path!r} has no config.json, so it is not a model folder{folder_kind(Path(path))}; "
+            f"{argument} needs {wanted} checkpoint"
+        )
     model_type = config_dict.get("model_type")
     if model_type not in kinds:
-        wanted = " or ".join(kinds.values())
-        raise SystemExit(f"error: {path!r} is a {model_type!r} checkpoint; {argument} needs {wanted} checkpoint")
+        found = f"is a {model_type!r} checkpoint" if model_type else "has a config.json without a model_type"
+        raise SystemExit(f"error: {path!r} {found}; {argument} needs {wanted} checkpoint")
     return model_type
+
+
+def folder_kind(folder: Path) -> str:
+    """What a folder without config.json is, when it is recognisable: `: it is ...`, or nothing."""
+    if (folder / "eval_results.json").is_file():
+        return ": it is an evaluation's output folder (eval_results.json; knn and frozen save no model)"
+    checkpoints = checkpoint_dirs(folder)
+    if checkpoints:
+        return f": it is a training run without its final model yet; its newest checkpoint is {checkpoints[-1]}"
+    if not any(folder.iterdir()):
+        return ": it is empty"
+    return ""
 
 
 def masking_schedule(config: PreTrainedConfig, start_step: int | None, finished: bool) -> str:

@@ -127,10 +127,31 @@ def help_flags(program: str) -> frozenset[str]:
     return frozenset(flag for option in options for flag in re.findall(r"--[\w-]+", option))
 
 
+# Every request of a `--help` run goes to a closed local port: a command that reaches for the network fails here.
+NO_NETWORK = {
+    "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "ALL_PROXY": "http://127.0.0.1:9",
+    "NO_PROXY": "", "PIP_NO_INDEX": "1", "HF_ENDPOINT": "http://127.0.0.1:9",
+}  # fmt: skip
+
+
 def help_env() -> dict[str, str]:
     return dict(
-        os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT)
+        os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT),
+        **NO_NETWORK,
+    )  # fmt: skip
+
+
+def test_the_ci_fetch_step_prints_its_help_and_downloads_nothing(tmp_path):
+    """The README's test command starts with `.ci/fetch_transformers_tests.py`; its `--help` explains it and
+    fetches nothing, even where transformers' tests are not cached yet."""
+    env = help_env() | {"SGMAE_TRANSFORMERS_TESTS": str(tmp_path / "cache")}
+    script = str(REPO_ROOT / ".ci" / "fetch_transformers_tests.py")
+    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("usage: fetch_transformers_tests.py") and "common test files" in " ".join(
+        result.stdout.split()
     )
+    assert not (tmp_path / "cache").exists()
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:

@@ -333,14 +333,23 @@ def test_bad_input_ends_in_a_clear_error(image_dataset_dir, pretrained, tmp_path
     message = run_main(monkeypatch, *args(label_column="fine_label"))
     assert message.startswith("error: label column 'fine_label' not in the dataset")
     message = run_main(monkeypatch, *args(dataset_name=str(tmp_path / "no-such-dataset")))
-    assert message.startswith("error: cannot load split 'train'")
+    assert (
+        message
+        == f"error: cannot load split 'train' of {str(tmp_path / 'no-such-dataset')!r}: no such folder: "
+        + str(tmp_path / "no-such-dataset")
+    )
     not_a_model = tmp_path / "bert"
     not_a_model.mkdir()
     (not_a_model / "config.json").write_text(json.dumps({"model_type": "bert"}))
     message = run_main(monkeypatch, *args(model_name_or_path=str(not_a_model)))
     assert message.startswith("error:") and "'bert' checkpoint" in message and "ViTMAE" in message
     message = run_main(monkeypatch, *args(model_name_or_path=str(tmp_path / "empty")))
-    assert message.startswith("error: cannot read a model configuration")
+    assert message.startswith("error: cannot read a model configuration") and "no such file or folder" in message
+    evaluation = tmp_path / "eval-knn"  # what --protocol knn leaves: results, no model
+    evaluation.mkdir()
+    (evaluation / "eval_results.json").write_text("{}")
+    message = run_main(monkeypatch, *args(model_name_or_path=str(evaluation)))
+    assert "has no config.json, so it is not a model folder: it is an evaluation's output folder" in message
     yaml_file = tmp_path / "args.yaml"
     yaml_file.write_text(yaml.safe_dump({"protocol": "knn", "dataset_name": str(image_dataset_dir)}))
     message = run_main(monkeypatch, str(yaml_file))
