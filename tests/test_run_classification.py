@@ -183,11 +183,14 @@ def test_linear_probe_with_two_processes_counts_each_sample_once_and_folds_exact
 def test_frozen_scores_both_poolings_as_knn_and_the_probe_do_from_one_feature_pass(
     image_dataset_dir, pretrained, tmp_path
 ):
+    logs = {}
+
     def run(protocol: str, *extra: str) -> dict:
         output = tmp_path / f"{protocol}{'-'.join(extra)}"
         arguments = common_args(image_dataset_dir, output, protocol, pretrained, "--num_train_epochs", "3", *extra)
         arguments.remove("--save_predictions")
-        launch(arguments, plain_python=True)
+        result = launch(arguments, plain_python=True)
+        logs[protocol] = result.stdout + result.stderr
         return json.loads((output / "eval_results.json").read_text())
 
     frozen = run("frozen")
@@ -201,10 +204,12 @@ def test_frozen_scores_both_poolings_as_knn_and_the_probe_do_from_one_feature_pa
     for pooling in ("cls", "mean"):
         for protocol in ("knn", "linear_probe"):
             assert 0.0 <= frozen[f"{pooling}_{protocol}_top1"] <= frozen[f"{pooling}_{protocol}_top5"] <= 1.0
-    # each pooling's probe trained in its own folder; no model is saved
-    output = tmp_path / "frozen"
-    assert not (output / "model.safetensors").exists()
-    assert (output / "probe-cls").is_dir() and (output / "probe-mean").is_dir()
+    # no model and no probe checkpoint is saved, and the log says so in few lines (no checkpoint lines)
+    assert sorted(path.name for path in (tmp_path / "frozen").iterdir()) == ["eval_results.json"]
+    assert "Saving current state" not in logs["frozen"] and "checkpoint" not in logs["frozen"]
+    # kNN and frozen never use the classifier head: no "MISSING ... consider training" report of it
+    assert "LOAD REPORT" not in logs["frozen"] + logs["knn"] and "LOAD REPORT" in logs["linear_probe"]
+    assert "for comparison, chance on 10 classes: top-1 0.100, top-5 0.500" in logs["knn"]
 
 
 def test_knn_end_to_end_on_a_transformers_vit_mae_checkpoint(image_dataset_dir, tmp_path):
@@ -328,6 +333,8 @@ def test_bad_input_ends_in_a_clear_error(image_dataset_dir, pretrained, tmp_path
     assert message.startswith("error: unknown --protocol 'fine_tune'") and "linear_probe" in message
     message = run_main(monkeypatch, *args(ddp_timeout="0"))
     assert message == "error: --ddp_timeout must be a positive integer, got 0"
+    message = run_main(monkeypatch, *args(protocol="frozen", resume_from_checkpoint="latest"))
+    assert message.startswith("error: --protocol frozen keeps no checkpoints to resume from")
     message = run_main(monkeypatch, *args(push_to_hub="true"))
     assert message.startswith("error: --push_to_hub needs --hub_model_id")
     message = run_main(monkeypatch, *args(label_column="fine_label"))
