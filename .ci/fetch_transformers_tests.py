@@ -3,7 +3,7 @@
 
 The wheel does not ship transformers' `tests/`; the sdist on PyPI does. It is downloaded here, once, so the tests
 themselves use no network (tests/transformers_common.py only reads the cache). Run it in the environment the tests
-use, after `pip install -e ".[dev]"`; it does nothing when the files are already there.
+use, after `pip install -e ".[test]"` (or `.[dev]`); it does nothing when the files are already there.
 """
 
 from __future__ import annotations

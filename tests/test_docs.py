@@ -9,11 +9,13 @@ from __future__ import annotations
 import functools
 import os
 import re
+import runpy
 import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from conftest import REPO_ROOT
@@ -193,3 +195,25 @@ def test_every_documented_command_names_real_scripts_and_flags():
         checked += 1
     assert not wrong, "\n".join(wrong)
     assert checked > 30  # the docs' commands were found, not skipped
+
+
+def setup_arguments() -> dict:
+    """The keyword arguments setup.py passes to setuptools.setup (setup.py run with setup() captured)."""
+    captured = {}
+    with mock.patch("setuptools.setup", lambda **arguments: captured.update(arguments)):
+        runpy.run_path(str(REPO_ROOT / "setup.py"), run_name="__main__")
+    return captured
+
+
+def test_the_first_command_installs_the_demo_and_no_test_tools():
+    """The README's first command installs what the demo and its page import, and not the test or lint tools; the
+    test command's extra has the tests' tools; `.[dev]` (CI) has everything."""
+    readme = [" ".join(tokens) for page, tokens in documented_commands() if page == "README.md"]
+    installs = [re.search(r"pip install -e \.\[(\w+)\]", command) for command in readme[:4]]
+    first, tests = (match.group(1) for match in installs if match)
+    extras = {name: {re.split(r"[<>=\[ ]", requirement)[0] for requirement in requirements}
+              for name, requirements in setup_arguments()["extras_require"].items()}  # fmt: skip
+    assert {"scikit-image", "gradio"} <= extras[first]
+    assert not extras[first] & {"pytest", "timm", "selenium", "ruff", "tensorboard"}
+    assert {"pytest", "parameterized", "timm", "selenium", "scikit-image", "gradio"} <= extras[tests]
+    assert set().union(*extras.values()) == extras["dev"]
