@@ -128,9 +128,16 @@ def dataset_id(data_args: DataArguments) -> str:
 
 
 def classification_card(model_args, data_args, args, model, results: dict) -> str:
-    config = model.config
+    """The model card of a fine-tuned or probed classifier: front matter with its `model-index` results, usage, results
+    and the training table."""
     protocol = {"finetune": "fine-tuning", "linear_probe": "linear probing"}[args.protocol]
-    name = args.hub_model_id or Path(args.output_dir).name
+    metadata = classification_metadata(model_args, data_args, args, results, protocol)
+    body = classification_body(model_args, data_args, args, model.config, results, protocol)
+    return model_card(metadata, f"SG-MAE {protocol}: {Path(args.output_dir).name}", body)
+
+
+def classification_metadata(model_args, data_args, args, results: dict, protocol: str) -> dict[str, Any]:
+    """The card's front matter: pipeline, tags, dataset, the base model when it is a Hub id, and `model-index`."""
     data_name = dataset_id(data_args)
     metrics = [
         {"type": "accuracy", "value": round(results["eval_top1"], 4), "name": f"Top-1 accuracy ({protocol})"},
@@ -149,15 +156,15 @@ def classification_card(model_args, data_args, args, model, results: dict) -> st
     base = model_args.model_name_or_path
     if base and not Path(base).exists():
         metadata["base_model"] = base
-    metadata["model-index"] = [
-        {
-            "name": name,
-            "results": [
-                {"task": {"type": "image-classification", "name": "Image Classification"}, "dataset": dataset,
-                 "metrics": metrics}
-            ],
-        }
-    ]  # fmt: skip
+    task = {"type": "image-classification", "name": "Image Classification"}
+    results_entry = {"task": task, "dataset": dataset, "metrics": metrics}
+    metadata["model-index"] = [{"name": args.hub_model_id or Path(args.output_dir).name, "results": [results_entry]}]
+    return metadata
+
+
+def classification_body(model_args, data_args, args, config, results: dict, protocol: str) -> str:
+    """The card's Markdown: how to use it, its results and how it was trained."""
+    name = args.hub_model_id or Path(args.output_dir).name
     labels = ", ".join(config.id2label[i] for i in range(min(config.num_labels, 10)))
     steps = f"{results.get('step', 0)} of {results.get('total_steps', 0)}"
     image = config.image_size
@@ -170,7 +177,7 @@ from transformers import pipeline
 classifier = pipeline("image-classification", model="{name}", trust_remote_code=True)
 ```
 
-## Results on {data_name} ({data_args.validation_split}, {results["eval_samples"]} images)
+## Results on {dataset_id(data_args)} ({data_args.validation_split}, {results["eval_samples"]} images)
 | top-1 | top-5 |
 |---|---|
 | {results["eval_top1"]:.4f} | {results["eval_top5"]:.4f} |
@@ -187,13 +194,11 @@ classifier = pipeline("image-classification", model="{name}", trust_remote_code=
 | base lr / weight decay | {args.base_learning_rate} / {args.weight_decay} |
 """
     if args.protocol == "finetune":
-        body += (
+        return body + (
             f"| layer decay / drop path | {args.layer_decay} / {config.drop_path_rate} |\n"
             f"| label smoothing / mixup / cutmix | {args.label_smoothing} / {args.mixup} / {args.cutmix} |\n"
         )
-    else:
-        body += "| probe | BatchNorm1d (no affine) + Linear, folded into one Linear |\n"
-    return model_card(metadata, f"SG-MAE {protocol}: {Path(args.output_dir).name}", body)
+    return body + "| probe | BatchNorm1d (no affine) + Linear, folded into one Linear |\n"
 
 
 def pretraining_card(
