@@ -64,9 +64,8 @@ def test_a_hub_id_the_hub_cannot_give_is_one_line_in_a_moment(monkeypatch, tmp_p
     monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached
     started = time.monotonic()
-    message = checkpoint_error("facebook/vit-mae-base")
+    message = checkpoint_error("facebook/vit-mae-base", cache_dir=str(tmp_path))  # nothing cached there
     assert time.monotonic() - started < 5
     assert message.startswith(
         "error: 'facebook/vit-mae-base' is no local folder and could not be fetched from the Hub"
@@ -92,7 +91,7 @@ def test_a_path_that_does_not_exist_is_not_taken_for_a_hub_id(tmp_path):
     assert is_hub_id("facebook/vit-mae-base") and is_hub_id("gpt2") and not is_hub_id("a/b/c")
 
 
-def checkpoint_error(path: str) -> str:
+def checkpoint_error(path: str, cache_dir: str | None = None) -> str:
     with pytest.raises(SystemExit) as stopped:
-        check_checkpoint_kind(path)
+        check_checkpoint_kind(path, cache_dir)
     return str(stopped.value)
