@@ -289,6 +289,18 @@ def new_probe(features: torch.Tensor, num_classes: int, seed: int) -> nn.Sequent
     return probe
 
 
+def feature_batches(
+    state: TrainingState, features: dict[str, torch.Tensor], batch_size: int, steps_per_epoch: int, seed: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of cached `features` ("values", "labels") in the epoch of `state`, past those already trained:
+    every process trains the same head on all features, in a seeded permutation per epoch."""
+    values = features["values"]
+    order = torch.randperm(len(values), generator=torch.Generator().manual_seed(seed + state.epoch))
+    for batch_index in range(state.samples_in_epoch // batch_size, steps_per_epoch):
+        rows = order[batch_index * batch_size : (batch_index + 1) * batch_size].to(values.device)
+        yield {"features": values[rows], "labels": features["labels"][rows]}
+
+
 def train_probe(
     task: Task,
     cached: dict[str, torch.Tensor],
@@ -304,7 +316,7 @@ def train_probe(
     Returns the head, its scoring of the validation split, and the loop's state.
     """
     accelerator, args = task.accelerator, task.args
-    features, labels = cached["values"], cached["labels"]
+    features = cached["values"]
     probe = new_probe(features, task.num_classes, args.seed).to(accelerator.device)
     batch_size = min(args.per_device_train_batch_size * accelerator.num_processes, len(features))
     if batch_size < 2:
@@ -314,25 +326,21 @@ def train_probe(
     learning_rate = args.base_learning_rate * batch_size / 256
     optimizer = torch.optim.SGD(probe.parameters(), lr=learning_rate, momentum=0.9, weight_decay=args.weight_decay)
     objects = {"probe": probe, "optimizer": optimizer}
-    resume = args.resume_from_checkpoint if output_dir else None
-    state = resume_state(accelerator, optimizer, output_dir or args.output_dir, resume, objects, total_steps)
+    folder, resume = (output_dir, args.resume_from_checkpoint) if output_dir else (args.output_dir, None)
+    state = resume_state(accelerator, optimizer, folder, resume, objects, total_steps)
     scheduler = cosine_scheduler(optimizer, args.warmup_ratio, total_steps, state.step)
     logger.info(
         "linear probe: %d steps of batch %d on %d features, lr %.2e (SGD, momentum 0.9)",
         total_steps, batch_size, len(features), learning_rate,
     )  # fmt: skip
-
-    def epoch_batches(state: TrainingState) -> Iterator[dict[str, torch.Tensor]]:
-        """Every process trains the same head on all features: a seeded permutation per epoch."""
-        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(args.seed + state.epoch))
-        for batch_index in range(state.samples_in_epoch // batch_size, steps_per_epoch):
-            rows = order[batch_index * batch_size : (batch_index + 1) * batch_size].to(accelerator.device)
-            yield {"features": features[rows], "labels": labels[rows]}
-
+    epoch_batches = partial(
+        feature_batches, features=cached, batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=args.seed
+    )
     hooks = ProbeHooks(task, probe, eval_local)
     checkpoints = (args.checkpointing_steps, args.save_total_limit) if output_dir else ("none", None)
-    settings = LoopSettings(output_dir or args.output_dir, args.logging_steps, *checkpoints, args.max_grad_norm,
-                            count_key="features", sharded=False)  # fmt: skip
+    settings = LoopSettings(
+        folder, args.logging_steps, *checkpoints, args.max_grad_norm, count_key="features", sharded=False
+    )
     state = train(accelerator, probe, optimizer, scheduler, epoch_batches, state, settings, hooks, objects)
     # every process trained the same head; make it bit-identical (GPU kernels need not be)
     for tensor in [*probe.parameters(), *probe.buffers()]:

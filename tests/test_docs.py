@@ -131,16 +131,24 @@ def help_flags(program: str) -> frozenset[str]:
 
 # Every request of a `--help` run goes to a closed local port: a command that reaches for the network fails here.
 NO_NETWORK = {
-    "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "ALL_PROXY": "http://127.0.0.1:9",
-    "NO_PROXY": "", "PIP_NO_INDEX": "1", "HF_ENDPOINT": "http://127.0.0.1:9",
-}  # fmt: skip
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "ALL_PROXY": "http://127.0.0.1:9",
+    "NO_PROXY": "",
+    "PIP_NO_INDEX": "1",
+    "HF_ENDPOINT": "http://127.0.0.1:9",
+}
 
 
 def help_env() -> dict[str, str]:
     return dict(
-        os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT),
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO_ROOT),
         **NO_NETWORK,
-    )  # fmt: skip
+    )
 
 
 def test_the_ci_fetch_step_prints_its_help_and_downloads_nothing(tmp_path):
@@ -211,8 +219,10 @@ def test_the_first_command_installs_the_demo_and_no_test_tools():
     readme = [" ".join(tokens) for page, tokens in documented_commands() if page == "README.md"]
     installs = [re.search(r"pip install -e \.\[(\w+)\]", command) for command in readme[:4]]
     first, tests = (match.group(1) for match in installs if match)
-    extras = {name: {re.split(r"[<>=\[ ]", requirement)[0] for requirement in requirements}
-              for name, requirements in setup_arguments()["extras_require"].items()}  # fmt: skip
+    extras = {
+        name: {re.split(r"[<>=\[ ]", requirement)[0] for requirement in requirements}
+        for name, requirements in setup_arguments()["extras_require"].items()
+    }
     assert {"scikit-image", "gradio"} <= extras[first]
     assert not extras[first] & {"pytest", "timm", "selenium", "ruff", "tensorboard"}
     assert {"pytest", "parameterized", "timm", "selenium", "scikit-image", "gradio"} <= extras[tests]
