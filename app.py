@@ -452,12 +452,7 @@ class DemoServer:
             session_model = gr.State(model_name)
             with gr.Row():
                 with gr.Column(scale=1, min_width=300):
-                    if choose_model:
-                        with gr.Row(equal_height=True):
-                            model_box = gr.Textbox(
-                                model_name, label="Model (folder or Hub id)", scale=4, elem_id="model"
-                            )
-                            load_button = gr.Button("Load", scale=1, elem_id="load-model")
+                    model_box, load_button = model_chooser(model_name) if choose_model else (None, None)
                     model_info = gr.Markdown(demo.describe(), elem_id="model-info")
                     photo = gr.Image(examples[0], label="Your photo", type="filepath", height=240, elem_id="photo")
                     controls = masking_controls(start, demo.model.config.num_hidden_layers)
@@ -470,13 +465,7 @@ class DemoServer:
                         api_visibility="private",
                     )  # fmt: skip
             outputs = [*panels, statistics, note, status]
-            # One function for the photo and every control; preprocess=False passes the photo's file unprocessed.
-            shown = dict(fn=self.mask, inputs=[session_model, photo, *controls], outputs=outputs, preprocess=False)
-            photo.change(**shown, api_name=API_NAME, api_description=API_DESCRIPTION)
-            # always_last: a dragged slider ends on its last value
-            gr.on(
-                [control.change for control in controls], **shown, trigger_mode="always_last", api_visibility="private"
-            )
+            self.connect(session_model, photo, controls, outputs)
             if choose_model:
                 gr.on(
                     [load_button.click, model_box.submit],
@@ -487,6 +476,34 @@ class DemoServer:
                     api_visibility="private",
                 )
         return page
+
+    def connect(self, session_model: gr.State, photo: gr.Image, controls: list, outputs: list) -> None:
+        """One function for the photo and every control (inside the page's Blocks): the photo's change is the API
+        endpoint; preprocess=False passes the photo's file unprocessed."""
+        shown = dict(fn=self.mask, inputs=[session_model, photo, *controls], outputs=outputs, preprocess=False)
+        photo.change(**shown, api_name=API_NAME, api_description=API_DESCRIPTION)
+        # always_last: a dragged slider ends on its last value
+        gr.on([control.change for control in controls], **shown, trigger_mode="always_last", api_visibility="private")
+
+
+def model_chooser(model_name: str) -> tuple[gr.Textbox, gr.Button]:
+    """The box and button that load another checkpoint for the session (inside the page's Blocks)."""
+    with gr.Row(equal_height=True):
+        model_box = gr.Textbox(model_name, label="Model (folder or Hub id)", scale=4, elem_id="model")
+        load_button = gr.Button("Load", scale=1, elem_id="load-model")
+    return model_box, load_button
+
+
+def serve(page: gr.Blocks, port: int | None, share: bool) -> None:
+    """Serve the page until interrupted. Gradio's own start-up lines are replaced by ours: its hint names its Python
+    argument (`share=True` in `launch()`), where this command takes --share."""
+    page.launch(
+        server_port=port, share=share, theme=THEME, footer_links=["gradio"], quiet=True, prevent_thread_lock=True
+    )
+    print(f"* Running on local URL:  {page.local_url}", flush=True)
+    if not share:  # with it, Gradio prints the public link (or why it could not make one) itself
+        print("* For a public link as well, start it with --share", flush=True)
+    page.block_thread()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -509,8 +526,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     # A public link is anyone's page: there, the model stays the one chosen here.
-    page = server.page(args.model, choose_model=not args.share)
-    page.launch(server_port=args.port, share=args.share, theme=THEME, footer_links=["gradio"])
+    serve(server.page(args.model, choose_model=not args.share), args.port, args.share)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +29,7 @@ import datasets
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, ViTImageProcessor
 
 from modeling_sgmae import SGMAEConfig, SGMAEForImageClassification
 from sgmae_training.arguments import LOOP_POSITIVE_ARGUMENTS, check_positive, dataset_reachable, parse_script_args
@@ -36,6 +38,7 @@ from sgmae_training.classification import (
     PROTOCOLS,
     ClassificationArguments,
     ClassificationDataArguments,
+    ProtocolResult,
     Task,
     finetune,
     frozen,
@@ -119,6 +122,12 @@ def validate_args(model_args: ModelArguments, data_args: ClassificationDataArgum
         raise SystemExit("error: give --model_name_or_path (a checkpoint) or --config_name (a from-scratch baseline)")
     if args.save_predictions and args.protocol == "frozen":
         raise SystemExit("error: --save_predictions is not available with --protocol frozen (it scores four ways)")
+    if args.resume_from_checkpoint and args.protocol in ("knn", "frozen"):
+        trains = "it trains nothing" if args.protocol == "knn" else "its probes train in seconds on the features"
+        raise SystemExit(
+            f"error: --protocol {args.protocol} keeps no checkpoints to resume from ({trains}); "
+            "run it again without --resume_from_checkpoint"
+        )
     if data_args.streaming and args.protocol != "finetune":
         raise SystemExit("error: --streaming is only supported with --protocol finetune")
     if args.knn_k < 1 or args.knn_temperature <= 0:
@@ -169,7 +178,8 @@ def build_model(
         if model_type == "sgmae":  # a classification checkpoint of other classes gets a new head
             overrides["ignore_mismatched_sizes"] = True
         try:
-            model = SGMAEForImageClassification.from_pretrained(path, cache_dir=cache_dir, **overrides)
+            with new_head_report_silenced(args.protocol in ("knn", "frozen")):
+                model = SGMAEForImageClassification.from_pretrained(path, cache_dir=cache_dir, **overrides)
         except (OSError, ValueError, TypeError, SafetensorError, StrictDataclassError) as error:
             reason = " ".join(str(error).split())  # one line (strict config errors span two)
             raise SystemExit(f"error: cannot load {path!r} as an SG-MAE classifier: {reason}") from error
@@ -186,6 +196,34 @@ def build_model(
         reason = " ".join(str(error).split())  # one line (strict config errors span two)
         raise SystemExit(f"error: cannot read --config_name {model_args.config_name!r}: {reason}") from error
     return SGMAEForImageClassification(config)
+
+
+class NewHeadReportFilter(logging.Filter):
+    """Drops transformers' load report when all it says is that the head is new (MISSING, "consider training"):
+    kNN and `frozen` never use the classifier, and the head's LayerNorm of mean pooling stays as initialised, the
+    identity, as in MAE's probe (see `frozen_features`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        cells = [[cell.strip() for cell in line.split("|")] for line in message.splitlines() if line.count("|") >= 2]
+        rows = [(key, status) for key, status, *_ in cells if key != "Key"]
+        return not all(key.startswith(("classifier.", "fc_norm.")) and "MISSING" in status for key, status in rows)
+
+
+@contextmanager
+def new_head_report_silenced(silenced: bool) -> Iterator[None]:
+    """While loading: without transformers' report of a new classifier head when `silenced` (see NewHeadReportFilter);
+    any other load report is still shown."""
+    loader_logger = logging.getLogger("transformers.modeling_utils")
+    report_filter = NewHeadReportFilter()
+    if silenced:
+        loader_logger.addFilter(report_filter)
+    try:
+        yield
+    finally:
+        loader_logger.removeFilter(report_filter)
 
 
 # ----- main ----------------------------------------------------------------------------------------------------------
@@ -220,7 +258,6 @@ def main() -> None:
     protocol = {"finetune": finetune, "linear_probe": linear_probe, "knn": knn, "frozen": frozen}[args.protocol]
     result = protocol(task, model)
 
-    # ----- output -----
     results = {
         "protocol": args.protocol,
         "num_processes": accelerator.num_processes,
@@ -231,18 +268,37 @@ def main() -> None:
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        output = Path(args.output_dir)
-        if args.save_predictions:
-            write_json_atomically(output / "eval_predictions.json", predictions_record(result.gathered))
-        write_json_atomically(output / "eval_results.json", results)
         logger.info("results: %s", result.metrics)
-        if result.model is not None:
-            card = classification_card(model_args, data_args, args, result.model, results)
-            save_hub_folder(result.model, processor, output, card)
-            logger.info("saved the classifier to %s", output)
-            if args.push_to_hub:
-                push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
+        logger.info("for comparison, %s", chance_level(len(names)))
+        save_outputs(model_args, data_args, args, result, results, processor)
     accelerator.end_training()
+
+
+def chance_level(num_classes: int) -> str:
+    """What guessing scores, to read the accuracies against."""
+    return f"chance on {num_classes} classes: top-1 {1 / num_classes:.3f}, top-5 {min(5 / num_classes, 1):.3f}"
+
+
+def save_outputs(
+    model_args: ModelArguments,
+    data_args: ClassificationDataArguments,
+    args: ClassificationArguments,
+    result: ProtocolResult,
+    results: dict,
+    processor: ViTImageProcessor,
+) -> None:
+    """eval_results.json (and eval_predictions.json), then the classifier's Hub folder when the protocol made one,
+    and its upload."""
+    output = Path(args.output_dir)
+    if args.save_predictions:
+        write_json_atomically(output / "eval_predictions.json", predictions_record(result.gathered))
+    write_json_atomically(output / "eval_results.json", results)
+    if result.model is not None:
+        card = classification_card(model_args, data_args, args, result.model, results)
+        save_hub_folder(result.model, processor, output, card)
+        logger.info("saved the classifier to %s", output)
+        if args.push_to_hub:
+            push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
 
 
 def pooling_of(protocol: str, model_args: ModelArguments, model: SGMAEForImageClassification | None) -> str:

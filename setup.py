@@ -2,6 +2,15 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+DEMO = ["scikit-image>=0.22", "gradio>=6.31,<7"]
+TEST = [
+    *DEMO,
+    "pytest>=8",
+    "parameterized>=0.9",  # transformers' common model tests
+    "timm>=1.0.9",  # the export tests load exported encoders into timm
+    "selenium>=4.20,<5",  # drives headless Chromium in the demo's browser test
+]
+
 setup(
     name="sgmae",
     version="0.1.0",
@@ -27,17 +36,12 @@ setup(
         "matplotlib>=3.8",  # mask panels with column titles, written by every pre-training run
     ],
     extras_require={
-        "demo": ["scikit-image>=0.22", "gradio>=6.31,<7"],  # app.py
+        # The README's first command: the demo pre-training (scikit-image's photos) and its page (app.py)
+        "demo": DEMO,
         "tensorboard": ["tensorboard>=2.15"],
-        "dev": [
-            "pytest>=8",
-            "parameterized>=0.9",
-            "ruff>=0.6",
-            "scikit-image>=0.22",
-            "tensorboard>=2.15",
-            "timm>=1.0.9",  # the export tests load exported encoders into timm
-            "gradio>=6.31,<7",  # the demo's tests
-            "selenium>=4.20,<5",  # drives headless Chromium in the demo's browser test
-        ],
+        # The README's test command: the tests, the demo's own included
+        "test": TEST,
+        # Everything, for CI and contributors: tests, the linter, the TensorBoard tracker
+        "dev": [*TEST, "ruff>=0.6", "tensorboard>=2.15"],
     },
 )

@@ -3,11 +3,12 @@
 
 The wheel does not ship transformers' `tests/`; the sdist on PyPI does. It is downloaded here, once, so the tests
 themselves use no network (tests/transformers_common.py only reads the cache). Run it in the environment the tests
-use, after `pip install -e ".[dev]"`; it does nothing when the files are already there.
+use, after `pip install -e ".[test]"` (or `.[dev]`); it does nothing when the files are already there.
 """
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import tarfile
@@ -35,7 +36,9 @@ def fetch(package: Path) -> None:
                     (package / name.name).write_bytes(sdist.extractfile(member).read())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.parse_args(argv)  # no options: --help explains, anything else is refused before any download
     package = package_dir()
     if missing_files():
         fetch(package)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+import os
+import re
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,17 +62,67 @@ def refuse_unknown_arguments(parser: HfArgumentParser, arguments: list[str], sou
     raise SystemExit(f"error: unknown argument(s){where}: {'; '.join(hints)}; see --help for the full list")
 
 
+# How long the one request that tells whether the Hub answers may take: huggingface_hub itself retries a lost
+# connection five times with back-off (about half a minute, a warning each time) before it reads its cache.
+HUB_PROBE_TIMEOUT_S = 3.0
+HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")  # `name` or `owner/name`, as the Hub spells repositories
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` can only mean a Hub repository: no local path of that name, and spelt as a Hub id (a path that
+    starts with `/`, `.` or `~`, or has more than one `/`, is a local folder that does not exist)."""
+    return not Path(name).expanduser().exists() and HUB_ID.fullmatch(name) is not None
+
+
+def hub_unreachable(name: str | None) -> str | None:
+    """For a Hub id `name` (see `is_hub_id`), why the Hub cannot be asked for it: offline mode is set, or one request
+    to the Hub (HUB_PROBE_TIMEOUT_S, no retries) failed; None for a local path or when the Hub answers.
+
+    When the request fails, the process goes offline (as HF_HUB_OFFLINE=1 would set it), so that transformers and
+    `datasets` read their local caches at once instead of retrying for half a minute."""
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    if not name or not is_hub_id(name):
+        return None
+    if hub_constants.HF_HUB_OFFLINE:
+        return "offline mode is set (HF_HUB_OFFLINE=1)"
+    request = urllib.request.Request(hub_constants.ENDPOINT, method="HEAD")
+    try:
+        urllib.request.urlopen(request, timeout=HUB_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:  # it answered, with an error status: reachable
+        return None
+    except OSError as error:  # no network, no name resolution, refused, timed out
+        cause = getattr(error, "reason", error)
+        hub_constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"  # the same for DataLoader workers and subprocesses
+        return f"{hub_constants.ENDPOINT} cannot be reached: {' '.join(str(cause).split())}"
+    return None
+
+
+def hub_advice(name: str, reason: str, repo_type: str = "model") -> str:
+    """What to do about a Hub id that could not be fetched: a local copy, or offline mode for cached copies."""
+    dataset = repo_type == "dataset"
+    download = f"`hf download {name}{' --repo-type dataset' if dataset else ''} --local-dir DIR`"
+    advice = f"download it where there is network ({download}) and pass DIR{' (its parquet or .tar files)' * dataset}"
+    if "HF_HUB_OFFLINE" not in reason:
+        advice += ", or set HF_HUB_OFFLINE=1 to use only copies already in the local cache"
+    return advice
+
+
 @contextmanager
 def dataset_reachable(dataset_name: str | None) -> Iterator[None]:
     """One `error:` line, instead of `datasets`' ConnectionError traceback, when a Hub dataset id cannot be reached
-    (offline, or no network): what happened and how to point the scripts at a local copy."""
+    (offline, or no network): what happened and how to point the scripts at a local copy. Found out with one quick
+    request (see `hub_unreachable`), not after `datasets`' retries."""
+    reason = hub_unreachable(dataset_name)
     try:
         yield
     except ConnectionError as error:
+        reason = reason or " ".join(str(error).split())
         raise SystemExit(
-            f"error: cannot reach dataset {dataset_name!r}: {' '.join(str(error).split())}; "
-            f"offline, give --dataset_name a local copy instead: a folder with its parquet or .tar files, e.g. "
-            f"`hf download {dataset_name} --repo-type dataset --local-dir DIR` run where there is network"
+            f"error: dataset {dataset_name!r} is no local folder and could not be fetched from the Hub ({reason}); "
+            f"{hub_advice(dataset_name, reason, 'dataset')}"
         ) from error
 
 

@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -277,30 +276,48 @@ class ProbeHooks(TrainingHooks):
             self.task.accelerator.log(result.accuracies(), step=state.step)
 
 
+def new_probe(features: torch.Tensor, num_classes: int, seed: int) -> nn.Sequential:
+    """MAE's probe head, BatchNorm1d(affine=False) + Linear, for `features` [N, D]: the Linear initialised as MAE's
+    (seeded), the BatchNorm's running statistics those of `features` from the start (exact for short runs)."""
+    width = features.shape[1]
+    probe = nn.Sequential(nn.BatchNorm1d(width, affine=False, eps=1e-6), nn.Linear(width, num_classes))
+    torch.manual_seed(seed)
+    nn.init.trunc_normal_(probe[1].weight, std=0.01)
+    nn.init.zeros_(probe[1].bias)
+    probe[0].running_mean.copy_(features.mean(dim=0))
+    probe[0].running_var.copy_(features.var(dim=0) if len(features) > 1 else torch.ones(width))
+    return probe
+
+
+def feature_batches(
+    state: TrainingState, features: dict[str, torch.Tensor], batch_size: int, steps_per_epoch: int, seed: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of cached `features` ("values", "labels") in the epoch of `state`, past those already trained:
+    every process trains the same head on all features, in a seeded permutation per epoch."""
+    values = features["values"]
+    order = torch.randperm(len(values), generator=torch.Generator().manual_seed(seed + state.epoch))
+    for batch_index in range(state.samples_in_epoch // batch_size, steps_per_epoch):
+        rows = order[batch_index * batch_size : (batch_index + 1) * batch_size].to(values.device)
+        yield {"features": values[rows], "labels": features["labels"][rows]}
+
+
 def train_probe(
     task: Task,
     cached: dict[str, torch.Tensor],
     eval_local: dict[str, torch.Tensor],
     eval_skipped: int,
-    output_dir: str,
+    output_dir: str | None,
 ) -> tuple[nn.Sequential, EvaluationResult, TrainingState]:
-    """MAE's linear probe, BatchNorm1d(affine=False) + Linear, trained by the shared loop on cached features.
+    """MAE's linear probe (see `new_probe`) trained by the shared loop on cached features.
 
     The head trains with SGD + momentum 0.9 (instead of MAE's LARS) and a cosine schedule, on every process over all
-    features with the global batch; rank 0's head is then broadcast. Checkpoints (and resume) in `output_dir`.
+    features with the global batch; rank 0's head is then broadcast. Checkpoints (and resume) in `output_dir`; none
+    when it is None (`frozen`: its probes train in seconds on features extracted again by a new run).
     Returns the head, its scoring of the validation split, and the loop's state.
     """
     accelerator, args = task.accelerator, task.args
-    features, labels = cached["values"], cached["labels"]
-    width = features.shape[1]
-    probe = nn.Sequential(nn.BatchNorm1d(width, affine=False, eps=1e-6), nn.Linear(width, task.num_classes))
-    torch.manual_seed(args.seed)
-    nn.init.trunc_normal_(probe[1].weight, std=0.01)  # MAE's probe head init
-    nn.init.zeros_(probe[1].bias)
-    probe[0].running_mean.copy_(features.mean(dim=0))  # exact statistics from the start (short runs)
-    probe[0].running_var.copy_(features.var(dim=0) if len(features) > 1 else torch.ones(width))
-    probe.to(accelerator.device)
-
+    features = cached["values"]
+    probe = new_probe(features, task.num_classes, args.seed).to(accelerator.device)
     batch_size = min(args.per_device_train_batch_size * accelerator.num_processes, len(features))
     if batch_size < 2:
         raise SystemExit("error: the linear probe needs at least 2 training images per batch")
@@ -309,27 +326,22 @@ def train_probe(
     learning_rate = args.base_learning_rate * batch_size / 256
     optimizer = torch.optim.SGD(probe.parameters(), lr=learning_rate, momentum=0.9, weight_decay=args.weight_decay)
     objects = {"probe": probe, "optimizer": optimizer}
-    state = resume_state(accelerator, optimizer, output_dir, args.resume_from_checkpoint, objects, total_steps)
+    folder, resume = (output_dir, args.resume_from_checkpoint) if output_dir else (args.output_dir, None)
+    state = resume_state(accelerator, optimizer, folder, resume, objects, total_steps)
     scheduler = cosine_scheduler(optimizer, args.warmup_ratio, total_steps, state.step)
     logger.info(
         "linear probe: %d steps of batch %d on %d features, lr %.2e (SGD, momentum 0.9)",
         total_steps, batch_size, len(features), learning_rate,
     )  # fmt: skip
-
-    def epoch_batches(state: TrainingState) -> Iterator[dict[str, torch.Tensor]]:
-        """Every process trains the same head on all features: a seeded permutation per epoch."""
-        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(args.seed + state.epoch))
-        for batch_index in range(state.samples_in_epoch // batch_size, steps_per_epoch):
-            rows = order[batch_index * batch_size : (batch_index + 1) * batch_size].to(accelerator.device)
-            yield {"features": features[rows], "labels": labels[rows]}
-
+    epoch_batches = partial(
+        feature_batches, features=cached, batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=args.seed
+    )
     hooks = ProbeHooks(task, probe, eval_local)
+    checkpoints = (args.checkpointing_steps, args.save_total_limit) if output_dir else ("none", None)
     settings = LoopSettings(
-        output_dir, args.logging_steps, args.checkpointing_steps, args.save_total_limit, args.max_grad_norm,
-        count_key="features", sharded=False,
-    )  # fmt: skip
+        folder, args.logging_steps, *checkpoints, args.max_grad_norm, count_key="features", sharded=False
+    )
     state = train(accelerator, probe, optimizer, scheduler, epoch_batches, state, settings, hooks, objects)
-
     # every process trained the same head; make it bit-identical (GPU kernels need not be)
     for tensor in [*probe.parameters(), *probe.buffers()]:
         tensor.data.copy_(broadcast(tensor.data.clone(), from_process=0))
@@ -388,7 +400,8 @@ def both_poolings(model: SGMAEForImageClassification, pixel_values: torch.Tensor
 
 def frozen(task: Task, model: SGMAEForImageClassification) -> ProtocolResult:
     """kNN and the linear probe on [CLS] and on mean-pooled features, from one feature pass over each split (the
-    price of one evaluation for four); writes `{pooling}_{knn,linear_probe}_top{1,5}`, saves no model."""
+    price of one evaluation for four); writes `{pooling}_{knn,linear_probe}_top{1,5}`, saves no model and no
+    checkpoint."""
     compute, width = partial(both_poolings, model), model.config.hidden_size
     cached = train_features(task, model, compute, 2 * width)
     eval_local, eval_skipped = task.evaluation.local(compute, 2 * width)
@@ -398,8 +411,7 @@ def frozen(task: Task, model: SGMAEForImageClassification) -> ProtocolResult:
         pooled_train = {**cached, "values": cached["values"][:, columns]}
         pooled_eval = {**eval_local, "values": eval_local["values"][:, columns]}
         knn_result = knn_evaluation(task, pooled_train, pooled_eval, eval_skipped)
-        probe_output = str(Path(task.args.output_dir) / f"probe-{pooling}")
-        _, probe_result, state = train_probe(task, pooled_train, pooled_eval, eval_skipped, probe_output)
+        _, probe_result, state = train_probe(task, pooled_train, pooled_eval, eval_skipped, output_dir=None)
         metrics |= knn_result.accuracies(f"{pooling}_knn_") | probe_result.accuracies(f"{pooling}_linear_probe_")
     metrics |= knn_result.counts() | knn_settings(task.args, cached)
     return ProtocolResult(metrics, {}, state)  # the state of the last probe trained

@@ -38,6 +38,7 @@ from .checkpoints import (
     resolve_resume,
     save_checkpoint,
 )
+from .data.images import warn_skipped
 from .training_state import TrainingState
 
 # A loss this many times the one before a checkpoint, right after it, means training diverged from its weights.
@@ -311,6 +312,7 @@ class LoggingWindow:
         self.micro_batches += 1
         self.images += len(batch[self.settings.count_key])
         self.skipped += batch.get("skipped", 0)  # an int: the collator counts on the host
+        warn_skipped(batch)  # here, where they are counted
         self.first_step = step if self.first_step is None else self.first_step
 
     def count_into(self, state: TrainingState) -> None:

@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .data.images import warn_skipped
 from .data.loaders import shard_for_process
 
 METRIC_PATH = Path(__file__).parent / "metrics" / "accuracy"  # shipped, so evaluate.load works offline
@@ -60,6 +61,7 @@ def local_pass(
     skipped = 0
     for batch in loader:
         skipped += int(batch["skipped"])
+        warn_skipped(batch)  # here, where they are counted
         if not len(batch["pixel_values"]):
             continue
         with accelerator.autocast():

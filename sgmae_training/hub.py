@@ -10,6 +10,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig, PreTrainedModel, ViTImageProcessor
 
+from .arguments import hub_advice, hub_unreachable, is_hub_id
+from .checkpoints import checkpoint_dirs
 from .data.loading import DataArguments
 from .training_state import TrainingState
 
@@ -24,21 +26,46 @@ def check_checkpoint_kind(
     argument: str = "--model_name_or_path",
     kinds: dict[str, str] | None = None,
 ) -> str:
-    """The checkpoint's model_type, or a clear error when it is not one of `kinds` (default: an SG-MAE or
-    transformers ViTMAE checkpoint)."""
+    """The checkpoint's model_type, or one `error:` line when it is not one of `kinds` (default: an SG-MAE or
+    transformers ViTMAE checkpoint), is a folder without config.json, or is a Hub id the Hub cannot give (found out
+    with one quick request, not after huggingface_hub's half-minute of retries)."""
     kinds = kinds or CHECKPOINT_KINDS
+    wanted = " or ".join(kinds.values())
+    unreachable = hub_unreachable(path)
     try:
         config_dict, _ = PreTrainedConfig.get_config_dict(path, cache_dir=cache_dir)
     except (OSError, ValueError) as error:
-        reason = " ".join(str(error).split())  # one line
-        if not Path(path).exists():
-            reason = f"no such local folder, and it could not be fetched from the Hub ({reason})"
+        reason = unreachable or " ".join(str(error).split())  # one line
+        if is_hub_id(path):
+            raise SystemExit(
+                f"error: {path!r} is no local folder and could not be fetched from the Hub ({reason}); "
+                f"{hub_advice(path, reason)}"
+            ) from error
+        if not Path(path).expanduser().exists():
+            reason = "no such file or folder"
         raise SystemExit(f"error: cannot read a model configuration from {path!r}: {reason}") from error
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise SystemExit(
+            f"error: {path!r} has no config.json, so it is not a model folder{folder_kind(Path(path))}; "
+            f"{argument} needs {wanted} checkpoint"
+        )
     model_type = config_dict.get("model_type")
     if model_type not in kinds:
-        wanted = " or ".join(kinds.values())
-        raise SystemExit(f"error: {path!r} is a {model_type!r} checkpoint; {argument} needs {wanted} checkpoint")
+        found = f"is a {model_type!r} checkpoint" if model_type else "has a config.json without a model_type"
+        raise SystemExit(f"error: {path!r} {found}; {argument} needs {wanted} checkpoint")
     return model_type
+
+
+def folder_kind(folder: Path) -> str:
+    """What a folder without config.json is, when it is recognisable: `: it is ...`, or nothing."""
+    if (folder / "eval_results.json").is_file():
+        return ": it is an evaluation's output folder (eval_results.json; knn and frozen save no model)"
+    checkpoints = checkpoint_dirs(folder)
+    if checkpoints:
+        return f": it is a training run without its final model yet; its newest checkpoint is {checkpoints[-1]}"
+    if not any(folder.iterdir()):
+        return ": it is empty"
+    return ""
 
 
 def masking_schedule(config: PreTrainedConfig, start_step: int | None, finished: bool) -> str:
@@ -101,9 +128,16 @@ def dataset_id(data_args: DataArguments) -> str:
 
 
 def classification_card(model_args, data_args, args, model, results: dict) -> str:
-    config = model.config
+    """The model card of a fine-tuned or probed classifier: front matter with its `model-index` results, usage, results
+    and the training table."""
     protocol = {"finetune": "fine-tuning", "linear_probe": "linear probing"}[args.protocol]
-    name = args.hub_model_id or Path(args.output_dir).name
+    metadata = classification_metadata(model_args, data_args, args, results, protocol)
+    body = classification_body(model_args, data_args, args, model.config, results, protocol)
+    return model_card(metadata, f"SG-MAE {protocol}: {Path(args.output_dir).name}", body)
+
+
+def classification_metadata(model_args, data_args, args, results: dict, protocol: str) -> dict[str, Any]:
+    """The card's front matter: pipeline, tags, dataset, the base model when it is a Hub id, and `model-index`."""
     data_name = dataset_id(data_args)
     metrics = [
         {"type": "accuracy", "value": round(results["eval_top1"], 4), "name": f"Top-1 accuracy ({protocol})"},
@@ -122,15 +156,15 @@ def classification_card(model_args, data_args, args, model, results: dict) -> st
     base = model_args.model_name_or_path
     if base and not Path(base).exists():
         metadata["base_model"] = base
-    metadata["model-index"] = [
-        {
-            "name": name,
-            "results": [
-                {"task": {"type": "image-classification", "name": "Image Classification"}, "dataset": dataset,
-                 "metrics": metrics}
-            ],
-        }
-    ]  # fmt: skip
+    task = {"type": "image-classification", "name": "Image Classification"}
+    results_entry = {"task": task, "dataset": dataset, "metrics": metrics}
+    metadata["model-index"] = [{"name": args.hub_model_id or Path(args.output_dir).name, "results": [results_entry]}]
+    return metadata
+
+
+def classification_body(model_args, data_args, args, config, results: dict, protocol: str) -> str:
+    """The card's Markdown: how to use it, its results and how it was trained."""
+    name = args.hub_model_id or Path(args.output_dir).name
     labels = ", ".join(config.id2label[i] for i in range(min(config.num_labels, 10)))
     steps = f"{results.get('step', 0)} of {results.get('total_steps', 0)}"
     image = config.image_size
@@ -143,7 +177,7 @@ from transformers import pipeline
 classifier = pipeline("image-classification", model="{name}", trust_remote_code=True)
 ```
 
-## Results on {data_name} ({data_args.validation_split}, {results["eval_samples"]} images)
+## Results on {dataset_id(data_args)} ({data_args.validation_split}, {results["eval_samples"]} images)
 | top-1 | top-5 |
 |---|---|
 | {results["eval_top1"]:.4f} | {results["eval_top5"]:.4f} |
@@ -160,13 +194,11 @@ classifier = pipeline("image-classification", model="{name}", trust_remote_code=
 | base lr / weight decay | {args.base_learning_rate} / {args.weight_decay} |
 """
     if args.protocol == "finetune":
-        body += (
+        return body + (
             f"| layer decay / drop path | {args.layer_decay} / {config.drop_path_rate} |\n"
             f"| label smoothing / mixup / cutmix | {args.label_smoothing} / {args.mixup} / {args.cutmix} |\n"
         )
-    else:
-        body += "| probe | BatchNorm1d (no affine) + Linear, folded into one Linear |\n"
-    return model_card(metadata, f"SG-MAE {protocol}: {Path(args.output_dir).name}", body)
+    return body + "| probe | BatchNorm1d (no affine) + Linear, folded into one Linear |\n"
 
 
 def pretraining_card(

@@ -7,9 +7,12 @@ import json
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+import datasets
+import huggingface_hub.constants as hub_constants
 import pytest
 from conftest import REPO_ROOT
 from transformers import HfArgumentParser
@@ -21,9 +24,11 @@ from sgmae_training.arguments import (
     check_checkpointing_steps,
     check_positive,
     dataset_reachable,
+    hub_unreachable,
     parse_config_overrides,
     parse_script_args,
 )
+from sgmae_training.data.loading import DataArguments, load_split
 
 
 def test_config_overrides_read_lists_booleans_none_numbers_and_strings():
@@ -113,9 +118,31 @@ def test_the_timeout_default_lives_with_the_arguments_not_the_engine():
     assert RunArguments().ddp_timeout == DISTRIBUTED_TIMEOUT_S == engine.DISTRIBUTED_TIMEOUT_S
 
 
-def test_an_unreachable_hub_dataset_is_one_line_naming_a_local_copy():
+def test_an_unreachable_hub_dataset_is_one_line_naming_a_local_copy(monkeypatch):
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SystemExit) as stopped, dataset_reachable("uoft-cs/cifar10"):
         raise ConnectionError("Couldn't reach 'uoft-cs/cifar10' on the Hub (OfflineModeIsEnabled)")
     message = str(stopped.value)
-    assert message.startswith("error: cannot reach dataset 'uoft-cs/cifar10': Couldn't reach") and "\n" not in message
-    assert "give --dataset_name a local copy" in message and "hf download uoft-cs/cifar10" in message
+    assert message.startswith(
+        "error: dataset 'uoft-cs/cifar10' is no local folder and could not be fetched from the Hub"
+    )
+    assert "(offline mode is set (HF_HUB_OFFLINE=1))" in message and "\n" not in message
+    assert "hf download uoft-cs/cifar10 --repo-type dataset --local-dir DIR" in message
+
+
+def test_without_network_a_hub_dataset_is_found_unreachable_at_once(monkeypatch, tmp_path):
+    """No offline variables and no network: one request (to a closed local port here: no test reaches the network)
+    tells, and the process goes offline so that `datasets` answers from its cache at once, not after its retries."""
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as stopped, dataset_reachable("uoft-cs/cifar10"):
+        load_split(DataArguments(dataset_name="uoft-cs/cifar10", cache_dir=str(tmp_path)), "train", False)
+    assert time.monotonic() - started < 5
+    message = str(stopped.value)
+    assert "could not be fetched from the Hub (http://127.0.0.1:9 cannot be reached:" in message
+    assert "or set HF_HUB_OFFLINE=1" in message and "\n" not in message
+    assert datasets.config.HF_HUB_OFFLINE and not hub_unreachable(str(tmp_path))  # a local folder asks nothing

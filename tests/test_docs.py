@@ -9,11 +9,13 @@ from __future__ import annotations
 import functools
 import os
 import re
+import runpy
 import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from conftest import REPO_ROOT
@@ -127,10 +129,39 @@ def help_flags(program: str) -> frozenset[str]:
     return frozenset(flag for option in options for flag in re.findall(r"--[\w-]+", option))
 
 
+# Every request of a `--help` run goes to a closed local port: a command that reaches for the network fails here.
+NO_NETWORK = {
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "ALL_PROXY": "http://127.0.0.1:9",
+    "NO_PROXY": "",
+    "PIP_NO_INDEX": "1",
+    "HF_ENDPOINT": "http://127.0.0.1:9",
+}
+
+
 def help_env() -> dict[str, str]:
     return dict(
-        os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT)
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO_ROOT),
+        **NO_NETWORK,
     )
+
+
+def test_the_ci_fetch_step_prints_its_help_and_downloads_nothing(tmp_path):
+    """The README's test command starts with `.ci/fetch_transformers_tests.py`; its `--help` explains it and
+    fetches nothing, even where transformers' tests are not cached yet."""
+    env = help_env() | {"SGMAE_TRANSFORMERS_TESTS": str(tmp_path / "cache")}
+    script = str(REPO_ROOT / ".ci" / "fetch_transformers_tests.py")
+    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("usage: fetch_transformers_tests.py") and "common test files" in " ".join(
+        result.stdout.split()
+    )
+    assert not (tmp_path / "cache").exists()
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:
@@ -172,3 +203,27 @@ def test_every_documented_command_names_real_scripts_and_flags():
         checked += 1
     assert not wrong, "\n".join(wrong)
     assert checked > 30  # the docs' commands were found, not skipped
+
+
+def setup_arguments() -> dict:
+    """The keyword arguments setup.py passes to setuptools.setup (setup.py run with setup() captured)."""
+    captured = {}
+    with mock.patch("setuptools.setup", lambda **arguments: captured.update(arguments)):
+        runpy.run_path(str(REPO_ROOT / "setup.py"), run_name="__main__")
+    return captured
+
+
+def test_the_first_command_installs_the_demo_and_no_test_tools():
+    """The README's first command installs what the demo and its page import, and not the test or lint tools; the
+    test command's extra has the tests' tools; `.[dev]` (CI) has everything."""
+    readme = [" ".join(tokens) for page, tokens in documented_commands() if page == "README.md"]
+    installs = [re.search(r"pip install -e \.\[(\w+)\]", command) for command in readme[:4]]
+    first, tests = (match.group(1) for match in installs if match)
+    extras = {
+        name: {re.split(r"[<>=\[ ]", requirement)[0] for requirement in requirements}
+        for name, requirements in setup_arguments()["extras_require"].items()
+    }
+    assert {"scikit-image", "gradio"} <= extras[first]
+    assert not extras[first] & {"pytest", "timm", "selenium", "ruff", "tensorboard"}
+    assert {"pytest", "parameterized", "timm", "selenium", "scikit-image", "gradio"} <= extras[tests]
+    assert set().union(*extras.values()) == extras["dev"]

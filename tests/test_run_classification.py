@@ -183,11 +183,14 @@ def test_linear_probe_with_two_processes_counts_each_sample_once_and_folds_exact
 def test_frozen_scores_both_poolings_as_knn_and_the_probe_do_from_one_feature_pass(
     image_dataset_dir, pretrained, tmp_path
 ):
+    logs = {}
+
     def run(protocol: str, *extra: str) -> dict:
         output = tmp_path / f"{protocol}{'-'.join(extra)}"
         arguments = common_args(image_dataset_dir, output, protocol, pretrained, "--num_train_epochs", "3", *extra)
         arguments.remove("--save_predictions")
-        launch(arguments, plain_python=True)
+        result = launch(arguments, plain_python=True)
+        logs[protocol] = result.stdout + result.stderr
         return json.loads((output / "eval_results.json").read_text())
 
     frozen = run("frozen")
@@ -201,10 +204,12 @@ def test_frozen_scores_both_poolings_as_knn_and_the_probe_do_from_one_feature_pa
     for pooling in ("cls", "mean"):
         for protocol in ("knn", "linear_probe"):
             assert 0.0 <= frozen[f"{pooling}_{protocol}_top1"] <= frozen[f"{pooling}_{protocol}_top5"] <= 1.0
-    # each pooling's probe trained in its own folder; no model is saved
-    output = tmp_path / "frozen"
-    assert not (output / "model.safetensors").exists()
-    assert (output / "probe-cls").is_dir() and (output / "probe-mean").is_dir()
+    # no model and no probe checkpoint is saved, and the log says so in few lines (no checkpoint lines)
+    assert sorted(path.name for path in (tmp_path / "frozen").iterdir()) == ["eval_results.json"]
+    assert "Saving current state" not in logs["frozen"] and "checkpoint" not in logs["frozen"]
+    # kNN and frozen never use the classifier head: no "MISSING ... consider training" report of it
+    assert "LOAD REPORT" not in logs["frozen"] + logs["knn"] and "LOAD REPORT" in logs["linear_probe"]
+    assert "for comparison, chance on 10 classes: top-1 0.100, top-5 0.500" in logs["knn"]
 
 
 def test_knn_end_to_end_on_a_transformers_vit_mae_checkpoint(image_dataset_dir, tmp_path):
@@ -328,19 +333,30 @@ def test_bad_input_ends_in_a_clear_error(image_dataset_dir, pretrained, tmp_path
     assert message.startswith("error: unknown --protocol 'fine_tune'") and "linear_probe" in message
     message = run_main(monkeypatch, *args(ddp_timeout="0"))
     assert message == "error: --ddp_timeout must be a positive integer, got 0"
+    message = run_main(monkeypatch, *args(protocol="frozen", resume_from_checkpoint="latest"))
+    assert message.startswith("error: --protocol frozen keeps no checkpoints to resume from")
     message = run_main(monkeypatch, *args(push_to_hub="true"))
     assert message.startswith("error: --push_to_hub needs --hub_model_id")
     message = run_main(monkeypatch, *args(label_column="fine_label"))
     assert message.startswith("error: label column 'fine_label' not in the dataset")
     message = run_main(monkeypatch, *args(dataset_name=str(tmp_path / "no-such-dataset")))
-    assert message.startswith("error: cannot load split 'train'")
+    assert (
+        message
+        == f"error: cannot load split 'train' of {str(tmp_path / 'no-such-dataset')!r}: no such folder: "
+        + str(tmp_path / "no-such-dataset")
+    )
     not_a_model = tmp_path / "bert"
     not_a_model.mkdir()
     (not_a_model / "config.json").write_text(json.dumps({"model_type": "bert"}))
     message = run_main(monkeypatch, *args(model_name_or_path=str(not_a_model)))
     assert message.startswith("error:") and "'bert' checkpoint" in message and "ViTMAE" in message
     message = run_main(monkeypatch, *args(model_name_or_path=str(tmp_path / "empty")))
-    assert message.startswith("error: cannot read a model configuration")
+    assert message.startswith("error: cannot read a model configuration") and "no such file or folder" in message
+    evaluation = tmp_path / "eval-knn"  # what --protocol knn leaves: results, no model
+    evaluation.mkdir()
+    (evaluation / "eval_results.json").write_text("{}")
+    message = run_main(monkeypatch, *args(model_name_or_path=str(evaluation)))
+    assert "has no config.json, so it is not a model folder: it is an evaluation's output folder" in message
     yaml_file = tmp_path / "args.yaml"
     yaml_file.write_text(yaml.safe_dump({"protocol": "knn", "dataset_name": str(image_dataset_dir)}))
     message = run_main(monkeypatch, str(yaml_file))

@@ -39,23 +39,35 @@ def open_cell(value: Any) -> Image.Image:
     return image
 
 
-def decode_image(value: Any, num_channels: int = 3) -> Image.Image | None:
+def decode_image(value: Any, num_channels: int = 3, problems: list[str] | None = None) -> Image.Image | None:
     """Decode an image cell (undecoded dict, PIL image or path) to `num_channels` channels (see `to_channels`);
-    None when the file is corrupt or its bands cannot become that many channels."""
+    None when the file is corrupt or its bands cannot become that many channels. Why it was skipped is logged as a
+    warning, or appended to `problems` for whoever counts the skipped images to say (see ImageCollator)."""
+    name = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
     try:
         image = open_cell(value)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        name = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
-        logger.warning("skipping a corrupt image (%s): %s", name or "no file name", error)
-        return None
-    converted = to_channels(image, num_channels)
-    if converted is None:
-        name = value.get("path") if isinstance(value, dict) else None
-        logger.warning(
-            "skipping an image with %d bands (%s, mode %s): the model takes %d channels",
-            len(image.getbands()), name or "no file name", image.mode, num_channels,
-        )  # fmt: skip
-    return converted
+        problem = f"skipping a corrupt image ({name or 'no file name'}): {error}"
+    else:
+        converted = to_channels(image, num_channels)
+        if converted is not None:
+            return converted
+        problem = (
+            f"skipping an image with {len(image.getbands())} bands ({name or 'no file name'}, mode {image.mode}): "
+            f"the model takes {num_channels} channels"
+        )
+    if problems is None:
+        logger.warning(problem)
+    else:
+        problems.append(problem)
+    return None
+
+
+def warn_skipped(batch: dict) -> None:
+    """Say why each image of a collated batch was skipped, where the batch is used and its `skipped` counted (not in
+    a DataLoader worker, which may decode batches ahead that are never used): one warning per counted image."""
+    for problem in batch.get("problems", ()):
+        logger.warning(problem)
 
 
 def to_channels(image: Image.Image, num_channels: int) -> Image.Image | None:
@@ -255,7 +267,8 @@ def storage_transform(size: int) -> v2.Compose:
 
 
 class ImageCollator:
-    """Decode, transform and stack a list of rows; corrupt images are dropped (and counted).
+    """Decode, transform and stack a list of rows; corrupt images are dropped, counted (`skipped`) and their reasons
+    kept (`problems`, for `warn_skipped` where the batch is used).
 
     With `label_column` / `index_column`, each kept row's label / index comes along as `labels` / `index`.
     """
@@ -275,10 +288,10 @@ class ImageCollator:
         self.num_channels = num_channels
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        pixels, crops = [], []
+        pixels, crops, problems = [], [], []
         extras: dict[str, list] = {key: [] for key, column in self.extra_columns.items() if column}
         for row in rows:
-            image = decode_image(row[self.image_column], self.num_channels)
+            image = decode_image(row[self.image_column], self.num_channels, problems)
             if image is None:
                 continue
             transformed = self.transform(image)
@@ -291,6 +304,7 @@ class ImageCollator:
         batch = {
             "pixel_values": torch.stack(pixels) if pixels else torch.empty(0),
             "skipped": len(rows) - len(pixels),  # a plain int: counting never touches the device
+            "problems": problems,
         }
         if crops:
             batch["crops"] = torch.stack(crops)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from transformers import ViTImageProcessor
 
 from ..training_state import TrainingState
-from .images import ImageCollator, eval_transform, storage_transform
+from .images import ImageCollator, eval_transform, storage_transform, warn_skipped
 from .loading import INDEX_COLUMN, DataArguments, truncated_shard_message
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ def decode_all(
         images[kept : kept + len(batch["pixel_values"])] = batch["pixel_values"]
         kept += len(batch["pixel_values"])
         skipped += int(batch["skipped"])
+        warn_skipped(batch)
     logger.info(
         "decoded %d images once into %.2f GiB (%d corrupt ones left out)", kept,
         kept * num_channels * size**2 / 2**30, skipped,

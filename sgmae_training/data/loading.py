@@ -10,7 +10,7 @@ from pathlib import Path
 
 import datasets
 
-from ..arguments import check_positive
+from ..arguments import check_positive, is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ def load_split(args: DataArguments, split: str, streaming: bool) -> datasets.Dat
     folder = args.train_dir if split == args.train_split else args.validation_dir
     try:
         if args.dataset_name:
+            if not is_hub_id(args.dataset_name) and not Path(args.dataset_name).expanduser().exists():
+                raise FileNotFoundError(f"no such folder: {Path(args.dataset_name).expanduser().resolve()}")
             dataset = datasets.load_dataset(
                 args.dataset_name, args.dataset_config_name, split=split, streaming=streaming, cache_dir=args.cache_dir
             )
