@@ -9,6 +9,7 @@ that config builds. Heads, Hungarian matching, losses, outputs, the image proces
 `pipeline("object-detection")` / `pipeline("image-segmentation")` are transformers' Conditional DETR.
 """
 
+from torch import nn
 from transformers import AutoBackbone, ConditionalDetrConfig, ConditionalDetrForSegmentation
 
 from .configuration_sgmae import SGMAEConfig
@@ -64,6 +65,9 @@ class SGMAEForObjectDetection(ConditionalDetrForSegmentation):
         AutoBackbone.register(SGMAEConfig, SGMAEBackbone, exist_ok=True)
         super().__init__(config)
         self.loss_type = "ConditionalDetrForSegmentation"  # transformers picks the loss by the class's name
+        # Conditional DETR's own queries start as N(0, 1) (torch's Embedding); transformers' init draws them with std
+        # `init_std` (0.02), which puts every query's reference point at the image centre, and they stay alike.
+        nn.init.normal_(self.conditional_detr.model.query_position_embeddings.weight)
         self.freeze_unused_parameters()
 
     @property

@@ -145,15 +145,21 @@ def coco_folder_split(image_dir: str, annotation_file: str) -> tuple[datasets.Da
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise SystemExit(f"error: cannot read COCO annotations {annotation_file!r}: {error!r}") from error
     rows: dict[str, list] = {"image": [], "image_id": [], "width": [], "height": [], "objects": []}
-    for image in coco["images"]:
+    for row, image in enumerate(coco["images"]):
         found = objects[image["id"]]
+        for index, annotation in enumerate(found):
+            if annotation["category_id"] not in categories:
+                raise SystemExit(
+                    f"error: {annotation_file}, row {row} (image id {image['id']}), object {index}: category_id "
+                    f"{annotation['category_id']} is not among the file's categories"
+                )
         rows["image"].append(str(Path(image_dir) / image["file_name"]))
         rows["image_id"].append(image["id"])
         rows["width"].append(image["width"])
         rows["height"].append(image["height"])
         rows["objects"].append({
             "bbox": [annotation["bbox"] for annotation in found],
-            "category": [categories.get(annotation["category_id"], -1) for annotation in found],
+            "category": [categories[annotation["category_id"]] for annotation in found],
             "iscrowd": [int(annotation.get("iscrowd", 0)) for annotation in found],
             "segmentation": [json.dumps(annotation.get("segmentation")) for annotation in found],
         })  # fmt: skip

@@ -1,0 +1,276 @@
+"""run_detection.py: Conditional DETR on the SG-MAE backbone trained end to end on generated shapes with exact boxes
+and masks (Hub COCO layout), COCO box and mask AP, exact resume, two processes, the saved folder in a fresh process
+through both pipelines, and bad input in one line."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import REPO_ROOT, free_port, script_env, tiny_config
+from pycocotools import mask as coco_mask
+from safetensors.torch import load_file
+
+from modeling_sgmae import SGMAEForPreTraining
+from modeling_sgmae.detection_sgmae import SGMAEForObjectDetection
+from sgmae_training.data.detection import DetectionCollator, detection_transform
+from sgmae_training.data.images import MAE_IMAGE_MEAN, MAE_IMAGE_STD
+from sgmae_training.data.loading import prepare_images, with_index
+from sgmae_training.detection import coco_scores, encoded_target, image_detections
+
+SCRIPT = REPO_ROOT / "run_detection.py"
+CATEGORIES = ["square", "disk"]
+SIZE = 64
+
+
+# ----- data ----------------------------------------------------------------------------------------------------------
+def shape_polygon(rng: np.random.Generator, category: int) -> list[float]:
+    """A big square (4 corners) or disk (16-gon) at a random place, as one COCO polygon."""
+    side = float(rng.integers(24, 36))
+    left, top = float(rng.integers(0, SIZE - side)), float(rng.integers(0, SIZE - side))
+    if category == 0:
+        points = [(left, top), (left + side, top), (left + side, top + side), (left, top + side)]
+    else:
+        angles = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+        points = [(left + side / 2 * (1 + np.cos(a)), top + side / 2 * (1 + np.sin(a))) for a in angles]
+    return [round(float(value), 2) for point in points for value in point]
+
+
+def shapes_image(rng: np.random.Generator, polygons: list[list[float]], categories: list[int]) -> np.ndarray:
+    """RGB pixels: grey noise, red stripes inside squares, blue checks inside disks (drawn from the polygons' own
+    rasterisation, so image and annotation agree exactly)."""
+    rows, columns = np.mgrid[:SIZE, :SIZE]
+    pixels = 100 + rng.integers(0, 40, (SIZE, SIZE, 3))
+    textures = {0: ((rows // 2) % 2)[..., None] * 60 + np.array([160, 20, 20]),
+                1: (((rows // 3) + (columns // 3)) % 2)[..., None] * 60 + np.array([20, 20, 160])}  # fmt: skip
+    for polygon, category in zip(polygons, categories, strict=True):
+        inside = coco_mask.decode(coco_mask.frPyObjects([polygon], SIZE, SIZE))[..., 0].astype(bool)
+        pixels = np.where(inside[..., None], textures[category], pixels)
+    return pixels.clip(0, 255).astype(np.uint8)
+
+
+def polygon_box(polygon: list[float]) -> list[float]:
+    xs, ys = polygon[0::2], polygon[1::2]
+    return [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+
+
+def detection_features() -> datasets.Features:
+    objects = {"bbox": datasets.List(datasets.Value("float32"), length=4),
+               "category": datasets.ClassLabel(names=CATEGORIES),
+               "segmentation": datasets.List(datasets.List(datasets.Value("float32")))}  # fmt: skip
+    return datasets.Features({"image": datasets.Image(), "image_id": datasets.Value("int64"),
+                              "objects": datasets.List(objects)})  # fmt: skip
+
+
+def shapes_rows(rng: np.random.Generator, count: int) -> dict[str, list]:
+    from PIL import Image
+
+    rows: dict[str, list] = {"image": [], "image_id": [], "objects": []}
+    for image_id in range(count):
+        categories = [int(rng.integers(0, 2))]
+        polygons = [shape_polygon(rng, category) for category in categories]
+        rows["image"].append(Image.fromarray(shapes_image(rng, polygons, categories)))
+        rows["image_id"].append(image_id)
+        rows["objects"].append([{"bbox": polygon_box(polygon), "category": category, "segmentation": [polygon]}
+                                for polygon, category in zip(polygons, categories, strict=True)])  # fmt: skip
+    return rows
+
+
+def write_shapes_dataset(root: Path, train_size: int = 8) -> Path:
+    """One textured shape per image in the Hub's COCO layout; the validation split is the training images (the test
+    checks that the model fits them)."""
+    (root / "data").mkdir(parents=True)
+    rows = shapes_rows(np.random.default_rng(0), train_size)
+    for split in ("train", "validation"):
+        data = datasets.Dataset.from_dict(rows, features=detection_features())
+        data.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+def write_pretrained(path: Path) -> Path:
+    torch.manual_seed(0)
+    SGMAEForPreTraining(
+        tiny_config(num_hidden_layers=4, hidden_size=64, image_size=SIZE, patch_size=8)
+    ).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory) -> Path:
+    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A tiny 4-block SG-MAE pre-training checkpoint (random weights; the pyramid takes blocks 1-4)."""
+    return write_pretrained(tmp_path_factory.mktemp("pretrained"))
+
+
+# ----- helpers -------------------------------------------------------------------------------------------------------
+def launch(args: list[str], plain_python: bool = False, num_processes: int = 1) -> subprocess.CompletedProcess:
+    """run_detection.py under `accelerate launch` (2 processes: real gloo ranks), or plain python."""
+    command = [sys.executable, str(SCRIPT)]
+    if not plain_python:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
+        command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+        if num_processes > 1:
+            command += ["--multi_gpu", "--main_process_port", str(free_port())]
+        command.append(str(SCRIPT))
+    result = subprocess.run(command + args, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def common_args(dataset: Path, output: Path, model: Path, *extra: str) -> list[str]:
+    """A fit of 4 images at 64x64: a small head (3 queries, 2 + 2 layers of width 64, no auxiliary losses), a large
+    learning rate, no crops or flips, 200 steps of batch 2, scored every 25 epochs, one checkpoint mid-epoch."""
+    return [
+        "--dataset_name", str(dataset), "--validation_split", "validation", "--model_name_or_path", str(model),
+        "--output_dir", str(output), "--image_size", str(SIZE), "--max_train_samples", "4", "--max_eval_samples", "4",
+        "--num_queries", "3", "--transformer_layers", "2", "--transformer_width", "64", "--auxiliary_loss", "false",
+        "--learning_rate", "2e-3", "--layer_decay", "1", "--max_grad_norm", "1", "--drop_path", "0",
+        "--crop_scale_min", "1", "--horizontal_flip", "false", "--per_device_train_batch_size", "2",
+        "--max_train_steps", "200", "--eval_every_epochs", "25", "--checkpointing_steps", "101",
+        "--save_total_limit", "0", "--dataloader_num_workers", "0", "--logging_steps", "20", "--seed", "1", *extra,
+    ]  # fmt: skip
+
+
+def box_iou(first: list[float], second: list[float]) -> float:
+    """IoU of two xyxy boxes."""
+    width = max(0.0, min(first[2], second[2]) - max(first[0], second[0]))
+    height = max(0.0, min(first[3], second[3]) - max(first[1], second[1]))
+    inter = width * height
+    area = (first[2] - first[0]) * (first[3] - first[1]) + (second[2] - second[0]) * (second[3] - second[1])
+    return inter / (area - inter)
+
+
+FRESH_PROCESS_CHECK = """
+import json, sys
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageSegmentation, AutoModelForObjectDetection, pipeline
+
+folder, image_path = sys.argv[1], sys.argv[2]
+report = {"class": type(AutoModelForObjectDetection.from_pretrained(folder, trust_remote_code=True)).__name__}
+image = Image.open(image_path)
+detector = pipeline("object-detection", model=folder, trust_remote_code=True)
+report["detections"] = detector(image, threshold=0.0)
+# the instance mask of the best query, from the model's own outputs (see docs/detection.md for the pipeline)
+model = AutoModelForImageSegmentation.from_pretrained(folder, trust_remote_code=True).eval()
+report["segmentation_class"] = type(model).__name__
+with torch.no_grad():
+    outputs = model(**AutoImageProcessor.from_pretrained(folder)(image, return_tensors="pt"))
+query = outputs.logits[0].sigmoid().max(-1).values.argmax()
+mask = torch.nn.functional.interpolate(outputs.pred_masks[:, query, None], size=(image.height, image.width),
+                                       mode="bilinear")[0, 0] > 0
+report["mask"] = mask.tolist()
+print("REPORT " + json.dumps(report))
+"""
+
+
+def run_fresh(folder: Path, image: Path, tmp_path: Path) -> dict:
+    """FRESH_PROCESS_CHECK in a process that cannot import this package (only the folder's remote code)."""
+    env = dict(script_env(), PYTHONPATH="", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS_CHECK, str(folder), str(image)], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.split("REPORT ", 1)[1])
+
+
+# ----- end to end ----------------------------------------------------------------------------------------------------
+def test_training_fits_the_shapes_resumes_exactly_and_the_folder_detects_in_a_fresh_process(
+    shapes_dir, pretrained, tmp_path
+):
+    straight = tmp_path / "straight"
+    log = "".join(launch(common_args(shapes_dir, straight, pretrained)).stderr)
+    assert "fine-tuning 200 steps (100 epochs of 2 steps), global batch 2, lr 2.00e-03" in log
+    assert "detection of 2 categories (square, disk...), image column 'image', objects column 'objects'" in log
+    results = json.loads((straight / "eval_results.json").read_text())
+    assert results["step"] == results["total_steps"] == 200 and results["eval_samples"] == 4
+    # every evaluation reports box and mask AP; fitting 4 images lifts both far above an untrained head's ~0
+    assert len(re.findall(r"epoch \d+: box AP [0-9.]+, mask AP [0-9.]+", log)) == 4
+    assert results["eval_box_ap"] > 0.3 and results["eval_mask_ap"] > 0.3, results
+    for kind in ("box", "mask"):
+        for name in ("ap50", "ap75", "ap_small"):
+            assert 0 <= results[f"eval_{kind}_{name}"] <= 1
+        assert results[f"eval_{kind}_ap_large"] is None  # no object above 96x96 pixels in a 64x64 image
+
+    # the folder: weights, code, processor, card with the APs
+    for name in ("model.safetensors", "detection_sgmae.py", "modeling_sgmae.py", "preprocessor_config.json"):
+        assert (straight / name).is_file(), name
+    config = json.loads((straight / "config.json").read_text())
+    assert config["model_type"] == "sgmae_detr" and config["id2label"]["1"] == "disk"
+    assert config["auto_map"]["AutoModelForObjectDetection"] == "detection_sgmae.SGMAEForObjectDetection"
+    assert config["backbone_config"]["add_fpn"] and config["backbone_config"]["out_indices"] == [1, 2, 3, 4]
+    card = (straight / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    assert metadata["pipeline_tag"] == "object-detection"
+    assert metadata["model-index"][0]["results"][0]["metrics"][0]["value"] == round(results["eval_box_ap"], 4)
+    assert 'pipeline("object-detection"' in card and "| boxes |" in card
+
+    # in a fresh process, both pipelines find the first training image's shape: its class, box and mask
+    rows = datasets.load_dataset(str(shapes_dir), split="validation")
+    image_path = tmp_path / "shape.png"
+    rows[0]["image"].save(image_path)
+    truth = rows[0]["objects"][0]
+    x, y, w, h = truth["bbox"]
+    report = run_fresh(straight, image_path, tmp_path)
+    assert report["class"] == report["segmentation_class"] == "SGMAEForObjectDetection"
+    best = max(report["detections"], key=lambda item: item["score"])
+    assert best["label"] == CATEGORIES[truth["category"]]
+    box = [best["box"][key] for key in ("xmin", "ymin", "xmax", "ymax")]
+    assert box_iou(box, [x, y, x + w, y + h]) > 0.5, (box, truth["bbox"])
+    truth_mask = coco_mask.decode(coco_mask.frPyObjects(truth["segmentation"], SIZE, SIZE))[..., 0].astype(bool)
+    predicted = np.array(report["mask"])
+    assert (predicted & truth_mask).sum() / (predicted | truth_mask).sum() > 0.5
+
+    # a run stopped at step 101 (inside an epoch) and resumed (by plain python) ends with the same weights and results
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-101", resumed / "checkpoint-101")
+    result = launch(common_args(shapes_dir, resumed, pretrained, "--resume_from_checkpoint", "latest"), True)
+    assert "resumed from" in result.stderr
+    straight_weights, resumed_weights = (
+        load_file(straight / "model.safetensors"),
+        load_file(resumed / "model.safetensors"),
+    )
+    for key, tensor in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[key], tensor, rtol=0, atol=0, msg=key)
+    assert json.loads((resumed / "eval_results.json").read_text()) == results
+
+
+def test_two_processes_score_as_one(shapes_dir, pretrained, tmp_path):
+    """Two processes each score their shard of 3 images (2 + 1); the gathered AP equals the saved model's AP
+    computed in this single process."""
+    output = tmp_path / "two"
+    arguments = common_args(shapes_dir, output, pretrained, "--max_train_steps", "3", "--per_device_train_batch_size",
+                            "2", "--max_eval_samples", "3", "--checkpointing_steps", "none")  # fmt: skip
+    launch(arguments, num_processes=2)
+    results = json.loads((output / "eval_results.json").read_text())
+    assert results["num_processes"] == 2 and results["eval_samples"] == 3 and results["step"] == 3
+
+    model = SGMAEForObjectDetection.from_pretrained(output).eval()
+    rows = with_index(prepare_images(datasets.load_dataset(str(shapes_dir), split="validation"), "image"))
+    collate = DetectionCollator(detection_transform(SIZE, False, 1.0, False), list(MAE_IMAGE_MEAN),
+                                list(MAE_IMAGE_STD), "image", "objects", keep_targets=True)  # fmt: skip
+    batch = collate([rows[index] for index in range(3)])
+    with torch.no_grad():
+        outputs = model(pixel_values=batch["pixel_values"])
+    records = [
+        (index, size, image_detections(outputs, image, *size), encoded_target(target))
+        for image, (index, size, target) in enumerate(
+            zip(batch["index"], batch["sizes"], batch["targets"], strict=True)
+        )
+    ]
+    single = coco_scores(records)
+    for key, value in single.items():
+        assert results[key] == pytest.approx(value, abs=1e-6), key
