@@ -98,7 +98,8 @@ def encoded_target(target: dict[str, torch.Tensor]) -> dict[str, Any]:
 def coco_scores(records: list[tuple[int, tuple[int, int], dict, dict]]) -> dict[str, float | None]:
     """COCO box and mask AP, AP50, AP75 and AP by size over every image (each once, in row order); None where the
     split has no object of that size."""
-    metric = MeanAveragePrecision(iou_type=("bbox", "segm"), backend="pycocotools")
+    # the records are already gathered: torchmetrics' own sync would wait for processes that do not compute
+    metric = MeanAveragePrecision(iou_type=("bbox", "segm"), backend="pycocotools", sync_on_compute=False)
     for _, (height, width), detections, target in sorted(records, key=lambda record: record[0]):
         metric.update(
             [{**detections, "masks": decode_masks(detections["masks"], height, width)}],
