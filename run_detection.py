@@ -80,7 +80,9 @@ class ModelArguments:
         default=None, metadata={"help": "Blocks (1-based) feeding the pyramid; default L/3, L/2, 2L/3, L."}
     )
     drop_path: float = field(default=0.1, metadata={"help": "Stochastic-depth rate of the encoder (ViTDet: 0.1)."})
-    num_queries: int = field(default=300, metadata={"help": "Object queries (Conditional DETR: 300)."})
+    num_queries: int = field(
+        default=100, metadata={"help": "Object queries (DETR: 100; the mask head's memory grows with them)."}
+    )
     transformer_layers: int = field(default=6, metadata={"help": "Encoder and decoder layers of the head (6)."})
     transformer_width: int = field(default=256, metadata={"help": "Width of the head, a multiple of 8 (256)."})
     auxiliary_loss: bool = field(default=True, metadata={"help": "DETR's losses after every decoder layer."})

@@ -32,80 +32,17 @@ from sgmae_training.data.detection import (
 )
 from sgmae_training.data.images import MAE_IMAGE_MEAN, MAE_IMAGE_STD
 from sgmae_training.data.loading import prepare_images, with_index
+from sgmae_training.data.shapes import CATEGORIES, polygon_mask, write_shapes_dataset
 from sgmae_training.detection import coco_scores, encoded_target, image_detections
 
 SCRIPT = REPO_ROOT / "run_detection.py"
 _spec = importlib.util.spec_from_file_location("run_detection", SCRIPT)
 rd = sys.modules["run_detection"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(rd)
-CATEGORIES = ["square", "disk"]
 SIZE = 64
 
 
 # ----- data ----------------------------------------------------------------------------------------------------------
-def shape_polygon(rng: np.random.Generator, category: int) -> list[float]:
-    """A big square (4 corners) or disk (16-gon) at a random place, as one COCO polygon."""
-    side = float(rng.integers(24, 36))
-    left, top = float(rng.integers(0, SIZE - side)), float(rng.integers(0, SIZE - side))
-    if category == 0:
-        points = [(left, top), (left + side, top), (left + side, top + side), (left, top + side)]
-    else:
-        angles = np.linspace(0, 2 * np.pi, 16, endpoint=False)
-        points = [(left + side / 2 * (1 + np.cos(a)), top + side / 2 * (1 + np.sin(a))) for a in angles]
-    return [round(float(value), 2) for point in points for value in point]
-
-
-def shapes_image(rng: np.random.Generator, polygons: list[list[float]], categories: list[int]) -> np.ndarray:
-    """RGB pixels: grey noise, red stripes inside squares, blue checks inside disks (drawn from the polygons' own
-    rasterisation, so image and annotation agree exactly)."""
-    rows, columns = np.mgrid[:SIZE, :SIZE]
-    pixels = 100 + rng.integers(0, 40, (SIZE, SIZE, 3))
-    textures = {0: ((rows // 2) % 2)[..., None] * 60 + np.array([160, 20, 20]),
-                1: (((rows // 3) + (columns // 3)) % 2)[..., None] * 60 + np.array([20, 20, 160])}  # fmt: skip
-    for polygon, category in zip(polygons, categories, strict=True):
-        inside = coco_mask.decode(coco_mask.frPyObjects([polygon], SIZE, SIZE))[..., 0].astype(bool)
-        pixels = np.where(inside[..., None], textures[category], pixels)
-    return pixels.clip(0, 255).astype(np.uint8)
-
-
-def polygon_box(polygon: list[float]) -> list[float]:
-    xs, ys = polygon[0::2], polygon[1::2]
-    return [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
-
-
-def detection_features() -> datasets.Features:
-    objects = {"bbox": datasets.List(datasets.Value("float32"), length=4),
-               "category": datasets.ClassLabel(names=CATEGORIES),
-               "segmentation": datasets.List(datasets.List(datasets.Value("float32")))}  # fmt: skip
-    return datasets.Features({"image": datasets.Image(), "image_id": datasets.Value("int64"),
-                              "objects": datasets.List(objects)})  # fmt: skip
-
-
-def shapes_rows(rng: np.random.Generator, count: int) -> dict[str, list]:
-    from PIL import Image
-
-    rows: dict[str, list] = {"image": [], "image_id": [], "objects": []}
-    for image_id in range(count):
-        categories = [int(rng.integers(0, 2))]
-        polygons = [shape_polygon(rng, category) for category in categories]
-        rows["image"].append(Image.fromarray(shapes_image(rng, polygons, categories)))
-        rows["image_id"].append(image_id)
-        rows["objects"].append([{"bbox": polygon_box(polygon), "category": category, "segmentation": [polygon]}
-                                for polygon, category in zip(polygons, categories, strict=True)])  # fmt: skip
-    return rows
-
-
-def write_shapes_dataset(root: Path, train_size: int = 8) -> Path:
-    """One textured shape per image in the Hub's COCO layout; the validation split is the training images (the test
-    checks that the model fits them)."""
-    (root / "data").mkdir(parents=True)
-    rows = shapes_rows(np.random.default_rng(0), train_size)
-    for split in ("train", "validation"):
-        data = datasets.Dataset.from_dict(rows, features=detection_features())
-        data.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
-    return root
-
-
 def write_pretrained(path: Path) -> Path:
     torch.manual_seed(0)
     SGMAEForPreTraining(
@@ -116,7 +53,8 @@ def write_pretrained(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory) -> Path:
-    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"))
+    """Eight images, one shape each; the validation split is the training images (the test checks the fit)."""
+    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), 8)
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +177,7 @@ def test_training_fits_the_shapes_resumes_exactly_and_the_folder_detects_in_a_fr
     assert best["label"] == CATEGORIES[truth["category"]]
     box = [best["box"][key] for key in ("xmin", "ymin", "xmax", "ymax")]
     assert box_iou(box, [x, y, x + w, y + h]) > 0.5, (box, truth["bbox"])
-    truth_mask = coco_mask.decode(coco_mask.frPyObjects(truth["segmentation"], SIZE, SIZE))[..., 0].astype(bool)
+    truth_mask = polygon_mask(truth["segmentation"][0], SIZE)
     predicted = np.array(report["mask"])
     assert (predicted & truth_mask).sum() / (predicted | truth_mask).sum() > 0.5
 
