@@ -262,9 +262,10 @@ transformers' Conditional DETR with its mask head on an SG-MAE (Self-Guided Mask
 from transformers import pipeline
 detector = pipeline("object-detection", model="{name}", trust_remote_code=True)
 boxes = detector("photo.jpg", threshold=0.5)  # one {{"score", "label", "box"}} per object
-segmenter = pipeline("image-segmentation", model="{name}", trust_remote_code=True)
-instances = segmenter("photo.jpg", subtask="instance")  # one {{"score", "label", "mask"}} per object
 ```
+
+The instance masks are the model's `pred_masks` (one per query, logits at a quarter of the input's resolution):
+upsample a detection's query mask to the image and keep the pixels above 0, as the evaluation below did.
 
 Images are resized to {backbone.image_size}x{backbone.image_size}; boxes and masks come back in the image's own
 pixels.

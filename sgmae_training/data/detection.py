@@ -68,13 +68,17 @@ def object_list(objects: dict | list) -> list[dict[str, Any]]:
     return list(objects or [])
 
 
-def image_size_of(image: dict | Image.Image) -> tuple[int, int]:
-    """(height, width) of an undecoded image cell, from its header only."""
-    if isinstance(image, Image.Image):
-        return image.height, image.width
-    source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-    with Image.open(source) as opened:
-        return opened.height, opened.width
+def open_image(cell: dict | Image.Image) -> Image.Image:
+    """An image cell (decoded, or undecoded bytes / path) as a PIL image, read lazily."""
+    if isinstance(cell, Image.Image):
+        return cell
+    return Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"])
+
+
+def image_size_of(cell: dict | Image.Image) -> tuple[int, int]:
+    """(height, width) of an image cell, from its header only."""
+    image = open_image(cell)
+    return image.height, image.width
 
 
 def segmentation_value(segmentation: Any) -> Any:
@@ -224,10 +228,8 @@ def detection_transform(size: int, train: bool, crop_scale_min: float, horizonta
 def decode_row(row: dict, image_column: str, objects_column: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """An RGB image [3, H, W] (uint8) and its objects: boxes xyxy in pixels, labels, bool masks [N, H, W], crowd
     flags."""
-    cell = row[image_column]
-    image = cell if isinstance(cell, Image.Image) else Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes")
-                                                                  else cell["path"])  # fmt: skip
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    image = open_image(row[image_column])
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
     height, width = pixels.shape[1:]
     objects = object_list(row[objects_column])
     boxes = torch.tensor([obj["bbox"] for obj in objects], dtype=torch.float32).reshape(-1, 4)
