@@ -5,8 +5,8 @@ A plain `ConditionalDetrForSegmentation` with an SG-MAE `backbone_config` trains
 package, but its saved config cannot be read anywhere else: transformers resolves the backbone's `model_type`
 ("sgmae") in its built-in table only. These two subclasses change only that (as `segmentation_sgmae.py` does for
 UperNet): the configuration reads its backbone as an `SGMAEConfig`, and the model tells `AutoBackbone` which class
-that config builds. Heads, Hungarian matching, losses, outputs, the image processor's post-processing and
-`pipeline("object-detection")` / `pipeline("image-segmentation")` are transformers' Conditional DETR.
+that config builds. Heads, Hungarian matching, losses, outputs, the image processor's box post-processing and
+`pipeline("object-detection")` are transformers' Conditional DETR.
 """
 
 from torch import nn
