@@ -34,6 +34,9 @@ setup(
         "tqdm>=4.66",
         "pyyaml>=6",
         "matplotlib>=3.8",  # mask panels with column titles, written by every pre-training run
+        "torchmetrics>=1.4",  # COCO box and mask AP (run_detection.py)
+        "pycocotools>=2.0.7",  # its backend, and COCO polygons / RLE
+        "scipy>=1.10",  # transformers' Hungarian matcher (DETR family)
     ],
     extras_require={
         # The README's first command: the demo pre-training (scikit-image's photos) and its page (app.py)

@@ -319,3 +319,71 @@ def segmentation_recipe(model_args, data_args, args, model, results: dict) -> st
 | layer decay / drop path | {args.layer_decay} / {backbone.drop_path_rate} |
 | schedule | {args.warmup_steps} warm-up steps, poly power {args.poly_power} |
 """
+
+
+def detection_card(model_args, data_args, args, model, results: dict) -> str:
+    """The model card of a detection run: the pipeline calls, box and mask AP (model-index), the recipe."""
+    backbone = model.config.backbone_config
+    name = args.hub_model_id or Path(args.output_dir).name
+    data_name = dataset_id(data_args)
+    dataset = {"name": data_name, "type": data_name, "split": data_args.validation_split}
+    metrics = [
+        {"type": "map", "value": round(results[f"eval_{kind}_ap"], 4), "name": f"AP ({label})"}
+        for kind, label in (("box", "boxes"), ("mask", "masks"))
+    ]
+    metadata = {
+        "library_name": "transformers",
+        "pipeline_tag": "object-detection",
+        "license": "apache-2.0",
+        "tags": ["sgmae", "mae", "conditional-detr", "object-detection", "instance-segmentation", "vision"],
+        "datasets": [data_name],
+        "model-index": [
+            {"name": name, "results": [{"task": {"type": "object-detection", "name": "Object Detection"},
+                                        "dataset": dataset, "metrics": metrics}]}
+        ],
+    }  # fmt: skip
+    base = model_args.model_name_or_path
+    if base and not Path(base).exists():
+        metadata["base_model"] = base
+
+    def row(kind: str) -> str:
+        names = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
+        values = [results.get(f"eval_{kind}_{metric}") for metric in names]
+        return " | ".join("n/a" if value is None else f"{value:.4f}" for value in values)
+
+    head = model.config
+    layers = f"{head.encoder_layers} + {head.decoder_layers} layers of width {head.d_model}"
+    body = f"""
+transformers' Conditional DETR with its mask head on an SG-MAE (Self-Guided Masked Autoencoder, Shin et al., NeurIPS
+2024) encoder, fine-tuned with `run_detection.py`. It predicts boxes and an instance mask per box. Use it with
+`trust_remote_code=True`:
+
+```python
+from transformers import pipeline
+detector = pipeline("object-detection", model="{name}", trust_remote_code=True)
+boxes = detector("photo.jpg", threshold=0.5)  # one {{"score", "label", "box"}} per object
+```
+
+The instance masks are the model's `pred_masks` (one per query, logits at a quarter of the input's resolution):
+upsample a detection's query mask to the image and keep the pixels above 0, as the evaluation below did.
+
+Images are resized to {backbone.image_size}x{backbone.image_size}; boxes and masks come back in the image's own
+pixels.
+
+## Results on {data_name} ({data_args.validation_split}, {results["eval_samples"]} images, COCO metrics)
+| | AP | AP50 | AP75 | AP small | AP medium | AP large |
+|---|---|---|---|---|---|---|
+| boxes | {row("box")} |
+| masks | {row("mask")} |
+
+## Training
+| | |
+|---|---|
+| encoder | {base or "random init (" + str(model_args.config_name) + ")"} |
+| architecture | {backbone.num_hidden_layers} x {backbone.hidden_size}, patch {backbone.patch_size} |
+| pyramid | blocks {backbone.out_indices}, strides p/4, p/2, p, 2p |
+| head | Conditional DETR, {head.num_queries} queries, {layers} |
+| optimiser steps | {results.get("step", 0)} of {results.get("total_steps", 0)} |
+| lr / weight decay / layer decay | {args.learning_rate} / {args.weight_decay} / {args.layer_decay} (AdamW) |
+"""
+    return model_card(metadata, f"SG-MAE Conditional DETR: {Path(args.output_dir).name}", body)
