@@ -27,8 +27,9 @@ from PIL import Image
 from safetensors import SafetensorError
 from transformers import HfArgumentParser, PreTrainedConfig
 
-from modeling_sgmae import MaskType, SGMAEConfig, SGMAEForPreTraining
+from modeling_sgmae import MaskRankingCache, MaskType, SGMAEConfig, SGMAEForPreTraining
 from modeling_sgmae.analysis import figure_panel
+from modeling_sgmae.mask_cache import default_refresh_epochs
 from sgmae_training.analyze import save_figure_panel
 from sgmae_training.arguments import (
     LOOP_POSITIVE_ARGUMENTS,
@@ -82,7 +83,6 @@ from sgmae_training.hub import (
     save_hub_folder,
     write_json_atomically,
 )
-from sgmae_training.mask_cache import MaskRankingCache, default_refresh_epochs
 from sgmae_training.optim import cosine_scheduler, parameter_groups
 from sgmae_training.training_state import TrainingState
 

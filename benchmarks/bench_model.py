@@ -87,9 +87,10 @@ sys.path.insert(0, str(REPO_ROOT))
 from provenance import code_commit  # noqa: E402
 
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining  # noqa: E402
+from modeling_sgmae.crops import crop_maps  # noqa: E402
 from modeling_sgmae.masking_sgmae import MaskType  # noqa: E402
 from sgmae_training.arguments import parse_script_args  # noqa: E402
-from sgmae_training.augment import BatchAugmentation, crop_maps  # noqa: E402
+from sgmae_training.augment import BatchAugmentation  # noqa: E402
 
 # Architecture fields shared by ViTMAEConfig and SGMAEConfig.
 CONFIGS: dict[str, dict] = {

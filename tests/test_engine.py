@@ -11,9 +11,9 @@ from accelerate import Accelerator
 from conftest import REPO_ROOT, tiny_config
 
 from modeling_sgmae import SGMAEForPreTraining
+from modeling_sgmae.mask_cache import MaskRankingCache
 from sgmae_training import engine
 from sgmae_training.engine import LoopSettings, train
-from sgmae_training.mask_cache import MaskRankingCache
 from sgmae_training.training_state import TrainingState
 
 sys.path.insert(0, str(REPO_ROOT))

@@ -12,9 +12,10 @@ from torch import nn
 from transformers import ViTImageProcessor
 
 from modeling_sgmae import MaskType, SGMAEForPreTraining
-from sgmae_training.augment import BatchAugmentation, crop_maps
+from modeling_sgmae.crops import crop_maps
+from modeling_sgmae.mask_cache import MaskRankingCache, default_refresh_epochs
+from sgmae_training.augment import BatchAugmentation
 from sgmae_training.data.images import TrainTransform
-from sgmae_training.mask_cache import MaskRankingCache, default_refresh_epochs
 
 GRID = (8, 8)
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

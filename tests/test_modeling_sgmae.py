@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -975,12 +976,25 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(config):
 
 
 # ----- informed masks from given rankings (the cached source) -----------------------------------------------------
-def test_cached_source_without_scores_when_due_names_the_method_to_call():
-    model = SGMAEForPreTraining(tiny_config()).train()
-    assert model(images()).mask_type.tolist() == [int(MaskType.RANDOM)] * 2  # not due yet: no scores needed
-    model.set_training_progress(1, 1)
-    with pytest.raises(ValueError, match=r"no mask_scores were passed: .*informed_mask_scores"):
-        model(images())
+def test_a_plain_call_ranks_its_own_views_when_due_and_warns_once_naming_the_cache(caplog):
+    """As every transformers model, `model(pixel_values)` works for every config: with the cached source and no
+    rankings given, the model ranks the batch itself (the per-step source's masks, draw for draw) and says so once."""
+    cached = SGMAEForPreTraining(tiny_config(hint_ratio=0.1)).train()
+    step = SGMAEForPreTraining(tiny_config(informed_mask_source="step", hint_ratio=0.1)).train()
+    step.load_state_dict(cached.state_dict())
+    assert cached(images()).mask_type.tolist() == [int(MaskType.RANDOM)] * 2  # not due yet: no rankings needed
+    for model in (cached, step):
+        model.set_training_progress(1, 1)
+    modeling_logger = logging.getLogger("modeling_sgmae.modeling_sgmae")
+    modeling_logger.warning_once.cache_clear()  # once per process: earlier tests may have seen it
+    pixel_values = images()
+    with caplog.at_level("WARNING"):
+        outputs = [cached(pixel_values, generator=torch.Generator().manual_seed(1)) for _ in range(3)]
+    expected = step(pixel_values, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(output.mask, expected.mask) for output in outputs)
+    assert outputs[0].mask_type.tolist() == [int(MaskType.INFORMED)] * 2
+    warnings = [record.getMessage() for record in caplog.records if "no mask_scores were given" in record.getMessage()]
+    assert len(warnings) == 1 and "MaskRankingCache" in warnings[0]
 
 
 def test_given_whole_image_rankings_mask_as_the_per_step_source_does():
