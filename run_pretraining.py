@@ -90,6 +90,9 @@ logger = logging.getLogger("run_pretraining")
 DEMO_CONFIG = Path(__file__).parent / "configuration" / "models" / "sgmae-vit-tiny-patch4-cifar.json"
 POSITIVE_ARGUMENTS = (*LOOP_POSITIVE_ARGUMENTS, "visualization_steps", "exploitation_check_steps", "storage_size")
 INPUT_PATHS = ("workers", "decode_once")
+DEMO_REPEATS = 256  # the demo's photos, each this many times per epoch: many random crops of few images
+# A column of rows that repeat an image: the first row showing the same image, whose cached ranking they share.
+SOURCE_COLUMN = "__source_row__"
 
 
 @dataclass
@@ -217,7 +220,9 @@ def demo_dataset() -> datasets.Dataset:
 
     images = [Image.fromarray(getattr(samples, name)()).convert("RGB") for name in DEMO_PHOTOS]
     images = [image.resize((128, 128 * image.height // image.width)) for image in images]
-    return datasets.Dataset.from_dict({"image": images * 256})
+    # Each row names the first row of its photo, so cached masks rank each photo once, not each of its repeats.
+    sources = list(range(len(images))) * DEMO_REPEATS
+    return datasets.Dataset.from_dict({"image": images * DEMO_REPEATS, SOURCE_COLUMN: sources})
 
 
 def build_model(model_args: ModelArguments, num_channels: int | None = None) -> SGMAEForPreTraining:
@@ -398,8 +403,9 @@ def main() -> None:
     probe_collate = ImageCollator(eval_transform(processor), image_column, num_channels=config.num_channels)
     probe = probe_collate(probe_rows) if probe_rows else None
     args.exploitation_check_steps = args.exploitation_check_steps or max(steps_per_epoch // 4, 1)
+    ranked_rows = mask_cache.ranked_rows() if mask_cache is not None and mask_cache.sources is not None else None
     epoch_batches, whole_images = input_pipeline(
-        args, data_args, accelerator, train_data, image_column, processor, config
+        args, data_args, accelerator, train_data, image_column, processor, config, ranked_rows
     )
     hooks = PretrainingHooks(accelerator, unwrapped, total_steps, args, probe, processor, mask_cache, whole_images)
 
@@ -455,18 +461,20 @@ def new_mask_cache(args, config: SGMAEConfig, train_data, steps_per_epoch: int, 
             "--mask_cache_key_column, drop --streaming, or use --informed_mask_source step"
         )
     epochs = args.mask_refresh_epochs or default_refresh_epochs(total_steps / steps_per_epoch)
+    sources = None if keyed or SOURCE_COLUMN not in train_data.features else train_data[SOURCE_COLUMN]
     return MaskRankingCache(
-        0 if keyed else len(train_data), config.grid_size, max(1, round(epochs * steps_per_epoch)), keyed
+        0 if keyed else len(train_data), config.grid_size, max(1, round(epochs * steps_per_epoch)), keyed, sources
     )
 
 
 def input_pipeline(
-    args, data_args, accelerator: Accelerator, train_data, image_column: str, processor, config
-) -> tuple[Callable[[TrainingState], Iterator[dict[str, torch.Tensor]]], Callable[[], Iterator[dict]]]:
+    args, data_args, accelerator: Accelerator, train_data, image_column: str, processor, config,
+    ranked_rows: torch.Tensor | None = None,
+) -> tuple[Callable[[TrainingState], Iterator[dict[str, torch.Tensor]]], Callable[[], Iterator[dict]]]:  # fmt: skip
     """`epoch_batches(state)` for the engine: images decoded and augmented in DataLoader workers, or decoded once into
     memory and augmented a whole batch at a time on the device (`--input_path decode_once`); each view comes with its
-    image's row (or sample id) and crop. And `whole_images()`, the same images uncropped, which cached informed masks
-    are ranked from."""
+    image's row (or sample id) and crop. And `whole_images()`, the images of `ranked_rows` (all when None) uncropped,
+    which cached informed masks are ranked from."""
     batch_size = args.per_device_train_batch_size
     if args.input_path == "decode_once":
         storage = args.storage_size or round(1.15 * max(config.image_height_width))
@@ -479,7 +487,10 @@ def input_pipeline(
         augment = BatchAugmentation(config.image_height_width, processor.image_mean, processor.image_std)
         epoch_batches = partial(decoded_epoch_batches, images, accelerator=accelerator, batch_size=batch_size,
                                 seed=args.seed, augment=augment.with_crops, left_out=left_out)  # fmt: skip
-        return epoch_batches, partial(decoded_whole_images, images, processor, accelerator, batch_size)
+        if ranked_rows is None:
+            return epoch_batches, partial(decoded_whole_images, images, processor, accelerator, batch_size)
+        whole = partial(decoded_whole_images, images[ranked_rows], processor, accelerator, batch_size)
+        return epoch_batches, partial(renumbered, whole, ranked_rows.to(accelerator.device))
     streamed = isinstance(train_data, datasets.IterableDataset)
     key_column = args.mask_cache_key_column if streamed and uses_mask_cache(config) else None
     index_column = INDEX_COLUMN if INDEX_COLUMN in (train_data.features or {}) else None
@@ -489,11 +500,18 @@ def input_pipeline(
     )  # fmt: skip
     epoch_batches = partial(worker_epoch_batches, train_data, accelerator=accelerator, data_args=data_args,
                             batch_size=batch_size, collate=collate, seed=args.seed)  # fmt: skip
+    ranked_data = train_data if ranked_rows is None else train_data.select(ranked_rows.tolist())
     whole_images = partial(
-        whole_image_batches, train_data, image_column, processor, accelerator, batch_size,
+        whole_image_batches, ranked_data, image_column, processor, accelerator, batch_size,
         data_args.dataloader_num_workers, config.num_channels, key_column,
     )  # fmt: skip
     return epoch_batches, whole_images
+
+
+def renumbered(whole_images: Callable[[], Iterator[dict]], rows: torch.Tensor) -> Iterator[dict]:
+    """`whole_images()` of a selection of rows, with each batch's `index` turned back into the split's rows."""
+    for batch in whole_images():
+        yield batch | {"index": rows[batch["index"]]}
 
 
 def log_plan(

@@ -38,15 +38,34 @@ def default_refresh_epochs(num_epochs: float) -> int:
 class MaskRankingCache:
     """Whole-image informed-mask rankings of every training image: float16 [images, grid height, grid width], on the
     training device once ranked (NaN until ranked, or where an image had no usable cut: it gets a random mask), the
-    step of the last refresh, and for streams the sample id of each row. A checkpoint saves it (`state_dict`), so a
-    resumed run masks as the uninterrupted one."""
+    step of the last refresh, and for streams the sample id of each row. Rows that repeat an image (`sources`) are
+    ranked once, as their first row (`ranked_rows`). A checkpoint saves it (`state_dict`), so a resumed run masks as
+    the uninterrupted one."""
 
-    def __init__(self, num_images: int, grid: tuple[int, int], refresh_steps: int, keyed: bool = False):
+    def __init__(
+        self,
+        num_images: int,
+        grid: tuple[int, int],
+        refresh_steps: int,
+        keyed: bool = False,
+        sources: torch.Tensor | None = None,
+    ):
         self.grid, self.refresh_steps, self.keyed = grid, refresh_steps, keyed
         self.rankings = torch.full((num_images, *grid), float("nan"), dtype=torch.float16)
         self.refreshed_at = -1
         self.keys: list[str] = []  # row -> sample id (streams)
         self.rows: dict[str, int] = {}
+        # Rows that show the same image share one ranking: row -> the first row showing its image (None: its own).
+        if sources is not None:
+            sources = torch.as_tensor(sources, dtype=torch.long)
+            if sources.shape != (num_images,) or not bool((sources[sources] == sources).all()):
+                raise ValueError("sources must give each of the rows the first row that shows the same image")
+        self.sources = sources
+
+    def ranked_rows(self) -> torch.Tensor:
+        """The rows a refresh ranks [R]: one per distinct image (`sources`), whose ranking its repeats share."""
+        rows = torch.arange(len(self.rankings))
+        return rows if self.sources is None else rows[self.sources == rows]
 
     def due(self, step: int, informed: bool) -> bool:
         """A refresh is due at the informed-masking start and every `refresh_steps` after the last one."""
@@ -70,8 +89,9 @@ class MaskRankingCache:
         self.refreshed_at = step
         logs = self._summary(time.perf_counter() - started)
         logger.info(
-            "ranked %d whole images for informed masks in %.1f s (no usable cut: %.1f %%, object part %.1f %% of the "
-            "patches); next refresh at step %d", len(self.rankings), logs["mask_refresh_seconds"],
+            "ranked %d whole images (for %d rows) for informed masks in %.1f s (no usable cut: %.1f %%, object part "
+            "%.1f %% of the patches); next refresh at step %d", len(self.ranked_rows()), len(self.rankings),
+            logs["mask_refresh_seconds"],
             100 * logs["mask_refresh_fallback_share"], 100 * logs["mask_refresh_object_part"],
             step + self.refresh_steps,
         )  # fmt: skip
@@ -125,6 +145,8 @@ class MaskRankingCache:
             rankings, rows = rankings[rows >= 0], rows[rows >= 0]
         self.rankings = self.rankings.to(rankings.device)
         self.rankings[rows] = rankings.view(-1, *self.grid)
+        if self.sources is not None:  # each repeat takes its image's ranking
+            self.rankings = self.rankings[self.sources.to(rankings.device)]
 
     def _store_keyed(self, keys: list[str], rankings: torch.Tensor) -> None:
         """A stream's rankings in the order the processes met them, with a row for each sample id."""
