@@ -493,8 +493,23 @@ def _tint(images: np.ndarray, where: np.ndarray, colour: tuple[float, float, flo
     return images * (1 - blend) + np.asarray(colour, dtype=np.float32) * blend
 
 
+def _outline_object(images: np.ndarray, part: np.ndarray, dim: float = 0.45) -> np.ndarray:
+    """The object part [B, H, W, 1] shown on any photo: its own pixels unchanged, the rest dimmed and greyed, and a
+    two-tone outline along its edge (OBJECT_OUTLINE inside, BACKGROUND_OUTLINE outside), legible whatever the
+    photo's colours (a colour tint vanishes on a photo of that colour)."""
+    inside = part[..., 0] > 0.5
+    padded = np.pad(inside, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    neighbours = [padded[:, 1:-1, :-2], padded[:, 1:-1, 2:], padded[:, :-2, 1:-1], padded[:, 2:, 1:-1]]
+    any_inside, all_inside = np.logical_or.reduce(neighbours), np.logical_and.reduce(neighbours)
+    grey = images.mean(axis=-1, keepdims=True)
+    shown = np.where(inside[..., None], images, dim * grey)
+    shown = np.where((inside & ~all_inside)[..., None], np.asarray(OBJECT_OUTLINE, dtype=np.float32), shown)
+    return np.where((~inside & any_inside)[..., None], np.asarray(BACKGROUND_OUTLINE, dtype=np.float32), shown)
+
+
 MASKED_GREY = (0.5, 0.5, 0.5)
-OBJECT_RED = (0.9, 0.1, 0.1)
+OBJECT_OUTLINE = (1.0, 1.0, 1.0)  # the object part's edge, inside; the background beside it is drawn black
+BACKGROUND_OUTLINE = (0.0, 0.0, 0.0)
 HINT_GREEN = (0.1, 0.85, 0.1)
 
 
@@ -554,8 +569,9 @@ def figure_panel(
 ) -> FigurePanel:
     """Figure-1 columns for images [B, C, H, W] (normalised with image_mean / image_std).
 
-    input; a random mask; the NCut bi-partition (object part in red); the informed mask before hints; the
-    informed mask with hints (hints in green); the reconstruction under that mask, visible patches pasted in.
+    input; a random mask; the NCut bi-partition (object part outlined, the rest dimmed); the informed mask before
+    hints; the informed mask with hints (hints in green); the reconstruction under that mask, visible patches pasted
+    in.
     The masks are the ones training builds (`SGMAEForPreTraining.informed_masking`); an image without a usable cut
     gets training's fallback random mask in the last two columns. With `norm_pix_loss`, `visible_statistics`
     de-normalises the predicted patches with the visible patches' statistics (`visible_patch_statistics`) instead
@@ -587,7 +603,7 @@ def figure_panel(
     columns = {
         "input": images,
         "random mask": _tint(images, _patch_map(random, grid, patch_size), MASKED_GREY, 0.85),
-        "NCut bi-partition": _tint(images, _patch_map(cut.object_part, grid, patch_size), OBJECT_RED, 0.5),
+        "NCut bi-partition": _outline_object(images, _patch_map(cut.object_part, grid, patch_size)),
         "informed mask": _tint(images, _patch_map(informed, grid, patch_size), MASKED_GREY, 0.85),
         "informed + hints": _tint(_tint(images, hinted_map, MASKED_GREY, 0.85), hints_map, HINT_GREEN, 0.45),
         "reconstruction": hinted_map * reconstruction + (1 - hinted_map) * images,
