@@ -821,10 +821,13 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         features = self.masking_features(patch_tokens, cls_token, position_mean)
         return self.masking(features, num_masked, generator, self.hint_decay)
 
-    def mask_ranking_cache(self, num_images: int, refresh_steps: int, keyed: bool = False) -> MaskRankingCache:
+    def mask_ranking_cache(
+        self, num_images: int, refresh_steps: int, keyed: bool = False, sources: torch.Tensor | None = None
+    ) -> MaskRankingCache:
         """An empty cache of whole-image rankings on this model's patch grid, for `num_images` training images (or,
-        `keyed`, a stream's sample ids), refreshed every `refresh_steps` optimiser steps (docs/method.md §8)."""
-        return MaskRankingCache(num_images, self.config.grid_size, refresh_steps, keyed)
+        `keyed`, a stream's sample ids), refreshed every `refresh_steps` optimiser steps (docs/method.md §8); rows
+        that repeat an image name its first row in `sources` and share its ranking."""
+        return MaskRankingCache(num_images, self.config.grid_size, refresh_steps, keyed, sources)
 
     @property
     def hint_decay(self) -> float:
