@@ -236,6 +236,7 @@ def build_model(model_args: ModelArguments, num_channels: int | None = None) -> 
     if model_args.informed_masking_auto_start:
         overrides["informed_masking_auto_start"] = True
     own_fields = {f.name for f in fields(SGMAEConfig)} - {f.name for f in fields(PreTrainedConfig)}
+    own_fields |= set(SGMAEConfig.attribute_map)  # earlier names of renamed fields
     unknown = sorted(set(overrides) - own_fields)
     if unknown:
         raise SystemExit(f"error: --config_overrides names fields SGMAEConfig does not have: {unknown}")

@@ -301,7 +301,7 @@ def masking_position_mean(
     model: SGMAEForPreTraining, chunks: list[torch.Tensor] | tuple[torch.Tensor, ...]
 ) -> torch.Tensor:
     """Each grid position's mean masking feature over images [N, D] (`SGMAEModel.masking_features`, uncentred), over
-    chunks of normalised images [B, C, H, W]: the `position_mean` that `feature_centering` subtracts."""
+    chunks of normalised images [B, C, H, W]: the `position_mean` that `feature_centring` subtracts."""
     total, count = None, 0
     for chunk in chunks:
         patch_tokens, cls_token, _ = model.vit.embeddings(chunk.to(device=model.device, dtype=model.dtype))
@@ -361,7 +361,7 @@ def analysis_metrics(
     Features and attention distances come from the full image (features after `feature_layer` blocks, default
     the last); exploitation rates and the reconstruction loss from random masks drawn with `seed`. The cut and the
     informed mask use the masking's own features (`SGMAEModel.masking_features`: the config's source and, with
-    `feature_centering`, each position's mean over the whole probe batch removed); the position share of every
+    `feature_centring`, each position's mean over the whole probe batch removed); the position share of every
     block (`PositionShare`) comes from the block outputs. The model runs in eval mode under no_grad, in chunks of
     `batch_size` images; its training mode and buffers are left as found.
     """
@@ -373,7 +373,7 @@ def analysis_metrics(
         num_patches = config.grid_size[0] * config.grid_size[1]
         noise = probe_noise(pixel_values.shape[0], num_patches, seed)
         chunks = [chunk.to(device=device, dtype=dtype) for chunk in pixel_values.split(batch_size)]
-        position_mean = masking_position_mean(model, chunks) if config.feature_centering == "position_mean" else None
+        position_mean = masking_position_mean(model, chunks) if config.feature_centring == "position_mean" else None
         position_share = PositionShare()
         statistics, distances, rates, losses, sizes = [], [], [], [], []
         for chunk in chunks:
@@ -417,7 +417,7 @@ def analysis_metrics(
         "fiedler_solver": config.fiedler_solver,
         "foreground_rule": config.foreground_rule,
         "mask_feature_source": config.mask_feature_source,
-        "feature_centering": config.feature_centering,
+        "feature_centring": config.feature_centring,
         "partition_split": config.partition_split,
         **FeatureStatistics.cat(statistics).summary(),
         **position_share.result(),
@@ -575,7 +575,7 @@ def figure_panel(
     The masks are the ones training builds (`SGMAEForPreTraining.informed_masking`); an image without a usable cut
     gets training's fallback random mask in the last two columns. With `norm_pix_loss`, `visible_statistics`
     de-normalises the predicted patches with the visible patches' statistics (`visible_patch_statistics`) instead
-    of each hidden patch's own. With `feature_centering`, `position_mean` [N, D] (`masking_position_mean` over many
+    of each hidden patch's own. With `feature_centring`, `position_mean` [N, D] (`masking_position_mean` over many
     images) is the mean removed at each position; without it, the mean over these few images is.
     """
     config = model.config

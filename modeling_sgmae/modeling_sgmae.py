@@ -468,11 +468,11 @@ class SGMAEModel(SGMAEPreTrainedModel):
         centre: bool | None = None,
     ) -> torch.Tensor:
         """The features [B, N, D] the self-guided masking cuts (docs/method.md §3, step 1), by the config's
-        `mask_feature_layer`, `mask_feature_source` and, unless `centre` says otherwise, `feature_centering`.
+        `mask_feature_layer`, `mask_feature_source` and, unless `centre` says otherwise, `feature_centring`.
 
         `"hidden"`: block `mask_feature_layer`'s output (`patch_features`); `"layernorm"`: the same after the final
         LayerNorm; `"keys"`: that block's attention keys (its LayerNorm and qkv projection applied to the previous
-        block's output; heads concatenated). With `feature_centering="position_mean"`, each grid position's mean
+        block's output; heads concatenated). With `feature_centring="position_mean"`, each grid position's mean
         feature over images is subtracted: `position_mean` [N, D] when given (e.g. over a refresh pass's images),
         else the batch's (`centre_by_position`). `centre=False` returns the uncentred features (to compute a mean).
         """
@@ -488,7 +488,7 @@ class SGMAEModel(SGMAEPreTrainedModel):
             if config.mask_feature_source == "layernorm":
                 features = self.layernorm(features)
         if centre is None:
-            centre = config.feature_centering == "position_mean"
+            centre = config.feature_centring == "position_mean"
         return centre_by_position(features, position_mean) if centre else features
 
     def forward(
@@ -814,7 +814,7 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
     ) -> MaskingResult:
         """The self-guided masks of embedded images ranked from those same images (docs/method.md §3), with what the
         masking saw: the per-step source, the analysis and the Figure-1 panel. `position_mean` [N, D] for
-        `feature_centering` (else the batch's). patch_tokens: [B, N, D] with positions."""
+        `feature_centring` (else the batch's). patch_tokens: [B, N, D] with positions."""
         num_masked = (
             num_masked if num_masked is not None else num_masked_patches(patch_tokens.shape[1], self.config.mask_ratio)
         )
@@ -848,7 +848,7 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
     ) -> torch.Tensor:
         """Whole images' informed-mask rankings [B, N] on their patch grid (docs/method.md §3, steps 1-5): the NCut
         object part first (similarity + 3), then the other patches by similarity to the object; a NaN row where an
-        image has no usable cut (it will get a random mask). `position_mean` [N, D] for `feature_centering` (else
+        image has no usable cut (it will get a random mask). `position_mean` [N, D] for `feature_centring` (else
         the batch's). `forward(mask_scores=...)` masks the top K of a ranking, cropped and flipped with the view it
         is given for (docs/method.md §8). Call it in eval mode."""
         patch_tokens, cls_token, _ = self.vit.embeddings(pixel_values, interpolate_pos_encoding)

@@ -1045,3 +1045,26 @@ def test_informed_mask_scores_rank_the_object_part_first_and_leave_training_mode
     background_rank = torch.where(result.object_part, float("-inf"), scores).amax(dim=1)
     assert (object_rank[usable] > background_rank[usable]).all()
     assert torch.isnan(scores[~usable]).all()
+
+
+# ----- checkpoints of earlier releases ----------------------------------------------------------------------------
+def test_a_checkpoint_saved_before_the_config_renames_loads_and_trains_as_it_did():
+    """tests/data/sgmae-checkpoint-2026-12: a tiny model saved, with its losses on fixed inputs, by the code of
+    2026-12-07 (its config.json still says `feature_centering`). It loads with that setting under its new name and
+    gives the same masks and losses (random, cached and per-step informed masks)."""
+    folder = Path(__file__).parent / "data" / "sgmae-checkpoint-2026-12"
+    assert "feature_centering" in json.loads((folder / "config.json").read_text())
+    expected = json.loads((folder / "expected.json").read_text())
+    model = SGMAEForPreTraining.from_pretrained(folder)
+    assert model.config.feature_centring == "position_mean" and model.informed_masking_active
+    assert "feature_centering" not in model.config.to_dict()
+    pixel_values = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    scores = model.eval().informed_mask_scores(pixel_values)
+    model.train()
+    random = model(pixel_values, random_masking=True, generator=torch.Generator().manual_seed(1))
+    cached = model(pixel_values, mask_scores=scores, generator=torch.Generator().manual_seed(1))
+    step = SGMAEForPreTraining.from_pretrained(folder, informed_mask_source="step").train()
+    per_step = step(pixel_values, generator=torch.Generator().manual_seed(1))
+    assert cached.mask.int().tolist() == expected["informed_mask"]
+    for output, name in ((random, "random_loss"), (cached, "cached_loss"), (per_step, "step_loss")):
+        assert output.loss.item() == pytest.approx(expected[name], rel=1e-5), name

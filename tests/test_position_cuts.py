@@ -278,7 +278,7 @@ def test_position_mean_centring_in_the_model(model):
     images = torch.randn(4, 3, 32, 32)
     tokens, cls_token, _ = model.vit.embeddings(images)
     raw = model.vit.masking_features(tokens, cls_token)
-    model.config.feature_centering = "position_mean"
+    model.config.feature_centring = "position_mean"
     torch.testing.assert_close(model.vit.masking_features(tokens, cls_token), raw - raw.mean(dim=0))
     mean = masking_position_mean(model, images.split(3))
     torch.testing.assert_close(mean, raw.mean(dim=0))
@@ -289,10 +289,10 @@ def test_position_mean_centring_in_the_model(model):
 
 
 def test_analysis_and_panel_report_the_new_metrics(model):
-    model.config.feature_centering = "position_mean"
+    model.config.feature_centring = "position_mean"
     images = torch.randn(6, 3, 32, 32)
     metrics = analysis_metrics(model, images, batch_size=4)
-    assert metrics["feature_centering"] == "position_mean"
+    assert metrics["feature_centring"] == "position_mean"
     assert len(metrics["position_share"]) == model.config.num_hidden_layers
     assert all(0 <= share <= 1 for share in metrics["position_share"])
     assert 0 <= metrics["half_cut_share"] <= 1 and 0 <= metrics["object_centre_share"] <= 1
