@@ -90,11 +90,14 @@ class MaskRankingCache:
         logs = self._summary(time.perf_counter() - started)
         logger.info(
             "ranked %d whole images (for %d rows) for informed masks in %.1f s (no usable cut: %.1f %%, object part "
-            "%.1f %% of the patches); next refresh at step %d", len(self.ranked_rows()), len(self.rankings),
+            "%.1f %% of the patches); next refresh at step %d",
+            len(self.ranked_rows()),
+            len(self.rankings),
             logs["mask_refresh_seconds"],
-            100 * logs["mask_refresh_fallback_share"], 100 * logs["mask_refresh_object_part"],
+            100 * logs["mask_refresh_fallback_share"],
+            100 * logs["mask_refresh_object_part"],
             step + self.refresh_steps,
-        )  # fmt: skip
+        )
         return logs
 
     def _rank(

@@ -699,6 +699,22 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         self.schedule.record_check(*rates.mean(dim=0).tolist())
         return rates
 
+    def forward_encoder(
+        self,
+        patch_tokens: torch.Tensor,
+        cls_token: torch.Tensor,
+        ids_keep: torch.Tensor,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """The encoder on the visible patches only: embedded patch tokens [B, N, D] gathered at `ids_keep` [B, V],
+        [CLS] first, then the final LayerNorm. Returns the latent [B, 1 + V, D], hidden states and attentions."""
+        visible = patch_tokens.gather(1, ids_keep[:, :, None].expand(-1, -1, patch_tokens.shape[2]))
+        hidden_states, all_hidden, attentions = self.vit.encode(
+            visible, cls_token, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        )
+        return self.vit.layernorm(hidden_states), all_hidden, attentions
+
     # ----- pixels ---------------------------------------------------------------------------------------------
     def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, N, p*p*C], ViTMAE's patch pixel order."""
@@ -835,9 +851,11 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         `hint_decay_power`; always 1 without it."""
         start = self.informed_masking_start_step
         return hint_decay(
-            self.schedule.read("training_step"), start or 0, self.schedule.read("total_training_steps"),
+            self.schedule.read("training_step"),
+            start or 0,
+            self.schedule.read("total_training_steps"),
             self.config.hint_decay_power,
-        )  # fmt: skip
+        )
 
     @torch.no_grad()
     def informed_mask_scores(
@@ -896,13 +914,9 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         )
         num_visible = num_patches - num_masked
         ids_restore = torch.argsort(chosen.ids_shuffle, dim=1)
-        ids_keep = chosen.ids_shuffle[:, :num_visible, None].expand(-1, -1, patch_tokens.shape[2])
-        visible = patch_tokens.gather(1, ids_keep)  # the encoder sees the first `num_visible` of the shuffle
-
-        hidden_states, all_hidden, attentions = self.vit.encode(
-            visible, cls_token, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        latent, all_hidden, attentions = self.forward_encoder(
+            patch_tokens, cls_token, chosen.ids_shuffle[:, :num_visible], output_attentions, output_hidden_states
         )
-        latent = self.vit.layernorm(hidden_states)
         logits, decoder_attentions = self.decoder(latent, ids_restore, grid, output_decoder_attentions)
         mask = (ids_restore >= num_visible).to(logits.dtype)
         loss = self.forward_loss(pixel_values, logits, mask)

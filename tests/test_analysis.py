@@ -60,7 +60,7 @@ METRIC_KEYS = {
     "reconstruction_loss",
     "probe_seed",
     "mask_feature_source",
-    "feature_centring",
+    "feature_centering",
     "partition_split",
     "object_part_fraction_median",
     "object_part_fraction_q25",
