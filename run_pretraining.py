@@ -500,7 +500,8 @@ def input_pipeline(
     image's row (or sample id) and crop. And `whole_images()`, the images of `ranked_rows` (all when None) uncropped,
     which cached informed masks are ranked from."""
     if args.input_path == "decode_once":
-        return decoded_pipeline(args, data_args, accelerator, train_data, image_column, processor, config, ranked_rows)
+        images, left_out = decode_split(args, data_args, train_data, image_column, config)
+        return decoded_pipeline(args, accelerator, processor, config, images, left_out, ranked_rows)
     batch_size = args.per_device_train_batch_size
     streamed = isinstance(train_data, datasets.IterableDataset)
     key_column = args.mask_cache_key_column if streamed and uses_mask_cache(config) else None
@@ -518,22 +519,10 @@ def input_pipeline(
 
 
 def decoded_pipeline(
-    args,
-    data_args,
-    accelerator: Accelerator,
-    train_data,
-    image_column: str,
-    processor,
-    config,
-    ranked_rows: torch.Tensor | None,
+    args, accelerator: Accelerator, processor, config, images: torch.Tensor, left_out, ranked_rows: torch.Tensor | None
 ) -> Pipeline:
-    """`input_pipeline` of `--input_path decode_once`: the split decoded once into memory (uint8 squares of
-    `--storage_size`), augmented a whole batch at a time on the device."""
-    storage = args.storage_size or round(1.15 * max(config.image_height_width))
-    if storage < max(config.image_height_width):
-        raise SystemExit(f"error: --storage_size {storage} is smaller than the model's images")
-    workers, budget = data_args.dataloader_num_workers, args.decode_once_max_gib
-    images, left_out = decode_all(train_data, image_column, storage, workers, budget, config.num_channels)
+    """`input_pipeline` of `--input_path decode_once`: the decoded split `images` (uint8 squares of `--storage_size`)
+    augmented a whole batch at a time on the device."""
     augment = BatchAugmentation(config.image_height_width, processor.image_mean, processor.image_std)
     batch_size = args.per_device_train_batch_size
     loader = dict(accelerator=accelerator, batch_size=batch_size, seed=args.seed, left_out=left_out)
@@ -542,6 +531,15 @@ def decoded_pipeline(
         return epoch_batches, partial(decoded_whole_images, images, processor, accelerator, batch_size)
     whole = partial(decoded_whole_images, images[ranked_rows], processor, accelerator, batch_size)
     return epoch_batches, partial(renumbered, whole, ranked_rows.to(accelerator.device))
+
+
+def decode_split(args, data_args, train_data, image_column: str, config):
+    """The split decoded once into memory (`decode_all`): uint8 squares of `--storage_size`, and the rows left out."""
+    storage = args.storage_size or round(1.15 * max(config.image_height_width))
+    if storage < max(config.image_height_width):
+        raise SystemExit(f"error: --storage_size {storage} is smaller than the model's images")
+    workers, budget = data_args.dataloader_num_workers, args.decode_once_max_gib
+    return decode_all(train_data, image_column, storage, workers, budget, config.num_channels)
 
 
 def renumbered(whole_images: Callable[[], Iterator[dict]], rows: torch.Tensor) -> Iterator[dict]:
