@@ -161,7 +161,7 @@ class DemoModel:
         """[N, D] each grid position's mean masking feature over the example photos under the config's current
         feature layer, computed once per layer; None when the config does not centre."""
         config = self.model.config
-        if config.feature_centering != "position_mean":
+        if config.feature_centring != "position_mean":
             return None
         key = (config.feature_layer, config.mask_feature_source)
         if key not in self._position_means:
@@ -170,7 +170,7 @@ class DemoModel:
 
     @cached_property
     def reference_pixels(self) -> torch.Tensor:
-        """The example photos as the model sees them [B, C, H, W]: with `feature_centering`, each grid position's
+        """The example photos as the model sees them [B, C, H, W]: with `feature_centring`, each grid position's
         mean feature over them is what is removed (one photo's own mean is the photo itself, so it cannot centre
         itself). Prepared on first use, from the decoded photos `load_photo` keeps."""
         photos = [load_photo(path) for path in example_photos()]

@@ -27,8 +27,9 @@ from PIL import Image
 from safetensors import SafetensorError
 from transformers import HfArgumentParser, PreTrainedConfig
 
-from modeling_sgmae import MaskType, SGMAEConfig, SGMAEForPreTraining
+from modeling_sgmae import MaskRankingCache, MaskType, SGMAEConfig, SGMAEForPreTraining
 from modeling_sgmae.analysis import figure_panel
+from modeling_sgmae.mask_cache import default_refresh_epochs
 from sgmae_training.analyze import save_figure_panel
 from sgmae_training.arguments import (
     LOOP_POSITIVE_ARGUMENTS,
@@ -82,7 +83,6 @@ from sgmae_training.hub import (
     save_hub_folder,
     write_json_atomically,
 )
-from sgmae_training.mask_cache import MaskRankingCache, default_refresh_epochs
 from sgmae_training.optim import cosine_scheduler, parameter_groups
 from sgmae_training.training_state import TrainingState
 
@@ -90,6 +90,9 @@ logger = logging.getLogger("run_pretraining")
 DEMO_CONFIG = Path(__file__).parent / "configuration" / "models" / "sgmae-vit-tiny-patch4-cifar.json"
 POSITIVE_ARGUMENTS = (*LOOP_POSITIVE_ARGUMENTS, "visualization_steps", "exploitation_check_steps", "storage_size")
 INPUT_PATHS = ("workers", "decode_once")
+DEMO_REPEATS = 256  # the demo's photos, each this many times per epoch: many random crops of few images
+# A column of rows that repeat an image: the first row showing the same image, whose cached ranking they share.
+SOURCE_COLUMN = "__source_row__"
 
 
 @dataclass
@@ -217,7 +220,9 @@ def demo_dataset() -> datasets.Dataset:
 
     images = [Image.fromarray(getattr(samples, name)()).convert("RGB") for name in DEMO_PHOTOS]
     images = [image.resize((128, 128 * image.height // image.width)) for image in images]
-    return datasets.Dataset.from_dict({"image": images * 256})
+    # Each row names the first row of its photo, so cached masks rank each photo once, not each of its repeats.
+    sources = list(range(len(images))) * DEMO_REPEATS
+    return datasets.Dataset.from_dict({"image": images * DEMO_REPEATS, SOURCE_COLUMN: sources})
 
 
 def build_model(model_args: ModelArguments, num_channels: int | None = None) -> SGMAEForPreTraining:
@@ -231,6 +236,7 @@ def build_model(model_args: ModelArguments, num_channels: int | None = None) -> 
     if model_args.informed_masking_auto_start:
         overrides["informed_masking_auto_start"] = True
     own_fields = {f.name for f in fields(SGMAEConfig)} - {f.name for f in fields(PreTrainedConfig)}
+    own_fields |= set(SGMAEConfig.attribute_map)  # earlier names of renamed fields
     unknown = sorted(set(overrides) - own_fields)
     if unknown:
         raise SystemExit(f"error: --config_overrides names fields SGMAEConfig does not have: {unknown}")
@@ -276,9 +282,16 @@ class PretrainingHooks(TrainingHooks):
     checks, mask panels."""
 
     def __init__(
-        self, accelerator: Accelerator, model: SGMAEForPreTraining, total_steps: int, args, probe, processor,
-        mask_cache: MaskRankingCache | None = None, whole_images: Callable[[], Iterator[dict]] | None = None,
-    ):  # fmt: skip
+        self,
+        accelerator: Accelerator,
+        model: SGMAEForPreTraining,
+        total_steps: int,
+        args,
+        probe,
+        processor,
+        mask_cache: MaskRankingCache | None = None,
+        whole_images: Callable[[], Iterator[dict]] | None = None,
+    ):
         self.accelerator, self.model, self.total_steps, self.args = accelerator, model, total_steps, args
         self.probe, self.processor = probe, processor
         self.mask_cache, self.whole_images = mask_cache, whole_images
@@ -336,8 +349,10 @@ class PretrainingHooks(TrainingHooks):
         if "informed_start" in logs:
             logger.info(
                 "automatic start: informed masks from step %d (decoder mask-token share %.3f > visible %.3f)",
-                logs.pop("informed_start"), logs["exploitation_mask"], logs["exploitation_visible"],
-            )  # fmt: skip
+                logs.pop("informed_start"),
+                logs["exploitation_mask"],
+                logs["exploitation_visible"],
+            )
         if logs:
             self.accelerator.log(logs, step=step)
         if probe is not None and self.args.visualization_steps and step % self.args.visualization_steps == 0:
@@ -356,10 +371,8 @@ class PretrainingHooks(TrainingHooks):
 def main() -> None:
     model_args, data_args, args = parse_args()
     stop_at = None if args.stop_after_minutes is None else time.time() + 60 * args.stop_after_minutes
-    accelerator = start_run(
-        args.output_dir, args.seed, args.gradient_accumulation_steps, args.mixed_precision, args.report_to,
-        args.ddp_timeout,
-    )  # fmt: skip
+    run = (args.output_dir, args.seed, args.gradient_accumulation_steps, args.mixed_precision, args.report_to)
+    accelerator = start_run(*run, args.ddp_timeout)
     model = build_model(model_args, data_args.num_channels)  # first: a bad config stops the run before data is read
     with dataset_reachable(data_args.dataset_name):
         train_data, probe_rows, image_column = load_data(data_args)
@@ -375,10 +388,7 @@ def main() -> None:
     if model_args.informed_masking_start_epoch is not None:
         config.informed_masking_start_step = round(model_args.informed_masking_start_epoch * steps_per_epoch)
     learning_rate = args.base_learning_rate * global_batch / 256
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, args.weight_decay), lr=learning_rate, betas=(0.9, args.adam_beta2)
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(model, adamw(model, learning_rate, args))
     if args.torch_compile:
         accelerator.unwrap_model(model).compile_blocks()
     unwrapped: SGMAEForPreTraining = accelerator.unwrap_model(model)
@@ -398,21 +408,18 @@ def main() -> None:
     probe_collate = ImageCollator(eval_transform(processor), image_column, num_channels=config.num_channels)
     probe = probe_collate(probe_rows) if probe_rows else None
     args.exploitation_check_steps = args.exploitation_check_steps or max(steps_per_epoch // 4, 1)
+    ranked_rows = mask_cache.ranked_rows() if mask_cache is not None and mask_cache.sources is not None else None
     epoch_batches, whole_images = input_pipeline(
-        args, data_args, accelerator, train_data, image_column, processor, config
+        args, data_args, accelerator, train_data, image_column, processor, config, ranked_rows
     )
     hooks = PretrainingHooks(accelerator, unwrapped, total_steps, args, probe, processor, mask_cache, whole_images)
 
-    settings = LoopSettings(
-        args.output_dir, args.logging_steps, args.checkpointing_steps, args.save_total_limit, args.max_grad_norm,
-        config, stop_at=stop_at,
-    )  # fmt: skip
+    loop = (args.output_dir, args.logging_steps, args.checkpointing_steps, args.save_total_limit, args.max_grad_norm)
+    settings = LoopSettings(*loop, config, stop_at=stop_at)
     state = train(accelerator, model, optimizer, scheduler, epoch_batches, state, settings, hooks, objects)
-    if state.step < total_steps:
-        logger.info(
-            "stopped at step %d of %d (--stop_after_minutes); the same command with --resume_from_checkpoint latest "
-            "continues from its checkpoint", state.step, total_steps,
-        )  # fmt: skip
+    if state.step < total_steps:  # a checkpoint to continue from, no model yet
+        resume = "the same command with --resume_from_checkpoint latest continues from its checkpoint"
+        logger.info("stopped at step %d of %d (--stop_after_minutes); %s", state.step, total_steps, resume)
         accelerator.end_training()
         return
     unwrapped.set_training_progress(state.step, total_steps)  # the saved model says how far it was trained
@@ -420,15 +427,29 @@ def main() -> None:
         logger.warning("skipped %d corrupt images", state.skipped_images)
 
     # ----- output -----
+    save_outputs(accelerator, model_args, data_args, args, hooks, processor, state, global_batch)
+
+
+def adamw(model: SGMAEForPreTraining, learning_rate: float, args) -> torch.optim.AdamW:
+    """MAE's optimiser: AdamW with betas (0.9, --adam_beta2), no weight decay on norms, biases and tokens."""
+    groups = parameter_groups(model, args.weight_decay)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, args.adam_beta2))
+
+
+def save_outputs(
+    accelerator: Accelerator, model_args, data_args, args, hooks: PretrainingHooks, processor, state, global_batch: int
+) -> None:
+    """On the main process: the final mask panel, the Hub-ready folder with its card, train_results.json, the push."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if probe is not None:
+        model = hooks.model
+        if hooks.probe is not None:
             hooks.save_panel(Path(args.output_dir) / "masks.png", state.step)
         demo = not (data_args.dataset_name or data_args.train_dir)
         card = pretraining_card(
-            model_args, data_args, args, unwrapped, state, demo, global_batch, accelerator.num_processes
+            model_args, data_args, args, model, state, demo, global_batch, accelerator.num_processes
         )
-        save_hub_folder(unwrapped, processor, args.output_dir, card)
+        save_hub_folder(model, processor, args.output_dir, card)
         summary = {key: value for key, value in state.state_dict().items() if key != "train_loss"}
         summary |= {"num_processes": accelerator.num_processes, "final_loss": state.train_loss}
         write_json_atomically(Path(args.output_dir) / "train_results.json", summary)
@@ -455,45 +476,76 @@ def new_mask_cache(args, config: SGMAEConfig, train_data, steps_per_epoch: int, 
             "--mask_cache_key_column, drop --streaming, or use --informed_mask_source step"
         )
     epochs = args.mask_refresh_epochs or default_refresh_epochs(total_steps / steps_per_epoch)
+    sources = None if keyed or SOURCE_COLUMN not in train_data.features else train_data[SOURCE_COLUMN]
     return MaskRankingCache(
-        0 if keyed else len(train_data), config.grid_size, max(1, round(epochs * steps_per_epoch)), keyed
+        0 if keyed else len(train_data), config.grid_size, max(1, round(epochs * steps_per_epoch)), keyed, sources
     )
 
 
+Pipeline = tuple[Callable[[TrainingState], Iterator[dict[str, torch.Tensor]]], Callable[[], Iterator[dict]]]
+
+
 def input_pipeline(
-    args, data_args, accelerator: Accelerator, train_data, image_column: str, processor, config
-) -> tuple[Callable[[TrainingState], Iterator[dict[str, torch.Tensor]]], Callable[[], Iterator[dict]]]:
+    args,
+    data_args,
+    accelerator: Accelerator,
+    train_data,
+    image_column: str,
+    processor,
+    config,
+    ranked_rows: torch.Tensor | None = None,
+) -> Pipeline:
     """`epoch_batches(state)` for the engine: images decoded and augmented in DataLoader workers, or decoded once into
     memory and augmented a whole batch at a time on the device (`--input_path decode_once`); each view comes with its
-    image's row (or sample id) and crop. And `whole_images()`, the same images uncropped, which cached informed masks
-    are ranked from."""
-    batch_size = args.per_device_train_batch_size
+    image's row (or sample id) and crop. And `whole_images()`, the images of `ranked_rows` (all when None) uncropped,
+    which cached informed masks are ranked from."""
     if args.input_path == "decode_once":
-        storage = args.storage_size or round(1.15 * max(config.image_height_width))
-        if storage < max(config.image_height_width):
-            raise SystemExit(f"error: --storage_size {storage} is smaller than the model's images")
-        images, left_out = decode_all(
-            train_data, image_column, storage, data_args.dataloader_num_workers, args.decode_once_max_gib,
-            config.num_channels,
-        )  # fmt: skip
-        augment = BatchAugmentation(config.image_height_width, processor.image_mean, processor.image_std)
-        epoch_batches = partial(decoded_epoch_batches, images, accelerator=accelerator, batch_size=batch_size,
-                                seed=args.seed, augment=augment.with_crops, left_out=left_out)  # fmt: skip
-        return epoch_batches, partial(decoded_whole_images, images, processor, accelerator, batch_size)
+        images, left_out = decode_split(args, data_args, train_data, image_column, config)
+        return decoded_pipeline(args, accelerator, processor, config, images, left_out, ranked_rows)
+    batch_size = args.per_device_train_batch_size
     streamed = isinstance(train_data, datasets.IterableDataset)
     key_column = args.mask_cache_key_column if streamed and uses_mask_cache(config) else None
     index_column = INDEX_COLUMN if INDEX_COLUMN in (train_data.features or {}) else None
+    transform = TrainTransform(processor)
     collate = ImageCollator(
-        TrainTransform(processor), image_column, index_column=index_column, num_channels=config.num_channels,
-        key_column=key_column,
-    )  # fmt: skip
-    epoch_batches = partial(worker_epoch_batches, train_data, accelerator=accelerator, data_args=data_args,
-                            batch_size=batch_size, collate=collate, seed=args.seed)  # fmt: skip
-    whole_images = partial(
-        whole_image_batches, train_data, image_column, processor, accelerator, batch_size,
-        data_args.dataloader_num_workers, config.num_channels, key_column,
-    )  # fmt: skip
-    return epoch_batches, whole_images
+        transform, image_column, index_column=index_column, num_channels=config.num_channels, key_column=key_column
+    )
+    loader = dict(accelerator=accelerator, data_args=data_args, batch_size=batch_size, collate=collate, seed=args.seed)
+    epoch_batches = partial(worker_epoch_batches, train_data, **loader)
+    ranked_data = train_data if ranked_rows is None else train_data.select(ranked_rows.tolist())
+    workers, channels = data_args.dataloader_num_workers, config.num_channels
+    whole = (ranked_data, image_column, processor, accelerator, batch_size, workers, channels, key_column)
+    return epoch_batches, partial(whole_image_batches, *whole)
+
+
+def decoded_pipeline(
+    args, accelerator: Accelerator, processor, config, images: torch.Tensor, left_out, ranked_rows: torch.Tensor | None
+) -> Pipeline:
+    """`input_pipeline` of `--input_path decode_once`: the decoded split `images` (uint8 squares of `--storage_size`)
+    augmented a whole batch at a time on the device."""
+    augment = BatchAugmentation(config.image_height_width, processor.image_mean, processor.image_std)
+    batch_size = args.per_device_train_batch_size
+    loader = dict(accelerator=accelerator, batch_size=batch_size, seed=args.seed, left_out=left_out)
+    epoch_batches = partial(decoded_epoch_batches, images, augment=augment.with_crops, **loader)
+    if ranked_rows is None:
+        return epoch_batches, partial(decoded_whole_images, images, processor, accelerator, batch_size)
+    whole = partial(decoded_whole_images, images[ranked_rows], processor, accelerator, batch_size)
+    return epoch_batches, partial(renumbered, whole, ranked_rows.to(accelerator.device))
+
+
+def decode_split(args, data_args, train_data, image_column: str, config):
+    """The split decoded once into memory (`decode_all`): uint8 squares of `--storage_size`, and the rows left out."""
+    storage = args.storage_size or round(1.15 * max(config.image_height_width))
+    if storage < max(config.image_height_width):
+        raise SystemExit(f"error: --storage_size {storage} is smaller than the model's images")
+    workers, budget = data_args.dataloader_num_workers, args.decode_once_max_gib
+    return decode_all(train_data, image_column, storage, workers, budget, config.num_channels)
+
+
+def renumbered(whole_images: Callable[[], Iterator[dict]], rows: torch.Tensor) -> Iterator[dict]:
+    """`whole_images()` of a selection of rows, with each batch's `index` turned back into the split's rows."""
+    for batch in whole_images():
+        yield batch | {"index": rows[batch["index"]]}
 
 
 def log_plan(
@@ -501,15 +553,21 @@ def log_plan(
 ) -> None:
     logger.info(
         "training %d steps (%d epochs of %d steps), global batch %d, lr %.2e, masking: %s",
-        total_steps, math.ceil(total_steps / steps_per_epoch), steps_per_epoch, global_batch, lr,
+        total_steps,
+        math.ceil(total_steps / steps_per_epoch),
+        steps_per_epoch,
+        global_batch,
+        lr,
         masking_schedule(config, model.informed_masking_start_step, finished=False),
-    )  # fmt: skip
+    )
     if mask_cache is not None:
         logger.info(
             "informed masks from whole-image rankings, refreshed every %d steps from the start and cropped with each "
-            "view (%.1f MB for %d images)", mask_cache.refresh_steps, mask_cache.memory_bytes() / 1e6,
+            "view (%.1f MB for %d images)",
+            mask_cache.refresh_steps,
+            mask_cache.memory_bytes() / 1e6,
             len(mask_cache.rankings),
-        )  # fmt: skip
+        )
 
 
 if __name__ == "__main__":

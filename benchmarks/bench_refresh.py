@@ -33,7 +33,7 @@ from benchmarks.graph_options import overridden, parse_assignments
 from benchmarks.provenance import code_commit
 from benchmarks.timing import Variant, alternate, best_ratio, cpu_pressure, median_of, paired_ratio, undisturbed_rounds
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining
-from modeling_sgmae.masking_sgmae import normalized_affinity
+from modeling_sgmae.fiedler_solvers import normalized_affinity
 from sgmae_training.analyze import load_image_processor, probe_batch
 from sgmae_training.arguments import parse_script_args
 
@@ -84,11 +84,11 @@ class LanczosSteps(torch.overrides.TorchFunctionMode):
 @torch.no_grad()
 def solver_report(model: SGMAEForPreTraining, pixels: torch.Tensor) -> dict:
     """Share of images whose object part equals the exact solver's, the Lanczos steps taken, and the spectrum."""
-    features = model.mask_features(*model.vit.embeddings(pixels)[:2])
+    features = model.masking_features(*model.vit.embeddings(pixels)[:2])
     with LanczosSteps() as counter:
-        parts = model.masking.cut(features)[0].object_part
+        parts = model.masking.rank(features).bipartition.object_part
     with overridden(model.config, {"fiedler_solver": "eigh"}):
-        exact = model.masking.cut(features)[0]
+        exact = model.masking.rank(features).bipartition
     normalized, _ = normalized_affinity(exact.weights.double())
     eigenvalues = torch.linalg.eigvalsh(torch.eye(normalized.shape[1], dtype=torch.float64) - normalized)
     relative_gap = (eigenvalues[:, 2] - eigenvalues[:, 1]) / eigenvalues[:, 1]

@@ -10,6 +10,7 @@ from transformers import (
 )
 
 from .configuration_sgmae import SGMAEConfig
+from .mask_cache import MaskRankingCache
 from .masking_sgmae import MaskType, SelfGuidedMasking
 from .modeling_sgmae import (
     SGMAEBackbone,
@@ -31,6 +32,7 @@ AutoConfig.register("sgmae_upernet", SGMAEUperNetConfig, exist_ok=True)
 AutoModelForSemanticSegmentation.register(SGMAEUperNetConfig, SGMAEForSemanticSegmentation, exist_ok=True)
 
 __all__ = [
+    "MaskRankingCache",
     "MaskType",
     "SGMAEBackbone",
     "SGMAEConfig",

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .configuration_sgmae import SGMAEConfig, num_masked_patches
-from .masking_sgmae import SelfGuidedMasking, mask_from_noise
+from .masking_sgmae import Bipartition, SelfGuidedMasking, mask_from_noise
 from .modeling_sgmae import SGMAEForPreTraining, exploitation_rates, patch_mean_std, probe_noise
 
 MAE_IMAGE_MEAN = (0.485, 0.456, 0.406)  # MAE's (ImageNet) normalisation, the default of saved image processors
@@ -223,32 +223,36 @@ def feature_statistics(
         unit_cut, similarity_cut = unit, similarity
     masking = SelfGuidedMasking(config)(unit_cut, num_masked_patches(num_patches, config.mask_ratio), generator)
     cut = masking.bipartition
-    same_part = cut.object_part[:, :, None] == cut.object_part[:, None, :]
-    off_diagonal = ~torch.eye(num_patches, dtype=torch.bool, device=unit.device)
-    within, across = same_part & off_diagonal, ~same_part
+    gap, cosine_gap = bipartition_gaps(cut, similarity_cut)
     nan = torch.tensor(float("nan"), device=unit.device)
-    gap = torch.where(cut.has_cut, _pair_mean(cut.weights, within) - _pair_mean(cut.weights, across), nan)
-    cosine_gap = torch.where(cut.has_cut, _pair_mean(similarity_cut, within) - _pair_mean(similarity_cut, across), nan)
     part_size = torch.where(cut.has_cut, cut.object_part.sum(dim=1), -1)
     grid = grid or config.grid_size
-    centre_share = centre_masked_share(masking.informed_mask, cut.has_cut, grid)
-    half = torch.where(cut.has_cut, half_cuts(cut.object_part, grid).float(), nan)
-    one_sided = torch.where(cut.has_cut, one_sided_parts(cut.object_part, grid).float(), nan)
-    part_centre = torch.where(cut.has_cut, object_centre_share(cut.object_part, grid), nan)
     return FeatureStatistics(
         feature_variance=feature_variance,
         similarity_variance=similarity_variance,
         bipartition_gap=gap,
         cosine_gap=cosine_gap,
         object_part_size=part_size,
-        centre_masked_share=centre_share,
+        centre_masked_share=centre_masked_share(masking.informed_mask, cut.has_cut, grid),
         edge_density=cut.edge_density,
         has_cut=cut.has_cut,
         object_part=cut.object_part,
-        half_cut=half,
-        one_sided=one_sided,
-        object_centre_share=part_centre,
+        half_cut=torch.where(cut.has_cut, half_cuts(cut.object_part, grid).float(), nan),
+        one_sided=torch.where(cut.has_cut, one_sided_parts(cut.object_part, grid).float(), nan),
+        object_centre_share=torch.where(cut.has_cut, object_centre_share(cut.object_part, grid), nan),
     )
+
+
+def bipartition_gaps(cut: Bipartition, similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mu_intra - mu_inter of the cut's graph weights and of the cosine similarities [B, N, N]: the mean over pairs
+    i != j in the same part minus the mean over pairs in different parts, per image [B] (NaN where no cut)."""
+    same_part = cut.object_part[:, :, None] == cut.object_part[:, None, :]
+    off_diagonal = ~torch.eye(same_part.shape[1], dtype=torch.bool, device=same_part.device)
+    within, across = same_part & off_diagonal, ~same_part
+    nan = torch.tensor(float("nan"), device=same_part.device)
+    gap = torch.where(cut.has_cut, _pair_mean(cut.weights, within) - _pair_mean(cut.weights, across), nan)
+    cosine_gap = torch.where(cut.has_cut, _pair_mean(similarity, within) - _pair_mean(similarity, across), nan)
+    return gap, cosine_gap
 
 
 class PositionShare:
@@ -301,7 +305,7 @@ def masking_position_mean(
     model: SGMAEForPreTraining, chunks: list[torch.Tensor] | tuple[torch.Tensor, ...]
 ) -> torch.Tensor:
     """Each grid position's mean masking feature over images [N, D] (`SGMAEModel.masking_features`, uncentred), over
-    chunks of normalised images [B, C, H, W]: the `position_mean` that `feature_centering` subtracts."""
+    chunks of normalised images [B, C, H, W]: the `position_mean` that `feature_centring` subtracts."""
     total, count = None, 0
     for chunk in chunks:
         patch_tokens, cls_token, _ = model.vit.embeddings(chunk.to(device=model.device, dtype=model.dtype))
@@ -361,7 +365,7 @@ def analysis_metrics(
     Features and attention distances come from the full image (features after `feature_layer` blocks, default
     the last); exploitation rates and the reconstruction loss from random masks drawn with `seed`. The cut and the
     informed mask use the masking's own features (`SGMAEModel.masking_features`: the config's source and, with
-    `feature_centering`, each position's mean over the whole probe batch removed); the position share of every
+    `feature_centring`, each position's mean over the whole probe batch removed); the position share of every
     block (`PositionShare`) comes from the block outputs. The model runs in eval mode under no_grad, in chunks of
     `batch_size` images; its training mode and buffers are left as found.
     """
@@ -369,41 +373,21 @@ def analysis_metrics(
     was_training = model.training
     model.eval()
     try:
-        device, dtype = model.device, model.dtype
         num_patches = config.grid_size[0] * config.grid_size[1]
-        noise = probe_noise(pixel_values.shape[0], num_patches, seed)
-        chunks = [chunk.to(device=device, dtype=dtype) for chunk in pixel_values.split(batch_size)]
-        position_mean = masking_position_mean(model, chunks) if config.feature_centering == "position_mean" else None
+        noise = probe_noise(pixel_values.shape[0], num_patches, seed).split(batch_size)
+        chunks = [chunk.to(device=model.device, dtype=model.dtype) for chunk in pixel_values.split(batch_size)]
+        position_mean = masking_position_mean(model, chunks) if config.feature_centring == "position_mean" else None
         position_share = PositionShare()
-        statistics, distances, rates, losses, sizes = [], [], [], [], []
-        for chunk in chunks:
-            patch_tokens, cls_token, _ = model.vit.embeddings(chunk)
-            _, hidden_states, _ = model.vit.encode(patch_tokens, cls_token, output_hidden_states=True)
-            position_share.update([hidden[:, 1:] for hidden in hidden_states[1:]])
-            masking_features = None  # another block than the masking's: cut that block's output
-            if feature_layer in (None, config.feature_layer):
-                masking_features = model.vit.masking_features(patch_tokens, cls_token, position_mean)
-            features, attentions, grid = full_image_encoding(model, chunk, feature_layer, output_attentions=True)
-            statistics.append(feature_statistics(features, config, grid, masking_features))
-            if feature_layer is not None and feature_layer != config.num_hidden_layers:
-                _, attentions, grid = full_image_encoding(model, chunk, output_attentions=True)
-            distances.append(attention_distance(attentions, grid, config.patch_size))
-            start = sum(sizes)
-            output = model(
-                chunk,
-                noise=noise[start : start + chunk.shape[0]].to(device),
-                output_decoder_attentions=True,
-                return_dict=True,
-            )
-            rates.append(exploitation_rates(output.decoder_attentions, output.mask))
-            losses.append(output.loss.float())
-            sizes.append(chunk.shape[0])
+        measured = [
+            _chunk_metrics(model, chunk, chunk_noise, feature_layer, position_mean, position_share)
+            for chunk, chunk_noise in zip(chunks, noise, strict=True)
+        ]
     finally:
         model.train(was_training)
+    statistics, distances, rates, losses = zip(*measured, strict=True)
+    weights = torch.tensor([len(chunk) for chunk in chunks], dtype=torch.float64) / pixel_values.shape[0]
 
-    weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)  # every image counts once
-
-    def weighted(values: list[torch.Tensor]) -> torch.Tensor:
+    def weighted(values: tuple[torch.Tensor, ...]) -> torch.Tensor:  # every image counts once
         stacked = torch.stack([value.double().cpu() for value in values])
         return (stacked * weights.view(-1, *[1] * (stacked.ndim - 1))).sum(dim=0)
 
@@ -413,13 +397,8 @@ def analysis_metrics(
         "training_step": model.schedule.read("training_step"),
         "informed_masking_active": bool(model.informed_masking_active),
         "feature_layer": feature_layer or config.num_hidden_layers,
-        "graph_edges": config.graph_edges,
-        "fiedler_solver": config.fiedler_solver,
-        "foreground_rule": config.foreground_rule,
-        "mask_feature_source": config.mask_feature_source,
-        "feature_centering": config.feature_centering,
-        "partition_split": config.partition_split,
-        **FeatureStatistics.cat(statistics).summary(),
+        **{name: getattr(config, name) for name in REPORTED_MASKING_FIELDS},
+        **FeatureStatistics.cat(list(statistics)).summary(),
         **position_share.result(),
         "attention_distance": weighted(distances).tolist(),
         "exploitation_rate_visible": rate_means[:, 0].tolist(),
@@ -427,6 +406,44 @@ def analysis_metrics(
         "reconstruction_loss": weighted(losses).item(),
         "probe_seed": seed,
     }
+
+
+# The masking choices a metrics record names (as its keys: `feature_centering` keeps the name earlier records use).
+REPORTED_MASKING_FIELDS = (
+    "graph_edges",
+    "fiedler_solver",
+    "foreground_rule",
+    "mask_feature_source",
+    "feature_centering",
+    "partition_split",
+)
+
+
+@torch.no_grad()
+def _chunk_metrics(
+    model: SGMAEForPreTraining,
+    chunk: torch.Tensor,
+    noise: torch.Tensor,
+    feature_layer: int | None,
+    position_mean: torch.Tensor | None,
+    position_share: PositionShare,
+) -> tuple[FeatureStatistics, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk's feature statistics, attention distances, exploitation rates and reconstruction loss (under the
+    random masks of `noise` [B, N]); its block outputs are added to `position_share`."""
+    config = model.config
+    patch_tokens, cls_token, _ = model.vit.embeddings(chunk)
+    _, hidden_states, _ = model.vit.encode(patch_tokens, cls_token, output_hidden_states=True)
+    position_share.update([hidden[:, 1:] for hidden in hidden_states[1:]])
+    masking_features = None  # another block than the masking's: cut that block's output
+    if feature_layer in (None, config.feature_layer):
+        masking_features = model.vit.masking_features(patch_tokens, cls_token, position_mean)
+    features, attentions, grid = full_image_encoding(model, chunk, feature_layer, output_attentions=True)
+    statistics = feature_statistics(features, config, grid, masking_features)
+    if feature_layer is not None and feature_layer != config.num_hidden_layers:
+        _, attentions, grid = full_image_encoding(model, chunk, output_attentions=True)
+    distances = attention_distance(attentions, grid, config.patch_size)
+    output = model(chunk, noise=noise.to(chunk.device), output_decoder_attentions=True, return_dict=True)
+    return statistics, distances, exploitation_rates(output.decoder_attentions, output.mask), output.loss.float()
 
 
 # ----- Figure-1 panel ---------------------------------------------------------------------------------------------
@@ -493,8 +510,23 @@ def _tint(images: np.ndarray, where: np.ndarray, colour: tuple[float, float, flo
     return images * (1 - blend) + np.asarray(colour, dtype=np.float32) * blend
 
 
+def _outline_object(images: np.ndarray, part: np.ndarray, dim: float = 0.45) -> np.ndarray:
+    """The object part [B, H, W, 1] shown on any photo: its own pixels unchanged, the rest dimmed and greyed, and a
+    two-tone outline along its edge (OBJECT_OUTLINE inside, BACKGROUND_OUTLINE outside), legible whatever the
+    photo's colours (a colour tint vanishes on a photo of that colour)."""
+    inside = part[..., 0] > 0.5
+    padded = np.pad(inside, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    neighbours = [padded[:, 1:-1, :-2], padded[:, 1:-1, 2:], padded[:, :-2, 1:-1], padded[:, 2:, 1:-1]]
+    any_inside, all_inside = np.logical_or.reduce(neighbours), np.logical_and.reduce(neighbours)
+    grey = images.mean(axis=-1, keepdims=True)
+    shown = np.where(inside[..., None], images, dim * grey)
+    shown = np.where((inside & ~all_inside)[..., None], np.asarray(OBJECT_OUTLINE, dtype=np.float32), shown)
+    return np.where((~inside & any_inside)[..., None], np.asarray(BACKGROUND_OUTLINE, dtype=np.float32), shown)
+
+
 MASKED_GREY = (0.5, 0.5, 0.5)
-OBJECT_RED = (0.9, 0.1, 0.1)
+OBJECT_OUTLINE = (1.0, 1.0, 1.0)  # the object part's edge, inside; the background beside it is drawn black
+BACKGROUND_OUTLINE = (0.0, 0.0, 0.0)
 HINT_GREEN = (0.1, 0.85, 0.1)
 
 
@@ -554,12 +586,13 @@ def figure_panel(
 ) -> FigurePanel:
     """Figure-1 columns for images [B, C, H, W] (normalised with image_mean / image_std).
 
-    input; a random mask; the NCut bi-partition (object part in red); the informed mask before hints; the
-    informed mask with hints (hints in green); the reconstruction under that mask, visible patches pasted in.
+    input; a random mask; the NCut bi-partition (object part outlined, the rest dimmed); the informed mask before
+    hints; the informed mask with hints (hints in green); the reconstruction under that mask, visible patches pasted
+    in.
     The masks are the ones training builds (`SGMAEForPreTraining.informed_masking`); an image without a usable cut
     gets training's fallback random mask in the last two columns. With `norm_pix_loss`, `visible_statistics`
     de-normalises the predicted patches with the visible patches' statistics (`visible_patch_statistics`) instead
-    of each hidden patch's own. With `feature_centering`, `position_mean` [N, D] (`masking_position_mean` over many
+    of each hidden patch's own. With `feature_centring`, `position_mean` [N, D] (`masking_position_mean` over many
     images) is the mean removed at each position; without it, the mean over these few images is.
     """
     config = model.config
@@ -581,16 +614,16 @@ def figure_panel(
 
     images = unnormalize(pixel_values, image_mean, image_std)
     reconstruction = unnormalize(predicted, image_mean, image_std)
-    patch_size = config.patch_size
-    hinted_map = _patch_map(hinted, grid, patch_size)
-    hints_map = _patch_map(informed & ~hinted, grid, patch_size)
+    flags = {"random": random, "object": cut.object_part, "informed": informed, "hinted": hinted}
+    maps = {name: _patch_map(value, grid, config.patch_size) for name, value in flags.items()}
+    maps["hints"] = _patch_map(informed & ~hinted, grid, config.patch_size)
     columns = {
         "input": images,
-        "random mask": _tint(images, _patch_map(random, grid, patch_size), MASKED_GREY, 0.85),
-        "NCut bi-partition": _tint(images, _patch_map(cut.object_part, grid, patch_size), OBJECT_RED, 0.5),
-        "informed mask": _tint(images, _patch_map(informed, grid, patch_size), MASKED_GREY, 0.85),
-        "informed + hints": _tint(_tint(images, hinted_map, MASKED_GREY, 0.85), hints_map, HINT_GREEN, 0.45),
-        "reconstruction": hinted_map * reconstruction + (1 - hinted_map) * images,
+        "random mask": _tint(images, maps["random"], MASKED_GREY, 0.85),
+        "NCut bi-partition": _outline_object(images, maps["object"]),
+        "informed mask": _tint(images, maps["informed"], MASKED_GREY, 0.85),
+        "informed + hints": _tint(_tint(images, maps["hinted"], MASKED_GREY, 0.85), maps["hints"], HINT_GREEN, 0.45),
+        "reconstruction": maps["hinted"] * reconstruction + (1 - maps["hinted"]) * images,
     }
     return FigurePanel(
         columns={name: array.astype(np.float32) for name, array in columns.items()},
@@ -598,11 +631,16 @@ def figure_panel(
         mask_type=masking.mask_type.cpu().numpy(),
         object_part_size=masking.object_part_size.cpu().numpy(),
         edge_density=masking.edge_density.float().cpu().numpy(),
-        centre_masked_share=centre_masked_share(informed, cut.has_cut, grid).cpu().numpy(),
-        half_cut=(half_cuts(cut.object_part, grid) & cut.has_cut).cpu().numpy(),
-        object_centre_share=torch.where(
-            cut.has_cut, object_centre_share(cut.object_part, grid), torch.tensor(float("nan"), device=model.device)
-        )
-        .cpu()
-        .numpy(),
+        **cut_position_statistics(cut, informed, grid),
     )
+
+
+def cut_position_statistics(cut: Bipartition, informed: torch.Tensor, grid: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Where the cut and the informed mask [B, N] (before hints) lie on the grid, per image, as `FigurePanel` fields:
+    the central patches masked, whether the object part is a spatial half, its share in the centre (NaN: no cut)."""
+    nan = torch.tensor(float("nan"), device=informed.device)
+    return {
+        "centre_masked_share": centre_masked_share(informed, cut.has_cut, grid).cpu().numpy(),
+        "half_cut": (half_cuts(cut.object_part, grid) & cut.has_cut).cpu().numpy(),
+        "object_centre_share": torch.where(cut.has_cut, object_centre_share(cut.object_part, grid), nan).cpu().numpy(),
+    }

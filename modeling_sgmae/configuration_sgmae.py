@@ -26,47 +26,62 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
 
     Architecture fields have the names, meaning and defaults of `transformers.ViTMAEConfig` (widths, depths, heads,
     MLP sizes of encoder and decoder; `image_size` an int or `[height, width]`; `layer_norm_eps`: MAE uses 1e-6), so
-    a ViTMAE config loads unchanged. Masking fields (docs/method.md §3-4; defaults are the project's where the paper
-    is silent):
+    a ViTMAE config loads unchanged. The other fields follow docs/method.md, in its order (defaults are the
+    project's where the paper is silent):
 
+    MAE (§2)
     mask_ratio: share of patches hidden from the encoder; `int(N * (1 - mask_ratio))` stay visible.
     norm_pix_loss: standardise each target patch by its own mean and variance before the MSE.
     drop_path_rate: stochastic depth of the last encoder block (linear from 0).
     classifier_pooling: `"mean"` of the patch tokens (then a LayerNorm in the classifier) or the `"cls"` token.
+
+    When masks turn informed (§4, §8)
     mask_strategy: `"random"` (MAE) or `"self_guided"` (random until the informed-masking start, then informed).
     informed_masking_start / _start_step / _auto_start: the start as a fraction of the schedule, as a step
         (overrides the fraction), or at the first check where the decoder's attention share on mask tokens
-        overtakes the share on visible tokens (docs/method.md §4).
-    informed_mask_source: `"cached"`: `forward` masks by the `mask_scores` it is given, whole-image rankings from
-        `SGMAEForPreTraining.informed_mask_scores` that the training application stores per image and crops with
-        each view (the authors' design, docs/method.md §8); `"step"`: ranked from the given image at every step.
-    mask_feature_layer: encoder blocks run on the full image to get the clustered features (None: all).
+        overtakes the share on visible tokens.
+    informed_mask_source: `"cached"`: `forward` masks by the `mask_scores` it is given, whole-image rankings that a
+        `MaskRankingCache` stores per image and crops with each view (the authors' design, §8; without them the model
+        ranks the batch itself and warns once); `"step"`: ranked from the given views at every step.
+
+    Step 1, the features
+    mask_feature_layer: encoder blocks run on the full image to get the features the masking cuts (None: all).
+    mask_feature_source: the block output (`"hidden"`), that output after the encoder's final LayerNorm
+        (`"layernorm"`), or the attention keys of block `mask_feature_layer` (`"keys"`).
+    feature_centring: `"position_mean"` subtracts, at each grid position, the mean feature of that position over
+        the images (a given mean, or the batch's) before the graph, removing what position alone contributes.
+
+    Step 2, the graph
     graph_edges: `"similarity"` (max(S, 0) + eps), `"binary_fixed"` (1 where S > graph_threshold, else graph_eps),
         `"binary_mean"` (1 where S exceeds the image's mean similarity), `"binary_quantile"` (1 where S exceeds the
         image's `graph_quantile` quantile of its off-diagonal similarities) or `"knn"` (1 between a patch and its
         `graph_knn` most similar patches, symmetrised).
-    foreground_rule: the NCut part holding argmax |y| (`"max_abs"`, TokenCut), the `"smaller"` one, or the `"inner"`
-        one (the smaller share of its patches on the border of the patch grid).
-    partition_split: the NCut parts are split at the `"mean"` of the Fiedler vector y or at `"zero"` (y is
-        orthogonal to the degrees, so zero is the degree-weighted mean).
-    mask_feature_source: what the masking clusters: the block output (`"hidden"`), that output after the encoder's
-        final LayerNorm (`"layernorm"`), or the attention keys of block `mask_feature_layer` (`"keys"`).
-    feature_centering: `"position_mean"` subtracts, at each grid position, the mean feature of that position over
-        the images (a given mean, or the batch's) before the graph, removing what position alone contributes.
-    hint_ratio / hint_sampling: `round(hint_ratio * K)` masked patches revealed again, drawn by object similarity
-        or uniformly.
-    hint_count_base / hint_min_count / hint_portion: the authors' variants (docs/method.md §3 step 7): the count as
-        `int(hint_ratio * N)` (`"patches"`) instead of `round(hint_ratio * K)` (`"masked"`), at least
-        `hint_min_count` (2, as theirs) when the ratio is above 0; hints drawn uniformly from the masked patches in
-        the top `hint_portion` of the ranking (None: by `hint_sampling` among all masked ones).
-    hint_decay_power / hint_ratio_final / hint_portion_final: with a power p, the ratio (and portion) move from
-        their values to the final ones as 1 - ((t - start) / (T - start))**p falls from 1 to 0 between the
-        informed-masking start and the end of training (the authors' polynomial schedule); None: constant.
+
+    Step 3, the cut
     fiedler_solver / fiedler_lanczos_steps / fiedler_lanczos_tolerance / fiedler_power_steps: batched Lanczos
         iteration (at most `steps` Krylov vectors, exact from N - 1; outside a training step it stops early once every
         image's Fiedler vector is within about `tolerance` radians of the true one; None: always `steps`; sparse
         binary graphs such as `"binary_quantile"` need about 64), batched power iteration
         (2**steps; 16 matches `eigh` at 64 and 196 patches) or `torch.linalg.eigh`.
+    partition_split: the NCut parts are split at the `"mean"` of the Fiedler vector y or at `"zero"` (y is
+        orthogonal to the degrees, so zero is the degree-weighted mean).
+
+    Step 4, the object part
+    foreground_rule: the NCut part holding argmax |y| (`"max_abs"`, TokenCut), the `"smaller"` one, or the `"inner"`
+        one (the smaller share of its patches on the border of the patch grid).
+
+    Step 7, the hints
+    hint_ratio / hint_sampling: `round(hint_ratio * K)` masked patches revealed again, drawn by object similarity
+        or uniformly.
+    hint_count_base / hint_min_count / hint_portion: the authors' variants: the count as `int(hint_ratio * N)`
+        (`"patches"`) instead of `round(hint_ratio * K)` (`"masked"`), at least `hint_min_count` (2, as theirs) when
+        the ratio is above 0; hints drawn uniformly from the masked patches in the top `hint_portion` of the ranking
+        (None: by `hint_sampling` among all masked ones).
+    hint_decay_power / hint_ratio_final / hint_portion_final: with a power p, the ratio (and portion) move from
+        their values to the final ones as 1 - ((t - start) / (T - start))**p falls from 1 to 0 between the
+        informed-masking start and the end of training (the authors' polynomial schedule); None: constant.
+
+    The backbone
     out_features / out_indices, apply_layernorm, reshape_hidden_states: `SGMAEBackbone`'s stages (`"stem"`,
         `"stage1"`..`"stageL"`; the last when unset), final LayerNorm, and [B, D, H/p, W/p] maps.
     add_fpn: `SGMAEBackbone` turns its four stages into maps at strides p/4, p/2, p, 2p (BEiT / MAE's pyramid for a
@@ -74,7 +89,10 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     """
 
     model_type = "sgmae"
+    # Fields renamed since: their old names still read, write and load (a config.json of an earlier release).
+    attribute_map = {"feature_centering": "feature_centring"}
 
+    # Architecture (ViTMAEConfig's)
     hidden_size: int = at_least_one(default=768)
     num_hidden_layers: int = at_least_one(default=12)
     num_attention_heads: int = at_least_one(default=12)
@@ -92,20 +110,36 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     decoder_hidden_size: int = at_least_one(default=512)
     decoder_num_hidden_layers: int = at_least_one(default=8)
     decoder_intermediate_size: int = at_least_one(default=2048)
+    # MAE
     mask_ratio: float = rate(default=0.75)
     norm_pix_loss: bool = False
     drop_path_rate: float | int = rate(default=0.0)
     classifier_pooling: Literal["mean", "cls"] = "mean"
+    # When masks turn informed
     mask_strategy: Literal["random", "self_guided"] = "self_guided"
     informed_masking_start: float | int = fraction(default=0.25)
     informed_masking_start_step: int | None = None
     informed_masking_auto_start: bool = False
     informed_mask_source: Literal["cached", "step"] = "cached"
+    # Step 1, the features
     mask_feature_layer: int | None = None
+    mask_feature_source: Literal["hidden", "layernorm", "keys"] = "hidden"
+    feature_centring: Literal["none", "position_mean"] = "position_mean"
+    # Step 2, the graph
     graph_edges: Literal["similarity", "binary_fixed", "binary_mean", "binary_quantile", "knn"] = "similarity"
     graph_threshold: float | int = interval(min=-1.0, max=1.0)(default=0.2)
     graph_eps: float = interval(min=1e-12, max=1.0)(default=1e-5)
+    graph_quantile: float | int = fraction(default=0.8)
+    graph_knn: int = at_least_one(default=10)
+    # Step 3, the cut
+    fiedler_solver: Literal["lanczos", "power", "eigh"] = "lanczos"
+    fiedler_lanczos_steps: int = at_least_one(default=32)
+    fiedler_lanczos_tolerance: float | int | None = 1e-3
+    fiedler_power_steps: int = at_least_one(default=16)
+    partition_split: Literal["mean", "zero"] = "mean"
+    # Step 4, the object part
     foreground_rule: Literal["max_abs", "smaller", "inner"] = "inner"
+    # Step 7, the hints
     hint_ratio: float | int = interval(min=0.0, max=0.5)(default=0.06)
     hint_sampling: Literal["similarity", "uniform"] = "similarity"
     hint_count_base: Literal["masked", "patches"] = "masked"
@@ -114,20 +148,12 @@ class SGMAEConfig(BackboneConfigMixin, PreTrainedConfig):
     hint_decay_power: float | int | None = None
     hint_ratio_final: float | int = interval(min=0.0, max=0.5)(default=0.0)
     hint_portion_final: float | int = fraction(default=0.2)
-    fiedler_solver: Literal["lanczos", "power", "eigh"] = "lanczos"
-    fiedler_lanczos_steps: int = at_least_one(default=32)
-    fiedler_lanczos_tolerance: float | int | None = 1e-3
-    fiedler_power_steps: int = at_least_one(default=16)
+    # The backbone
     apply_layernorm: bool = True
     reshape_hidden_states: bool = True
     add_fpn: bool = False
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
-    mask_feature_source: Literal["hidden", "layernorm", "keys"] = "hidden"
-    feature_centering: Literal["none", "position_mean"] = "position_mean"
-    graph_quantile: float | int = fraction(default=0.8)
-    graph_knn: int = at_least_one(default=10)
-    partition_split: Literal["mean", "zero"] = "mean"
 
     def __post_init__(self, **kwargs) -> None:
         kwargs.setdefault("auto_map", dict(AUTO_MAP))

@@ -1,13 +1,18 @@
-"""Random and self-guided informed masking (docs/method.md §3).
+"""Random and self-guided informed masking (docs/method.md §3), in the method's order.
 
-Conventions: `features` is `[B, N, D]` (patch tokens, no [CLS]); a mask is a bool `[B, N]` tensor where
-True means *masked* (hidden from the encoder, reconstructed by the decoder); every mask hides exactly
-`num_masked` patches per image.
+Step 1, the features: the model's own patch features of the full image (`SGMAEModel.masking_features`), optionally
+centred per grid position here (`centre_by_position`) and L2-normalised. Step 2, the graph: `affinity_graph` of their
+cosine similarities. Step 3, the cut: the Fiedler vector of the graph (`fiedler_solvers`) split in two
+(`ncut_bipartition`). Step 4, the object part: `object_part`. Step 5, the ranking: each patch's similarity to the
+object's prototype, the object part first (`ranking_scores`). Steps 6-7, the mask and hints: the top K of a ranking
+(`informed_mask`) with hints revealed and as many patches masked instead (`add_hints`). Step 8: an image without a
+usable cut gets a random mask (MAE's `mask_from_noise`).
 
-Informed masking is split in two (docs/method.md §3): `SelfGuidedMasking.ranking_scores` turns a whole image's patch
-features into one ranking score per patch (steps 2-5), and `mask_from_scores` masks the top of a ranking and adds
-hints (steps 6-7). Between the two, a training application may store the scores of each image and crop them with
-each augmented view (§8), or use them at once (the per-step source).
+`SelfGuidedMasking.rank` runs steps 2-5 and `mask_from_scores` steps 6-8. Between the two, a training application may
+store the ranking of each whole image and crop it with each augmented view (§8, `mask_cache`), or use it at once (the
+per-step source). Conventions: features are [B, N, D] (patch tokens, no [CLS]); a mask is a bool [B, N] tensor where
+True means *masked* (hidden from the encoder, reconstructed by the decoder); every mask hides exactly `num_masked`
+patches per image.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from torch import nn
 
 from .configuration_sgmae import SGMAEConfig
+from .fiedler_solvers import fiedler_vector
 
 
 class MaskType(IntEnum):
@@ -37,6 +43,26 @@ def mask_from_noise(noise: torch.Tensor, num_masked: int) -> torch.Tensor:
     mask = torch.zeros_like(noise, dtype=torch.bool)
     num_kept = noise.shape[1] - num_masked
     return mask.scatter_(1, ids_shuffle[:, num_kept:], True)
+
+
+# ----- step 1: the features -----------------------------------------------------------------------------------------
+
+
+def centre_by_position(features: torch.Tensor, position_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Subtract from each patch feature [B, N, D] the mean feature of its grid position over images [N, D].
+
+    Without `position_mean`, the batch's own mean is used (a batch of one image is returned unchanged: its mean
+    is the image itself). What all images share at a grid position (the position embedding's trace, which
+    dominates a small MAE's features) goes; what the image adds there stays.
+    """
+    if position_mean is None:
+        if features.shape[0] < 2:
+            return features
+        position_mean = features.mean(dim=0)
+    return features - position_mean.to(features.dtype)
+
+
+# ----- step 2: the graph --------------------------------------------------------------------------------------------
 
 
 def affinity_graph(
@@ -87,168 +113,59 @@ def off_diagonal_quantile(similarity: torch.Tensor, quantile: float) -> torch.Te
     return similarity[:, rows, columns].kthvalue(lower // 2 + 1, dim=1).values
 
 
-def center_by_position(features: torch.Tensor, position_mean: torch.Tensor | None = None) -> torch.Tensor:
-    """Subtract from each patch feature [B, N, D] the mean feature of its grid position over images [N, D].
-
-    Without `position_mean`, the batch's own mean is used (a batch of one image is returned unchanged: its mean
-    is the image itself). What all images share at a grid position (the position embedding's trace, which
-    dominates a small MAE's features) goes; what the image adds there stays.
-    """
-    if position_mean is None:
-        if features.shape[0] < 2:
-            return features
-        position_mean = features.mean(dim=0)
-    return features - position_mean.to(features.dtype)
+# ----- step 3: the cut ----------------------------------------------------------------------------------------------
 
 
-def normalized_affinity(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """M = D^-1/2 W D^-1/2 and D^-1/2 (as a vector [B, N])."""
-    inv_sqrt_degree = weights.sum(dim=2).rsqrt()
-    return inv_sqrt_degree[:, :, None] * weights * inv_sqrt_degree[:, None, :], inv_sqrt_degree
+@dataclass
+class Bipartition:
+    """The Normalized-Cut bi-partition of each image's affinity graph (docs/method.md §3, steps 2-4 and 8)."""
+
+    weights: torch.Tensor  # [B, N, N] affinity graph W (with its eps)
+    fiedler: torch.Tensor  # [B, N] Fiedler vector y
+    object_part: torch.Tensor  # [B, N] bool, the part chosen as the object by `foreground_rule`
+    edge_density: torch.Tensor  # [B] share of off-diagonal pairs joined by a real edge
+    has_cut: torch.Tensor  # [B] bool; False where the image gets a random mask instead (step 8)
 
 
-def fiedler_vector_eigh(weights: torch.Tensor) -> torch.Tensor:
-    """Reference solver: the second eigenvector of I - D^-1/2 W D^-1/2, mapped back by y = D^-1/2 z. [B, N]."""
-    normalized, inv_sqrt_degree = normalized_affinity(weights.double())
-    eye = torch.eye(weights.shape[1], dtype=normalized.dtype, device=weights.device)
-    _, eigenvectors = torch.linalg.eigh(eye - normalized)
-    return (eigenvectors[:, :, 1] * inv_sqrt_degree).to(weights.dtype)
-
-
-def _project_out(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """P A P with P = I - v vᵀ, for unit v [B, N]: removes the trivial eigenvector from both sides of A."""
-    a_v = matrix @ vector[:, :, None]
-    v_a = vector[:, None, :] @ matrix
-    v_a_v = v_a @ vector[:, :, None]
-    return (
-        matrix - a_v * vector[:, None, :] - vector[:, :, None] * v_a + vector[:, :, None] * v_a_v * vector[:, None, :]
+def ncut_bipartition(features: torch.Tensor, config: SGMAEConfig, early_stop: bool = True) -> Bipartition:
+    """Bi-partition unit (L2-normalised) masking features [B, N, D] with the config's graph, Fiedler solver and
+    foreground rule; without `early_stop` the Lanczos solver takes all its steps (nothing is read back)."""
+    similarity = features @ features.transpose(1, 2)
+    weights, density = affinity_graph(
+        similarity,
+        config.graph_edges,
+        config.graph_threshold,
+        config.graph_eps,
+        config.graph_quantile,
+        config.graph_knn,
     )
-
-
-def _spectral_radius(matrix: torch.Tensor, squarings: int = 4) -> torch.Tensor:
-    """Upper estimate of the spectral radius of symmetric matrices [B, N, N]: ||A^(2^k)||_F^(2^-k) >= rho. [B].
-
-    With k = 4 squarings the estimate is at most N^(1/32) (< 1.2 for N <= 256) times too large, which is harmless
-    for its one use, a shift that makes the deflated operator positive semi-definite.
-    """
-    power = matrix
-    log_scale = torch.zeros(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    for _ in range(squarings):
-        norm = power.norm(dim=(1, 2))
-        log_scale = 2 * (log_scale + norm.log())
-        power = power / norm[:, None, None]
-        power = power @ power
-    return ((log_scale + power.norm(dim=(1, 2)).log()) / 2**squarings).exp()
-
-
-def fiedler_vector_power(weights: torch.Tensor, steps: int = 16) -> torch.Tensor:
-    """Fiedler vector by batched power iteration, as repeated squaring of a shifted, deflated operator. [B, N].
-
-    The Fiedler vector z is the eigenvector of the second-largest eigenvalue mu_2 of M = D^-1/2 W D^-1/2, whose
-    largest is 1 with eigenvector sqrt(d). Projecting sqrt(d) out gives A; shifting by an estimate r of A's
-    spectral radius makes A + rI positive semi-definite with top eigenvector z. The shift matters: feature graphs
-    are near-complete (MAE features have mean cosine ~0.6), so mu_2 is tiny (~0.01) and close to mu_3; the
-    textbook shift (M + I) / 2 squeezes the ratio (1 + mu_3) / (1 + mu_2) to within 1e-5 of 1, while
-    (mu_3 + r) / (mu_2 + r) with r ~ mu_2 keeps it ~50x further from 1. Squaring `steps` times raises the operator
-    to the power 2**steps in `steps` batched matmuls, which is fast on CPU and GPU alike (batched eigh is slow on
-    CUDA). Returns non-finite values where the operator vanishes, so callers can fall back.
-    """
-    normalized, inv_sqrt_degree = normalized_affinity(weights)
-    trivial = weights.sum(dim=2).sqrt()
-    trivial = trivial / trivial.norm(dim=1, keepdim=True)
-    deflated = _project_out(normalized, trivial)
-    eye = torch.eye(weights.shape[1], dtype=weights.dtype, device=weights.device)
-    shift = _spectral_radius(deflated)
-    operator = _project_out(deflated + shift[:, None, None] * eye, trivial)
-    power = operator
-    for _ in range(steps):
-        power = power / power.norm(dim=(1, 2), keepdim=True)
-        power = _project_out(power @ power, trivial)
-    # The power is (close to) rank one, z zᵀ: its largest column is a multiple of z.
-    column = power.norm(dim=1).argmax(dim=1)
-    z = power.gather(2, column[:, None, None].expand(-1, power.shape[1], 1)).squeeze(2)
-    for _ in range(2):  # two plain power steps polish the direction
-        z = (operator @ z[:, :, None]).squeeze(2)
-        z = z - (z * trivial).sum(dim=1, keepdim=True) * trivial
-        z = z / z.norm(dim=1, keepdim=True)
-    return z * inv_sqrt_degree
-
-
-def _ritz_pairs(alphas: torch.Tensor, betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ritz values [B, k] (ascending) and vectors [B, k, k] of the Lanczos tridiagonal with diagonal `alphas` [B, k]
-    and off-diagonal `betas` [B, k - 1], in float64."""
-    tridiagonal = torch.diag_embed(alphas) + torch.diag_embed(betas, 1) + torch.diag_embed(betas, -1)
-    return torch.linalg.eigh(tridiagonal.double())
-
-
-def fiedler_vector_lanczos(weights: torch.Tensor, steps: int = 32, tolerance: float | None = 1e-3) -> torch.Tensor:
-    """Fiedler vector by batched Lanczos iteration with full re-orthogonalisation. [B, N].
-
-    Krylov vectors of M = D^-1/2 W D^-1/2 are built from a fixed start vector with the trivial eigenvector sqrt(d)
-    projected out, so the top Ritz vector of the small tridiagonal matrix is z, the eigenvector of mu_2. Each step
-    costs one batched matrix-vector product (N^2 per image) instead of the power solver's matrix squarings (N^3 each):
-    Lanczos converges on an extreme eigenvalue with the square root of the power method's gap dependence, and with
-    `steps` >= N - 1 it is exact. Each new vector is orthogonalised against the earlier ones and the trivial vector
-    twice (classical Gram-Schmidt). A row whose Krylov space is exhausted early stops growing
-    (its later Ritz values are pushed below the spectrum).
-
-    With a `tolerance`, the iteration stops once every row's top Ritz pair has converged: its residual
-    ||M z - theta z|| = beta_k |y_k| is at most `tolerance` times the gap to the next Ritz value, which bounds the
-    sine of z's angle to the true eigenvector by about `tolerance` (Davis-Kahan). It is checked after 12 steps and
-    then at 1.5 times the last check (each check is a small batched `eigh`): graphs with a clear cut stop after a
-    dozen steps; nearly degenerate ones (a sparse binary graph with several loose clusters) run up to `steps`.
-    Returns non-finite values where the operator vanishes, so callers can fall back.
-    """
-    normalized, inv_sqrt_degree = normalized_affinity(weights)
-    batch_size, num_nodes, _ = weights.shape
-    steps = min(steps, num_nodes - 1)
-    trivial = weights.sum(dim=2).sqrt()
-    trivial = trivial / trivial.norm(dim=1, keepdim=True)
-    # A fixed, deterministic start that no graph's Fiedler vector is orthogonal to in practice (no RNG drawn).
-    start = torch.linspace(1.0, 2.0, num_nodes, dtype=weights.dtype, device=weights.device).sin() + 0.1
-    vector = start.expand(batch_size, -1) - (start * trivial).sum(dim=1, keepdim=True) * trivial
-    vector = vector / vector.norm(dim=1, keepdim=True)
-    # Rows of the basis, with the trivial vector first: orthogonalising against it keeps sqrt(d) out.
-    basis = torch.zeros(batch_size, steps + 1, num_nodes, dtype=weights.dtype, device=weights.device)
-    basis[:, 0] = trivial
-    alphas = torch.zeros(batch_size, steps, dtype=weights.dtype, device=weights.device)
-    betas = torch.zeros(batch_size, steps, dtype=weights.dtype, device=weights.device)
-    growing = torch.ones(batch_size, dtype=torch.bool, device=weights.device)
-    size, next_check = steps, 12
-    for step in range(steps):
-        basis[:, step + 1] = vector
-        product = torch.bmm(normalized, vector[:, :, None]).squeeze(2)
-        alphas[:, step] = torch.where(growing, (product * vector).sum(dim=1), -3.0)  # -3: below M's spectrum
-        known = basis[:, : step + 2]
-        for _ in range(2):  # twice is enough (Kahan): once loses orthogonality when eigenvalues cluster
-            product = product - torch.bmm(known.transpose(1, 2), torch.bmm(known, product[:, :, None])).squeeze(2)
-        norm = product.norm(dim=1)
-        if step + 1 == steps:
-            break
-        growing = growing & (norm > 1e-6)
-        betas[:, step] = torch.where(growing, norm, 0.0)
-        vector = torch.where(growing[:, None], product / norm.clamp(min=1e-30)[:, None], 0.0)
-        if tolerance is not None and step + 1 == next_check:
-            next_check = math.ceil(next_check * 1.5)
-            values, vectors = _ritz_pairs(alphas[:, : step + 1], betas[:, :step])
-            residual = betas[:, step].double() * vectors[:, -1, -1].abs()
-            if bool((residual <= tolerance * (values[:, -1] - values[:, -2])).all()):
-                size = step + 1
-                break
-    _, ritz_vectors = _ritz_pairs(alphas[:, :size], betas[:, : size - 1])
-    z = torch.bmm(basis[:, 1 : size + 1].transpose(1, 2), ritz_vectors[:, :, -1:].to(weights.dtype)).squeeze(2)
-    return z * inv_sqrt_degree
-
-
-def fiedler_vector(weights: torch.Tensor, config: SGMAEConfig, early_stop: bool = True) -> torch.Tensor:
-    """The Fiedler vector [B, N] with the config's solver; Lanczos without `early_stop` takes all its steps (its
-    convergence check reads a value back from the device)."""
-    if config.fiedler_solver == "eigh":
-        return fiedler_vector_eigh(weights)
-    if config.fiedler_solver == "power":
-        return fiedler_vector_power(weights, config.fiedler_power_steps)
     tolerance = config.fiedler_lanczos_tolerance if early_stop else None
-    return fiedler_vector_lanczos(weights, config.fiedler_lanczos_steps, tolerance)
+    fiedler = fiedler_vector(
+        weights, config.fiedler_solver, config.fiedler_lanczos_steps, tolerance, config.fiedler_power_steps
+    )
+    num_patches = features.shape[1]
+    grid = config.grid_size if config.grid_size[0] * config.grid_size[1] == num_patches else None
+    if grid is None and math.isqrt(num_patches) ** 2 == num_patches:  # another image size: a square grid
+        grid = (math.isqrt(num_patches),) * 2
+    rule = config.foreground_rule if grid is not None or config.foreground_rule != "inner" else "max_abs"
+    part = object_part(fiedler, rule, config.partition_split, grid)  # `inner` without a known grid: `max_abs`
+    part_size = part.sum(dim=1)
+    # Patches that are all alike (e.g. identical features), or a graph whose edges all weigh the same (a binary
+    # graph with every pair above the threshold), have no cut worth following.
+    similarity_spread = similarity.amin(dim=(1, 2))
+    weight_max = weights.amax(dim=(1, 2))
+    flat_graph = weight_max - weights.amin(dim=(1, 2)) <= 1e-6 * weight_max
+    has_cut = (
+        torch.isfinite(fiedler).all(dim=1)
+        & (part_size > 0)
+        & (part_size < features.shape[1])
+        & (similarity_spread < 1 - 1e-4)
+        & ~flat_graph
+    )
+    return Bipartition(weights, fiedler, part, density, has_cut)
+
+
+# ----- step 4: the object part --------------------------------------------------------------------------------------
 
 
 def border_patches(grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
@@ -292,6 +209,9 @@ def object_part(
     return torch.where(upper_size == fiedler.shape[1], max_abs_part, smaller_part)
 
 
+# ----- step 5: the ranking ------------------------------------------------------------------------------------------
+
+
 def object_similarity(features: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     """s_i = <f_i, c>, c the normalised mean feature of the object part. features: [B, N, D] unit rows."""
     weights = part.to(features.dtype)
@@ -315,6 +235,9 @@ def object_part_of_scores(scores: torch.Tensor) -> torch.Tensor:
     """The patches [B, N] (bool) a ranking places in the object part: above the midpoint of the offset gap, so that
     a ranking resampled with a crop counts a patch as object when it mostly lies on the object."""
     return scores > OBJECT_RANK_OFFSET / 2
+
+
+# ----- steps 6-7: the mask and hints --------------------------------------------------------------------------------
 
 
 def informed_mask(scores: torch.Tensor, num_masked: int) -> torch.Tensor:
@@ -383,49 +306,25 @@ def add_hints(
 
 
 @dataclass
-class Bipartition:
-    """The Normalized-Cut bi-partition of each image's affinity graph (docs/method.md §3, steps 2-4 and 8)."""
+class InformedMasks:
+    """Informed masks built from rankings (steps 6-8)."""
 
-    weights: torch.Tensor  # [B, N, N] affinity graph W (with its eps)
-    fiedler: torch.Tensor  # [B, N] Fiedler vector y
-    object_part: torch.Tensor  # [B, N] bool, the part chosen as the object by `foreground_rule`
-    edge_density: torch.Tensor  # [B] share of off-diagonal pairs joined by a real edge
-    has_cut: torch.Tensor  # [B] bool; False where the image gets a random mask instead (step 8)
+    mask: torch.Tensor  # [B, N] bool, True = masked: exactly K per row, hints included (a random mask: no cut)
+    mask_type: torch.Tensor  # [B] long: MaskType.INFORMED, or FALLBACK where the ranking was not finite
+    before_hints: torch.Tensor  # [B, N] bool, the top K of the ranking before hints
 
 
-def ncut_bipartition(unit_features: torch.Tensor, config: SGMAEConfig, early_stop: bool = True) -> Bipartition:
-    """Bi-partition L2-normalised features [B, N, D] with the config's graph, solver (`fiedler_vector`) and
-    foreground rule."""
-    similarity = unit_features @ unit_features.transpose(1, 2)
-    weights, density = affinity_graph(
-        similarity,
-        config.graph_edges,
-        config.graph_threshold,
-        config.graph_eps,
-        config.graph_quantile,
-        config.graph_knn,
-    )
-    fiedler = fiedler_vector(weights, config, early_stop)
-    num_patches = unit_features.shape[1]
-    grid = config.grid_size if config.grid_size[0] * config.grid_size[1] == num_patches else None
-    if grid is None and math.isqrt(num_patches) ** 2 == num_patches:  # another image size: a square grid
-        grid = (math.isqrt(num_patches),) * 2
-    rule = config.foreground_rule if grid is not None or config.foreground_rule != "inner" else "max_abs"
-    part = object_part(fiedler, rule, config.partition_split, grid)  # `inner` without a known grid: `max_abs`
-    part_size = part.sum(dim=1)
-    # Patches that are all alike (e.g. identical features), or a graph whose edges all weigh the same (a binary
-    # graph with every pair above the threshold), have no cut worth following.
-    similarity_spread = similarity.amin(dim=(1, 2))
-    weight_max = weights.amax(dim=(1, 2))
-    flat_graph = weight_max - weights.amin(dim=(1, 2)) <= 1e-6 * weight_max
-    has_cut = (
-        torch.isfinite(fiedler).all(dim=1)
-        & (part_size > 0)
-        & (part_size < unit_features.shape[1])
-        & (similarity_spread < 1 - 1e-4)
-        & ~flat_graph
-    )
-    return Bipartition(weights, fiedler, part, density, has_cut)
+# ----- the masking module -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ranking:
+    """Steps 2-5 of a batch: the cut, each patch's similarity to the object, and the ranking a mask is the top of."""
+
+    bipartition: Bipartition  # the cut: graph, Fiedler vector, object part, has_cut
+    similarity: torch.Tensor  # [B, N] s_i = <f_i, c>, c the object part's prototype
+    usable: torch.Tensor  # [B] bool: finite features and a usable cut (else a random mask, step 8)
+    scores: torch.Tensor  # [B, N] the ranking (`ranking_scores`); NaN rows where not usable
 
 
 @dataclass
@@ -453,22 +352,19 @@ class SelfGuidedMasking(nn.Module):
         self.config = config
 
     @torch.no_grad()
-    def cut(
-        self, features: torch.Tensor, early_stop: bool = True
-    ) -> tuple[Bipartition, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """NCut of patch features [B, N, D] (any dtype; float32 inside): the bi-partition, the similarity s [B, N] to
-        the object prototype, the usable images [B] and the ranking scores [B, N] (NaN rows where not usable)."""
+    def rank(self, features: torch.Tensor, early_stop: bool = True) -> Ranking:
+        """Steps 2-5 on masking features [B, N, D] (any dtype; unit float32 inside): the cut and the ranking."""
         features = features.float()
         finite = torch.isfinite(features).all(dim=(1, 2))
         features = nn.functional.normalize(torch.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0), dim=-1)
         cut = ncut_bipartition(features, self.config, early_stop)
         usable = finite & cut.has_cut
         similarity = object_similarity(features, cut.object_part)
-        return cut, similarity, usable, ranking_scores(similarity, cut.object_part, usable)
+        return Ranking(cut, similarity, usable, ranking_scores(similarity, cut.object_part, usable))
 
     def ranking_scores(self, features: torch.Tensor) -> torch.Tensor:
-        """Ranking scores [B, N] of whole-image patch features [B, N, D] (NaN rows: no usable cut)."""
-        return self.cut(features)[3]
+        """Ranking scores [B, N] of whole-image masking features [B, N, D] (NaN rows: no usable cut)."""
+        return self.rank(features).scores
 
     @torch.no_grad()
     def mask_from_scores(
@@ -477,12 +373,10 @@ class SelfGuidedMasking(nn.Module):
         num_masked: int,
         generator: torch.Generator | None = None,
         hint_decay: float = 1.0,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> InformedMasks:
         """Informed masks from ranking scores [B, N] (a whole image's, or cropped with its view): the top
         `num_masked`, then hints (steps 6-7, as many as `hint_plan` says at `hint_decay`); a random mask for a row
-        with a non-finite score (step 8).
-
-        Returns the mask [B, N] (exactly `num_masked` per row), the mask types [B] and the mask before hints."""
+        with a non-finite score (step 8)."""
         batch_size, num_patches = scores.shape
         if not 0 < num_masked < num_patches:
             raise ValueError(f"num_masked must be in [1, {num_patches - 1}], got {num_masked}")
@@ -495,7 +389,7 @@ class SelfGuidedMasking(nn.Module):
         noise = torch.rand(batch_size, num_patches, device=scores.device, generator=generator)
         mask = torch.where(usable[:, None], mask, mask_from_noise(noise, num_masked))
         mask_type = torch.where(usable, int(MaskType.INFORMED), int(MaskType.FALLBACK))
-        return mask, mask_type, before_hints
+        return InformedMasks(mask, mask_type, before_hints)
 
     @torch.no_grad()
     def forward(
@@ -510,16 +404,17 @@ class SelfGuidedMasking(nn.Module):
         if not 0 < num_masked < num_patches:
             raise ValueError(f"num_masked must be in [1, {num_patches - 1}], got {num_masked}")
         # Inside a training step: no early stop, so the step never waits for the device.
-        cut, similarity, usable, scores = self.cut(features, early_stop=False)
-        mask, mask_type, before_hints = self.mask_from_scores(scores, num_masked, generator, hint_decay)
+        ranking = self.rank(features, early_stop=False)
+        cut, usable = ranking.bipartition, ranking.usable
+        masks = self.mask_from_scores(ranking.scores, num_masked, generator, hint_decay)
         part = cut.object_part
         return MaskingResult(
-            mask=mask,
-            mask_type=mask_type,
+            mask=masks.mask,
+            mask_type=masks.mask_type,
             object_part_size=torch.where(usable, part.sum(dim=1), -1),
             edge_density=cut.edge_density,
             object_part=part & usable[:, None],
-            informed_mask=before_hints,
-            scores=similarity,
+            informed_mask=masks.before_hints,
+            scores=ranking.similarity,
             bipartition=cut,
         )

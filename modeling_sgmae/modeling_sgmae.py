@@ -17,11 +17,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_sgmae import AUTO_MAP, SGMAEConfig, num_masked_patches
+from .mask_cache import MaskRankingCache
 from .masking_sgmae import (
     MaskingResult,
     MaskType,
     SelfGuidedMasking,
-    center_by_position,
+    centre_by_position,
     hint_decay,
     object_part_of_scores,
 )
@@ -264,6 +265,23 @@ def exploitation_rates(decoder_attentions: tuple[torch.Tensor, ...], mask: torch
 
 
 @dataclass
+class BatchMask:
+    """The masks `SGMAEForPreTraining.build_mask` chose for a batch, and what the masking saw."""
+
+    ids_shuffle: torch.Tensor  # [B, N] long: visible patches first (for given noise, ViTMAE's ascending-noise order)
+    mask_type: torch.Tensor  # [B] long, MaskType values
+    object_part_size: torch.Tensor  # [B] long, patches in the object part; -1 where no informed mask was built
+    edge_density: torch.Tensor  # [B] float, share of real edges in the affinity graph; -1 where none was built
+
+    @classmethod
+    def of(cls, ids_shuffle: torch.Tensor, mask_type: MaskType) -> BatchMask:
+        """A random or given mask: no object part, no graph."""
+        batch_size, device = ids_shuffle.shape[0], ids_shuffle.device
+        types = torch.full((batch_size,), int(mask_type), device=device)
+        return cls(ids_shuffle, types, torch.full_like(types, -1), torch.full((batch_size,), -1.0, device=device))
+
+
+@dataclass
 class SGMAEForPreTrainingOutput(ModelOutput):
     """Output of `SGMAEForPreTraining`.
 
@@ -450,13 +468,13 @@ class SGMAEModel(SGMAEPreTrainedModel):
         centre: bool | None = None,
     ) -> torch.Tensor:
         """The features [B, N, D] the self-guided masking cuts (docs/method.md §3, step 1), by the config's
-        `mask_feature_layer`, `mask_feature_source` and, unless `centre` says otherwise, `feature_centering`.
+        `mask_feature_layer`, `mask_feature_source` and, unless `centre` says otherwise, `feature_centring`.
 
         `"hidden"`: block `mask_feature_layer`'s output (`patch_features`); `"layernorm"`: the same after the final
         LayerNorm; `"keys"`: that block's attention keys (its LayerNorm and qkv projection applied to the previous
-        block's output; heads concatenated). With `feature_centering="position_mean"`, each grid position's mean
+        block's output; heads concatenated). With `feature_centring="position_mean"`, each grid position's mean
         feature over images is subtracted: `position_mean` [N, D] when given (e.g. over a refresh pass's images),
-        else the batch's (`center_by_position`). `centre=False` returns the uncentred features (to compute a mean).
+        else the batch's (`centre_by_position`). `centre=False` returns the uncentred features (to compute a mean).
         """
         config = self.config
         layer = config.feature_layer
@@ -470,8 +488,8 @@ class SGMAEModel(SGMAEPreTrainedModel):
             if config.mask_feature_source == "layernorm":
                 features = self.layernorm(features)
         if centre is None:
-            centre = config.feature_centering == "position_mean"
-        return center_by_position(features, position_mean) if centre else features
+            centre = config.feature_centring == "position_mean"
+        return centre_by_position(features, position_mean) if centre else features
 
     def forward(
         self,
@@ -681,6 +699,22 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         self.schedule.record_check(*rates.mean(dim=0).tolist())
         return rates
 
+    def forward_encoder(
+        self,
+        patch_tokens: torch.Tensor,
+        cls_token: torch.Tensor,
+        ids_keep: torch.Tensor,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """The encoder on the visible patches only: embedded patch tokens [B, N, D] gathered at `ids_keep` [B, V],
+        [CLS] first, then the final LayerNorm. Returns the latent [B, 1 + V, D], hidden states and attentions."""
+        visible = patch_tokens.gather(1, ids_keep[:, :, None].expand(-1, -1, patch_tokens.shape[2]))
+        hidden_states, all_hidden, attentions = self.vit.encode(
+            visible, cls_token, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        )
+        return self.vit.layernorm(hidden_states), all_hidden, attentions
+
     # ----- pixels ---------------------------------------------------------------------------------------------
     def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, N, p*p*C], ViTMAE's patch pixel order."""
@@ -730,53 +764,54 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         generator: torch.Generator | None = None,
         num_masked: int | None = None,
         mask_scores: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    ) -> BatchMask:
         """Choose this batch's masks (`num_masked` per image; from the config by default): given mask > given noise
-        > informed (when due: by the given `mask_scores`, or ranked from these images with the per-step source) >
-        random.
-
-        Returns `ids_shuffle` [B, N] (visible patches first; for noise, ViTMAE's ascending-noise order), the mask
-        types [B], and for informed masks the object-part sizes [B] and edge densities [B] (-1 where unknown).
-        """
+        > informed (when due: by the given `mask_scores`, else ranked from these images) > random."""
         batch_size, num_patches, _ = patch_tokens.shape
         num_masked = num_masked if num_masked is not None else num_masked_patches(num_patches, self.config.mask_ratio)
-        mask_type = torch.full((batch_size,), int(MaskType.GIVEN), device=patch_tokens.device)
+        device = patch_tokens.device
         if mask is not None:
             mask = self._check_mask(mask, batch_size, num_patches, num_masked)
-            return torch.argsort(mask.to(torch.int8), dim=1, stable=True), mask_type, None, None
+            return BatchMask.of(torch.argsort(mask.to(torch.int8), dim=1, stable=True), MaskType.GIVEN)
         if noise is not None:
             if noise.shape != (batch_size, num_patches):
                 raise ValueError(f"noise must have shape {(batch_size, num_patches)}, got {tuple(noise.shape)}")
-            return torch.argsort(noise.to(patch_tokens.device), dim=1), mask_type, None, None
+            return BatchMask.of(torch.argsort(noise.to(device), dim=1), MaskType.GIVEN)
         if not random_masking and self.informed_masking_active:
-            density = None
             if mask_scores is None:
-                if self.config.informed_mask_source == "cached":
-                    raise ValueError(
-                        "informed masks are due and config.informed_mask_source is 'cached', but no mask_scores were "
-                        "passed: rank whole images with model.informed_mask_scores(pixel_values) and crop the ranking "
-                        "with each view (sgmae_training.mask_cache), or set informed_mask_source='step'"
-                    )
-                result = self.informed_masking(patch_tokens, cls_token, generator, num_masked)
-                informed, mask_type, density = result.mask, result.mask_type, result.edge_density
-                part_size = result.object_part_size
-            else:
-                if mask_scores.shape != (batch_size, num_patches):
-                    raise ValueError(
-                        f"mask_scores must have shape {(batch_size, num_patches)}, got {tuple(mask_scores.shape)}"
-                    )
-                scores = mask_scores.to(patch_tokens.device)
-                informed, mask_type, _ = self.masking.mask_from_scores(scores, num_masked, generator, self.hint_decay)
-                part_size = object_part_of_scores(scores).sum(dim=1)
-                part_size = torch.where(mask_type == int(MaskType.INFORMED), part_size, -1)
-            ids_shuffle = torch.argsort(informed.to(torch.int8), dim=1, stable=True)
-            if density is None:
-                density = torch.full((batch_size,), -1.0, device=patch_tokens.device)
-            return ids_shuffle, mask_type, part_size, density
-        noise = torch.rand(batch_size, num_patches, device=patch_tokens.device, generator=generator)
-        return torch.argsort(noise, dim=1), mask_type.fill_(int(MaskType.RANDOM)), None, None
+                return self.self_ranked_mask(patch_tokens, cls_token, generator, num_masked)
+            if mask_scores.shape != (batch_size, num_patches):
+                raise ValueError(
+                    f"mask_scores must have shape {(batch_size, num_patches)}, got {tuple(mask_scores.shape)}"
+                )
+            return self.mask_by_scores(mask_scores.to(device), num_masked, generator)
+        noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
+        return BatchMask.of(torch.argsort(noise, dim=1), MaskType.RANDOM)
 
-    def mask_features(
+    def self_ranked_mask(
+        self, patch_tokens: torch.Tensor, cls_token: torch.Tensor, generator: torch.Generator | None, num_masked: int
+    ) -> BatchMask:
+        """Informed masks ranked from these views themselves: the per-step source (and a plain call)."""
+        if self.config.informed_mask_source == "cached":
+            logger.warning_once(
+                "informed masks are due and no mask_scores were given: ranking each batch's own views at every step "
+                "(the per-step source). For cached masks, keep whole-image rankings in a MaskRankingCache "
+                "(model.mask_ranking_cache(...), mask_cache.py) and pass each view's cropped ranking as mask_scores"
+            )
+        result = self.informed_masking(patch_tokens, cls_token, generator, num_masked)
+        ids_shuffle = torch.argsort(result.mask.to(torch.int8), dim=1, stable=True)
+        return BatchMask(ids_shuffle, result.mask_type, result.object_part_size, result.edge_density)
+
+    def mask_by_scores(self, scores: torch.Tensor, num_masked: int, generator: torch.Generator | None) -> BatchMask:
+        """Informed masks from given rankings [B, N] of these views (e.g. cached whole-image rankings, cropped)."""
+        masks = self.masking.mask_from_scores(scores, num_masked, generator, self.hint_decay)
+        part_size = object_part_of_scores(scores).sum(dim=1)
+        part_size = torch.where(masks.mask_type == int(MaskType.INFORMED), part_size, -1)
+        ids_shuffle = torch.argsort(masks.mask.to(torch.int8), dim=1, stable=True)
+        unknown_density = torch.full((len(scores),), -1.0, device=scores.device)
+        return BatchMask(ids_shuffle, masks.mask_type, part_size, unknown_density)
+
+    def masking_features(
         self, patch_tokens: torch.Tensor, cls_token: torch.Tensor, position_mean: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The features the self-guided masking clusters (docs/method.md §3, step 1; `SGMAEModel.masking_features`),
@@ -795,12 +830,20 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
     ) -> MaskingResult:
         """The self-guided masks of embedded images ranked from those same images (docs/method.md §3), with what the
         masking saw: the per-step source, the analysis and the Figure-1 panel. `position_mean` [N, D] for
-        `feature_centering` (else the batch's). patch_tokens: [B, N, D] with positions."""
+        `feature_centring` (else the batch's). patch_tokens: [B, N, D] with positions."""
         num_masked = (
             num_masked if num_masked is not None else num_masked_patches(patch_tokens.shape[1], self.config.mask_ratio)
         )
-        features = self.mask_features(patch_tokens, cls_token, position_mean)
+        features = self.masking_features(patch_tokens, cls_token, position_mean)
         return self.masking(features, num_masked, generator, self.hint_decay)
+
+    def mask_ranking_cache(
+        self, num_images: int, refresh_steps: int, keyed: bool = False, sources: torch.Tensor | None = None
+    ) -> MaskRankingCache:
+        """An empty cache of whole-image rankings on this model's patch grid, for `num_images` training images (or,
+        `keyed`, a stream's sample ids), refreshed every `refresh_steps` optimiser steps (docs/method.md §8); rows
+        that repeat an image name its first row in `sources` and share its ranking."""
+        return MaskRankingCache(num_images, self.config.grid_size, refresh_steps, keyed, sources)
 
     @property
     def hint_decay(self) -> float:
@@ -808,9 +851,11 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         `hint_decay_power`; always 1 without it."""
         start = self.informed_masking_start_step
         return hint_decay(
-            self.schedule.read("training_step"), start or 0, self.schedule.read("total_training_steps"),
+            self.schedule.read("training_step"),
+            start or 0,
+            self.schedule.read("total_training_steps"),
             self.config.hint_decay_power,
-        )  # fmt: skip
+        )
 
     @torch.no_grad()
     def informed_mask_scores(
@@ -821,11 +866,11 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
     ) -> torch.Tensor:
         """Whole images' informed-mask rankings [B, N] on their patch grid (docs/method.md §3, steps 1-5): the NCut
         object part first (similarity + 3), then the other patches by similarity to the object; a NaN row where an
-        image has no usable cut (it will get a random mask). `position_mean` [N, D] for `feature_centering` (else
+        image has no usable cut (it will get a random mask). `position_mean` [N, D] for `feature_centring` (else
         the batch's). `forward(mask_scores=...)` masks the top K of a ranking, cropped and flipped with the view it
         is given for (docs/method.md §8). Call it in eval mode."""
         patch_tokens, cls_token, _ = self.vit.embeddings(pixel_values, interpolate_pos_encoding)
-        return self.masking.ranking_scores(self.mask_features(patch_tokens, cls_token, position_mean))
+        return self.masking.ranking_scores(self.masking_features(patch_tokens, cls_token, position_mean))
 
     def forward(
         self,
@@ -848,8 +893,9 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
             noise: [B, N] noise whose largest `K` entries are masked (ViTMAE's convention); overrides the strategy.
             mask: [B, N] boolean mask (True = masked) with exactly `K` masked per row; overrides everything.
             mask_scores: [B, N] informed-mask rankings of these views (`informed_mask_scores` of the whole images,
-                cropped and flipped with each view): masked by when informed masks are due. Required then with
-                `informed_mask_source="cached"`; with `"step"` the rankings come from `pixel_values` when omitted.
+                cropped and flipped with each view, `crops.crop_rankings`; `MaskRankingCache` keeps them): masked by
+                when informed masks are due. Omitted, the rankings come from `pixel_values` themselves (the per-step
+                source; with `informed_mask_source="cached"` a one-time warning says so).
             random_masking: Use a random mask even when informed masking is due (e.g. for a plain-MAE probe).
             generator: RNG for random masks, hints and fallbacks (reproducible masks).
             output_decoder_attentions: Return the decoder's attention weights (exploitation-rate analysis).
@@ -863,32 +909,25 @@ class SGMAEForPreTraining(SGMAEPreTrainedModel):
         patch_tokens, cls_token, grid = self.vit.embeddings(pixel_values, interpolate_pos_encoding)
         num_patches = patch_tokens.shape[1]
         num_masked = num_masked_patches(num_patches, self.config.mask_ratio)  # once: every mask hides exactly this
-        ids_shuffle, mask_type, part_size, density = self.build_mask(
+        chosen = self.build_mask(
             patch_tokens, cls_token, noise, mask, random_masking, generator, num_masked, mask_scores
         )
         num_visible = num_patches - num_masked
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :num_visible, None].expand(-1, -1, patch_tokens.shape[2])
-        visible = patch_tokens.gather(1, ids_keep)  # the encoder sees the first `num_visible` of the shuffle
-
-        hidden_states, all_hidden, attentions = self.vit.encode(
-            visible, cls_token, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        ids_restore = torch.argsort(chosen.ids_shuffle, dim=1)
+        latent, all_hidden, attentions = self.forward_encoder(
+            patch_tokens, cls_token, chosen.ids_shuffle[:, :num_visible], output_attentions, output_hidden_states
         )
-        latent = self.vit.layernorm(hidden_states)
         logits, decoder_attentions = self.decoder(latent, ids_restore, grid, output_decoder_attentions)
         mask = (ids_restore >= num_visible).to(logits.dtype)
         loss = self.forward_loss(pixel_values, logits, mask)
-        if part_size is None:
-            part_size = torch.full_like(mask_type, -1)
-            density = torch.full(mask_type.shape, -1.0, device=mask_type.device)
         output = SGMAEForPreTrainingOutput(
             loss=loss,
             logits=logits,
             mask=mask,
             ids_restore=ids_restore,
-            mask_type=mask_type,
-            object_part_size=part_size,
-            edge_density=density,
+            mask_type=chosen.mask_type,
+            object_part_size=chosen.object_part_size,
+            edge_density=chosen.edge_density,
             hidden_states=all_hidden,
             attentions=attentions,
             decoder_attentions=decoder_attentions,

@@ -19,7 +19,14 @@ from PIL import Image, ImageDraw, ImageFont
 from transformers import HfArgumentParser, ViTImageProcessor
 
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining
-from modeling_sgmae.analysis import HINT_GREEN, MASKED_GREY, OBJECT_RED, FigurePanel, analysis_metrics, figure_panel
+from modeling_sgmae.analysis import (
+    HINT_GREEN,
+    MASKED_GREY,
+    OBJECT_OUTLINE,
+    FigurePanel,
+    analysis_metrics,
+    figure_panel,
+)
 
 from .arguments import dataset_reachable, parse_script_args
 from .data.images import image_processor_for, saved_statistics, to_channels
@@ -27,7 +34,7 @@ from .data.loading import IMAGE_COLUMNS, DataArguments, evaluation_split, find_i
 
 logger = logging.getLogger(__name__)
 PANEL_LEGEND = (  # what the panel's colours mean (modeling_sgmae.analysis tints the columns with them)
-    (OBJECT_RED, "the NCut part taken as the object"),
+    (OBJECT_OUTLINE, "outline of the NCut part taken as the object (the rest dimmed)"),
     (MASKED_GREY, "masked patches"),
     (HINT_GREEN, "hints: informed-mask patches shown to the encoder"),
 )

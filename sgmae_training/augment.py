@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
+
+from modeling_sgmae.crops import crop_record, resized_crops
 
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many boxes before falling back to the central crop
 
@@ -56,24 +57,6 @@ def sample_crop_boxes(
     return torch.stack([top, left, crop_height, crop_width], dim=1).long()
 
 
-def resized_crops(
-    images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], flip: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Crop boxes [B, 4] (top, left, height, width) of images [B, C, H, W], each resized to `size` (bilinear), the
-    ones flagged in `flip` [B] mirrored left-right; one batched resampling call. Returns float images."""
-    batch_size, _, height, width = images.shape
-    top, left, crop_height, crop_width = boxes.to(images.device, torch.float32).unbind(dim=1)
-    # align_corners=False coordinates: the box's centre and half-extent, in units of the half image.
-    scale_x, scale_y = crop_width / width, crop_height / height
-    if flip is not None:
-        scale_x = torch.where(flip.to(images.device), -scale_x, scale_x)
-    theta = torch.zeros(batch_size, 2, 3, device=images.device)
-    theta[:, 0, 0], theta[:, 0, 2] = scale_x, (2 * left + crop_width) / width - 1
-    theta[:, 1, 1], theta[:, 1, 2] = scale_y, (2 * top + crop_height) / height - 1
-    grid = nn.functional.affine_grid(theta, [batch_size, images.shape[1], *size], align_corners=False)
-    return nn.functional.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 class BatchAugmentation:
     """uint8 images [B, C, H, W] -> MAE pre-training inputs [B, C, size], normalised, on the images' device."""
 
@@ -96,7 +79,7 @@ class BatchAugmentation:
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The inputs and their crops [B, 5]: (top, left, height, width) as fractions of the image, then the flip
-        (1.0 = mirrored), which is what a stored whole-image ranking is cropped with (`mask_cache`)."""
+        (1.0 = mirrored), which is what a stored whole-image ranking is cropped with (`modeling_sgmae.crops`)."""
         batch_size, _, height, width = images.shape
         device = images.device
         boxes = sample_crop_boxes(batch_size, height, width, self.scale, self.ratio, generator, device)
@@ -104,19 +87,3 @@ class BatchAugmentation:
         crops = resized_crops(images, boxes, self.size, flip)
         inputs = (crops - self.mean.to(device)) / self.std.to(device)
         return inputs, crop_record(boxes, height, width, flip)
-
-
-def crop_record(boxes: torch.Tensor, height: int, width: int, flip: torch.Tensor) -> torch.Tensor:
-    """Pixel boxes [B, 4] (top, left, height, width) of height x width images and flips [B] as crops [B, 5]:
-    the box in fractions of the image, then the flip as 0.0 / 1.0."""
-    scale = torch.tensor([height, width, height, width], dtype=torch.float64, device=boxes.device)
-    return torch.cat([boxes.double() / scale, flip.double()[:, None]], dim=1).float()
-
-
-def crop_maps(maps: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
-    """Whole-image maps [B, H, W] (e.g. a patch grid's rankings) cropped with crops [B, 5] (`crop_record`) and
-    resized back to H x W, as `resized_crops` does to the images: the exact box, flipped with its image. float32."""
-    height, width = maps.shape[1:]
-    crops = crops.to(maps.device, torch.float32)
-    boxes = crops[:, :4] * torch.tensor([height, width, height, width], device=maps.device, dtype=torch.float32)
-    return resized_crops(maps[:, None].float(), boxes, (height, width), crops[:, 4] > 0.5)[:, 0]

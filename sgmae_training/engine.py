@@ -197,9 +197,11 @@ def resume_state(
     logger.info(
         "resumed from %s at step %d (epoch %d): weights, optimizer moments, RNG states and data position from the "
         "checkpoint; %s",
-        path, state.step, state.epoch,
+        path,
+        state.step,
+        state.epoch,
         "from this run's arguments: " + ", ".join(changed) if changed else "learning rate and schedule unchanged",
-    )  # fmt: skip
+    )
     return state
 
 
@@ -270,9 +272,13 @@ class Checkpointer:
                 f"{state.train_loss}); no checkpoint was written for it. {advice}"
             )
         path = save_checkpoint(
-            self.accelerator, settings.output_dir, state, settings.save_total_limit, self.objects,
+            self.accelerator,
+            settings.output_dir,
+            state,
+            settings.save_total_limit,
+            self.objects,
             settings.checkpoint_config,
-        )  # fmt: skip
+        )
         self.unverified = (path, self.last_loss.item())
 
     def time_is_up(self) -> bool:
@@ -358,8 +364,6 @@ def train(
     does not hold). Inside a step nothing is read back from
     the device: losses and counts are read once per logging window, checkpoint and epoch.
     """
-    # An optimizer Accelerate did not prepare (the linear probe's) steps on plain, unscaled gradients.
-    prepared = isinstance(optimizer, AcceleratedOptimizer)
     total_steps = state.total_steps
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process)
     window = LoggingWindow(accelerator, settings)
@@ -374,14 +378,7 @@ def train(
             if state.step >= total_steps:  # checked before training, so a schedule ending with an epoch ends it
                 break
             hooks.before_micro_batch(state.step)
-            with accelerator.accumulate(model):
-                loss, outputs = hooks.loss(model, batch)
-                accelerator.backward(loss) if prepared else loss.backward()
-                if accelerator.sync_gradients and settings.max_grad_norm:
-                    clip = accelerator.clip_grad_norm_ if prepared else nn.utils.clip_grad_norm_
-                    clip(model.parameters(), settings.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+            loss, outputs = train_micro_batch(accelerator, model, optimizer, hooks, batch, settings.max_grad_norm)
             window.add(loss, batch, state.step)
             checkpoints.saw_loss(loss.detach())
             hooks.after_micro_batch(batch, outputs)
@@ -396,13 +393,7 @@ def train(
                 window.count_into(state)
                 images_per_second = (state.samples_seen - samples_at_start) / (time.perf_counter() - started)
                 state.train_loss = window.mean_loss(step)
-                logs = {"loss": state.train_loss, "lr": optimizer.param_groups[-1]["lr"]}
-                logs |= {"img_per_s": images_per_second, **hooks.log_values()}
-                progress.set_postfix(
-                    loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.1e}", img_s=f"{logs['img_per_s']:.0f}",
-                    **hooks.progress_values(),
-                )  # fmt: skip
-                accelerator.log(logs, step=step)
+                log_window(accelerator, progress, state, optimizer, hooks, images_per_second)
             hooks.after_step(step)
             steps = settings.checkpointing_steps
             if steps not in (None, "none", "epoch") and step % int(steps) == 0:
@@ -410,17 +401,71 @@ def train(
                 if stopping := checkpoints.time_is_up():
                     break
         else:  # the epoch ran to its end
-            window.count_into(state)
-            if epoch_start == state.samples_in_epoch == 0:
-                raise SystemExit("error: the training split yielded no full batch of images")
-            state.epoch += 1
-            state.samples_in_epoch = 0
-            hooks.after_epoch(state)
-            if settings.checkpointing_steps == "epoch":
-                checkpoints.save(state, window)
-                stopping = checkpoints.time_is_up()
+            stopping = end_epoch(state, window, checkpoints, hooks, settings, epoch_start)
     window.count_into(state)
     progress.close()
     if accelerator.is_main_process and not stopping:  # at the end: the last good checkpoint need not outlive the limit
         prune_checkpoints(settings.output_dir, settings.save_total_limit, keep_last_good=False)
     return state
+
+
+def train_micro_batch(
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    hooks: TrainingHooks,
+    batch: dict[str, torch.Tensor],
+    max_grad_norm: float | None,
+) -> tuple[torch.Tensor, Any]:
+    """Forward, backward, clipping and the optimiser step of one micro-batch (stepping only when Accelerate
+    synchronises the accumulated gradients); the loss and the outputs."""
+    # An optimizer Accelerate did not prepare (the linear probe's) steps on plain, unscaled gradients.
+    prepared = isinstance(optimizer, AcceleratedOptimizer)
+    with accelerator.accumulate(model):
+        loss, outputs = hooks.loss(model, batch)
+        accelerator.backward(loss) if prepared else loss.backward()
+        if accelerator.sync_gradients and max_grad_norm:
+            clip = accelerator.clip_grad_norm_ if prepared else nn.utils.clip_grad_norm_
+            clip(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+    return loss, outputs
+
+
+def log_window(
+    accelerator: Accelerator,
+    progress: tqdm,
+    state: TrainingState,
+    optimizer: torch.optim.Optimizer,
+    hooks: TrainingHooks,
+    images_per_second: float,
+) -> None:
+    """The logging step's values (the window's mean loss in `state`, the learning rate, the speed, the hooks') to the
+    trackers and the progress bar."""
+    logs = {"loss": state.train_loss, "lr": optimizer.param_groups[-1]["lr"]}
+    logs |= {"img_per_s": images_per_second, **hooks.log_values()}
+    progress.set_postfix(
+        loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.1e}", img_s=f"{logs['img_per_s']:.0f}", **hooks.progress_values()
+    )
+    accelerator.log(logs, step=state.step)
+
+
+def end_epoch(
+    state: TrainingState,
+    window: LoggingWindow,
+    checkpoints: Checkpointer,
+    hooks: TrainingHooks,
+    settings: LoopSettings,
+    epoch_start: int,
+) -> bool:
+    """Count the finished epoch into `state`, run the hooks, save an epoch checkpoint if asked; whether time is up."""
+    window.count_into(state)
+    if epoch_start == state.samples_in_epoch == 0:
+        raise SystemExit("error: the training split yielded no full batch of images")
+    state.epoch += 1
+    state.samples_in_epoch = 0
+    hooks.after_epoch(state)
+    if settings.checkpointing_steps == "epoch":
+        checkpoints.save(state, window)
+        return checkpoints.time_is_up()
+    return False

@@ -48,7 +48,7 @@ def tiny_config(**overrides) -> SGMAEConfig:
         # The masking these tests were written for (the defaults before issue 32); the new ones have their own tests.
         graph_edges="similarity",
         foreground_rule="max_abs",
-        feature_centering="none",
+        feature_centring="none",
     )
     fields.update(overrides)
     return SGMAEConfig(**fields)

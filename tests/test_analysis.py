@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -415,6 +416,26 @@ def test_cli_end_to_end(model, image_dataset_dir, tmp_path):
     assert 0 < metrics["feature_variance"] <= 1 and math.isfinite(metrics["reconstruction_loss"])
     assert len(metrics["attention_distance"]) == 2 and len(metrics["exploitation_rate_mask"]) == 1
     assert Image.open(output_dir / "figure_panel.png").size == (6 * 150, 2 * 150 + 30 + 44)  # header: title, legend
+
+
+@pytest.mark.parametrize("colour", [(0.9, 0.1, 0.1), (0.85, 0.45, 0.1), (0.1, 0.2, 0.8), (0.02, 0.02, 0.02)])
+def test_the_object_part_stands_out_on_photos_of_any_colour(model, colour):
+    """The bi-partition column on a red, orange, blue and black photo: the object part keeps its pixels, the rest is
+    dimmed, and a white-inside, black-outside outline follows the part's edge (a red tint vanished on red photos)."""
+    image = torch.tensor(colour).view(1, 3, 1, 1).expand(1, 3, 32, 32)
+    pixel_values = (image - torch.tensor(MAE_IMAGE_MEAN).view(1, 3, 1, 1)) / torch.tensor(MAE_IMAGE_STD).view(
+        1, 3, 1, 1
+    )
+    part = torch.zeros(1, 8, 8, dtype=torch.bool)
+    part[:, 2:6, 2:6] = True  # a square object in the middle of the 8 x 8 patch grid
+    with mock.patch("modeling_sgmae.masking_sgmae.object_part", return_value=part.flatten(1)):
+        panel = figure_panel(model, pixel_values)
+    shown, photo = panel.columns["NCut bi-partition"][0], panel.columns["input"][0]
+    inside, outside = shown[10:22, 10:22], np.concatenate([shown[:6].reshape(-1, 3), shown[26:].reshape(-1, 3)])
+    np.testing.assert_allclose(inside, photo[10:22, 10:22], atol=1e-6)
+    np.testing.assert_allclose(shown[8, 8:24], 1.0)  # the part's top edge (patch row 2 = pixel row 8), inside: white
+    np.testing.assert_allclose(shown[7, 8:24], 0.0)  # and just outside it: black
+    assert np.abs(outside.mean(axis=0) - photo.mean(axis=(0, 1))).max() > 0.25 or photo.max() < 0.1  # dimmed
 
 
 def test_a_saved_panel_says_what_it_shows_and_what_its_colours_mean(model, tmp_path):

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from sgmae_training.augment import BatchAugmentation, resized_crops, sample_crop_boxes
+from modeling_sgmae.crops import resized_crops
+from sgmae_training.augment import BatchAugmentation, sample_crop_boxes
 
 HEIGHT, WIDTH, SAMPLES = 40, 56, 20_000
 

@@ -133,7 +133,7 @@ def test_masking_defaults_follow_method_md():
     assert config.feature_layer == config.num_hidden_layers  # last block by default
     # issue 32 (benchmarks/results/mask_quality_imagenette196.md): centred features, the binary graph at the image's
     # 0.8 quantile, the part away from the border
-    assert config.feature_centering == "position_mean" and config.mask_feature_source == "hidden"
+    assert config.feature_centring == "position_mean" and config.mask_feature_source == "hidden"
     assert config.graph_edges == "similarity" and config.graph_quantile == 0.8
     assert config.graph_eps == 1e-5
     assert config.graph_threshold == 0.2

@@ -35,7 +35,16 @@ from modeling_sgmae import SGMAEConfig, SGMAEForImageClassification, SGMAEForPre
 
 MAE_MEAN, MAE_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 LABELS = {0: "cat", 1: "dog", 2: "frog"}
-PACKAGE_FILES = ("configuration_sgmae.py", "masking_sgmae.py", "modeling_sgmae.py", "vit_mae_conversion.py")
+# What a saved folder carries: the modeling file and everything it imports (the ranking cache and crops included).
+PACKAGE_FILES = (
+    "configuration_sgmae.py",
+    "crops.py",
+    "fiedler_solvers.py",
+    "mask_cache.py",
+    "masking_sgmae.py",
+    "modeling_sgmae.py",
+    "vit_mae_conversion.py",
+)
 
 
 def image_processor() -> ViTImageProcessor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO_ROOT, tiny_config
 from PIL import Image
@@ -12,9 +13,10 @@ from torch import nn
 from transformers import ViTImageProcessor
 
 from modeling_sgmae import MaskType, SGMAEForPreTraining
-from sgmae_training.augment import BatchAugmentation, crop_maps
+from modeling_sgmae.crops import crop_maps, crop_rankings
+from modeling_sgmae.mask_cache import MaskRankingCache, default_refresh_epochs
+from sgmae_training.augment import BatchAugmentation
 from sgmae_training.data.images import TrainTransform
-from sgmae_training.mask_cache import MaskRankingCache, default_refresh_epochs
 
 GRID = (8, 8)
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -167,3 +169,23 @@ def test_a_stream_without_sample_ids_is_refused_in_one_line(image_dataset_dir, t
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cached informed masks match each image") and "--mask_cache_key_column" in last
+
+
+def test_sources_must_name_each_rows_first_row_of_its_image():
+    """A repeat must point at a row that points at itself (the image's first row), or no ranking would be made."""
+    cache = MaskRankingCache(6, GRID, refresh_steps=1, sources=torch.tensor([0, 1, 0, 1, 0, 1]))
+    assert cache.ranked_rows().tolist() == [0, 1]
+    with pytest.raises(ValueError, match="first row that shows the same image"):
+        MaskRankingCache(3, GRID, refresh_steps=1, sources=torch.tensor([1, 2, 2]))  # row 0 -> 1 -> 2: a chain
+    with pytest.raises(ValueError, match="first row that shows the same image"):
+        MaskRankingCache(3, GRID, refresh_steps=1, sources=torch.tensor([0, 0]))  # not one per row
+
+
+def test_crop_rankings_crops_a_ranking_as_its_grid_map():
+    """[B, N] rankings (what `informed_mask_scores` returns) crop as their [B, rows, columns] maps do."""
+    rankings = torch.arange(2 * 64, dtype=torch.float32).view(2, 64)
+    crops = torch.tensor([[0.25, 0.0, 0.5, 0.5, 1.0], [0.0, 0.0, 1.0, 1.0, 0.0]])
+    cropped = crop_rankings(rankings, GRID, crops)
+    assert cropped.shape == (2, 64)
+    assert torch.equal(cropped, crop_maps(rankings.view(2, *GRID), crops).flatten(1))
+    assert torch.allclose(cropped[1], rankings[1])  # the whole image, unflipped: unchanged

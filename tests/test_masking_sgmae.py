@@ -12,12 +12,10 @@ from torch import nn
 
 from modeling_sgmae import MaskType, SelfGuidedMasking, SGMAEForPreTraining
 from modeling_sgmae.configuration_sgmae import num_masked_patches
+from modeling_sgmae.fiedler_solvers import fiedler_vector_eigh, fiedler_vector_lanczos, fiedler_vector_power
 from modeling_sgmae.masking_sgmae import (
     add_hints,
     affinity_graph,
-    fiedler_vector_eigh,
-    fiedler_vector_lanczos,
-    fiedler_vector_power,
     hint_decay,
     hint_plan,
     informed_mask,

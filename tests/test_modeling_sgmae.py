@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -975,12 +976,25 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(config):
 
 
 # ----- informed masks from given rankings (the cached source) -----------------------------------------------------
-def test_cached_source_without_scores_when_due_names_the_method_to_call():
-    model = SGMAEForPreTraining(tiny_config()).train()
-    assert model(images()).mask_type.tolist() == [int(MaskType.RANDOM)] * 2  # not due yet: no scores needed
-    model.set_training_progress(1, 1)
-    with pytest.raises(ValueError, match=r"no mask_scores were passed: .*informed_mask_scores"):
-        model(images())
+def test_a_plain_call_ranks_its_own_views_when_due_and_warns_once_naming_the_cache(caplog):
+    """As every transformers model, `model(pixel_values)` works for every config: with the cached source and no
+    rankings given, the model ranks the batch itself (the per-step source's masks, draw for draw) and says so once."""
+    cached = SGMAEForPreTraining(tiny_config(hint_ratio=0.1)).train()
+    step = SGMAEForPreTraining(tiny_config(informed_mask_source="step", hint_ratio=0.1)).train()
+    step.load_state_dict(cached.state_dict())
+    assert cached(images()).mask_type.tolist() == [int(MaskType.RANDOM)] * 2  # not due yet: no rankings needed
+    for model in (cached, step):
+        model.set_training_progress(1, 1)
+    modeling_logger = logging.getLogger("modeling_sgmae.modeling_sgmae")
+    modeling_logger.warning_once.cache_clear()  # once per process: earlier tests may have seen it
+    pixel_values = images()
+    with caplog.at_level("WARNING"):
+        outputs = [cached(pixel_values, generator=torch.Generator().manual_seed(1)) for _ in range(3)]
+    expected = step(pixel_values, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(output.mask, expected.mask) for output in outputs)
+    assert outputs[0].mask_type.tolist() == [int(MaskType.INFORMED)] * 2
+    warnings = [record.getMessage() for record in caplog.records if "no mask_scores were given" in record.getMessage()]
+    assert len(warnings) == 1 and "MaskRankingCache" in warnings[0]
 
 
 def test_given_whole_image_rankings_mask_as_the_per_step_source_does():
@@ -1031,3 +1045,26 @@ def test_informed_mask_scores_rank_the_object_part_first_and_leave_training_mode
     background_rank = torch.where(result.object_part, float("-inf"), scores).amax(dim=1)
     assert (object_rank[usable] > background_rank[usable]).all()
     assert torch.isnan(scores[~usable]).all()
+
+
+# ----- checkpoints of earlier releases ----------------------------------------------------------------------------
+def test_a_checkpoint_saved_before_the_config_renames_loads_and_trains_as_it_did():
+    """tests/data/sgmae-checkpoint-2026-12: a tiny model saved, with its losses on fixed inputs, by the code of
+    2026-12-07 (its config.json still says `feature_centering`). It loads with that setting under its new name and
+    gives the same masks and losses (random, cached and per-step informed masks)."""
+    folder = Path(__file__).parent / "data" / "sgmae-checkpoint-2026-12"
+    assert "feature_centering" in json.loads((folder / "config.json").read_text())
+    expected = json.loads((folder / "expected.json").read_text())
+    model = SGMAEForPreTraining.from_pretrained(folder)
+    assert model.config.feature_centring == "position_mean" and model.informed_masking_active
+    assert "feature_centering" not in model.config.to_dict()
+    pixel_values = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    scores = model.eval().informed_mask_scores(pixel_values)
+    model.train()
+    random = model(pixel_values, random_masking=True, generator=torch.Generator().manual_seed(1))
+    cached = model(pixel_values, mask_scores=scores, generator=torch.Generator().manual_seed(1))
+    step = SGMAEForPreTraining.from_pretrained(folder, informed_mask_source="step").train()
+    per_step = step(pixel_values, generator=torch.Generator().manual_seed(1))
+    assert cached.mask.int().tolist() == expected["informed_mask"]
+    for output, name in ((random, "random_loss"), (cached, "cached_loss"), (per_step, "step_loss")):
+        assert output.loss.item() == pytest.approx(expected[name], rel=1e-5), name

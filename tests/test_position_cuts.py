@@ -26,7 +26,7 @@ from modeling_sgmae.analysis import (
 )
 from modeling_sgmae.masking_sgmae import (
     affinity_graph,
-    center_by_position,
+    centre_by_position,
     ncut_bipartition,
     object_part,
     off_diagonal_quantile,
@@ -140,12 +140,12 @@ def test_centring_by_position_removes_what_every_image_shares_at_a_position():
     torch.manual_seed(0)
     position = torch.randn(64, 8) * 5
     features = position + torch.randn(32, 64, 8)
-    centred = center_by_position(features)
+    centred = centre_by_position(features)
     assert centred.mean(dim=0).abs().max() < 1e-5
-    given = center_by_position(features, position)
+    given = centre_by_position(features, position)
     torch.testing.assert_close(given, features - position)
     single = features[:1]
-    assert torch.equal(center_by_position(single), single)  # a batch of one keeps its features
+    assert torch.equal(centre_by_position(single), single)  # a batch of one keeps its features
 
 
 def test_centring_turns_a_half_cut_into_the_object_cut():
@@ -167,7 +167,7 @@ def test_centring_turns_a_half_cut_into_the_object_cut():
     config = tiny_config(foreground_rule="smaller")
     raw = feature_statistics(features, config, GRID).summary()
     assert raw["half_cut_share"] > 0.9
-    centred = feature_statistics(features, config, GRID, center_by_position(features))
+    centred = feature_statistics(features, config, GRID, centre_by_position(features))
     assert centred.summary()["half_cut_share"] < 0.1  # many squares lie on one side, but the rest does not
     found = (centred.object_part == squares).all(dim=1).float().mean()
     assert found > 0.9  # the object square itself
@@ -277,7 +277,7 @@ def test_position_mean_centring_in_the_model(model):
     images = torch.randn(4, 3, 32, 32)
     tokens, cls_token, _ = model.vit.embeddings(images)
     raw = model.vit.masking_features(tokens, cls_token)
-    model.config.feature_centering = "position_mean"
+    model.config.feature_centring = "position_mean"
     torch.testing.assert_close(model.vit.masking_features(tokens, cls_token), raw - raw.mean(dim=0))
     mean = masking_position_mean(model, images.split(3))
     torch.testing.assert_close(mean, raw.mean(dim=0))
@@ -288,10 +288,10 @@ def test_position_mean_centring_in_the_model(model):
 
 
 def test_analysis_and_panel_report_the_new_metrics(model):
-    model.config.feature_centering = "position_mean"
+    model.config.feature_centring = "position_mean"
     images = torch.randn(6, 3, 32, 32)
     metrics = analysis_metrics(model, images, batch_size=4)
-    assert metrics["feature_centering"] == "position_mean"
+    assert metrics["feature_centring"] == "position_mean"
     assert len(metrics["position_share"]) == model.config.num_hidden_layers
     assert all(0 <= share <= 1 for share in metrics["position_share"])
     assert 0 <= metrics["half_cut_share"] <= 1 and 0 <= metrics["object_centre_share"] <= 1

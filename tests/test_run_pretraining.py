@@ -19,6 +19,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from conftest import REPO_ROOT, check_folder_in_fresh_process, free_port, script_env, tiny_config
 from PIL import Image
 from safetensors.torch import load_file
@@ -428,3 +429,35 @@ def test_demo_runs_without_a_dataset(tmp_path):
     assert (output / "masks.png").is_file() and (output / "model.safetensors").is_file()
     assert Image.open(output / "masks.png").size[1] == 7 * 150 + 30 + 44  # each of the 7 photos once, no repeat
     assert "scikit-image sample photographs" in (output / "README.md").read_text()
+
+
+@pytest.mark.parametrize("input_path", ["workers", "decode_once"])
+def test_a_refresh_ranks_each_repeated_image_once_and_its_repeats_share_the_ranking(input_path, tmp_path):
+    """The demo repeats each photo; a cached-mask refresh ranks each distinct photo once (not every repeat), through
+    the script's own cache and input pipeline, and every repeat is masked by its photo's ranking."""
+    argv = ["run_pretraining.py", "--output_dir", str(tmp_path), "--input_path", input_path,
+            "--per_device_train_batch_size", "8", "--dataloader_num_workers", "0"]  # fmt: skip
+    with mock.patch.object(sys, "argv", argv):
+        _, data_args, args = run_pretraining.parse_args()
+    with mock.patch.object(run_pretraining, "DEMO_REPEATS", 4):
+        train_data, _, image_column = run_pretraining.load_data(data_args)
+    train_data = run_pretraining.with_index(train_data)
+    model = SGMAEForPreTraining(tiny_config(informed_masking_start_step=0))
+    cache = run_pretraining.new_mask_cache(args, model.config, train_data, steps_per_epoch=2, total_steps=4)
+    processor = run_pretraining.image_processor_for(model.config)
+    _, whole_images = run_pretraining.input_pipeline(
+        args, data_args, Accelerator(cpu=True), train_data, image_column, processor, model.config, cache.ranked_rows()
+    )
+    ranked, rank = [], model.informed_mask_scores
+
+    def counting_rank(pixel_values: torch.Tensor) -> torch.Tensor:
+        ranked.append(len(pixel_values))
+        return rank(pixel_values)
+
+    with mock.patch.object(model, "informed_mask_scores", side_effect=counting_rank):
+        cache.refresh(model, whole_images(), step=0)
+    photos = len(run_pretraining.DEMO_PHOTOS)
+    assert len(train_data) == 4 * photos and sum(ranked) == photos
+    rankings = cache.rankings.flatten(1).float()
+    assert torch.isfinite(rankings).all()
+    assert all(torch.equal(rankings[row], rankings[row % photos]) for row in range(len(train_data)))

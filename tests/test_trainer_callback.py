@@ -9,7 +9,6 @@ from conftest import check_folder_in_fresh_process, tiny_config
 from transformers import Trainer, TrainingArguments, ViTImageProcessor
 
 from modeling_sgmae import MaskType, SGMAEForImageClassification, SGMAEForPreTraining, SGMAETrainerCallback
-from sgmae_training.mask_cache import MaskCacheCallback, MaskRankingCache
 
 
 def pixels(num_images: int) -> torch.Tensor:
@@ -110,6 +109,25 @@ def test_callback_refuses_what_it_cannot_do(tmp_path):
     trainer.add_callback(SGMAETrainerCallback())
     with pytest.raises(TypeError, match="needs an SGMAEForPreTraining"):
         trainer.train()
+    with pytest.raises(ValueError, match="needs both mask_cache and whole_images"):
+        SGMAETrainerCallback(mask_cache=auto.mask_ranking_cache(8, refresh_steps=1))
+
+
+def test_trainer_without_a_cache_says_so_before_the_first_step_and_ranks_each_batch(tmp_path, caplog):
+    """The default cached source with the plain callback: one warning before training, then per-step informed masks
+    (no error once they are due), and the model's own one-time warning is not repeated at every step."""
+    model = SGMAEForPreTraining(tiny_config(informed_masking_start=0.5))
+    seen = record_mask_types(model)
+    trainer = Trainer(
+        model=model, args=training_arguments(tmp_path), train_dataset=pixel_dataset(32),
+        callbacks=[SGMAETrainerCallback()],
+    )  # fmt: skip
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    no_cache = [record for record in caplog.records if "no mask cache given" in record.getMessage()]
+    assert len(no_cache) == 1 and "\n" not in no_cache[0].getMessage()
+    assert seen == [[int(MaskType.RANDOM)] * 4] * 4 + [[int(MaskType.INFORMED)] * 4] * 4
+    assert sum("no mask_scores were given" in record.getMessage() for record in caplog.records) <= 1
 
 
 def test_trainer_masks_by_whole_image_rankings_refreshed_on_schedule(tmp_path):
@@ -121,17 +139,16 @@ def test_trainer_masks_by_whole_image_rankings_refreshed_on_schedule(tmp_path):
     dataset = datasets.Dataset.from_dict(
         {"pixel_values": images.numpy(), "crops": crops.numpy(), "index": list(range(16))}
     ).with_format("torch")
-    cache = MaskRankingCache(16, model.config.grid_size, refresh_steps=100)
-    masks = MaskCacheCallback(cache, lambda: iter([{"pixel_values": images, "index": torch.arange(16)}]))
+    cache = model.mask_ranking_cache(16, refresh_steps=100)
+    whole_images = lambda: iter([{"pixel_values": images, "index": torch.arange(16)}])  # noqa: E731
+    masks = SGMAETrainerCallback(mask_cache=cache, whole_images=whole_images)
     seen = []
     model.register_forward_hook(lambda module, args, output: seen.append(output) if module.training else None)
     args = training_arguments(tmp_path / "run", learning_rate=0.0)
-    trainer = Trainer(
-        model=model, args=args, train_dataset=dataset, data_collator=masks.collate,
-        callbacks=[SGMAETrainerCallback(), masks],
-    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=masks.collate, callbacks=[masks])
     trainer.train()
     assert cache.refreshed_at == 4  # at the informed-masking start, before its batches were collated
+    assert [entry["step"] for entry in trainer.state.log_history if "mask_refresh_seconds" in entry] == [4]
     assert [output.mask_type.tolist() for output in seen] == [[int(MaskType.RANDOM)] * 4] * 4 + [
         [int(MaskType.INFORMED)] * 4
     ] * 4
