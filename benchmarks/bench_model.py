@@ -80,9 +80,9 @@ from benchmarks.timing import (
     undisturbed_rounds,
 )
 from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining
+from modeling_sgmae.crops import crop_maps
 from modeling_sgmae.masking_sgmae import MaskType
 from sgmae_training.arguments import parse_script_args
-from modeling_sgmae.crops import crop_maps
 from sgmae_training.augment import BatchAugmentation
 
 # Architecture fields shared by ViTMAEConfig and SGMAEConfig.

@@ -30,9 +30,9 @@ from sgmae_training.data.detection import (
     decode_segmentation,
     detection_transform,
 )
+from sgmae_training.data.detection_shapes import CATEGORIES, polygon_mask, write_shapes_dataset
 from sgmae_training.data.images import MAE_IMAGE_MEAN, MAE_IMAGE_STD
 from sgmae_training.data.loading import prepare_images, with_index
-from sgmae_training.data.detection_shapes import CATEGORIES, polygon_mask, write_shapes_dataset
 from sgmae_training.detection import coco_scores, encoded_target, image_detections
 
 SCRIPT = REPO_ROOT / "run_detection.py"
