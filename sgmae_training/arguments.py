@@ -121,7 +121,7 @@ def dataset_reachable(dataset_name: str | None) -> Iterator[None]:
     except ConnectionError as error:
         reason = reason or " ".join(str(error).split())
         raise SystemExit(
-            f"error: dataset {dataset_name!r} is no local folder and could not be fetched from the Hub ({reason}); "
+            f"error: dataset {dataset_name!r} is not a local folder and could not be fetched from the Hub ({reason}); "
             f"{hub_advice(dataset_name, reason, 'dataset')}"
         ) from error
 

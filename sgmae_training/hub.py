@@ -38,7 +38,7 @@ def check_checkpoint_kind(
         reason = unreachable or " ".join(str(error).split())  # one line
         if is_hub_id(path):
             raise SystemExit(
-                f"error: {path!r} is no local folder and could not be fetched from the Hub ({reason}); "
+                f"error: {path!r} is not a local folder and could not be fetched from the Hub ({reason}); "
                 f"{hub_advice(path, reason)}"
             ) from error
         if not Path(path).expanduser().exists():

@@ -124,7 +124,7 @@ def test_an_unreachable_hub_dataset_is_one_line_naming_a_local_copy(monkeypatch)
         raise ConnectionError("Couldn't reach 'uoft-cs/cifar10' on the Hub (OfflineModeIsEnabled)")
     message = str(stopped.value)
     assert message.startswith(
-        "error: dataset 'uoft-cs/cifar10' is no local folder and could not be fetched from the Hub"
+        "error: dataset 'uoft-cs/cifar10' is not a local folder and could not be fetched from the Hub"
     )
     assert "(offline mode is set (HF_HUB_OFFLINE=1))" in message and "\n" not in message
     assert "hf download uoft-cs/cifar10 --repo-type dataset --local-dir DIR" in message

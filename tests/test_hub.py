@@ -68,7 +68,7 @@ def test_a_hub_id_the_hub_cannot_give_is_one_line_in_a_moment(monkeypatch, tmp_p
     message = checkpoint_error("facebook/vit-mae-base", cache_dir=str(tmp_path))  # nothing cached there
     assert time.monotonic() - started < 5
     assert message.startswith(
-        "error: 'facebook/vit-mae-base' is no local folder and could not be fetched from the Hub"
+        "error: 'facebook/vit-mae-base' is not a local folder and could not be fetched from the Hub"
     )
     assert "http://127.0.0.1:9 cannot be reached" in message and "\n" not in message
     assert "hf download facebook/vit-mae-base --local-dir DIR" in message and "HF_HUB_OFFLINE=1" in message

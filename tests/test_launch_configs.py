@@ -97,7 +97,10 @@ def test_the_cpu_multi_process_config_starts_two_joined_processes_quietly(image_
             ["run_classification.py", "--num_epochs", "2"],
             "error: unknown argument(s): --num_epochs (closest: --num_train_epochs",
         ),
-        (["run_pretraining.py", "--dataset_name", "uoft-cs/cifar10"], "error: cannot reach dataset 'uoft-cs/cifar10'"),
+        (
+            ["run_pretraining.py", "--dataset_name", "uoft-cs/cifar10"],
+            "error: dataset 'uoft-cs/cifar10' is not a local folder and could not be fetched",
+        ),
     ],
 )
 def test_a_failing_launch_ends_in_the_scripts_one_line(tmp_path, args, line):
