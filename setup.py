@@ -6,6 +6,7 @@ DEMO = ["scikit-image>=0.22", "gradio>=6.31,<7"]
 TEST = [
     *DEMO,
     "pytest>=8",
+    "pytest-xdist>=3.5",  # the README's test command runs two workers
     "parameterized>=0.9",  # transformers' common model tests
     "timm>=1.0.9",  # the export tests load exported encoders into timm
     "selenium>=4.20,<5",  # drives headless Chromium in the demo's browser test

@@ -172,9 +172,9 @@ def test_the_docs_show_the_commands_a_newcomer_needs():
     readme = [" ".join(tokens) for page, tokens in documented_commands() if page == "README.md"]
     assert any("run_pretraining.py --output_dir outputs/sgmae-demo" in command for command in readme)
     assert "python .ci/fetch_transformers_tests.py" in readme
-    assert any(
-        command.startswith("HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest -q tests") for command in readme
-    )
+    pytest_command = "python -m pytest -q -n 2 tests"
+    assert any(command.startswith(f"HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 {pytest_command}") for command in readme)
+    assert pytest_command in (REPO_ROOT / ".ci" / "run").read_text().splitlines(), "CI runs the README's test command"
     quick = [command for command in readme if "run_classification.py" in command]
     assert quick and all("--max_train_samples" in command and "--max_eval_samples" in command for command in quick)
 
