@@ -32,7 +32,7 @@ from sgmae_training.data.detection import (
 )
 from sgmae_training.data.images import MAE_IMAGE_MEAN, MAE_IMAGE_STD
 from sgmae_training.data.loading import prepare_images, with_index
-from sgmae_training.data.detection_shapes import CATEGORIES, polygon_mask, write_shapes_dataset
+from sgmae_training.data.shapes import DETECTION_CATEGORIES, polygon_mask, write_detection_shapes
 from sgmae_training.detection import coco_scores, encoded_target, image_detections
 
 SCRIPT = REPO_ROOT / "run_detection.py"
@@ -54,7 +54,7 @@ def write_pretrained(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory) -> Path:
     """Eight images, one shape each; the validation split is the training images (the test checks the fit)."""
-    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), 8)
+    return write_detection_shapes(tmp_path_factory.mktemp("shapes"), 8, validation_size=None)
 
 
 @pytest.fixture(scope="module")
@@ -174,10 +174,10 @@ def test_training_fits_the_shapes_resumes_exactly_and_the_folder_detects_in_a_fr
     report = run_fresh(straight, image_path, tmp_path)
     assert report["class"] == report["segmentation_class"] == "SGMAEForObjectDetection"
     best = max(report["detections"], key=lambda item: item["score"])
-    assert best["label"] == CATEGORIES[truth["category"]]
+    assert best["label"] == DETECTION_CATEGORIES[truth["category"]]
     box = [best["box"][key] for key in ("xmin", "ymin", "xmax", "ymax")]
     assert box_iou(box, [x, y, x + w, y + h]) > 0.5, (box, truth["bbox"])
-    truth_mask = polygon_mask(truth["segmentation"][0], SIZE)
+    truth_mask = polygon_mask(truth["segmentation"][0], SIZE, SIZE)
     predicted = np.array(report["mask"])
     assert (predicted & truth_mask).sum() / (predicted | truth_mask).sum() > 0.5
 
