@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from modeling_sgmae import SGMAEForSemanticSegmentation
 
 from .arguments import RunArguments
+from .data.images import warn_skipped
 from .data.loaders import shard_for_process, worker_epoch_batches
 from .data.loading import training_length
 from .data.segmentation import (
@@ -172,6 +173,7 @@ def shard_areas(task: Task) -> tuple[torch.Tensor, torch.Tensor]:
     multiple = 2 * model.backbone.config.patch_size  # the pyramid's coarsest stride
     for batch in loader:
         counts[1] += batch["skipped"]
+        warn_skipped(batch)  # here, where they are counted
         if not len(batch["pixel_values"]):
             continue
         pixels, labels = batch["pixel_values"].to(accelerator.device), batch["labels"].to(accelerator.device)
