@@ -31,15 +31,16 @@ DETECTION_SIZE = 64
 
 # ----- the drawing core ----------------------------------------------------------------------------------------------
 def shape_polygon(label: int, side: float, left: float, top: float) -> list[float]:
-    """COCO polygon [x0, y0, x1, y1, ...] of a square (1), disk (2, a 16-gon) or apex-up triangle (3) filling the
-    side x side square whose top-left corner is (left, top)."""
+    """COCO polygon [x0, y0, x1, y1, ...] of a square (1), disk (2, a 16-gon) or apex-up triangle (3) of width `side`
+    whose bounding square has its top-left corner at (left, top), in pixels (pixel i spans [i, i + 1])."""
+    middle = left + side / 2 + 0.5  # disk and triangle centred on a pixel centre, as they are drawn on a pixel grid
     if label == 1:
         points = [(left, top), (left + side, top), (left + side, top + side), (left, top + side)]
     elif label == 2:
         angles = np.linspace(0, 2 * np.pi, 16, endpoint=False)
-        points = [(left + side / 2 * (1 + np.cos(a)), top + side / 2 * (1 + np.sin(a))) for a in angles]
+        points = [(middle + side / 2 * np.cos(a), top + 0.5 + side / 2 * (1 + np.sin(a))) for a in angles]
     else:
-        points = [(left + side / 2, top), (left + side, top + side), (left, top + side)]
+        points = [(middle, top + 0.5), (middle + side / 2, top + side), (middle - side / 2, top + side)]
     return [round(float(value), 2) for point in points for value in point]
 
 
