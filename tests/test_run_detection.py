@@ -295,6 +295,8 @@ def test_bad_annotations_and_arguments_end_in_one_line(shapes_dir, pretrained, t
     check(run_main(monkeypatch, *model, "--train_dir", str(tmp_path)), "error: --train_dir and --train_annotations")
     check(run_main(monkeypatch, *model, "--dataset_name", str(shapes_dir), "--num_queries", "0"),
           "error: --num_queries must be")  # fmt: skip
+    check(run_main(monkeypatch, *model, "--dataset_name", str(shapes_dir), "--out_indices", "1", "1", "2", "4"),
+          "error: the pyramid takes four different blocks of the 4-block encoder")  # fmt: skip
 
     good = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "segmentation": [SQUARE]}
     bad = {

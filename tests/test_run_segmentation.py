@@ -41,6 +41,7 @@ from sgmae_training.data.segmentation import (
 )
 from sgmae_training.data.shapes import CLASS_NAMES, random_pair, write_shapes
 from sgmae_training.optim import layer_decay_groups
+from sgmae_training.pyramid import pyramid_stages
 from sgmae_training.segmentation import METRIC_PATH, pixel_areas, predict
 
 SCRIPT = REPO_ROOT / "run_segmentation.py"
@@ -375,8 +376,8 @@ def test_pyramid_strides_defaults_and_layer_decay():
         tiny_config(num_hidden_layers=4, out_indices=[2, 4], add_fpn=True)
     default = SGMAEUperNetConfig()  # MAE / BEiT ViT-B: blocks 4, 6, 8, 12 (0-based 3, 5, 7, 11) at 512x512
     assert default.backbone_config.out_indices == [4, 6, 8, 12] and default.backbone_config.image_size == 512
-    assert rs.pyramid_stages(rs.ModelArguments(), 12) == [4, 6, 8, 12]
-    assert rs.pyramid_stages(rs.ModelArguments(), 24) == [8, 12, 16, 24]
+    assert pyramid_stages(None, 12) == [4, 6, 8, 12]
+    assert pyramid_stages(None, 24) == [8, 12, 16, 24]
 
     model = SGMAEForSemanticSegmentation(
         SGMAEUperNetConfig(backbone_config=config, hidden_size=16, auxiliary_in_channels=32, num_labels=3)
