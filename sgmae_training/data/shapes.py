@@ -1,6 +1,6 @@
 """Small datasets anyone can make offline, to try `run_segmentation.py` without ADE20K and `run_detection.py` without
-COCO: textured squares, disks and triangles on a noisy background, drawn from polygons so that class maps, boxes and
-instance masks are exact.
+COCO: textured squares, disks and triangles on a noisy background, with exact class maps, boxes and instance masks
+(each shape's polygon follows its pixels' edges).
 
     python -m sgmae_training.data.shapes outputs/shapes
     python -m sgmae_training.data.shapes outputs/detection_shapes --task detection
@@ -30,30 +30,40 @@ DETECTION_SIZE = 64
 
 
 # ----- the drawing core ----------------------------------------------------------------------------------------------
-def shape_polygon(label: int, side: float, left: float, top: float) -> list[float]:
-    """COCO polygon [x0, y0, x1, y1, ...] of a square (1), disk (2, a 16-gon) or apex-up triangle (3) of width `side`
-    whose bounding square has its top-left corner at (left, top), in pixels (pixel i spans [i, i + 1])."""
-    middle = left + side / 2 + 0.5  # disk and triangle centred on a pixel centre, as they are drawn on a pixel grid
-    if label == 1:
-        points = [(left, top), (left + side, top), (left + side, top + side), (left, top + side)]
-    elif label == 2:
-        angles = np.linspace(0, 2 * np.pi, 16, endpoint=False)
-        points = [(middle + side / 2 * np.cos(a), top + 0.5 + side / 2 * (1 + np.sin(a))) for a in angles]
-    else:
-        points = [(middle, top + 0.5), (middle + side / 2, top + side), (middle - side / 2, top + side)]
-    return [round(float(value), 2) for point in points for value in point]
+def shape_mask(label: int, side: int, left: int, top: int, height: int, width: int) -> np.ndarray:
+    """The pixels [H, W] of a square (1), disk (2) or apex-up triangle (3) filling the side x side square whose
+    top-left pixel is (left, top)."""
+    rows, columns = np.mgrid[:height, :width]
+    inside = (rows >= top) & (rows < top + side) & (columns >= left) & (columns < left + side)
+    if label == 2:
+        inside &= (rows - top - side / 2) ** 2 + (columns - left - side / 2) ** 2 <= (side / 2) ** 2
+    elif label == 3:
+        inside &= (rows - top) >= np.abs(columns - left - side / 2) * 2
+    return inside
+
+
+def outline_polygon(mask: np.ndarray) -> list[float]:
+    """COCO polygon [x0, y0, x1, y1, ...] along the pixel edges of a shape with one run of pixels per row (every
+    shape here): down its right side, up its left, so that COCO's rasterisation gives back exactly its pixels."""
+    right, left = [], []
+    for row in np.flatnonzero(mask.any(1)):
+        columns = np.flatnonzero(mask[row])
+        start, stop = int(columns[0]), int(columns[-1]) + 1
+        right += [(stop, row), (stop, row + 1)]
+        left += [(start, row + 1), (start, row)][::-1]
+    return [float(value) for point in right + left[::-1] for value in point]
 
 
 def polygon_mask(polygon: list[float], height: int, width: int) -> np.ndarray:
-    """The polygon's pixels [H, W] as COCO rasterises them, so drawn pixels and annotations agree exactly."""
+    """The polygon's pixels [H, W] as COCO rasterises them."""
     return coco_mask.decode(coco_mask.frPyObjects([polygon], height, width))[..., 0].astype(bool)
 
 
-def class_map(shapes: list[tuple[int, list[float]]], height: int, width: int) -> np.ndarray:
-    """Class ids [H, W]: background 0, each (label, polygon) drawn over the ones before it."""
+def class_map(masks: list[tuple[int, np.ndarray]], height: int, width: int) -> np.ndarray:
+    """Class ids [H, W]: background 0, each (label, pixels) drawn over the ones before it."""
     labels = np.zeros((height, width), dtype=np.uint8)
-    for label, polygon in shapes:
-        labels[polygon_mask(polygon, height, width)] = label
+    for label, mask in masks:
+        labels[mask] = label
     return labels
 
 
@@ -78,12 +88,12 @@ def random_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One image [H, W, 3] of one of the set's sizes with one to three shapes at random places, and its class map
     [H, W]."""
     height, width = int(rng.choice(HEIGHTS)), int(rng.choice(WIDTHS))
-    shapes = []
+    masks = []
     for label in rng.permutation([1, 2, 3])[: rng.integers(1, 4)]:
         side = int(rng.integers(10, 18))
         top, left = int(rng.integers(0, height - side)), int(rng.integers(0, width - side))
-        shapes.append((int(label), shape_polygon(int(label), side, left, top)))
-    labels = class_map(shapes, height, width)
+        masks.append((int(label), shape_mask(int(label), side, left, top, height, width)))
+    labels = class_map(masks, height, width)
     return textured_image(rng, labels), labels
 
 
@@ -128,8 +138,9 @@ def detection_split(rng: np.random.Generator, count: int, size: int) -> datasets
         category = int(rng.integers(0, len(DETECTION_CATEGORIES)))
         side = int(rng.integers(size * 3 // 8, size * 9 // 16))
         left, top = int(rng.integers(0, size - side)), int(rng.integers(0, size - side))
-        polygon = shape_polygon(category + 1, side, left, top)
-        pixels = textured_image(rng, class_map([(category + 1, polygon)], size, size))
+        mask = shape_mask(category + 1, side, left, top, size, size)
+        polygon = outline_polygon(mask)
+        pixels = textured_image(rng, class_map([(category + 1, mask)], size, size))
         rows["image"].append(Image.fromarray(pixels))
         rows["image_id"].append(image_id)
         rows["objects"].append([{"bbox": polygon_box(polygon), "category": category, "segmentation": [polygon]}])
