@@ -21,13 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-from huggingface_hub.errors import StrictDataclassError
-from safetensors import SafetensorError
 from transformers import ConditionalDetrImageProcessor, HfArgumentParser
 
-from modeling_sgmae import SGMAEBackbone, SGMAEConfig
 from modeling_sgmae.detection_sgmae import SGMAEDetrConfig, SGMAEForObjectDetection
-from modeling_sgmae.modeling_sgmae import resize_position_table
 from sgmae_training.arguments import LOOP_POSITIVE_ARGUMENTS, check_positive, dataset_reachable, parse_script_args
 from sgmae_training.data.detection import (
     OBJECTS_COLUMNS,
@@ -57,6 +53,7 @@ from sgmae_training.hub import (
     save_hub_folder,
     write_json_atomically,
 )
+from sgmae_training.pyramid import as_pyramid, copy_encoder, encoder_and_config, model_building
 
 logger = logging.getLogger("run_detection")
 # An encoder (SG-MAE or ViTMAE) starts a model; a detection checkpoint is continued.
@@ -149,40 +146,23 @@ def build_model(model_args: ModelArguments, data_args: DetectionDataArguments, n
     differ)."""
     labels = {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
     path, cache_dir = model_args.model_name_or_path, data_args.cache_dir
-    encoder = None
-    try:
+    with model_building("detection", path or model_args.config_name):
         if path and check_checkpoint_kind(path, cache_dir, kinds=CHECKPOINT_KINDS) == "sgmae_detr":
             model = SGMAEForObjectDetection.from_pretrained(path, cache_dir=cache_dir, ignore_mismatched_sizes=True,
                                                             **labels)  # fmt: skip
             check_num_channels(data_args.num_channels, model.config.backbone_config, path)
             return model
-        if path:
-            encoder = SGMAEBackbone.from_pretrained(path, cache_dir=cache_dir)
-            backbone_config = SGMAEConfig.from_dict(encoder.config.to_dict())
-            check_num_channels(data_args.num_channels, backbone_config, path)
-        else:
-            backbone_config = SGMAEConfig.from_json_file(model_args.config_name)
-        layers = backbone_config.num_hidden_layers
-        stages = model_args.out_indices or [round(layers / 3), round(layers / 2), round(2 * layers / 3), layers]
-        backbone_config.update({"image_size": data_args.image_size, "drop_path_rate": model_args.drop_path,
-                                "add_fpn": True, "apply_layernorm": False, "out_indices": sorted(stages)})  # fmt: skip
-        backbone_config.validate()
+        encoder, backbone_config = encoder_and_config(path, model_args.config_name, cache_dir, data_args.num_channels)
+        as_pyramid(backbone_config, data_args.image_size, model_args.drop_path, model_args.out_indices)
         width, depth = model_args.transformer_width, model_args.transformer_layers
         config = SGMAEDetrConfig(
             backbone_config=backbone_config, num_queries=model_args.num_queries, d_model=width,
             encoder_layers=depth, decoder_layers=depth, encoder_ffn_dim=8 * width, decoder_ffn_dim=8 * width,
             auxiliary_loss=model_args.auxiliary_loss, **labels,
         )  # fmt: skip
-    except (OSError, ValueError, TypeError, SafetensorError, StrictDataclassError) as error:
-        reason = " ".join(str(error).split())  # one line (strict config errors span two)
-        raise SystemExit(f"error: cannot build the detection model from {path or model_args.config_name!r}: "
-                         f"{reason}") from error  # fmt: skip
     model = SGMAEForObjectDetection(config)
     if encoder is not None:
-        state = encoder.vit.state_dict()
-        key = "embeddings.position_embeddings"
-        state[key] = resize_position_table(state[key], encoder.config.grid_size, backbone_config.grid_size)
-        model.sgmae_backbone.vit.load_state_dict(state)
+        copy_encoder(encoder, model.sgmae_backbone)
         model.freeze_unused_parameters()
     return model
 

@@ -28,12 +28,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub.errors import StrictDataclassError
-from safetensors import SafetensorError
 from transformers import HfArgumentParser, SegformerImageProcessor
 
-from modeling_sgmae import SGMAEBackbone, SGMAEConfig, SGMAEForSemanticSegmentation, SGMAEUperNetConfig
-from modeling_sgmae.modeling_sgmae import resize_position_table
+from modeling_sgmae import SGMAEForSemanticSegmentation, SGMAEUperNetConfig
 from sgmae_training.arguments import LOOP_POSITIVE_ARGUMENTS, check_positive, dataset_reachable, parse_script_args
 from sgmae_training.data.images import check_num_channels, image_processor_for, image_statistics
 from sgmae_training.data.segmentation import (
@@ -50,6 +47,7 @@ from sgmae_training.hub import (
     segmentation_card,
     write_json_atomically,
 )
+from sgmae_training.pyramid import as_pyramid, copy_encoder, encoder_and_config, model_building
 from sgmae_training.segmentation import RECIPE_STEPS, SegmentationArguments, Task, finetune
 
 logger = logging.getLogger("run_segmentation")
@@ -107,81 +105,35 @@ def validate_args(model_args: ModelArguments, data_args: SegmentationDataArgumen
 
 
 # ----- model ---------------------------------------------------------------------------------------------------------
-def pyramid_stages(model_args: ModelArguments, num_layers: int) -> list[int]:
-    """The four blocks whose outputs feed the pyramid: given, or L/3, L/2, 2L/3, L (BEiT/MAE's 0-based 3, 5, 7, 11
-    for 12 blocks, 7, 11, 15, 23 for 24)."""
-    stages = model_args.out_indices or [round(num_layers / 3), round(num_layers / 2), round(2 * num_layers / 3)]
-    stages = list(stages) if model_args.out_indices else [*stages, num_layers]
-    if len(stages) != 4 or len(set(stages)) != 4 or not all(0 <= stage <= num_layers for stage in stages):
-        raise SystemExit(
-            f"error: the pyramid takes four different blocks of the {num_layers}-block encoder (0 = the embeddings), "
-            f"got {stages}; pass --out_indices"
-        )
-    return sorted(stages)
-
-
 def build_model(
     model_args: ModelArguments, data_args: SegmentationDataArguments, names: list[str]
 ) -> SGMAEForSemanticSegmentation:
     """UperNet on the SG-MAE backbone at the crop size, its encoder from a checkpoint (position table resized to
-    the crop's grid, bicubic as MAE's `interpolate_pos_embed`) or a config; a segmentation checkpoint is continued
-    (with new heads when its classes differ)."""
+    the crop's grid) or a config; a segmentation checkpoint is continued (with new heads when its classes differ)."""
     labels = {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
     path, cache_dir = model_args.model_name_or_path, data_args.cache_dir
-    encoder: SGMAEBackbone | None = None
-    try:
+    with model_building("segmentation", path or model_args.config_name):
         if path and check_checkpoint_kind(path, cache_dir, kinds=CHECKPOINT_KINDS) == "sgmae_upernet":
             continued = {"ignore_mismatched_sizes": True, "loss_ignore_index": data_args.ignore_index, **labels}
             model = SGMAEForSemanticSegmentation.from_pretrained(path, cache_dir=cache_dir, **continued)
             check_num_channels(data_args.num_channels, model.config.backbone_config, path)
             return model
-        if path:
-            encoder = SGMAEBackbone.from_pretrained(path, cache_dir=cache_dir)
-            backbone_config = SGMAEConfig.from_dict(encoder.config.to_dict())
-            check_num_channels(data_args.num_channels, backbone_config, path)
-        else:
-            backbone_config = SGMAEConfig.from_json_file(model_args.config_name)
-            if data_args.num_channels:
-                backbone_config.num_channels = data_args.num_channels
-        config = upernet_config(model_args, data_args, backbone_config, labels)
-    except (OSError, ValueError, TypeError, SafetensorError, StrictDataclassError) as error:
-        reason = " ".join(str(error).split())  # one line (strict config errors span two)
-        raise SystemExit(
-            f"error: cannot build the segmentation model from {path or model_args.config_name!r}: {reason}"
-        ) from error
+        encoder, backbone_config = encoder_and_config(path, model_args.config_name, cache_dir, data_args.num_channels)
+        as_pyramid(backbone_config, data_args.crop_size, model_args.drop_path, model_args.out_indices)
+        config = SGMAEUperNetConfig(
+            backbone_config=backbone_config,
+            hidden_size=model_args.head_channels,
+            use_auxiliary_head=model_args.auxiliary_loss_weight > 0,
+            auxiliary_loss_weight=model_args.auxiliary_loss_weight,
+            auxiliary_in_channels=backbone_config.hidden_size,
+            loss_ignore_index=data_args.ignore_index,
+            **labels,
+        )
     model = SGMAEForSemanticSegmentation(config)
     if encoder is not None:
-        load_encoder(model, encoder)
+        copy_encoder(encoder, model.backbone)
+        model.freeze_unused_parameters()
     return model
-
-
-def upernet_config(
-    model_args: ModelArguments, data_args: SegmentationDataArguments, backbone_config: SGMAEConfig, labels: dict
-) -> SGMAEUperNetConfig:
-    """UperNet's configuration on `backbone_config`, set to the crop size with the pyramid's four stages (and no final
-    LayerNorm on them)."""
-    stages = pyramid_stages(model_args, backbone_config.num_hidden_layers)
-    pyramid = {"add_fpn": True, "apply_layernorm": False, "reshape_hidden_states": True, "out_indices": stages}
-    backbone_config.update({"image_size": data_args.crop_size, "drop_path_rate": model_args.drop_path, **pyramid})
-    backbone_config.validate()
-    return SGMAEUperNetConfig(
-        backbone_config=backbone_config,
-        hidden_size=model_args.head_channels,
-        use_auxiliary_head=model_args.auxiliary_loss_weight > 0,
-        auxiliary_loss_weight=model_args.auxiliary_loss_weight,
-        auxiliary_in_channels=backbone_config.hidden_size,
-        loss_ignore_index=data_args.ignore_index,
-        **labels,
-    )
-
-
-def load_encoder(model: SGMAEForSemanticSegmentation, encoder: SGMAEBackbone) -> None:
-    """Copy a pre-trained encoder into the model's backbone, its position table resized to the crop's grid."""
-    state = encoder.vit.state_dict()
-    key = "embeddings.position_embeddings"
-    state[key] = resize_position_table(state[key], encoder.config.grid_size, model.backbone.config.grid_size)
-    model.backbone.vit.load_state_dict(state)
-    model.freeze_unused_parameters()
 
 
 # ----- main ----------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from .data.loading import LABEL_COLUMNS, DataArguments, training_length
 from .engine import LoopSettings, TrainingHooks, resume_state, train
 from .evaluation import Evaluation, EvaluationResult, gather_samples, knn_scores, local_pass
 from .optim import cosine_scheduler, layer_decay_groups
+from .protocol import EvaluatingHooks, finish_training
 from .training_state import TrainingState
 
 logger = logging.getLogger(__name__)
@@ -139,13 +140,12 @@ def fold_probe(model: SGMAEForImageClassification, norm: nn.BatchNorm1d, linear:
     model.classifier = classifier.to(model.vit.layernorm.weight.device)
 
 
-class FinetuneHooks(TrainingHooks):
+class FinetuneHooks(EvaluatingHooks):
     """Fine-tuning's part of the loop: label-smoothed cross-entropy and the evaluation after epochs."""
 
     def __init__(self, task: Task, model: SGMAEForImageClassification, total_steps: int):
         self.task, self.model, self.total_steps = task, model, total_steps
         self.result: EvaluationResult | None = None
-        self.evaluated_at = -1
 
     def loss(self, model, batch: dict[str, torch.Tensor]):
         logits = model(batch["pixel_values"]).logits
@@ -210,10 +210,7 @@ def finetune(task: Task, model: SGMAEForImageClassification) -> ProtocolResult:
         unwrapped.config,
     )  # fmt: skip
     state = train(accelerator, model, optimizer, scheduler, epoch_batches, state, settings, hooks, {})
-    if state.skipped_images:
-        logger.warning("skipped %d corrupt training images", state.skipped_images)
-    if hooks.evaluated_at != state.step:
-        hooks.evaluate(state.step)
+    finish_training(state, hooks)
     unwrapped.eval()
     return ProtocolResult(hooks.result.metrics(), hooks.result.gathered, state, unwrapped)
 

@@ -25,8 +25,9 @@ from .arguments import RunArguments
 from .data.detection import DetectionCollator, DetectionDataArguments, decode_masks, encode_masks, labels_on_device
 from .data.loaders import shard_for_process, worker_epoch_batches
 from .data.loading import training_length
-from .engine import LoopSettings, TrainingHooks, resume_state, train
+from .engine import LoopSettings, resume_state, train
 from .optim import cosine_scheduler, layer_decay_groups
+from .protocol import EvaluatingHooks, finish_training
 from .training_state import TrainingState
 
 logger = logging.getLogger(__name__)
@@ -142,14 +143,13 @@ def evaluate_model(task: DetectionTask) -> dict[str, Any]:
 
 
 # ----- training ------------------------------------------------------------------------------------------------------
-class DetectionHooks(TrainingHooks):
+class DetectionHooks(EvaluatingHooks):
     """Detection's part of the loop: Conditional DETR's matched losses (classes, boxes, masks) and the evaluation
     every `eval_every_epochs` epochs and at the end."""
 
     def __init__(self, task: DetectionTask, total_steps: int):
         self.task, self.total_steps = task, total_steps
         self.results: dict[str, Any] = {}
-        self.evaluated_at = -1
 
     def loss(self, model, batch: dict[str, Any]):
         labels = labels_on_device(batch["labels"], self.task.accelerator.device)
@@ -204,9 +204,6 @@ def finetune(task: DetectionTask, train_data, collate: DetectionCollator) -> Tra
         task.model.config,
     )  # fmt: skip
     state = train(accelerator, prepared_model, optimizer, scheduler, epoch_batches, state, settings, hooks, {})
-    if state.skipped_images:
-        logger.warning("skipped %d corrupt training images", state.skipped_images)
-    if hooks.evaluated_at != state.step:
-        hooks.evaluate(state.step)
+    finish_training(state, hooks)
     task.results = hooks.results
     return state

@@ -127,6 +127,39 @@ def dataset_id(data_args: DataArguments) -> str:
     return Path(source).name if Path(source).exists() else source
 
 
+def fine_tuned_metadata(
+    model_args, data_args, args, task: dict, tags: list[str], metrics: list[dict]
+) -> dict[str, Any]:
+    """The front matter of a fine-tuned model's card: the task's pipeline, tags, dataset, `model-index` with the
+    metrics, and the base model when it is a Hub id."""
+    data_name = dataset_id(data_args)
+    dataset = {"name": data_name, "type": data_name, "split": data_args.validation_split}
+    if data_args.dataset_config_name:
+        dataset["config"] = data_args.dataset_config_name
+    results = [{"task": task, "dataset": dataset, "metrics": metrics}]
+    metadata = {
+        "library_name": "transformers",
+        "pipeline_tag": task["type"],
+        "license": "apache-2.0",
+        "tags": tags,
+        "datasets": [data_name],
+        "model-index": [{"name": args.hub_model_id or Path(args.output_dir).name, "results": results}],
+    }
+    base = model_args.model_name_or_path
+    if base and not Path(base).exists():
+        metadata["base_model"] = base
+    return metadata
+
+
+def encoder_rows(model_args, backbone: PreTrainedConfig) -> str:
+    """The Training table's encoder and architecture rows of a segmentation or detection card."""
+    encoder = model_args.model_name_or_path or f"random init ({model_args.config_name})"
+    return (
+        f"| encoder | {encoder} |\n"
+        f"| architecture | {backbone.num_hidden_layers} x {backbone.hidden_size}, patch {backbone.patch_size} |"
+    )
+
+
 def classification_card(model_args, data_args, args, model, results: dict) -> str:
     """The model card of a fine-tuned or probed classifier: front matter with its `model-index` results, usage, results
     and the training table."""
@@ -138,28 +171,13 @@ def classification_card(model_args, data_args, args, model, results: dict) -> st
 
 def classification_metadata(model_args, data_args, args, results: dict, protocol: str) -> dict[str, Any]:
     """The card's front matter: pipeline, tags, dataset, the base model when it is a Hub id, and `model-index`."""
-    data_name = dataset_id(data_args)
     metrics = [
         {"type": "accuracy", "value": round(results["eval_top1"], 4), "name": f"Top-1 accuracy ({protocol})"},
         {"type": "top_5_accuracy", "value": round(results["eval_top5"], 4), "name": f"Top-5 accuracy ({protocol})"},
     ]
-    dataset = {"name": data_name, "type": data_name, "split": data_args.validation_split}
-    if data_args.dataset_config_name:
-        dataset["config"] = data_args.dataset_config_name
-    metadata = {
-        "library_name": "transformers",
-        "pipeline_tag": "image-classification",
-        "license": "apache-2.0",
-        "tags": ["sgmae", "mae", "image-classification", "vision", args.protocol.replace("_", "-")],
-        "datasets": [data_name],
-    }
-    base = model_args.model_name_or_path
-    if base and not Path(base).exists():
-        metadata["base_model"] = base
     task = {"type": "image-classification", "name": "Image Classification"}
-    results_entry = {"task": task, "dataset": dataset, "metrics": metrics}
-    metadata["model-index"] = [{"name": args.hub_model_id or Path(args.output_dir).name, "results": [results_entry]}]
-    return metadata
+    tags = ["sgmae", "mae", "image-classification", "vision", args.protocol.replace("_", "-")]
+    return fine_tuned_metadata(model_args, data_args, args, task, tags, metrics)
 
 
 def classification_body(model_args, data_args, args, config, results: dict, protocol: str) -> str:
@@ -263,17 +281,8 @@ def segmentation_card(model_args, data_args, args, model, results: dict) -> str:
         {"type": "accuracy", "value": round(results["eval_overall_accuracy"], 4), "name": "Pixel accuracy"},
     ]
     task = {"type": "image-segmentation", "name": "Semantic Segmentation"}
-    dataset = {"name": data_name, "type": data_name, "split": split}
-    metadata = {
-        "library_name": "transformers",
-        "pipeline_tag": "image-segmentation",
-        "license": "apache-2.0",
-        "tags": ["sgmae", "mae", "upernet", "semantic-segmentation", "vision"],
-        "datasets": [data_name],
-        "model-index": [{"name": name, "results": [{"task": task, "dataset": dataset, "metrics": metrics}]}],
-    }
-    if model_args.model_name_or_path and not Path(model_args.model_name_or_path).exists():
-        metadata["base_model"] = model_args.model_name_or_path
+    tags = ["sgmae", "mae", "upernet", "semantic-segmentation", "vision"]
+    metadata = fine_tuned_metadata(model_args, data_args, args, task, tags, metrics)
     ious = results["eval_per_category_iou"].items()
     per_class = "\n".join(f"| {label} | {'n/a' if iou is None else f'{iou:.4f}'} |" for label, iou in ious)
     crop, mode = data_args.crop_size, data_args.eval_mode
@@ -310,8 +319,7 @@ def segmentation_recipe(model_args, data_args, args, model, results: dict) -> st
     return f"""## Training
 | | |
 |---|---|
-| encoder | {model_args.model_name_or_path or "random init (" + str(model_args.config_name) + ")"} |
-| architecture | {backbone.num_hidden_layers} x {backbone.hidden_size}, patch {backbone.patch_size} |
+{encoder_rows(model_args, backbone)}
 | crops | {backbone.image_size} x {backbone.image_size}, {data_args.eval_mode} evaluation |
 | pyramid | blocks {backbone.out_indices}, strides p/4, p/2, p, 2p; UperNet width {model.config.hidden_size} |
 | optimiser steps | {results.get("step", 0)} of {results.get("total_steps", 0)} |
@@ -326,25 +334,13 @@ def detection_card(model_args, data_args, args, model, results: dict) -> str:
     backbone = model.config.backbone_config
     name = args.hub_model_id or Path(args.output_dir).name
     data_name = dataset_id(data_args)
-    dataset = {"name": data_name, "type": data_name, "split": data_args.validation_split}
     metrics = [
         {"type": "map", "value": round(results[f"eval_{kind}_ap"], 4), "name": f"AP ({label})"}
         for kind, label in (("box", "boxes"), ("mask", "masks"))
     ]
-    metadata = {
-        "library_name": "transformers",
-        "pipeline_tag": "object-detection",
-        "license": "apache-2.0",
-        "tags": ["sgmae", "mae", "conditional-detr", "object-detection", "instance-segmentation", "vision"],
-        "datasets": [data_name],
-        "model-index": [
-            {"name": name, "results": [{"task": {"type": "object-detection", "name": "Object Detection"},
-                                        "dataset": dataset, "metrics": metrics}]}
-        ],
-    }  # fmt: skip
-    base = model_args.model_name_or_path
-    if base and not Path(base).exists():
-        metadata["base_model"] = base
+    task = {"type": "object-detection", "name": "Object Detection"}
+    tags = ["sgmae", "mae", "conditional-detr", "object-detection", "instance-segmentation", "vision"]
+    metadata = fine_tuned_metadata(model_args, data_args, args, task, tags, metrics)
 
     def row(kind: str) -> str:
         names = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
@@ -379,8 +375,7 @@ pixels.
 ## Training
 | | |
 |---|---|
-| encoder | {base or "random init (" + str(model_args.config_name) + ")"} |
-| architecture | {backbone.num_hidden_layers} x {backbone.hidden_size}, patch {backbone.patch_size} |
+{encoder_rows(model_args, backbone)}
 | pyramid | blocks {backbone.out_indices}, strides p/4, p/2, p, 2p |
 | head | Conditional DETR, {head.num_queries} queries, {layers} |
 | optimiser steps | {results.get("step", 0)} of {results.get("total_steps", 0)} |

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from modeling_sgmae import SGMAEForSemanticSegmentation
 
 from .arguments import RunArguments
+from .data.images import warn_skipped
 from .data.loaders import shard_for_process, worker_epoch_batches
 from .data.loading import training_length
 from .data.segmentation import (
@@ -34,8 +35,9 @@ from .data.segmentation import (
     SegmentationDataArguments,
     one_line,
 )
-from .engine import LoopSettings, TrainingHooks, resume_state, train
+from .engine import LoopSettings, resume_state, train
 from .optim import layer_decay_groups, poly_scheduler
+from .protocol import EvaluatingHooks, finish_training
 from .training_state import TrainingState
 
 logger = logging.getLogger(__name__)
@@ -172,6 +174,7 @@ def shard_areas(task: Task) -> tuple[torch.Tensor, torch.Tensor]:
     multiple = 2 * model.backbone.config.patch_size  # the pyramid's coarsest stride
     for batch in loader:
         counts[1] += batch["skipped"]
+        warn_skipped(batch)  # here, where they are counted
         if not len(batch["pixel_values"]):
             continue
         pixels, labels = batch["pixel_values"].to(accelerator.device), batch["labels"].to(accelerator.device)
@@ -225,13 +228,12 @@ def none_if_nan(value: float) -> float | None:
 
 
 # ----- training ------------------------------------------------------------------------------------------------------
-class SegmentationHooks(TrainingHooks):
+class SegmentationHooks(EvaluatingHooks):
     """UperNet's loss (decode head + 0.4 x auxiliary head, ignore index left out) and the evaluations."""
 
     def __init__(self, task: Task, total_steps: int):
         self.task, self.total_steps = task, total_steps
         self.results: dict[str, Any] = {}
-        self.evaluated_at = -1
 
     def loss(self, model, batch: dict[str, torch.Tensor]):
         return model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss, None
@@ -304,10 +306,7 @@ def train_and_evaluate(task: Task) -> TrainingState:
         config,
     )
     state = train(accelerator, model, optimizer, scheduler, epoch_batches, state, settings, hooks, {})
-    if state.skipped_images:
-        logger.warning("skipped %d corrupt training images", state.skipped_images)
-    if hooks.evaluated_at != state.step:
-        hooks.evaluate(state.step)
+    finish_training(state, hooks)
     task.results = hooks.results
     return state
 

@@ -30,9 +30,9 @@ from sgmae_training.data.detection import (
     decode_segmentation,
     detection_transform,
 )
-from sgmae_training.data.detection_shapes import CATEGORIES, polygon_mask, write_shapes_dataset
 from sgmae_training.data.images import MAE_IMAGE_MEAN, MAE_IMAGE_STD
 from sgmae_training.data.loading import prepare_images, with_index
+from sgmae_training.data.shapes import DETECTION_CATEGORIES, polygon_mask, write_detection_shapes
 from sgmae_training.detection import coco_scores, encoded_target, image_detections
 
 SCRIPT = REPO_ROOT / "run_detection.py"
@@ -54,7 +54,7 @@ def write_pretrained(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory) -> Path:
     """Eight images, one shape each; the validation split is the training images (the test checks the fit)."""
-    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), 8)
+    return write_detection_shapes(tmp_path_factory.mktemp("shapes"), 8, validation_size=None)
 
 
 @pytest.fixture(scope="module")
@@ -174,10 +174,10 @@ def test_training_fits_the_shapes_resumes_exactly_and_the_folder_detects_in_a_fr
     report = run_fresh(straight, image_path, tmp_path)
     assert report["class"] == report["segmentation_class"] == "SGMAEForObjectDetection"
     best = max(report["detections"], key=lambda item: item["score"])
-    assert best["label"] == CATEGORIES[truth["category"]]
+    assert best["label"] == DETECTION_CATEGORIES[truth["category"]]
     box = [best["box"][key] for key in ("xmin", "ymin", "xmax", "ymax")]
     assert box_iou(box, [x, y, x + w, y + h]) > 0.5, (box, truth["bbox"])
-    truth_mask = polygon_mask(truth["segmentation"][0], SIZE)
+    truth_mask = polygon_mask(truth["segmentation"][0], SIZE, SIZE)
     predicted = np.array(report["mask"])
     assert (predicted & truth_mask).sum() / (predicted | truth_mask).sum() > 0.5
 
@@ -295,6 +295,8 @@ def test_bad_annotations_and_arguments_end_in_one_line(shapes_dir, pretrained, t
     check(run_main(monkeypatch, *model, "--train_dir", str(tmp_path)), "error: --train_dir and --train_annotations")
     check(run_main(monkeypatch, *model, "--dataset_name", str(shapes_dir), "--num_queries", "0"),
           "error: --num_queries must be")  # fmt: skip
+    check(run_main(monkeypatch, *model, "--dataset_name", str(shapes_dir), "--out_indices", "1", "1", "2", "4"),
+          "error: the pyramid takes four different blocks of the 4-block encoder")  # fmt: skip
 
     good = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "segmentation": [SQUARE]}
     bad = {

@@ -41,6 +41,7 @@ from sgmae_training.data.segmentation import (
 )
 from sgmae_training.data.shapes import CLASS_NAMES, random_pair, write_shapes
 from sgmae_training.optim import layer_decay_groups
+from sgmae_training.pyramid import pyramid_stages
 from sgmae_training.segmentation import METRIC_PATH, pixel_areas, predict
 
 SCRIPT = REPO_ROOT / "run_segmentation.py"
@@ -375,8 +376,8 @@ def test_pyramid_strides_defaults_and_layer_decay():
         tiny_config(num_hidden_layers=4, out_indices=[2, 4], add_fpn=True)
     default = SGMAEUperNetConfig()  # MAE / BEiT ViT-B: blocks 4, 6, 8, 12 (0-based 3, 5, 7, 11) at 512x512
     assert default.backbone_config.out_indices == [4, 6, 8, 12] and default.backbone_config.image_size == 512
-    assert rs.pyramid_stages(rs.ModelArguments(), 12) == [4, 6, 8, 12]
-    assert rs.pyramid_stages(rs.ModelArguments(), 24) == [8, 12, 16, 24]
+    assert pyramid_stages(None, 12) == [4, 6, 8, 12]
+    assert pyramid_stages(None, 24) == [8, 12, 16, 24]
 
     model = SGMAEForSemanticSegmentation(
         SGMAEUperNetConfig(backbone_config=config, hidden_size=16, auxiliary_in_channels=32, num_labels=3)
@@ -454,6 +455,10 @@ def test_bad_input_ends_in_one_line(shapes_dir, pretrained, names_file, tmp_path
         "error: --num_labels 5 disagrees with the 4 names",
     )
     check(run_main(monkeypatch, *args(model_name_or_path=None)), "error: give --model_name_or_path")
+    check(  # offline (as every test runs), a Hub id is found unreachable before anything is built
+        run_main(monkeypatch, *args(dataset_name="someone/no-such-maps")),
+        "error: dataset 'someone/no-such-maps' is no local folder and could not be fetched from the Hub",
+    )
     not_a_model = tmp_path / "bert"
     not_a_model.mkdir()
     (not_a_model / "config.json").write_text(json.dumps({"model_type": "bert"}))
@@ -480,6 +485,27 @@ def test_bad_input_ends_in_one_line(shapes_dir, pretrained, names_file, tmp_path
     )
     check(message, "error: cannot read the segmentation map of '")
     assert "0002.png' (row 2 of the 'train' split)" in message
+
+
+def test_corrupt_images_are_said_as_often_as_they_are_counted(pretrained, names_file, tmp_path):
+    """A corrupt training image and a corrupt validation image: each warning comes where its image is counted (not
+    from a DataLoader worker decoding a batch that training never uses), so the warnings match the log's and
+    eval_results.json's counts."""
+    folder = write_shapes(tmp_path / "folder", train_size=8, validation_size=3)
+    for split in ("train", "validation"):
+        (folder / split / "images" / "0001.png").write_bytes(b"not a png")
+    output = tmp_path / "out"
+    result = launch([
+        "--train_dir", str(folder / "train"), "--validation_dir", str(folder / "validation"),
+        "--label_names_file", str(names_file), "--model_name_or_path", str(pretrained), "--output_dir", str(output),
+        "--crop_size", "32", "--head_channels", "16", "--per_device_train_batch_size", "4", "--max_train_steps", "1",
+        "--warmup_steps", "0", "--eval_every_epochs", "0", "--dataloader_num_workers", "1",
+    ], plain_python=True)  # fmt: skip
+    results = json.loads((output / "eval_results.json").read_text())
+    warned = re.findall(r"skipping a corrupt image \(\S*/(train|validation)/images/0001\.png\)", result.stderr)
+    said = re.search(r"skipped (\d+) corrupt training images", result.stderr)
+    assert warned.count("validation") == results["eval_skipped_images"] == 1, result.stderr[-3000:]
+    assert warned.count("train") == (int(said.group(1)) if said else 0) == results["skipped_images"], warned
 
 
 def test_a_bad_map_is_the_last_line_of_a_quiet_launch(pretrained, tmp_path):

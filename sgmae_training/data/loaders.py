@@ -63,12 +63,15 @@ _WARNED_UNEVEN: set[int] = set()  # said once per run, not at every epoch
 
 
 def skip_samples(dataset, count: int):
-    """Drop the first `count` rows (resuming inside an epoch)."""
+    """Drop the first `count` rows (resuming inside an epoch; none left when a checkpoint ended the epoch, so the loop
+    goes on to the next)."""
     if count == 0:
         return dataset
     if isinstance(dataset, datasets.IterableDataset):
         return dataset.skip(count)
-    return dataset.select(range(min(count, len(dataset)), len(dataset)))
+    if count >= len(dataset):  # `select(range(n, n))` is refused by `datasets`
+        return dataset.select([])
+    return dataset.select(range(count, len(dataset)))
 
 
 def worker_epoch_batches(

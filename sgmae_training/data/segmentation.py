@@ -349,8 +349,8 @@ class PairTransform:
 class SegmentationCollator:
     """Decode, check and transform rows of (image, mask) of the split `split`: stacked [B, C, c, c] pixels and
     [B, c, c] labels for training, or one row's resized pixels [1, C, h, w] and full-size labels [1, H, W] for
-    evaluation (batch 1: images differ in size). Corrupt images are dropped and counted; a bad mask raises
-    BadMaskError naming its row."""
+    evaluation (batch 1: images differ in size). Corrupt images are dropped, counted (`skipped`) and said why
+    (`problems`, for `warn_skipped` where the batch is used); a bad mask raises BadMaskError naming its row."""
 
     def __init__(
         self,
@@ -371,9 +371,9 @@ class SegmentationCollator:
         )
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        pixels, labels = [], []
+        pixels, labels, problems = [], [], []
         for row in rows:
-            image = decode_image(row[self.image_column], self.num_channels)
+            image = decode_image(row[self.image_column], self.num_channels, problems)
             if image is None:
                 continue
             mask = decode_mask(
@@ -391,4 +391,5 @@ class SegmentationCollator:
             "pixel_values": torch.stack(pixels) if pixels else torch.empty(0),
             "labels": torch.stack(labels) if labels else torch.empty(0, dtype=torch.long),
             "skipped": len(rows) - len(pixels),  # a plain int: counting never touches the device
+            "problems": problems,
         }
