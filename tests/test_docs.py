@@ -227,3 +227,24 @@ def test_the_first_command_installs_the_demo_and_no_test_tools():
     assert not extras[first] & {"pytest", "timm", "selenium", "ruff", "tensorboard"}
     assert {"pytest", "parameterized", "timm", "selenium", "scikit-image", "gradio"} <= extras[tests]
     assert set().union(*extras.values()) == extras["dev"]
+
+
+def layout_table() -> set[str]:
+    """The backticked paths in the first column of CONTRIBUTING's Layout table."""
+    section = (REPO_ROOT / "CONTRIBUTING.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| ") and "`" in line]
+    return {path for cell in rows for path in re.findall(r"`([^`]+)`", cell)}
+
+
+def test_the_layout_table_names_every_module_and_only_real_paths():
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    modules = {
+        path
+        for path in tracked.split()
+        if re.fullmatch(r"(modeling_sgmae|sgmae_training|benchmarks)/.*\.(py|sh)|run_\w+\.py|app\.py", path)
+        and not path.endswith("__init__.py")
+        and not path.startswith("sgmae_training/metrics/")  # evaluate's metric scripts: one row for their folder
+    }
+    table = layout_table()
+    assert not modules - table, f"CONTRIBUTING's Layout table lacks {sorted(modules - table)}"
+    assert all((REPO_ROOT / path).exists() for path in table), sorted(p for p in table if not (REPO_ROOT / p).exists())
