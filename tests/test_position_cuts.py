@@ -291,7 +291,7 @@ def test_analysis_and_panel_report_the_new_metrics(model):
     model.config.feature_centring = "position_mean"
     images = torch.randn(6, 3, 32, 32)
     metrics = analysis_metrics(model, images, batch_size=4)
-    assert metrics["feature_centring"] == "position_mean"
+    assert metrics["feature_centering"] == "position_mean"  # the key earlier records use
     assert len(metrics["position_share"]) == model.config.num_hidden_layers
     assert all(0 <= share <= 1 for share in metrics["position_share"])
     assert 0 <= metrics["half_cut_share"] <= 1 and 0 <= metrics["object_centre_share"] <= 1

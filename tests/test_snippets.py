@@ -19,7 +19,13 @@ import pytest
 import torch
 from conftest import REPO_ROOT, tiny_config
 from PIL import Image
-from transformers import SegformerImageProcessor, ViTImageProcessor, ViTMAEConfig, ViTMAEForPreTraining
+from transformers import (
+    ConditionalDetrImageProcessor,
+    SegformerImageProcessor,
+    ViTImageProcessor,
+    ViTMAEConfig,
+    ViTMAEForPreTraining,
+)
 
 from modeling_sgmae import (
     SGMAEForImageClassification,
@@ -27,7 +33,10 @@ from modeling_sgmae import (
     SGMAEForSemanticSegmentation,
     SGMAEUperNetConfig,
 )
+from modeling_sgmae.detection_sgmae import SGMAEDetrConfig, SGMAEForObjectDetection
+from sgmae_training.data.shapes import CLASS_NAMES, DETECTION_CATEGORIES, write_shapes
 from sgmae_training.export import export_timm
+from sgmae_training.pyramid import as_pyramid
 
 PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -47,10 +56,15 @@ def pages_with_snippets() -> list[Path]:
     return [page for page in PAGES if python_blocks(page)]
 
 
+def labels_of(names: tuple[str, ...]) -> dict:
+    return {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The repository root as the snippets expect it, with tiny stand-ins for the models the documented commands
-    save (the demo's, a fine-tuned classifier, a segmenter) and for the Hub's ViTMAE checkpoint."""
+    save (the demo's, a fine-tuned classifier, segmenters, a detector), the generated shapes, and the Hub's ViTMAE
+    checkpoint."""
     root = tmp_path_factory.mktemp("snippets")
     (root / "configuration").symlink_to(REPO_ROOT / "configuration")
     torch.manual_seed(0)
@@ -65,12 +79,23 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     segmenter = SGMAEUperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_in_channels=32, **classes)
     SGMAEForSemanticSegmentation(segmenter).eval().save_pretrained(root / "outputs/sgmae-ade20k")
     SegformerImageProcessor(**PROCESSOR).save_pretrained(root / "outputs/sgmae-ade20k")
+    write_shapes(root / "outputs/shapes", train_size=1, validation_size=1)  # the offline try's set, one image a split
+    segmenter.update(labels_of(CLASS_NAMES))
+    SGMAEForSemanticSegmentation(segmenter).eval().save_pretrained(root / "outputs/sgmae-demo-shapes")
+    SegformerImageProcessor(**PROCESSOR).save_pretrained(root / "outputs/sgmae-demo-shapes")
+    pyramid = tiny_config(num_hidden_layers=4)
+    as_pyramid(pyramid, 32, 0.0, None)
+    detr = dict(num_queries=5, d_model=16, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=32, decoder_ffn_dim=32)
+    detector = SGMAEDetrConfig(backbone_config=pyramid, **detr, **labels_of(DETECTION_CATEGORIES))
+    SGMAEForObjectDetection(detector).eval().save_pretrained(root / "outputs/shapes-detection")
+    detection_processor = ConditionalDetrImageProcessor(size={"height": 32, "width": 32}, do_pad=False)
+    detection_processor.save_pretrained(root / "outputs/shapes-detection")
     export_timm(demo, root / "encoder.safetensors", None, head=False)
     mae = {name: value for name, value in tiny_config().to_dict().items() if name in ViTMAEConfig().to_dict()}
     ViTMAEForPreTraining(ViTMAEConfig(**mae)).save_pretrained(root / "facebook/vit-mae-base")
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
     (root / "path/to").mkdir(parents=True)
-    for path in ("photo.jpg", "path/to/photo.jpg"):
+    for path in ("photo.jpg", "photo.png", "path/to/photo.jpg"):
         photo.save(root / path)
     return root
 
