@@ -251,3 +251,17 @@ SGMAEConfig.register_for_auto_class()
 def num_masked_patches(num_patches: int, mask_ratio: float) -> int:
     """K = N - int(N * (1 - r)): MAE's rounding, shared by every strategy."""
     return num_patches - int(num_patches * (1 - mask_ratio))
+
+
+def dense_backbone_config(backbone_config, image_size: int, owner: str) -> SGMAEConfig:
+    """A dense head's `backbone_config` as an `SGMAEConfig` (a dict from config.json is read as one). Unset, ViT-B/16
+    at `image_size` with the pyramid of BEiT / MAE's dense heads: blocks 4, 6, 8, 12, no final LayerNorm on them."""
+    if backbone_config is None:
+        return SGMAEConfig(
+            image_size=image_size, out_indices=[4, 6, 8, 12], add_fpn=True, apply_layernorm=False, layer_norm_eps=1e-6
+        )
+    if isinstance(backbone_config, dict):
+        return SGMAEConfig.from_dict(backbone_config)
+    if not isinstance(backbone_config, SGMAEConfig):
+        raise ValueError(f"{owner}.backbone_config must be an SGMAEConfig, got {type(backbone_config).__name__}")
+    return backbone_config

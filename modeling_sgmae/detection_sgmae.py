@@ -12,8 +12,8 @@ that config builds. Heads, Hungarian matching, losses, outputs, the image proces
 from torch import nn
 from transformers import AutoBackbone, ConditionalDetrConfig, ConditionalDetrForSegmentation
 
-from .configuration_sgmae import SGMAEConfig
-from .modeling_sgmae import SGMAEBackbone
+from .configuration_sgmae import SGMAEConfig, dense_backbone_config
+from .modeling_sgmae import FreezesUnusedOnLoad, SGMAEBackbone
 
 # One class answers both Auto classes: it predicts boxes (object detection) and a mask per box (instances).
 DETECTION_AUTO_MAP = {
@@ -35,21 +35,12 @@ class SGMAEDetrConfig(ConditionalDetrConfig):
 
     def __post_init__(self, **kwargs) -> None:
         kwargs.setdefault("auto_map", dict(DETECTION_AUTO_MAP))
-        if self.backbone_config is None:
-            self.backbone_config = SGMAEConfig(
-                image_size=1024, out_indices=[4, 6, 8, 12], add_fpn=True, apply_layernorm=False, layer_norm_eps=1e-6
-            )
-        elif isinstance(self.backbone_config, dict):
-            self.backbone_config = SGMAEConfig.from_dict(self.backbone_config)
-        elif not isinstance(self.backbone_config, SGMAEConfig):
-            raise ValueError(
-                f"SGMAEDetrConfig.backbone_config must be an SGMAEConfig, got {type(self.backbone_config).__name__}"
-            )
+        self.backbone_config = dense_backbone_config(self.backbone_config, 1024, "SGMAEDetrConfig")
         self.use_timm_backbone, self.use_pretrained_backbone = False, False  # the SG-MAE encoder, built from config
         super().__post_init__(**kwargs)
 
 
-class SGMAEForObjectDetection(ConditionalDetrForSegmentation):
+class SGMAEForObjectDetection(FreezesUnusedOnLoad, ConditionalDetrForSegmentation):
     """transformers' `ConditionalDetrForSegmentation` on an `SGMAEBackbone` (see `SGMAEDetrConfig`): class logits,
     boxes (`pred_boxes`, normalised center x, center y, width, height) and a mask per query (`pred_masks`, stride 4).
 
@@ -75,25 +66,12 @@ class SGMAEForObjectDetection(ConditionalDetrForSegmentation):
         return self.conditional_detr.model.backbone.model
 
     def freeze_unused_parameters(self) -> None:
-        """Keep out of training what never gets a gradient: the sin-cos position table (frozen in every SG-MAE
-        model), the final LayerNorm when the stages skip it, blocks after the last stage used, and the first decoder
-        layer's query scaling (Conditional DETR skips it there). (Distributed training expects every trainable
-        parameter to get a gradient.)"""
-        backbone = self.sgmae_backbone
-        backbone.freeze_position_tables()
-        if not backbone.config.apply_layernorm:
-            backbone.vit.layernorm.requires_grad_(False)
-        for block in backbone.vit.layers[max(backbone.out_indices) :]:
-            block.requires_grad_(False)
+        """Keep out of training what never gets a gradient: the backbone's unused parts
+        (`SGMAEBackbone.freeze_unused_parameters`) and the first decoder layer's query scaling (Conditional DETR skips
+        it there)."""
+        self.sgmae_backbone.freeze_unused_parameters()
         if self.config.decoder_layers == 1:
             self.conditional_detr.model.decoder.query_scale.requires_grad_(False)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
-        model.freeze_unused_parameters()  # loading recreates parameters as trainable
-        return loaded
 
 
 # Every save copies this file and the SG-MAE files it imports beside the weights (Hub remote code).

@@ -1014,6 +1014,18 @@ class SGMAEFeaturePyramid(nn.Module):
         return self.fpn1(early), self.fpn2(middle), late, self.fpn4(last)
 
 
+class FreezesUnusedOnLoad:
+    """For dense heads on an `SGMAEBackbone` whose `freeze_unused_parameters` keeps out of training what gets no
+    gradient: loading recreates every parameter as trainable, so the freezing is done again after loading."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
+        model.freeze_unused_parameters()
+        return loaded
+
+
 class SGMAEBackbone(BackboneMixin, SGMAEPreTrainedModel):
     """The SG-MAE encoder as a transformers backbone for dense heads (UperNet, DPT, ...): the chosen stages'
     hidden states (`config.out_features`; "stem" is the embedded patches, "stageN" block N's output), with the final
@@ -1046,6 +1058,16 @@ class SGMAEBackbone(BackboneMixin, SGMAEPreTrainedModel):
     @out_indices.setter
     def out_indices(self, out_indices: list[int]) -> None:
         self.config.out_indices = out_indices
+
+    def freeze_unused_parameters(self) -> None:
+        """Keep out of a dense head's training what never gets a gradient: the sin-cos position tables (frozen in
+        every SG-MAE model), the final LayerNorm when the stages skip it, and blocks after the last stage used.
+        (Distributed training expects every trainable parameter to get a gradient.)"""
+        self.freeze_position_tables()
+        if not self.config.apply_layernorm:
+            self.vit.layernorm.requires_grad_(False)
+        for block in self.vit.layers[max(self.out_indices) :]:
+            block.requires_grad_(False)
 
     def forward(
         self,

@@ -10,8 +10,8 @@ losses, outputs, `pipeline("image-segmentation")`) is transformers' UperNet.
 from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation
 from transformers.models.auto import modeling_auto
 
-from .configuration_sgmae import SGMAEConfig
-from .modeling_sgmae import SGMAEBackbone
+from .configuration_sgmae import SGMAEConfig, dense_backbone_config
+from .modeling_sgmae import FreezesUnusedOnLoad, SGMAEBackbone
 
 SEGMENTATION_AUTO_MAP = {
     "AutoConfig": "segmentation_sgmae.SGMAEUperNetConfig",
@@ -30,20 +30,11 @@ class SGMAEUperNetConfig(UperNetConfig):
 
     def __post_init__(self, **kwargs) -> None:
         kwargs.setdefault("auto_map", dict(SEGMENTATION_AUTO_MAP))
-        if self.backbone_config is None:
-            self.backbone_config = SGMAEConfig(
-                image_size=512, out_indices=[4, 6, 8, 12], add_fpn=True, apply_layernorm=False, layer_norm_eps=1e-6
-            )
-        elif isinstance(self.backbone_config, dict):
-            self.backbone_config = SGMAEConfig.from_dict(self.backbone_config)
-        elif not isinstance(self.backbone_config, SGMAEConfig):
-            raise ValueError(
-                f"SGMAEUperNetConfig.backbone_config must be an SGMAEConfig, got {type(self.backbone_config).__name__}"
-            )
+        self.backbone_config = dense_backbone_config(self.backbone_config, 512, "SGMAEUperNetConfig")
         super().__post_init__(**kwargs)
 
 
-class SGMAEForSemanticSegmentation(UperNetForSemanticSegmentation):
+class SGMAEForSemanticSegmentation(FreezesUnusedOnLoad, UperNetForSemanticSegmentation):
     """transformers' `UperNetForSemanticSegmentation` on an `SGMAEBackbone` (see `SGMAEUperNetConfig`).
 
     The backbone takes crops of any multiple of the patch size; its sin-cos position table stays frozen, as in every
@@ -60,22 +51,8 @@ class SGMAEForSemanticSegmentation(UperNetForSemanticSegmentation):
         self.freeze_unused_parameters()
 
     def freeze_unused_parameters(self) -> None:
-        """Keep out of training what never gets a gradient: the sin-cos position table (frozen in every SG-MAE
-        model), the final LayerNorm when the stages skip it, and blocks after the last stage used. (Distributed
-        training expects every trainable parameter to get a gradient.)"""
-        backbone = self.backbone
-        backbone.freeze_position_tables()
-        if not backbone.config.apply_layernorm:
-            backbone.vit.layernorm.requires_grad_(False)
-        for block in backbone.vit.layers[max(backbone.out_indices) :]:
-            block.requires_grad_(False)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
-        model.freeze_unused_parameters()  # loading recreates parameters as trainable
-        return loaded
+        """Keep out of training what never gets a gradient (`SGMAEBackbone.freeze_unused_parameters`)."""
+        self.backbone.freeze_unused_parameters()
 
 
 # Every save copies this file and the SG-MAE files it imports beside the weights (Hub remote code).

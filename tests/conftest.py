@@ -169,6 +169,21 @@ def script_env() -> dict[str, str]:
     return env
 
 
+def launch_script(script: Path, args: list[str], plain_python: bool = False, num_processes: int = 1):
+    """A script under `accelerate launch` (several processes: real gloo ranks, see HF_NOTES.md), or plain python;
+    asserts it succeeded and returns the finished process."""
+    command = [sys.executable, str(script)]
+    if not plain_python:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
+        command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+        if num_processes > 1:
+            command += ["--multi_gpu", "--main_process_port", str(free_port())]
+        command.append(str(script))
+    result = subprocess.run(command + args, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
 # Tiny matrices on two contended cores run far faster single-threaded; subprocesses get OMP_NUM_THREADS=1.
 torch.set_num_threads(1)
 

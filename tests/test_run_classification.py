@@ -6,8 +6,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -15,7 +15,13 @@ import evaluate
 import pytest
 import torch
 import yaml
-from conftest import CLASS_NAMES, REPO_ROOT, check_folder_in_fresh_process, free_port, script_env, tiny_config
+from conftest import (
+    CLASS_NAMES,
+    REPO_ROOT,
+    check_folder_in_fresh_process,
+    launch_script,
+    tiny_config,
+)
 from safetensors.torch import load_file
 
 from modeling_sgmae import SGMAEForImageClassification, SGMAEForPreTraining
@@ -34,19 +40,7 @@ _spec.loader.exec_module(rc)
 
 
 # ----- helpers -------------------------------------------------------------------------------------------------------
-def launch(args: list[str], num_processes: int = 1, plain_python: bool = False) -> subprocess.CompletedProcess:
-    """run_classification.py under `accelerate launch` (2 processes: real gloo ranks, see HF_NOTES.md)."""
-    if plain_python:
-        command = [sys.executable, str(SCRIPT)]
-    else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
-        command += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-        if num_processes > 1:
-            command += ["--multi_gpu", "--main_process_port", str(free_port())]
-        command += ["--num_processes", str(num_processes), str(SCRIPT)]
-    result = subprocess.run(command + args, env=script_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
+launch = partial(launch_script, SCRIPT)
 
 
 def common_args(dataset: Path, output: Path, protocol: str, model: Path, *extra: str) -> list[str]:

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT, free_port, main_exit_message, script_env, tiny_config
+from conftest import REPO_ROOT, launch_script, main_exit_message, script_env, tiny_config
 from pycocotools import mask as coco_mask
 from safetensors.torch import load_file
 
@@ -64,18 +65,7 @@ def pretrained(tmp_path_factory) -> Path:
 
 
 # ----- helpers -------------------------------------------------------------------------------------------------------
-def launch(args: list[str], plain_python: bool = False, num_processes: int = 1) -> subprocess.CompletedProcess:
-    """run_detection.py under `accelerate launch` (2 processes: real gloo ranks), or plain python."""
-    command = [sys.executable, str(SCRIPT)]
-    if not plain_python:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
-        command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes)]
-        if num_processes > 1:
-            command += ["--multi_gpu", "--main_process_port", str(free_port())]
-        command.append(str(SCRIPT))
-    result = subprocess.run(command + args, env=script_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
+launch = partial(launch_script, SCRIPT)
 
 
 def common_args(dataset: Path, output: Path, model: Path, *extra: str) -> list[str]:

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +23,7 @@ from conftest import (
     FRESH_PROCESS_PRELUDE,
     INVALID_CONFIG,
     REPO_ROOT,
-    free_port,
+    launch_script,
     main_exit_message,
     run_in_fresh_process,
     script_env,
@@ -99,19 +100,7 @@ def names_file(tmp_path_factory) -> Path:
 
 
 # ----- helpers -------------------------------------------------------------------------------------------------------
-def launch(args: list[str], plain_python: bool = False, num_processes: int = 1) -> subprocess.CompletedProcess:
-    """run_segmentation.py under `accelerate launch` (2 processes: real gloo ranks, see HF_NOTES.md), or plain
-    python."""
-    command = [sys.executable, str(SCRIPT)]
-    if not plain_python:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
-        command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes)]
-        if num_processes > 1:
-            command += ["--multi_gpu", "--main_process_port", str(free_port())]
-        command.append(str(SCRIPT))
-    result = subprocess.run(command + args, env=script_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
+launch = partial(launch_script, SCRIPT)
 
 
 def common_args(dataset: Path, output: Path, model: Path, names: Path, *extra: str) -> list[str]:
@@ -457,7 +446,7 @@ def test_bad_input_ends_in_one_line(shapes_dir, pretrained, names_file, tmp_path
     check(run_main(monkeypatch, *args(model_name_or_path=None)), "error: give --model_name_or_path")
     check(  # offline (as every test runs), a Hub id is found unreachable before anything is built
         run_main(monkeypatch, *args(dataset_name="someone/no-such-maps")),
-        "error: dataset 'someone/no-such-maps' is no local folder and could not be fetched from the Hub",
+        "error: dataset 'someone/no-such-maps' is not a local folder and could not be fetched from the Hub",
     )
     not_a_model = tmp_path / "bert"
     not_a_model.mkdir()
