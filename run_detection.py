@@ -53,7 +53,7 @@ from sgmae_training.hub import (
     save_hub_folder,
     write_json_atomically,
 )
-from sgmae_training.pyramid import as_pyramid, copy_encoder, encoder_and_config, model_building
+from sgmae_training.pyramid import as_pyramid, encoder_and_config, model_building, with_encoder
 
 logger = logging.getLogger("run_detection")
 # An encoder (SG-MAE or ViTMAE) starts a model; a detection checkpoint is continued.
@@ -161,10 +161,7 @@ def build_model(model_args: ModelArguments, data_args: DetectionDataArguments, n
             auxiliary_loss=model_args.auxiliary_loss, **labels,
         )  # fmt: skip
     model = SGMAEForObjectDetection(config)
-    if encoder is not None:
-        copy_encoder(encoder, model.sgmae_backbone)
-        model.freeze_unused_parameters()
-    return model
+    return with_encoder(model, model.sgmae_backbone, encoder)
 
 
 # ----- main ----------------------------------------------------------------------------------------------------------

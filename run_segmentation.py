@@ -47,7 +47,7 @@ from sgmae_training.hub import (
     segmentation_card,
     write_json_atomically,
 )
-from sgmae_training.pyramid import as_pyramid, copy_encoder, encoder_and_config, model_building
+from sgmae_training.pyramid import as_pyramid, encoder_and_config, model_building, with_encoder
 from sgmae_training.segmentation import RECIPE_STEPS, SegmentationArguments, Task, finetune
 
 logger = logging.getLogger("run_segmentation")
@@ -130,10 +130,7 @@ def build_model(
             **labels,
         )
     model = SGMAEForSemanticSegmentation(config)
-    if encoder is not None:
-        copy_encoder(encoder, model.backbone)
-        model.freeze_unused_parameters()
-    return model
+    return with_encoder(model, model.backbone, encoder)
 
 
 # ----- main ----------------------------------------------------------------------------------------------------------

@@ -50,6 +50,15 @@ def as_pyramid(backbone_config: SGMAEConfig, image_size: int, drop_path: float, 
     backbone_config.validate()
 
 
+def with_encoder(model, backbone: SGMAEBackbone, encoder: SGMAEBackbone | None):
+    """`model` with the pre-trained `encoder` (when there is one) copied into its `backbone`, and what gets no gradient
+    frozen again (`freeze_unused_parameters`)."""
+    if encoder is not None:
+        copy_encoder(encoder, backbone)
+        model.freeze_unused_parameters()
+    return model
+
+
 def copy_encoder(encoder: SGMAEBackbone, backbone: SGMAEBackbone) -> None:
     """Copy a pre-trained encoder into a dense model's backbone, its position table resized to the backbone's grid
     (bicubic, as MAE's `interpolate_pos_embed`)."""
