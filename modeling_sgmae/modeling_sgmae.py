@@ -17,6 +17,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_sgmae import AUTO_MAP, SGMAEConfig, num_masked_patches
+from .hub_access import hub_advice, hub_unreachable
 from .mask_cache import MaskRankingCache
 from .masking_sgmae import (
     MaskingResult,
@@ -381,10 +382,22 @@ class SGMAEPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Load an SG-MAE checkpoint, or a transformers ViTMAE one (`facebook/vit-mae-*`), whose config becomes an
         SGMAEConfig and whose weights the loader converts as vit_mae_conversion.py declares."""
-        config, kwargs = sgmae_config_for(pretrained_model_name_or_path, kwargs.pop("config", None), kwargs)
-        if config is not None:
-            kwargs["config"] = config
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        unreachable = hub_unreachable(str(pretrained_model_name_or_path))
+        if unreachable:  # read the local cache at once rather than retry the Hub for half a minute
+            kwargs["local_files_only"] = True
+        try:
+            config, kwargs = sgmae_config_for(pretrained_model_name_or_path, kwargs.pop("config", None), kwargs)
+            if config is not None:
+                kwargs["config"] = config
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except OSError:
+            if not unreachable:
+                raise
+            name = pretrained_model_name_or_path
+            raise OSError(
+                f"{name!r} is not a local folder and could not be fetched from the Hub ({unreachable}); "
+                f"{hub_advice(name, unreachable)}"
+            ) from None  # transformers' own error repeats the cause at length
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
         model.freeze_position_tables()  # loading recreates parameters as trainable
         return loaded

@@ -10,7 +10,9 @@ from typing import Any
 
 from transformers import PreTrainedConfig, PreTrainedModel, ViTImageProcessor
 
-from .arguments import hub_advice, hub_unreachable, is_hub_id
+from modeling_sgmae.hub_access import hub_advice, is_hub_id
+
+from .arguments import hub_unreachable
 from .checkpoints import checkpoint_dirs
 from .data.loading import DataArguments
 from .training_state import TrainingState

@@ -11,8 +11,8 @@ import huggingface_hub.constants as hub_constants
 import pytest
 from conftest import tiny_config
 
-from modeling_sgmae import SGMAEConfig
-from sgmae_training.arguments import is_hub_id
+from modeling_sgmae import SGMAEConfig, SGMAEForPreTraining
+from modeling_sgmae.hub_access import is_hub_id
 from sgmae_training.hub import check_checkpoint_kind, masking_schedule
 
 
@@ -73,6 +73,23 @@ def test_a_hub_id_the_hub_cannot_give_is_one_line_in_a_moment(monkeypatch, tmp_p
     assert "http://127.0.0.1:9 cannot be reached" in message and "\n" not in message
     assert "hf download facebook/vit-mae-base --local-dir DIR" in message and "HF_HUB_OFFLINE=1" in message
     assert hub_constants.HF_HUB_OFFLINE  # the rest of the run reads caches at once
+
+
+def test_the_library_loads_a_hub_id_without_network_in_a_moment_or_says_what_to_do(monkeypatch, tmp_path):
+    """`SGMAEForPreTraining.from_pretrained(hub_id)` without the offline variables and without network: one quick
+    request, then the local cache (here empty) at once, and an OSError of one line instead of half a minute of
+    retries and transformers' long error."""
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    started = time.monotonic()
+    with pytest.raises(OSError) as raised:
+        SGMAEForPreTraining.from_pretrained("facebook/vit-mae-base", cache_dir=str(tmp_path))
+    assert time.monotonic() - started < 5
+    message = str(raised.value)
+    assert message.startswith("'facebook/vit-mae-base' is not a local folder and could not be fetched from the Hub")
+    assert "http://127.0.0.1:9 cannot be reached" in message and "\n" not in message
+    assert raised.value.__suppress_context__  # the one line, not transformers' error chained after it
 
 
 def test_offline_a_hub_id_is_one_line_without_the_advice_to_go_offline(monkeypatch):

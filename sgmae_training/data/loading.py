@@ -10,7 +10,9 @@ from pathlib import Path
 
 import datasets
 
-from ..arguments import check_positive, is_hub_id
+from modeling_sgmae.hub_access import is_hub_id
+
+from ..arguments import check_positive
 
 logger = logging.getLogger(__name__)
 
