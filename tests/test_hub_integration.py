@@ -40,6 +40,7 @@ PACKAGE_FILES = (
     "configuration_sgmae.py",
     "crops.py",
     "fiedler_solvers.py",
+    "hub_access.py",
     "mask_cache.py",
     "masking_sgmae.py",
     "modeling_sgmae.py",
